@@ -1,0 +1,95 @@
+// Shared declarations of the falqon extension: argument checks used by every backend and the
+// device-generic reference implementation (ATen ops only, FP8 emulated by real casts).
+//
+// Layout of a melded weight (see DESIGN.md): W' = [W ; A ; 0], FP8 E4M3, one per-tensor scale.
+//   rows [0, N)            the frozen weight W (out_features = N)
+//   rows [N, N + r)        the adapter A (rank r)
+//   rows [N + r, N + r16)  zeros, r16 = r rounded up to a multiple of 16, so that the FP8 GEMM's
+//                          row count and its bf16 output's leading dimension stay 16-aligned
+//                          (cuBLASLt's FP8 kernels need 16-byte aligned leading dimensions).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace falqon {
+
+constexpr int64_t kRowAlign = 16;
+
+inline int64_t padded_rank(int64_t rank) { return (rank + kRowAlign - 1) / kRowAlign * kRowAlign; }
+
+// Largest finite value of an FP8 format; raises for any other dtype.
+double fp8_max(at::ScalarType dtype);
+
+// The gradient format used when the caller passes none.
+inline at::ScalarType grad_dtype_or_default(std::optional<at::ScalarType> dtype) {
+  return dtype.value_or(at::kFloat8_e5m2);
+}
+
+// ---- argument checks (the same messages on every backend) -------------------------------------
+void check_quantize_args(const at::Tensor& input, at::ScalarType dtype);
+// A melded weight for `out_features` outputs and rank `rank` (rank < 0: any padded rank).
+void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t rank,
+                         const std::optional<at::Tensor>& weight_t);
+void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale);
+void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
+                              const at::Tensor& weight_scale, const at::Tensor& lora_B,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& weight_t);
+void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
+                           const at::Tensor& weight_scale, int64_t out_features,
+                           const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype);
+void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::string& svd,
+                          int64_t oversample, int64_t power_iters);
+void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
+                            const std::optional<at::Tensor>& weight_t, int64_t k);
+
+// ---- reference implementation (any device) ----------------------------------------------------
+namespace ref {
+
+// scale = amax / fmax (1 where amax == 0); q = fp8(clamp(x / scale, -fmax, fmax)).
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarType dtype);
+
+// Returns (y, xa): y = x W^T * s_x * s + b as a view of the (..., N + r16) product (row stride
+// N + r16), xa = x A^T (contiguous).
+std::tuple<at::Tensor, at::Tensor> melded_linear(const at::Tensor& input, const at::Tensor& weight,
+                                                 const at::Tensor& weight_scale,
+                                                 const at::Tensor& lora_B,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& weight_t,
+                                                 double scaling,
+                                                 std::optional<at::ScalarType> grad_dtype);
+
+// dx = fp8(g) W_q * s_g * s, W_q = rows [0, N) of the melded weight.
+at::Tensor melded_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                    const at::Tensor& weight_scale,
+                                    const std::optional<at::Tensor>& weight_t,
+                                    std::optional<at::ScalarType> grad_dtype);
+
+// The quantisation error E = W - s0 fp8(W / s0) of a weight, in fp32.
+at::Tensor quantization_error(const at::Tensor& weight);
+
+// Gaussian test matrix of the randomized SVD: drawn on the CPU from `seed`, so that every
+// backend sketches with the same matrix and their results can be compared.
+at::Tensor svd_sketch(int64_t cols, int64_t width, int64_t seed, const at::Device& device);
+
+// A = sqrt(S_r) V_r^T of the rank-r SVD of E, each row's sign fixed so that its entry of largest
+// magnitude is positive (the SVD's sign is arbitrary; this makes A reproducible).
+at::Tensor low_rank_factor(const at::Tensor& error, int64_t rank, const std::string& svd,
+                           int64_t oversample, int64_t power_iters, int64_t seed);
+
+// Quantises [W ; A ; 0] with one scale.
+std::tuple<at::Tensor, at::Tensor> stack_and_quantize(const at::Tensor& weight, const at::Tensor& A);
+
+std::tuple<at::Tensor, at::Tensor> meld_init(const at::Tensor& weight, int64_t rank,
+                                             const std::string& svd, int64_t oversample,
+                                             int64_t power_iters, int64_t seed);
+
+void topk_update_(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
+                  int64_t k, double scaling, bool keep_residual);
+
+}  // namespace ref
+}  // namespace falqon

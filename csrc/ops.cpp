@@ -1,0 +1,51 @@
+// Op schemas of torch.ops.falqon and their CPU kernels (the reference numerics).
+// CUDA kernels register under the same names in csrc/cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "falqon.h"
+
+extern "C" {
+// Importing falqon._C loads this library, whose static initialisers register the ops; the Python
+// module itself is empty (the pattern of pytorch/extension-cpp).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(falqon, m) {
+  // Per-tensor FP8 quantisation: returns (q, scale) with scale = amax / fmax as a float32 device
+  // scalar (1 when amax == 0) and q = fp8(clamp(input / scale)).
+  m.def("quantize(Tensor input, ScalarType dtype) -> (Tensor, Tensor)");
+  // The melded layer's forward: (y, xa) from one FP8 product against W' = [W; A; 0]. y is a view
+  // of the (..., N + r16) product with row stride N + r16; xa = x A^T is kept for backward.
+  // lora_B only receives a gradient (it never enters the forward); scaling and grad_dtype are
+  // the backward's.
+  m.def(
+      "melded_linear(Tensor input, Tensor weight, Tensor weight_scale, Tensor lora_B, "
+      "Tensor? bias=None, Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None) "
+      "-> (Tensor, Tensor)");
+  // dx = fp8(g) W_q * s_g * s through rows [0, N) of the melded weight (or its transposed copy).
+  m.def(
+      "melded_linear_grad_input(Tensor grad_output, Tensor weight, Tensor weight_scale, "
+      "Tensor? weight_t=None, ScalarType? grad_dtype=None) -> Tensor");
+  // (W'_q, s) for a high-precision weight: A from the rank-r SVD of W's FP8 quantisation error.
+  m.def(
+      "meld_init(Tensor weight, int rank, str svd=\"randomized\", int oversample=16, "
+      "int power_iters=4, int seed=0) -> (Tensor, Tensor)");
+  // The proxy update: the k rows of lora_B with the largest L1 norm are added into the FP8
+  // weight, W'[T] = fp8(W'[T] + scaling B[T] A_q) in the scaled domain, saturating; then lora_B is
+  // zeroed (keep_residual=False, the published policy) or only its applied rows are.
+  m.def(
+      "topk_update_(Tensor(a!) weight, Tensor(b!) lora_B, Tensor(c!)? weight_t, int k, "
+      "float scaling, bool keep_residual=False) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(falqon, CPU, m) {
+  m.impl("quantize", &falqon::ref::quantize);
+  m.impl("melded_linear", &falqon::ref::melded_linear);
+  m.impl("melded_linear_grad_input", &falqon::ref::melded_linear_grad_input);
+  m.impl("meld_init", &falqon::ref::meld_init);
+  m.impl("topk_update_", &falqon::ref::topk_update_);
+}

@@ -1,0 +1,165 @@
+// Reference numerics of every falqon op, written with ATen ops only so that it runs on any device.
+// It is the CPU kernel and the emulated path on GPUs without FP8, and the CUDA kernels are tested
+// against it. FP8 is emulated by real casts to torch.float8_e4m3fn / float8_e5m2 (round to
+// nearest even), after a clamp to the format's largest finite value (saturation).
+#include "falqon.h"
+
+#include <ATen/core/Generator.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <vector>
+
+namespace falqon {
+namespace ref {
+
+namespace {
+
+std::vector<int64_t> leading_dims(const at::Tensor& t) {
+  return std::vector<int64_t>(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+std::vector<int64_t> with_last(std::vector<int64_t> dims, int64_t last) {
+  dims.push_back(last);
+  return dims;
+}
+
+// Row gather/scatter on FP8 tensors through a byte view: ATen's index kernels do not all take
+// float8 dtypes on every device, and a byte copy is exactly what they would do.
+at::Tensor fp8_index_select(const at::Tensor& t, int64_t dim, const at::Tensor& idx) {
+  return t.view(at::kByte).index_select(dim, idx).view(t.scalar_type());
+}
+
+void fp8_index_copy_(const at::Tensor& t, int64_t dim, const at::Tensor& idx, const at::Tensor& src) {
+  t.view(at::kByte).index_copy_(dim, idx, src.view(at::kByte));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarType dtype) {
+  check_quantize_args(input, dtype);
+  const double fmax = fp8_max(dtype);
+  const at::Tensor x = input.to(at::kFloat).contiguous();
+  at::Tensor amax = x.numel() ? x.abs().amax() : at::zeros({}, x.options());
+  at::Tensor scale = amax / fmax;
+  // amax == 0 (or so small that amax / fmax underflows): scale 1 keeps q = 0 and everything
+  // finite. A NaN or Inf amax is left as it is so that non-finite inputs stay visible.
+  scale = at::where(scale == 0, at::ones_like(scale), scale);
+  at::Tensor q = (x / scale).clamp(-fmax, fmax).to(dtype);
+  return {q.view(input.sizes()), scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> melded_linear(const at::Tensor& input, const at::Tensor& weight,
+                                                 const at::Tensor& weight_scale,
+                                                 const at::Tensor& lora_B,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& weight_t,
+                                                 double /*scaling: backward only*/,
+                                                 std::optional<at::ScalarType> /*grad_dtype*/) {
+  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t);
+  const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
+  auto [xq, sx] = quantize(input.reshape({-1, K}), at::kFloat8_e4m3fn);
+  // One product against all of W' = [W; A; 0]: columns [0, N) are y, [N, N + r) are x A^T.
+  at::Tensor acc = at::mm(xq.to(at::kFloat), weight.to(at::kFloat).t());
+  acc.mul_(sx * weight_scale.reshape({}));
+  if (bias.has_value()) acc.narrow(1, 0, N).add_(bias->to(at::kFloat));
+  at::Tensor out = acc.to(input.scalar_type()).view(with_last(leading_dims(input), rows));
+  return {out.narrow(-1, 0, N), out.narrow(-1, N, r).contiguous()};
+}
+
+at::Tensor melded_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                    const at::Tensor& weight_scale,
+                                    const std::optional<at::Tensor>& weight_t,
+                                    std::optional<at::ScalarType> grad_dtype) {
+  const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
+  const int64_t N = grad_output.dim() ? grad_output.size(-1) : 0;
+  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, gdt);
+  const int64_t K = weight.size(1);
+  auto [gq, sg] = quantize(grad_output.reshape({-1, N}), gdt);
+  const at::Tensor w = weight_t.has_value() ? weight_t->t() : weight.narrow(0, 0, N);
+  at::Tensor dx = at::mm(gq.to(at::kFloat), w.to(at::kFloat));
+  dx.mul_(sg * weight_scale.reshape({}));
+  return dx.to(grad_output.scalar_type()).view(with_last(leading_dims(grad_output), K));
+}
+
+at::Tensor quantization_error(const at::Tensor& weight) {
+  const at::Tensor w = weight.to(at::kFloat);
+  auto [q, s] = quantize(w, at::kFloat8_e4m3fn);
+  return w - q.to(at::kFloat) * s;
+}
+
+at::Tensor svd_sketch(int64_t cols, int64_t width, int64_t seed, const at::Device& device) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+  return at::randn({cols, width}, gen, at::TensorOptions().dtype(at::kFloat)).to(device);
+}
+
+at::Tensor low_rank_factor(const at::Tensor& error, int64_t rank, const std::string& svd,
+                           int64_t oversample, int64_t power_iters, int64_t seed) {
+  at::Tensor S, Vh;
+  if (svd == "exact") {
+    std::tie(std::ignore, S, Vh) = at::linalg_svd(error, /*full_matrices=*/false);
+  } else {
+    // Randomized range finder with power iterations (Halko, Martinsson, Tropp 2011, alg. 4.4):
+    // the quantisation error has a flat spectrum, so the power iterations matter more than the
+    // oversampling. Each pass re-orthonormalises to keep the small singular values.
+    const int64_t width = std::min(rank + oversample, std::min(error.size(0), error.size(1)));
+    const at::Tensor omega = svd_sketch(error.size(1), width, seed, error.device());
+    at::Tensor Q = std::get<0>(at::linalg_qr(at::mm(error, omega)));
+    for (int64_t i = 0; i < power_iters; ++i) {
+      const at::Tensor Z = std::get<0>(at::linalg_qr(at::mm(error.t(), Q)));
+      Q = std::get<0>(at::linalg_qr(at::mm(error, Z)));
+    }
+    std::tie(std::ignore, S, Vh) = at::linalg_svd(at::mm(Q.t(), error), /*full_matrices=*/false);
+  }
+  S = S.narrow(0, 0, rank);
+  Vh = Vh.narrow(0, 0, rank);
+  const at::Tensor pivot = Vh.gather(1, Vh.abs().argmax(1, /*keepdim=*/true));
+  const at::Tensor sign = at::where(pivot < 0, -at::ones_like(pivot), at::ones_like(pivot));
+  return S.sqrt().unsqueeze(1) * Vh * sign;
+}
+
+std::tuple<at::Tensor, at::Tensor> stack_and_quantize(const at::Tensor& weight, const at::Tensor& A) {
+  const int64_t r = A.size(0), K = weight.size(1);
+  const at::Tensor pad = at::zeros({padded_rank(r) - r, K}, weight.options().dtype(at::kFloat));
+  return quantize(at::cat({weight.to(at::kFloat), A.to(at::kFloat), pad}, 0), at::kFloat8_e4m3fn);
+}
+
+std::tuple<at::Tensor, at::Tensor> meld_init(const at::Tensor& weight, int64_t rank,
+                                             const std::string& svd, int64_t oversample,
+                                             int64_t power_iters, int64_t seed) {
+  check_meld_init_args(weight, rank, svd, oversample, power_iters);
+  const at::Tensor A =
+      low_rank_factor(quantization_error(weight), rank, svd, oversample, power_iters, seed);
+  return stack_and_quantize(weight, A);
+}
+
+void topk_update_(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
+                  int64_t k, double scaling, bool keep_residual) {
+  check_topk_update_args(weight, lora_B, weight_t, k);
+  const int64_t N = lora_B.size(0), r = lora_B.size(1);
+  k = std::min(k, N);
+  if (k == 0) {
+    if (!keep_residual) lora_B.zero_();
+    return;
+  }
+  const double fmax = fp8_max(at::kFloat8_e4m3fn);
+  const at::Tensor scores = lora_B.to(at::kFloat).abs().sum(1);
+  const at::Tensor idx = std::get<1>(at::topk(scores, k, 0, /*largest=*/true, /*sorted=*/false));
+  const at::Tensor B_rows = lora_B.index_select(0, idx).to(at::kFloat);  // k x r
+  const at::Tensor A_q = weight.narrow(0, N, r).to(at::kFloat);            // r x K, scaled domain
+  const at::Tensor rows = fp8_index_select(weight, 0, idx).to(at::kFloat);  // k x K
+  // W'[T] / s + scaling * B[T] A_q, saturated to the E4M3 range; a NaN update leaves the row as
+  // it was (the step that produced it carried no usable information).
+  const at::Tensor updated = rows + at::mm(B_rows, A_q) * scaling;
+  const at::Tensor q =
+      at::where(updated.isnan(), rows, updated.clamp(-fmax, fmax)).to(at::kFloat8_e4m3fn);
+  fp8_index_copy_(weight, 0, idx, q);
+  if (weight_t.has_value()) fp8_index_copy_(*weight_t, 1, idx, q.t().contiguous());
+  if (keep_residual) {
+    lora_B.index_fill_(0, idx, 0);
+  } else {
+    lora_B.zero_();
+  }
+}
+
+}  // namespace ref
+}  // namespace falqon

@@ -1,0 +1,155 @@
+"""MeldedLinear: a frozen linear layer and its LoRA adapter as one FP8 matrix (FALQON)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_meldable(in_features: int, out_features: int, rank: int) -> str | None:
+    """Why a layer of these dimensions cannot be melded at this rank, or None if it can."""
+    if in_features % 16 or out_features % 16:
+        return (f"FP8 GEMMs need in_features and out_features to be multiples of 16, got "
+                f"{in_features} -> {out_features}")
+    if not 1 <= rank <= min(in_features, out_features):
+        return (f"rank must be between 1 and min(in_features, out_features) = "
+                f"{min(in_features, out_features)}, got {rank}")
+    return None
+
+
+class MeldedLinear(nn.Module):
+    """y = x W^T + b with W and the LoRA adapter A stacked into one FP8 E4M3 matrix.
+
+    Parameters and buffers:
+      weight        (out_features + padded_rank(rank), in_features) float8_e4m3fn: [W; A; 0],
+                    frozen; the model's weight is rows [0, out_features) times weight_scale.
+      weight_scale  float32 scalar: the one per-tensor scale of `weight`.
+      lora_B        (out_features, rank), trainable: the proxy buffer. It gets the gradient
+                    scaling * g^T (x A^T) and never enters the forward; after each optimizer
+                    step `proxy_update()` folds its `topk` largest rows into `weight`.
+      weight_t      optional persistent transpose of the weight rows, for the input gradient.
+      bias          the original bias, frozen, or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 16,
+                 alpha: float | None = None, topk: int = 10, bias: bool = False,
+                 keep_residual: bool = False, grad_dtype: torch.dtype = ops.E5M2,
+                 transposed_copy: bool = False, device=None, dtype: torch.dtype | None = None,
+                 lora_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        problem = check_meldable(in_features, out_features, rank)
+        if problem:
+            raise ValueError(f"MeldedLinear: {problem}")
+        if topk < 0:
+            raise ValueError(f"MeldedLinear: topk must be >= 0, got {topk}")
+        if grad_dtype not in ops.FP8_MAX:
+            raise ValueError(f"MeldedLinear: grad_dtype must be an FP8 dtype, got {grad_dtype}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        self.topk, self.keep_residual, self.grad_dtype = topk, keep_residual, grad_dtype
+        rows = out_features + ops.padded_rank(rank)
+        self.weight = nn.Parameter(torch.zeros(rows, in_features, device=device, dtype=ops.E4M3),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones((), device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=lora_dtype))
+        self.register_buffer(
+            "weight_t",
+            torch.zeros(in_features, out_features, device=device, dtype=ops.E4M3)
+            if transposed_copy else None)
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                  requires_grad=False) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, rank: int = 16, alpha: float | None = None,
+                    topk: int = 10, keep_residual: bool = False,
+                    grad_dtype: torch.dtype = ops.E5M2, transposed_copy: bool = False,
+                    svd: str = "randomized", oversample: int = 16, power_iters: int = 4,
+                    seed: int = 0, lora_dtype: torch.dtype = torch.float32) -> "MeldedLinear":
+        """Meld an nn.Linear: its weight is quantised to FP8 with the adapter A stacked under it
+        (A from the rank-r SVD of the weight's FP8 quantisation error); B starts at zero.
+        The original high-precision weight is not kept."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"MeldedLinear.from_linear takes an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        if w.dtype not in _ACTIVATION_DTYPES:
+            raise TypeError(f"MeldedLinear.from_linear: weight must be float32, float16 or "
+                            f"bfloat16, got {w.dtype}")
+        if w.device.type == "meta":
+            raise ValueError("MeldedLinear.from_linear: the layer's weight is on the meta device; "
+                             "load the model's weights before melding")
+        module = cls(linear.in_features, linear.out_features, rank=rank, alpha=alpha, topk=topk,
+                     bias=linear.bias is not None, keep_residual=keep_residual,
+                     grad_dtype=grad_dtype, transposed_copy=transposed_copy, device=w.device,
+                     dtype=None if linear.bias is None else linear.bias.dtype,
+                     lora_dtype=lora_dtype)
+        melded, scale = ops.meld_init(w.detach(), rank, svd, oversample, power_iters, seed)
+        module.weight.data = melded
+        module.weight_scale.copy_(scale)
+        if module.weight_t is not None:
+            module.weight_t.copy_(melded[:linear.out_features].t())
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().clone()
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"MeldedLinear({self.in_features} -> {self.out_features}) got an "
+                             f"input with {x.shape[-1]} features in its last dimension")
+        if x.device != self.weight.device:
+            raise ValueError(f"MeldedLinear: input is on {x.device}, the layer on "
+                             f"{self.weight.device}")
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.dtype not in _ACTIVATION_DTYPES:
+            raise TypeError(f"MeldedLinear: input must be float32, float16 or bfloat16, got "
+                            f"{x.dtype}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return ops.melded_linear(x, self.weight, self.weight_scale, self.lora_B, bias,
+                                 self.weight_t, self.scaling, self.grad_dtype)
+
+    @torch.no_grad()
+    def proxy_update(self, k: int | None = None) -> None:
+        """Fold the top-k rows of lora_B into the FP8 weight and reset lora_B per the policy.
+        Call after every optimizer step (falqon.attach does it for you)."""
+        ops.topk_update_(self.weight, self.lora_B, self.weight_t, self.topk if k is None else k,
+                         self.scaling, self.keep_residual)
+
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The layer's current weight W = s * W_q, (out_features, in_features)."""
+        return (self.weight[:self.out_features].to(torch.float32) * self.weight_scale).to(dtype)
+
+    @torch.no_grad()
+    def adapter_A(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The adapter A = s * A_q, (rank, in_features)."""
+        rows = self.weight[self.out_features:self.out_features + self.rank]
+        return (rows.to(torch.float32) * self.weight_scale).to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() would cast the FP8 weight and the float32 scale like
+        # any floating tensor (and a scale rounded through bf16 would rescale the whole layer).
+        # Keep their formats: only moves between devices apply to them, taken from the originals.
+        before = {name: t.detach() for name in ("weight", "weight_scale", "weight_t")
+                  if (t := getattr(self, name)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                restored = old.to(new.device)
+                if isinstance(new, nn.Parameter):
+                    new.data = restored
+                else:
+                    self._buffers[name] = restored
+        return self
+
+    def extra_repr(self) -> str:
+        policy = "keep_residual" if self.keep_residual else "drop"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, topk={self.topk}, policy={policy}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,169 @@
+"""Python wrappers of torch.ops.falqon, their fake (meta) kernels and melded_linear's autograd.
+
+The kernels live in csrc/: a CPU reference (csrc/reference.cpp) and CUDA kernels (csrc/cuda/).
+Every op keeps its scales on the device and never synchronises with the host, so the ops work
+under torch.compile(fullgraph=True) and inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._extension import load as _load
+
+_load()
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+# The adapter's rows are padded with zeros to a multiple of this in the melded weight, so that the
+# FP8 GEMM's row count and the leading dimension of its bf16 output stay 16-byte aligned.
+ROW_ALIGN = 16
+
+__all__ = [
+    "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "melded_linear",
+    "melded_linear_grad_input", "meld_init", "topk_update_",
+]
+
+
+def padded_rank(rank: int) -> int:
+    """Rows the adapter A takes in a melded weight: rank rounded up to a multiple of ROW_ALIGN."""
+    return -(-rank // ROW_ALIGN) * ROW_ALIGN
+
+
+def quantize(input: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+    """Per-tensor FP8 quantisation: (q, scale), scale = amax / fmax (1 if amax == 0) as a float32
+    device scalar and q = fp8(clamp(input / scale, -fmax, fmax))."""
+    return torch.ops.falqon.quantize.default(input, dtype)
+
+
+def melded_linear(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: Tensor,
+                  bias: Tensor | None = None, weight_t: Tensor | None = None,
+                  scaling: float = 1.0, grad_dtype: torch.dtype | None = None) -> Tensor:
+    """y = x W^T + b of a melded layer, from one FP8 GEMM against W' = [W; A; 0].
+
+    Autograd gives d input (an FP8 GEMM with the gradient in `grad_dtype`, E5M2 by default),
+    d lora_B = scaling * g^T (x A^T) in high precision, and d bias. lora_B never enters the
+    forward: it is the proxy buffer that `topk_update_` folds into the weight."""
+    y, _ = torch.ops.falqon.melded_linear.default(input, weight, weight_scale, lora_B, bias,
+                                                  weight_t, scaling, grad_dtype)
+    return y
+
+
+def melded_linear_grad_input(grad_output: Tensor, weight: Tensor, weight_scale: Tensor,
+                             weight_t: Tensor | None = None,
+                             grad_dtype: torch.dtype | None = None) -> Tensor:
+    """dx = fp8(g) W_q * s_g * s through the weight rows of a melded weight."""
+    return torch.ops.falqon.melded_linear_grad_input.default(grad_output, weight, weight_scale,
+                                                             weight_t, grad_dtype)
+
+
+def meld_init(weight: Tensor, rank: int, svd: str = "randomized", oversample: int = 16,
+              power_iters: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(W'_q, s): the FP8 melded weight [W; A; 0] and its scale, A = sqrt(S_r) V_r^T from the
+    rank-r SVD (`exact`, or `randomized` with the given oversampling and power iterations) of
+    W's FP8 quantisation error."""
+    return torch.ops.falqon.meld_init.default(weight, rank, svd, oversample, power_iters, seed)
+
+
+def topk_update_(weight: Tensor, lora_B: Tensor, weight_t: Tensor | None, k: int, scaling: float,
+                 keep_residual: bool = False) -> None:
+    """Fold the k rows of lora_B with the largest L1 norm into the FP8 weight, in place:
+    W'[T] = fp8(W'[T] + scaling * B[T] A_q) in the scaled domain, saturating. Then lora_B is
+    zeroed (keep_residual=False, the published policy) or only its applied rows are."""
+    torch.ops.falqon.topk_update_.default(weight, lora_B, weight_t, k, scaling, keep_residual)
+
+
+# ---- fake kernels: shapes, dtypes and strides for torch.compile and meta tensors -------------
+
+def _check_weight(weight: Tensor, out_features: int) -> None:
+    torch._check(weight.dim() == 2 and weight.dtype == E4M3,
+                 lambda: f"falqon: the melded weight must be a 2-D float8_e4m3fn tensor, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    torch._check(weight.shape[0] > out_features,
+                 lambda: f"falqon: the melded weight has {weight.shape[0]} rows, fewer than "
+                         f"out_features + rank for {out_features} outputs")
+
+
+@torch.library.register_fake("falqon::quantize")
+def _quantize_fake(input, dtype):
+    q = torch.empty_like(input, dtype=dtype, memory_format=torch.contiguous_format)
+    return q, input.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("falqon::melded_linear")
+def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t=None,
+                        scaling=1.0, grad_dtype=None):
+    out_features, rank = lora_B.shape
+    _check_weight(weight, out_features)
+    torch._check(input.shape[-1] == weight.shape[1],
+                 lambda: f"falqon.melded_linear: input has {input.shape[-1]} features in its last "
+                         f"dimension, the layer takes {weight.shape[1]}")
+    lead = input.shape[:-1]
+    # y is a view of the whole (..., N + r16) product, as the real kernels return it.
+    product = input.new_empty((*lead, weight.shape[0]))
+    return product[..., :out_features], input.new_empty((*lead, rank))
+
+
+@torch.library.register_fake("falqon::melded_linear_grad_input")
+def _grad_input_fake(grad_output, weight, weight_scale, weight_t=None, grad_dtype=None):
+    _check_weight(weight, grad_output.shape[-1])
+    return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake("falqon::meld_init")
+def _meld_init_fake(weight, rank, svd="randomized", oversample=16, power_iters=4, seed=0):
+    rows = weight.shape[0] + padded_rank(rank)
+    return (weight.new_empty((rows, weight.shape[1]), dtype=E4M3),
+            weight.new_empty((), dtype=torch.float32))
+
+
+@torch.library.register_fake("falqon::topk_update_")
+def _topk_update_fake(weight, lora_B, weight_t, k, scaling, keep_residual=False):
+    return None
+
+
+# ---- autograd of melded_linear ------------------------------------------------------------------
+
+def _melded_linear_setup_context(ctx, inputs, output):
+    input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype = inputs
+    _, xa = output
+    # x itself is not kept: dx needs only the FP8 weight, dB only x A^T (M x r).
+    ctx.save_for_backward(xa, weight, weight_scale, weight_t)
+    ctx.scaling = scaling
+    ctx.grad_dtype = grad_dtype
+    ctx.lora_B_dtype = lora_B.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    # Leave the gradient of an unused output (xa, always, for the module) as None rather than
+    # materialising zeros that backward would multiply through.
+    ctx.set_materialize_grads(False)
+
+
+def _melded_linear_backward(ctx, grad_y, grad_xa):
+    xa, weight, weight_scale, weight_t = ctx.saved_tensors
+    needs_input, needs_B, needs_bias = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+    rank = xa.shape[-1]
+    out_features = weight.shape[0] - padded_rank(rank)
+    grad_input = grad_B = grad_bias = None
+    if grad_y is not None:
+        g = grad_y.reshape(-1, out_features)
+        if needs_input:
+            grad_input = melded_linear_grad_input(grad_y, weight, weight_scale, weight_t,
+                                                  ctx.grad_dtype)
+        if needs_B:
+            # dB = scaling * g^T (x A^T): a small product, kept in high precision (not FP8).
+            grad_B = torch.mm(g.t(), xa.reshape(-1, rank)).to(ctx.lora_B_dtype).mul_(ctx.scaling)
+        if needs_bias:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+    if grad_xa is not None and needs_input:
+        # xa = x A^T with A = s * A_q: only reached when a caller uses xa itself.
+        a_real = weight[out_features:out_features + rank].to(grad_xa.dtype) * weight_scale.to(
+            grad_xa.dtype)
+        from_xa = grad_xa @ a_real
+        grad_input = from_xa if grad_input is None else grad_input + from_xa
+    return grad_input, None, None, grad_B, grad_bias, None, None, None
+
+
+torch.library.register_autograd("falqon::melded_linear", _melded_linear_backward,
+                                setup_context=_melded_linear_setup_context)
