@@ -1,0 +1,151 @@
+"""MeldedLinear: construction, errors, dtype moves, state dicts, training with the proxy update,
+and torch.compile."""
+
+import pytest
+import torch
+from torch import nn
+
+import falqon
+from falqon import ops
+from falqon_testing import fp8_bytes, rel_err
+
+
+def make(k=64, n=48, rank=8, bias=True, **kw):
+    lin = nn.Linear(k, n, bias=bias)
+    return lin, falqon.MeldedLinear.from_linear(lin, rank=rank, **kw)
+
+
+def test_from_linear_layout_and_trainable_parameters():
+    lin, layer = make(rank=8)
+    assert layer.weight.shape == (48 + 16, 64) and layer.weight.dtype == ops.E4M3
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_B"]
+    assert layer.lora_B.shape == (48, 8) and not layer.lora_B.any()
+    # The layer's weight is W to FP8 precision (half an E4M3 step: 2^-4 relative, or half the
+    # smallest subnormal step of the scale).
+    w = lin.weight.detach().double()
+    err = (layer.dequantized_weight().double() - w).abs()
+    assert bool((err <= 2**-4 * w.abs() + layer.weight_scale.double() * 2**-10).all())
+    assert layer.adapter_A().shape == (8, 64)
+
+
+@pytest.mark.parametrize("shape", [(64,), (5, 64), (2, 3, 64), (2, 1, 3, 64)])
+def test_any_leading_batch_dims(shape):
+    lin, layer = make()
+    x = torch.randn(shape)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 48)
+    assert rel_err(y, lin(x).detach()) < 0.06
+
+
+@pytest.mark.parametrize("k,n,rank,match", [
+    (30, 32, 4, "multiples of 16"),
+    (32, 40, 4, "multiples of 16"),
+    (32, 16, 17, "rank must be between 1 and"),
+    (32, 16, 0, "rank must be between 1 and"),
+])
+def test_from_linear_rejects_layers_fp8_gemms_cannot_take(k, n, rank, match):
+    with pytest.raises(ValueError, match=match):
+        falqon.MeldedLinear.from_linear(nn.Linear(k, n), rank=rank)
+    assert falqon.check_meldable(k, n, rank) is not None
+
+
+def test_clear_errors_for_bad_inputs():
+    _, layer = make()
+    with pytest.raises(ValueError, match="got an input with 32 features"):
+        layer(torch.randn(3, 32))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        layer(torch.randn(3, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="takes an nn.Linear"):
+        falqon.MeldedLinear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(TypeError, match="weight must be float32"):
+        falqon.MeldedLinear.from_linear(nn.Linear(32, 32).double())
+    with pytest.raises(ValueError, match="meta device"):
+        falqon.MeldedLinear.from_linear(nn.Linear(32, 32, device="meta"))
+    with pytest.raises(ValueError, match="topk must be >= 0"):
+        falqon.MeldedLinear(32, 32, rank=4, topk=-1)
+
+
+def test_dtype_moves_keep_fp8_weight_and_fp32_scale():
+    _, layer = make()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    scale = layer.weight_scale.clone()
+    weight = layer.weight.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == ops.E4M3 and layer.weight_scale.dtype == torch.float32
+    assert torch.equal(layer.weight_scale, scale), "the scale did not round through bf16"
+    assert torch.equal(fp8_bytes(layer.weight), fp8_bytes(weight))
+    assert layer.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x), y, rtol=2**-7, atol=1e-3)
+    layer.half()
+    assert layer.weight.dtype == ops.E4M3 and torch.equal(layer.weight_scale, scale)
+
+
+def test_state_dict_round_trip():
+    _, layer = make(rank=16, transposed_copy=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.proxy_update(k=5)
+    fresh = falqon.MeldedLinear(64, 48, rank=16, bias=True, transposed_copy=True)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(7, 64)
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(fp8_bytes(fresh.weight_t), fp8_bytes(layer.weight[:48].t().contiguous()))
+
+
+def test_training_with_the_proxy_update_fits_a_target():
+    # A melded layer can learn a low-rank change of its weight through B and the row updates:
+    # regress onto W + delta with delta in A's row space, so a rank-r adapter can represent it.
+    torch.manual_seed(0)
+    lin, layer = make(k=64, n=64, rank=16, bias=False, topk=8, alpha=16)
+    with torch.no_grad():
+        delta = 0.2 * torch.randn(64, 16) @ layer.adapter_A()
+        target = nn.Linear(64, 64, bias=False)
+        target.weight.copy_(lin.weight + delta)
+    opt = torch.optim.Adam([layer.lora_B], lr=0.05)
+    x_val = torch.randn(256, 64)
+    start = (layer(x_val) - target(x_val)).pow(2).mean().item()
+    w0 = layer.weight.clone()
+    for _ in range(60):
+        x = torch.randn(128, 64)
+        loss = (layer(x) - target(x).detach()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        layer.proxy_update()
+        assert not layer.lora_B.any(), "drop policy: B is zero after every update"
+    end = (layer(x_val) - target(x_val)).pow(2).mean().item()
+    assert end < 0.5 * start, (start, end)
+    assert torch.equal(fp8_bytes(layer.weight[64:]), fp8_bytes(w0[64:])), "A and padding never move"
+    assert (fp8_bytes(layer.weight[:64]) != fp8_bytes(w0[:64])).any()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = falqon.MeldedLinear.from_linear(nn.Linear(64, 128), rank=8)
+            self.down = falqon.MeldedLinear.from_linear(nn.Linear(128, 64, bias=False), rank=16)
+
+        def forward(self, x):
+            return x + self.down(nn.functional.silu(self.up(x)))
+
+    block = Block()
+    x = torch.randn(2, 9, 64, requires_grad=True)
+
+    def run(model):
+        for p in (block.up.lora_B, block.down.lora_B):
+            p.grad = None
+        x.grad = None
+        y = model(x)
+        y.square().mean().backward()
+        return y.detach(), x.grad.clone(), block.up.lora_B.grad.clone(), block.down.lora_B.grad.clone()
+
+    eager = run(block)
+    compiled = run(torch.compile(block, fullgraph=True))
+    for e, c in zip(eager, compiled):
+        # Same ops, same inputs; inductor may fuse the elementwise parts differently (fp32).
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)

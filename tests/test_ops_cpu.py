@@ -1,0 +1,373 @@
+"""The ops' CPU kernels (the reference numerics) against formulas written here in float64.
+
+Tolerances:
+- quantize is exact: the formula below is the definition, so q must match bit for bit.
+- A product of FP8 operands is exact in float64 (each FP8 value has <= 4 significant bits), so
+  the only errors of the op are its fp32 accumulation and the rounding of the result. For a sum
+  of K terms in fp32, |fl(sum) - sum| <= gamma_K * sum|terms| with gamma_K = K u / (1 - K u),
+  u = 2^-24 (Higham, Accuracy and Stability, 3.1); the final cast to bf16 adds at most half an
+  ulp, 2^-8 relative (8 significant bits). `product_bound` adds those up, with a little room for the scale multiply.
+"""
+
+import math
+
+import pytest
+import torch
+
+import falqon
+from falqon import ops
+from falqon_testing import fp8_bytes, opcheck, rel_err
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FMAX = {E4M3: 448.0, E5M2: 57344.0}
+# Mantissa bits and the exponent of the smallest normal number of each format.
+MANTISSA = {E4M3: 3, E5M2: 2}
+MIN_NORMAL_EXP = {E4M3: -6, E5M2: -14}
+# Unit roundoff 2^-p of each output format (p significant bits, the implicit one included).
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def quantize_formula(x, dtype):
+    """Per-tensor scaling as DESIGN.md defines it, in the op's fp32 arithmetic."""
+    xf = x.float()
+    amax = xf.abs().amax() if xf.numel() else torch.zeros(())
+    scale = amax / FMAX[dtype]
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (xf / scale).clamp(-FMAX[dtype], FMAX[dtype]).to(dtype), scale
+
+
+def product_bound(a_abs, b_abs_t, K, out_dtype, ref, scale=1.0):
+    """Elementwise bound on |op - ref| for ref = (a @ b) * scale, the product accumulated in fp32,
+    scaled, and cast to out_dtype."""
+    u = 2.0**-24
+    gamma = K * u / (1 - K * u)
+    accumulation = gamma * (a_abs @ b_abs_t) * scale
+    return UNIT_ROUNDOFF[out_dtype] * (ref.abs() + accumulation) + accumulation + 4 * u * ref.abs()
+
+
+def random_weight(n, k, dtype=torch.float32):
+    # LLaMA-like weights: normal with a few larger outliers, so the scale is set by a tail.
+    w = torch.randn(n, k) * 0.02
+    w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 500),))] *= 8
+    return w.to(dtype)
+
+
+def melded(n, k, rank, svd="exact", bias=False):
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(random_weight(n, k))
+    return lin, falqon.MeldedLinear.from_linear(lin, rank=rank, svd=svd)
+
+
+# ---- quantize ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 5, 33), (64, 128)])
+def test_quantize_matches_definition(dtype, in_dtype, shape):
+    x = (torch.randn(shape) * 3).to(in_dtype)
+    q, s = ops.quantize(x, dtype)
+    q_ref, s_ref = quantize_formula(x, dtype)
+    assert q.dtype == dtype and q.shape == x.shape and s.shape == () and s.dtype == torch.float32
+    assert torch.equal(s, s_ref)
+    assert torch.equal(fp8_bytes(q), fp8_bytes(q_ref))
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_quantize_error_is_within_half_a_step(dtype):
+    # Independent of the formula: the dequantised value is within half an FP8 step of x.
+    x = torch.randn(4096) * torch.logspace(-4, 1, 4096)
+    q, s = ops.quantize(x, dtype)
+    err = (q.double() * s.double() - x.double()).abs()
+    m, emin = MANTISSA[dtype], MIN_NORMAL_EXP[dtype]
+    half_subnormal_step = s.double() * 2.0 ** (emin - m - 1)
+    assert bool((err <= 2.0 ** -(m + 1) * x.double().abs() + half_subnormal_step).all())
+    # The largest magnitude lands exactly on the format's largest value.
+    assert q.float().abs().max().item() == FMAX[dtype]
+
+
+def test_quantize_zero_gives_finite_unit_scale():
+    q, s = ops.quantize(torch.zeros(5, 16), E4M3)
+    assert s.item() == 1.0 and not q.float().any()
+
+
+def test_quantize_keeps_non_finite_inputs_visible():
+    x = torch.randn(32)
+    x[3] = float("nan")
+    q, s = ops.quantize(x, E4M3)
+    assert math.isnan(s.item()) and torch.isnan(q.float()).any()
+
+
+def test_quantize_non_contiguous_input():
+    x = torch.randn(16, 24).t()
+    q, s = ops.quantize(x, E4M3)
+    q_ref, s_ref = quantize_formula(x.contiguous(), E4M3)
+    assert torch.equal(fp8_bytes(q), fp8_bytes(q_ref)) and torch.equal(s, s_ref)
+
+
+def test_quantize_rejects_bad_dtypes():
+    with pytest.raises(RuntimeError, match="float8_e4m3fn or torch.float8_e5m2"):
+        ops.quantize(torch.randn(4), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.quantize(torch.arange(4), E4M3)
+
+
+# ---- melded_linear forward ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k,rank", [(64, 48, 8), (96, 160, 16), (32, 64, 20)])
+def test_melded_linear_forward(act_dtype, bias, n, k, rank):
+    lin, layer = melded(n, k, rank, bias=bias)
+    x = torch.randn(2, 3, k).to(act_dtype)
+    B = torch.randn(n, rank)  # never enters the forward: any value gives the same output
+    y, xa = torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale, B,
+                                           layer.bias, None, 1.0, None)
+    xq, sx = quantize_formula(x.reshape(-1, k), E4M3)
+    wq, s = layer.weight.double(), layer.weight_scale.double()
+    scale = sx.double() * s
+    ref = (xq.double() @ wq.t()) * scale
+    if bias:
+        ref[:, :n] += lin.bias.double()
+    bound = product_bound(xq.double().abs(), wq.abs().t(), k, act_dtype, ref, scale)
+    if bias:  # one more fp32 rounding, of the biased sum
+        bound[:, :n] += 2.0**-24 * ref[:, :n].abs()
+    r16 = ops.padded_rank(rank)
+    assert y.shape == (2, 3, n) and xa.shape == (2, 3, rank)
+    assert y.dtype == xa.dtype == act_dtype
+    assert y.stride() == (3 * (n + r16), n + r16, 1), "y is a view of the (.., N + r16) product"
+    assert xa.is_contiguous()
+    assert bool(((y.reshape(-1, n).double() - ref[:, :n]).abs() <= bound[:, :n]).all())
+    assert bool(((xa.reshape(-1, rank).double() - ref[:, n:n + rank]).abs()
+                 <= bound[:, n:n + rank]).all())
+
+
+def test_melded_linear_is_close_to_the_original_layer():
+    # The end-to-end FP8 error (x and W both rounded to E4M3: ~2^-4 relative per element, a few
+    # percent rms on a product) against the unquantised layer.
+    lin, layer = melded(128, 256, 16, bias=True)
+    x = torch.randn(64, 256)
+    assert rel_err(layer(x), lin(x).detach()) < 0.06
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+def _formula_grads(x_deq, g, w_real, a_real, scaling, bias):
+    """Autograd of y = x W^T + scaling (x A^T) B^T + b at B = 0, in float64."""
+    x = x_deq.clone().requires_grad_(True)
+    B = torch.zeros(w_real.shape[0], a_real.shape[0], dtype=torch.float64, requires_grad=True)
+    b = None if bias is None else bias.detach().double().requires_grad_(True)
+    y = x @ w_real.t() + scaling * (x @ a_real.t()) @ B.t()
+    if b is not None:
+        y = y + b
+    y.backward(g)
+    return x.grad, B.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("grad_dtype", [E5M2, E4M3])
+@pytest.mark.parametrize("alpha", [None, 32.0])
+def test_melded_linear_backward_matches_autograd_of_the_formula(grad_dtype, alpha):
+    n, k, rank = 64, 96, 16
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(random_weight(n, k))
+    layer = falqon.MeldedLinear.from_linear(lin, rank=rank, alpha=alpha, grad_dtype=grad_dtype)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(4, 5, k, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4, 5, n, dtype=torch.bfloat16)
+    layer(x).backward(g)
+
+    xq, sx = quantize_formula(x.detach().reshape(-1, k), E4M3)
+    gq, sg = quantize_formula(g.reshape(-1, n), grad_dtype)
+    s = layer.weight_scale.double()
+    w_q = layer.weight[:n].double()
+    w_real, a_real = w_q * s, layer.weight[n:n + rank].double() * s
+    x_deq = xq.double() * sx.double()
+
+    # dx: the FP8 product of the quantised gradient with the FP8 weight rows, exactly.
+    dx_ref = (gq.double() @ w_q) * sg.double() * s
+    bound = product_bound(gq.double().abs(), w_q.abs(), n, torch.bfloat16, dx_ref, sg.double() * s)
+    dx = x.grad.reshape(-1, k).double()
+    assert bool(((dx - dx_ref).abs() <= bound).all())
+    # ... and the unquantised formula's dx within the gradient format's rounding noise.
+    dx_formula, dB_formula, db_formula = _formula_grads(
+        x_deq, g.reshape(-1, n).double(), w_real, a_real, layer.scaling, layer.bias)
+    assert rel_err(dx, dx_formula) < {E5M2: 0.08, E4M3: 0.04}[grad_dtype]
+
+    # dB = scaling g^T (x A^T): bf16 operands (xa is the forward's bf16 output), fp32
+    # accumulation over M tokens, rounded to bf16 (2^-8) and cast to lora_B's fp32. Each xa
+    # element carries a bf16 rounding too (2^-8 relative): the bound is 2^-8 |g|^T |xa| + 2^-8 |dB|.
+    dB = layer.lora_B.grad.double()
+    xa_ref = x_deq @ a_real.t()
+    g2 = g.reshape(-1, n).double()
+    dB_bound = layer.scaling * 2.0**-8 * (g2.abs().t() @ xa_ref.abs()) * (1 + 2.0**-7)
+    assert bool(((dB - dB_formula).abs() <= dB_bound + 2.0**-8 * dB_formula.abs()).all())
+    assert torch.allclose(layer.bias.grad.double(), db_formula, rtol=2**-8, atol=1e-3)
+
+
+def test_backward_without_input_grad_skips_dx():
+    _, layer = melded(32, 32, 8)
+    x = torch.randn(3, 32)
+    layer(x).sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+# ---- meld_init ---------------------------------------------------------------------------------
+
+def _exact_factor(w, rank):
+    q, s = quantize_formula(w, E4M3)
+    err = w.double() - q.double() * s.double()
+    _, S, Vh = torch.linalg.svd(err)
+    a = S[:rank].sqrt().unsqueeze(1) * Vh[:rank]
+    pivot = a.gather(1, a.abs().argmax(1, keepdim=True))
+    return a * torch.where(pivot < 0, -1.0, 1.0), S
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_meld_init_exact_matches_linalg_svd(in_dtype):
+    n, k, rank = 96, 64, 8
+    w = random_weight(n, k, in_dtype)
+    weight, scale = ops.meld_init(w, rank, svd="exact")
+    r16 = ops.padded_rank(rank)
+    assert weight.shape == (n + r16, k) and weight.dtype == E4M3
+    q0, s0 = quantize_formula(w, E4M3)
+    a_ref, _ = _exact_factor(w.float(), rank)
+    assert a_ref.abs().max() < w.float().abs().max(), "setup: A below W's amax keeps the scale"
+    # W's rows are exactly its own FP8 quantisation (the stacked A did not change the scale).
+    assert torch.equal(scale, s0)
+    assert torch.equal(fp8_bytes(weight[:n]), fp8_bytes(q0))
+    # A = sqrt(S_r) V_r^T of the error's SVD, quantised with the same scale: within half an
+    # E4M3 step (2^-4 relative, or half the smallest subnormal step s 2^-10) plus fp32 SVD noise.
+    a = weight[n:n + rank].double() * scale.double()
+    tol = 2.0**-4 * a_ref.abs() + scale.double() * 2.0**-10 + 1e-5 * a_ref.abs().max()
+    assert bool(((a - a_ref).abs() <= tol).all())
+    assert not weight[n + rank:].float().any(), "padding rows are zero"
+
+
+def test_meld_init_randomized_captures_the_top_subspace():
+    # The quantisation error has a nearly flat spectrum, the hard case for a randomized SVD: the
+    # power iterations must still find most of the top-r energy (sum of singular values).
+    n, k, rank = 256, 192, 16
+    w = random_weight(n, k)
+    _, S = _exact_factor(w, rank)
+    weight, scale = ops.meld_init(w, rank)  # randomized, default settings
+    a = weight[n:n + rank].double() * scale.double()
+    captured = (a.norm(dim=1) ** 2).sum() / S[:rank].sum()
+    assert captured > 0.9, f"randomized SVD captured {captured:.3f} of the top-{rank} energy"
+    again, _ = ops.meld_init(w, rank)
+    other, _ = ops.meld_init(w, rank, seed=1)
+    assert torch.equal(fp8_bytes(again), fp8_bytes(weight)), "same seed, same result"
+    assert not torch.equal(fp8_bytes(other[n:]), fp8_bytes(weight[n:]))
+
+
+def test_meld_init_rejects_bad_arguments():
+    w = torch.randn(32, 48)
+    with pytest.raises(RuntimeError, match="between 1 and min"):
+        ops.meld_init(w, 33)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ops.meld_init(torch.randn(30, 48), 4)
+    with pytest.raises(RuntimeError, match="'randomized' or 'exact'"):
+        ops.meld_init(w, 4, svd="lanczos")
+
+
+# ---- topk_update_ ------------------------------------------------------------------------------
+
+def _update_setup(n=64, k=48, rank=8, transposed=False):
+    _, layer = melded(n, k, rank)
+    weight = layer.weight.detach().clone()
+    weight_t = weight[:n].t().contiguous() if transposed else None
+    # Row norms spread over two decades so the top-k set is unambiguous, and large enough that
+    # every selected row moves by several FP8 steps.
+    B = torch.randn(n, rank) * torch.logspace(-2, 0, n)[torch.randperm(n)].unsqueeze(1) * 40
+    return layer, weight, weight_t, B
+
+
+@pytest.mark.parametrize("keep_residual", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_topk_update_changes_exactly_the_top_rows(keep_residual, transposed):
+    n, topk, scaling = 64, 5, 0.5
+    layer, weight, weight_t, B = _update_setup(n, transposed=transposed)
+    rank = B.shape[1]
+    before, B_before = weight.clone(), B.clone()
+    ops.topk_update_(weight, B, weight_t, topk, scaling, keep_residual)
+
+    top = set(B_before.double().abs().sum(1).topk(topk).indices.tolist())
+    changed = set((fp8_bytes(weight) != fp8_bytes(before)).any(1).nonzero().flatten().tolist())
+    assert changed == top
+    # The formula, in float64: W'[T] + scaling B[T] A_q in the scaled domain, then E4M3.
+    idx = torch.tensor(sorted(top))
+    a_q = before[n:n + rank].double()
+    expect = (before[idx].double() + scaling * B_before[idx].double() @ a_q).clamp(-448, 448)
+    got = weight[idx]
+    same = fp8_bytes(got) == fp8_bytes(expect.to(E4M3))
+    # fp32 vs float64 arithmetic may differ at an exact rounding tie: allow one step, rarely.
+    assert same.float().mean() > 0.99
+    step = 2.0 ** (torch.floor(torch.log2(expect.abs().clamp_min(2**-6))) - 3)
+    assert bool(((got.double() - expect).abs() <= step * 1.01)[~same].all())
+    if keep_residual:
+        assert not B[idx].any() and torch.equal(B[[i for i in range(n) if i not in top]],
+                                                B_before[[i for i in range(n) if i not in top]])
+    else:
+        assert not B.any()
+    if transposed:
+        assert torch.equal(fp8_bytes(weight_t), fp8_bytes(weight[:n].t().contiguous()))
+
+
+def test_topk_update_saturates_instead_of_overflowing():
+    layer, weight, _, B = _update_setup()
+    B[7] = 1e6  # an update far beyond E4M3's range
+    ops.topk_update_(weight, B, None, 1, 1.0)
+    row = weight[7].float()
+    assert torch.isfinite(row).all() and row.abs().max() == 448
+
+
+def test_topk_update_leaves_a_nan_row_unchanged():
+    layer, weight, _, B = _update_setup()
+    B[3, 0] = float("nan")
+    before = weight.clone()
+    ops.topk_update_(weight, B, None, 64, 1.0)
+    assert torch.equal(fp8_bytes(weight[3]), fp8_bytes(before[3]))
+    assert not torch.isnan(weight.float()).any() and not B.any()
+
+
+def test_topk_update_edge_cases():
+    layer, weight, _, B = _update_setup()
+    before = weight.clone()
+    ops.topk_update_(weight, B.clone(), None, 0, 1.0, keep_residual=False)
+    assert torch.equal(fp8_bytes(weight), fp8_bytes(before))
+    B_keep = B.clone()
+    ops.topk_update_(weight, B_keep, None, 0, 1.0, keep_residual=True)
+    assert torch.equal(B_keep, B)
+    ops.topk_update_(weight, B.clone(), None, 10_000, 1.0)  # k beyond N clamps to N
+    n = B.shape[0]
+    assert torch.equal(fp8_bytes(weight[n:]), fp8_bytes(before[n:])), "A and padding never move"
+    with pytest.raises(RuntimeError, match="k must be >= 0"):
+        ops.topk_update_(weight, B, None, -1, 1.0)
+
+
+# ---- opcheck: schema, autograd registration, fake tensors, AOT dispatch ---------------------
+
+def test_opcheck_every_op():
+    lin, layer = melded(32, 48, 8, bias=True)
+    x = torch.randn(4, 48, requires_grad=True)
+    B = torch.randn(32, 8, requires_grad=True)
+    wt = layer.weight[:32].t().contiguous()
+    for dtype in (torch.bfloat16, torch.float32):
+        opcheck(torch.ops.falqon.quantize.default, (x.detach().to(dtype), E4M3))
+        opcheck(torch.ops.falqon.quantize.default, (x.detach().to(dtype), E5M2))
+    opcheck(torch.ops.falqon.melded_linear.default,
+            (x, layer.weight, layer.weight_scale, B, layer.bias, None, 0.5, None))
+    opcheck(torch.ops.falqon.melded_linear.default,
+            (x.detach().bfloat16().requires_grad_(), layer.weight, layer.weight_scale, B, None,
+             wt, 2.0, E4M3))
+    opcheck(torch.ops.falqon.melded_linear_grad_input.default,
+            (torch.randn(4, 32), layer.weight, layer.weight_scale, None, None))
+    opcheck(torch.ops.falqon.melded_linear_grad_input.default,
+            (torch.randn(2, 4, 32, dtype=torch.bfloat16), layer.weight, layer.weight_scale, wt,
+             E4M3))
+    opcheck(torch.ops.falqon.meld_init.default, (lin.weight.detach(), 8, "randomized", 4, 2, 0))
+    opcheck(torch.ops.falqon.meld_init.default, (lin.weight.detach(), 8, "exact", 16, 4, 0))
+    opcheck(torch.ops.falqon.topk_update_.default,
+            (layer.weight.detach().clone(), torch.randn(32, 8), None, 3, 1.0, False))
+    opcheck(torch.ops.falqon.topk_update_.default,
+            (layer.weight.detach().clone(), torch.randn(32, 8), wt.clone(), 3, 1.0, True))
