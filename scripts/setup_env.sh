@@ -24,7 +24,7 @@ fi
 pip install -q "setuptools>=70" wheel ninja
 
 stamp="$VENV/.falqon-build"
-want=$(cat setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cuda/* 2>/dev/null | sha1sum | cut -d' ' -f1)
+want=$(find setup.py pyproject.toml csrc -type f -print0 | sort -z | xargs -0 sha1sum | sha1sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! python -c "import falqon" 2>/dev/null; then
   echo "== building falqon (CUDA sources compile where nvcc is found; takes a few minutes on 2 cores)"
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
