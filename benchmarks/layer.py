@@ -160,33 +160,42 @@ def build_fp8_floor(weight, r, ctx):
     return Bench(fwd, fwd_bwd, "operands quantised outside the timing")
 
 
+def _shared_base(ctx, kind: str, weight, make) -> nn.Module:
+    """The frozen base layer of a peer, made once per shape and shared by its ranks."""
+    if weight.device.type != "cuda":
+        raise common.Skip(f"{kind} needs a CUDA device here")
+    key = (kind, tuple(weight.shape))
+    if key not in ctx.bases:
+        ctx.bases[key] = make()
+    return ctx.bases[key]
+
+
 def build_qlora_nf4(weight, r, ctx):
     bnb = common.import_bitsandbytes()
-    if weight.device.type != "cuda":
-        raise common.Skip("bitsandbytes NF4 needs a CUDA device here")
-    key = ("nf4", tuple(weight.shape))
-    if key not in ctx.bases:
+
+    def make():
         N, K = weight.shape
         base = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DTYPE, quant_type="nf4")
         base.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False,
                                         quant_type="nf4")
-        ctx.bases[key] = base.cuda()   # quantises to NF4 on the move
-    return _module_bench(_peft_lora(ctx.bases[key], r, loaded_in_4bit=True))
+        return base.cuda()   # quantises to NF4 on the move
+
+    base = _shared_base(ctx, "bitsandbytes NF4", weight, make)
+    return _module_bench(_peft_lora(base, r, loaded_in_4bit=True))
 
 
 def build_fp8_lora_torchao(weight, r, ctx):
     convert = common.import_torchao_float8()
-    if weight.device.type != "cuda":
-        raise common.Skip("torchao float8 training needs a CUDA device with FP8")
-    key = ("torchao", tuple(weight.shape))
-    if key not in ctx.bases:
+
+    def make():
         holder = nn.Module()
         holder.linear = _frozen_linear(weight)
         convert(holder)   # swaps the nn.Linear for a Float8Linear (a subclass of nn.Linear)
-        base = holder.linear
-        base.weight.requires_grad_(False)
-        ctx.bases[key] = base
-    layer = _peft_lora(ctx.bases[key], r)
+        holder.linear.weight.requires_grad_(False)
+        return holder.linear
+
+    base = _shared_base(ctx, "torchao float8 training", weight, make)
+    layer = _peft_lora(base, r)
     # torchao's float8 casts are meant to be fused by torch.compile; compile the base only (the
     # LoRA adapter is PEFT's eager code, as in bf16_lora). Under compile the frozen weight's
     # gradient GEMM, which the float8 autograd function computes, is dead code and dropped.

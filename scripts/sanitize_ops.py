@@ -54,37 +54,41 @@ def _melded(K, N, r, dev, wt):
     return layer
 
 
-def run_linear(dev):
-    n = 0
+def _layers(dev):
+    """Small melded layers, rank 1 included, with and without the transposed copy."""
     for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
         for wt in (False, True):
-            layer = _melded(K, N, r, dev, wt)
-            for lead in ((0,), (1,), (3,), (37,), (2, 64)):
-                x = torch.randn(*lead, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                y = layer(x)  # forward, then its autograd: dx through grad_input, dB, d bias
-                y.backward(torch.randn_like(y))
-                n += 1
-            # The raw op with both outputs used, fp32 activations and no bias.
-            x = torch.randn(5, K, device=dev)
-            torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale,
-                                           layer.lora_B.detach().float(), None, layer.weight_t,
-                                           1.0, None)
+            yield _melded(K, N, r, dev, wt)
+
+
+def run_linear(dev):
+    n = 0
+    for layer in _layers(dev):
+        K = layer.in_features
+        for lead in ((0,), (1,), (3,), (37,), (2, 64)):
+            x = torch.randn(*lead, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            y = layer(x)  # forward, then its autograd: dx through grad_input, dB, d bias
+            y.backward(torch.randn_like(y))
             n += 1
+        # The raw op with both outputs used, fp32 activations and no bias.
+        x = torch.randn(5, K, device=dev)
+        torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale,
+                                       layer.lora_B.detach().float(), None, layer.weight_t, 1.0,
+                                       None)
+        n += 1
     return n
 
 
 def run_grad_input(dev):
     n = 0
-    for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
-        for wt in (False, True):
-            layer = _melded(K, N, r, dev, wt)
-            for rows in (0, 1, 3, 37, 128):
-                for gdt in (None, ops.E4M3):
-                    for dtype in ACT:
-                        g = torch.randn(rows, N, device=dev, dtype=dtype)
-                        falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
-                                                        layer.weight_t, gdt)
-                        n += 1
+    for layer in _layers(dev):
+        for rows in (0, 1, 3, 37, 128):
+            for gdt in (None, ops.E4M3):
+                for dtype in ACT:
+                    g = torch.randn(rows, layer.out_features, device=dev, dtype=dtype)
+                    falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
+                                                    layer.weight_t, gdt)
+                    n += 1
     return n
 
 
@@ -100,16 +104,15 @@ def run_meld_init(dev):
 
 def run_topk(dev):
     n = 0
-    for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
-        for wt in (False, True):
-            layer = _melded(K, N, r, dev, wt)
-            for keep in (False, True):
-                for k in (0, 3, N, N + 5):
-                    for B_dtype in (torch.float32, torch.bfloat16):
-                        B = torch.randn(N, r, device=dev, dtype=B_dtype)
-                        B[1, 0] = float("nan")
-                        falqon.topk_update_(layer.weight, B, layer.weight_t, k, 2.0, keep)
-                        n += 1
+    for layer in _layers(dev):
+        N = layer.out_features
+        for keep in (False, True):
+            for k in (0, 3, N, N + 5):
+                for B_dtype in (torch.float32, torch.bfloat16):
+                    B = torch.randn(N, layer.rank, device=dev, dtype=B_dtype)
+                    B[1, 0] = float("nan")
+                    falqon.topk_update_(layer.weight, B, layer.weight_t, k, 2.0, keep)
+                    n += 1
     return n
 
 
