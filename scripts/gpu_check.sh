@@ -15,8 +15,11 @@
 #   PYTHON     the interpreter (default python3)
 #   ALL_TESTS=1  the whole suite (-m "not slow") instead of the GPU test files
 #   TORCH_CUDA_ARCH_LIST  default: the visible GPU's (setup.py), e.g. 9.0a on an H100
-# Each stage has a time limit (so that the benchmark always gets its turn); a failed stage is
-# reported and the next ones still run; the exit code is 1 if any stage failed.
+#   BUDGET     seconds the whole run may take (default 570: the device tool stops a command at
+#              600 s); each stage also has a limit of its own (TESTS_LIMIT, BENCH_LIMIT,
+#              SANITIZER_LIMIT), and gets no more than what is left of the budget, so that the
+#              summary and the table are always printed.
+# A failed stage is reported and the next ones still run; the exit code is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,8 +33,17 @@ summary=()
 failed=0
 t_all=$(date +%s)
 
+BUDGET=${BUDGET:-570}
+
 run_stage() {  # NAME LIMIT_S: runs the function stage_NAME in a bash of its own, under timeout
-  local name=$1 limit=$2 t0 rc secs state
+  local name=$1 limit=$2 t0 rc secs state left
+  left=$(( BUDGET - ($(date +%s) - t_all) - 10 ))
+  if [ "$left" -lt 15 ]; then
+    summary+=("$(printf '%-10s %5ss  %s' "$name" 0 "NOT RUN: the ${BUDGET}s budget is spent")")
+    failed=1
+    return 1
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo
   echo "== $name (limit ${limit}s)"
   t0=$(date +%s)
@@ -142,8 +154,8 @@ for s in $STAGES; do
     # The peers install into /tmp/site; the stages after it find them there.
     peers) run_stage peers 120; export PYTHONPATH=$PYTHONPATH:/tmp/site ;;
     info) run_stage info 60 ;;
-    tests) run_stage tests "${TESTS_LIMIT:-330}" ;;
-    bench) run_stage bench "$([ "${FULL:-0}" = 1 ] && echo 540 || echo 240)" ;;
+    tests) run_stage tests "${TESTS_LIMIT:-300}" ;;
+    bench) run_stage bench "${BENCH_LIMIT:-$([ "${FULL:-0}" = 1 ] && echo 540 || echo 180)}" ;;
     sanitizer) run_stage sanitizer "${SANITIZER_LIMIT:-180}" ;;
     *) echo "unknown stage $s (build peers info tests bench sanitizer)"; failed=1 ;;
   esac

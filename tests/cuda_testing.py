@@ -172,13 +172,15 @@ def assert_gemm_close(out: torch.Tensor, ref: torch.Tensor, floor: torch.Tensor 
 
 # ---- operands ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=32)
 def melded_weight(K: int, N: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random melded weight [W; A; 0] (N + r16, K) in E4M3 with its scale, on the CPU.
 
     W ~ N(0, 0.02^2) like a pretrained layer; A smaller, like the SVD factor of W's quantisation
     error. Drawn from a generator of its own (the same weight for a (K, N, rank) in any test),
-    and cached because the large ones take a while to draw; the inputs of each test are fresh."""
+    and cached because the large ones take a while to draw (at most 32 of at most 72 MB: every
+    (shape, rank) of the GEMM tests, shared by the forward and the dgrad tests); the inputs of
+    each test are fresh."""
     g = torch.Generator().manual_seed(K * 1_000_003 + N * 101 + rank)
     w = torch.randn(N, K, generator=g) * 0.02
     a = torch.randn(rank, K, generator=g) * 0.005
