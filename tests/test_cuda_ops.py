@@ -61,7 +61,7 @@ def check_quantize(x_dev, x_cpu, dtype, what):
     assert s_d.dtype == torch.float32 and s_d.shape == (), what
     assert_fp8_equal(q_d, q_c, what)
     # amax is exact and amax / fmax one correctly rounded division on both: the same float32.
-    s_d, s_c = s_d.cpu(), s_c
+    s_d = s_d.cpu()
     assert torch.equal(s_d, s_c) or (s_d.isnan() and s_c.isnan()), (what, s_d.item(), s_c.item())
     return q_d, s_d
 
