@@ -230,6 +230,8 @@ def collect(gpus: list[tuple[str, tuple[int, int]]] | None = None,
         "gpus": [asdict(g) for g in gpu_rows],
         "mode": _mode(with_cuda, gpu_rows, forced),
         "emulation_forced": forced,
+        # The kernels' switches (FALQON_FORCE_EMULATION, fast accumulation, ...) set for this run.
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FALQON_")},
         "warnings": warnings,
     }
 
@@ -278,6 +280,8 @@ def format_report(info: dict) -> str:
         lines.append(f"GPU {g['index']:<9} {g['name']}, compute capability {g['capability']}: "
                      f"{g['coverage']}")
     lines.append(f"mode          {info['mode']}")
+    if info["environment"]:
+        lines.append("environment   " + " ".join(f"{k}={v}" for k, v in info["environment"].items()))
     for w in info["warnings"]:
         lines.append(f"warning       {w}")
     return "\n".join(lines)

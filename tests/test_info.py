@@ -116,6 +116,8 @@ def test_collect_old_gpu_and_forced_emulation(monkeypatch):
     monkeypatch.setenv("FALQON_FORCE_EMULATION", "1")
     rep = collect(gpus=[("NVIDIA H100", H100)], binary=binary, build=CUDA_BUILD)
     assert rep["emulation_forced"] and "FALQON_FORCE_EMULATION=1" in rep["mode"]
+    assert rep["environment"]["FALQON_FORCE_EMULATION"] == "1"
+    assert "environment   FALQON_FORCE_EMULATION=1" in format_report(rep)
 
 
 def test_collect_cpu_only_build_and_version_mismatch():
