@@ -3,17 +3,29 @@
 A LlamaForCausalLM with random weights (hidden 4096, intermediate 11008, 32 heads, vocab 32000,
 32 layers unless --layers cuts it), built directly on the device in bf16 (no download), trained on
 16 x 512 random tokens with gradient checkpointing and AdamW, LoRA rank 64 on all seven
-projections (q, k, v, o, gate, up, down). Methods, each on a freshly built model in this one
-process, memory freed in between:
+projections (q, k, v, o, gate, up, down). Every method runs eager (no torch.compile), in one
+process, each on a freshly built model with the memory of the one before freed, baseline first and
+falqon last (so that a fault in the newest kernels cannot spoil the peers' numbers):
 
+  bf16_lora         PEFT LoraConfig(r, lora_alpha=r, all 7 projections, dropout 0) on the bf16
+                    model; adapters in bf16 (--lora-dtype float32: PEFT's float32 adapters under
+                    torch.autocast(bf16), as the HF Trainer runs them).
+  qlora_nf4         every projection replaced by bitsandbytes Linear4bit (NF4, double quantisation,
+                    bf16 compute), then the same PEFT LoRA (PEFT's bitsandbytes LoRA layer).
+  fp8_lora_torchao  torchao.float8.convert_to_float8_training on the 7 projections (tensorwise
+                    dynamic scaling, its default recipe), then the same PEFT LoRA on top. The order
+                    matters: converted first, the frozen base layers are Float8Linear (an
+                    nn.Linear, so PEFT's default LoRA layer wraps it) and the adapters stay bf16
+                    (converting after PEFT needs a filter that leaves the adapters' Linears out).
+                    torchao's inference configs (quantize_ with Float8DynamicActivation...) have no
+                    backward, so this is the composition that trains. Caveats, measured as they
+                    are: Float8Linear keeps the bf16 weight (no memory saving), re-quantises it on
+                    every call, and its backward computes the frozen weight's gradient GEMM anyway
+                    (torchao 0.17/0.18 float8_linear.py); its docs assume torch.compile.
   falqon            falqon.meld(model, FalqonConfig(rank, topk=10)) + falqon.attach(opt, model):
                     the proxy update runs after every optimizer step; its share of a step is
-                    timed on its own with CUDA events around attach's hook.
-  bf16_lora         PEFT LoraConfig(r, lora_alpha=r, all 7 projections, dropout 0) on the bf16 model.
-  qlora_nf4         every projection replaced by bitsandbytes Linear4bit (NF4, double quantisation,
-                    bf16 compute), then the same PEFT LoRA.
-  fp8_lora_torchao  torchao.float8.convert_to_float8_training on the 7 projections (tensorwise
-                    dynamic scaling, its default recipe), then the same PEFT LoRA on top.
+                    timed on its own with CUDA events around attach's hook. lora_B is float32
+                    (MeldedLinear's default); dB is computed in bf16.
 
 Per method: seconds per step (median of --steps timed steps after --warmup), tokens/s and peak
 device memory (torch.cuda.max_memory_allocated, reset after the model is built). The falqon run
@@ -47,7 +59,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
-METHODS = ("falqon", "bf16_lora", "qlora_nf4", "fp8_lora_torchao")
+METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao", "falqon")
 BASELINE = "bf16_lora"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -210,8 +222,8 @@ NOTES = {
     "bf16_lora": "PEFT LoRA on the bf16 base",
     "qlora_nf4": "bitsandbytes Linear4bit NF4 (double quant, bf16 compute) + PEFT LoRA",
     "fp8_lora_torchao": ("torchao Float8Linear (tensorwise dynamic scaling, eager, no "
-                         "torch.compile) under PEFT LoRA; torchao's backward computes the frozen "
-                         "base weight's gradient GEMM anyway and discards it"),
+                         "torch.compile) under PEFT LoRA; bf16 weights kept, re-quantised per "
+                         "call; the backward computes the frozen weight's gradient GEMM anyway"),
     "falqon": "falqon.meld + falqon.attach (proxy update inside optimizer.step)",
 }
 

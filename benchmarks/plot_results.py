@@ -275,7 +275,9 @@ def main(argv=None) -> pathlib.Path:
     else:
         print(f"{args.readme} has no {BEGIN} ... {END} markers: writing {target}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("Results table for README.md (paste between its markers):\n\n"
+        target.write_text(f"The results block for README.md, which has no markers yet: put "
+                          f"`{BEGIN}` and `{END}` in README.md and rerun "
+                          f"`python benchmarks/plot_results.py` to have it written there.\n\n"
                           + block + "\n")
     print(f"wrote {target}")
     return target

@@ -215,7 +215,10 @@ def units(events, on_gpu: bool):
             continue
         if on_gpu:
             for k in e.kernels:
-                yield k.name, k.duration, e
+                # A record_function range has a GPU-side mirror of the same name spanning all
+                # its kernels ("gpu_user_annotation"): counting it would count them twice.
+                if k.name != e.name:
+                    yield k.name, k.duration, e
         elif not e.name.startswith(TAG):
             yield e.name, e.self_cpu_time_total, e
 

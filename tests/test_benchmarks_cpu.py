@@ -231,6 +231,23 @@ def test_classify_gpu_kernel_names():
         "optimizer step"
 
 
+def test_gpu_units_skip_annotation_mirrors():
+    from types import SimpleNamespace as NS
+
+    cpu = torch.autograd.DeviceType.CPU
+    ms = [float(torch.empty(()).uniform_(1, 100)) for _ in range(3)]
+    events = [
+        NS(name="falqon_bench::forward", device_type=cpu,
+           kernels=[NS(name="falqon_bench::forward", duration=sum(ms))]),
+        NS(name="aten::mm", device_type=cpu, kernels=[NS(name="nvjet_tst", duration=ms[0]),
+                                                      NS(name="splitKreduce", duration=ms[1])]),
+        NS(name="aten::add", device_type=cpu, kernels=[NS(name="elementwise", duration=ms[2])]),
+        NS(name="nvjet_tst", device_type=torch.autograd.DeviceType.CUDA, kernels=[]),
+    ]
+    got = [(n, us) for n, us, _ in profile_step.units(events, on_gpu=True)]
+    assert got == [("nvjet_tst", ms[0]), ("splitKreduce", ms[1]), ("elementwise", ms[2])]
+
+
 @requires_meld
 @pytest.mark.slow
 def test_profile_step_cpu(tmp_path, one_thread):
