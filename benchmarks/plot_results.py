@@ -31,7 +31,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PREFERRED = ("bf16_lora", "falqon", "qlora_nf4", "fp8_lora_torchao")
 
 
-# ---- reading --------------------------------------------------------------------------------------
+# ---- reading ------------------------------------------------------------------------------------
 
 def load_records(results_dir: pathlib.Path) -> tuple[list[dict], dict]:
     """(records, {device: {"torch": {...}, "date": newest}}) of every results file; each record
@@ -121,7 +121,7 @@ def device_panels(records, devices, M, r):
         yield device, cfg, layers, model_rows(records, device)
 
 
-# ---- plot -----------------------------------------------------------------------------------------
+# ---- plot ---------------------------------------------------------------------------------------
 
 def plot(records, devices, png: pathlib.Path, M: int, r: int) -> bool:
     """Grouped bars of speed-up over bf16_lora; False (nothing written) when nothing to plot."""
@@ -173,7 +173,7 @@ def plot(records, devices, png: pathlib.Path, M: int, r: int) -> bool:
     return True
 
 
-# ---- Markdown -------------------------------------------------------------------------------------
+# ---- Markdown -----------------------------------------------------------------------------------
 
 def _cell_time(x: dict | None, base: dict | None, field: str, fmt: str) -> str:
     if x is None:
@@ -249,7 +249,7 @@ def replace_between_markers(text: str, block: str) -> str | None:
     return text[:start] + block + text[end + len(END):]
 
 
-# ---- command line ---------------------------------------------------------------------------------
+# ---- command line -------------------------------------------------------------------------------
 
 def main(argv=None) -> pathlib.Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -275,9 +275,10 @@ def main(argv=None) -> pathlib.Path:
     else:
         print(f"{args.readme} has no {BEGIN} ... {END} markers: writing {target}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(f"The results block for README.md, which has no markers yet: put "
-                          f"`{BEGIN}` and `{END}` in README.md and rerun "
-                          f"`python benchmarks/plot_results.py` to have it written there.\n\n"
+        # The markers appear once only (in the block), so that the block can be pasted as is.
+        target.write_text("The results block for README.md, which has no results markers yet: "
+                          "paste the block below (markers included) into README.md; later runs "
+                          "of `python benchmarks/plot_results.py` rewrite it there.\n\n"
                           + block + "\n")
     print(f"wrote {target}")
     return target

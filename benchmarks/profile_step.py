@@ -250,7 +250,8 @@ def breakdown(events, on_gpu: bool, steps: int) -> dict:
     per = 1e-3 / steps  # us summed over the profiled steps -> ms per step
     total = sum(totals.values())
     return {
-        "categories": [{"name": c, "ms": totals[c] * per, "share": totals[c] / total if total else 0,
+        "categories": [{"name": c, "ms": totals[c] * per,
+                        "share": totals[c] / total if total else 0.0,
                         "count": counts[c] // steps} for c in CATEGORIES],
         "sum_ms": total * per,
         "recompute_breakdown_ms": {c: v * per for c, v in recompute.most_common()},
