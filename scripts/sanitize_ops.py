@@ -1,0 +1,143 @@
+"""Calls every falqon op on small CUDA tensors, edge sizes included, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_ops.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_ops.py --ops quantize,topk
+
+scripts/gpu_check.sh runs both, with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is an
+allocation of its own and an access past its end is caught (torch's caching allocator would hand
+out the bytes behind it). The shapes are small: the sanitizer slows kernels down a hundredfold.
+Any Python error (a failed launch, a wrong shape) ends it with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import falqon
+from falqon import ops
+
+GROUPS = ("quantize", "linear", "grad_input", "meld_init", "topk")
+ACT = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def run_quantize(dev):
+    n = 0
+    for dtype in ACT:
+        for out in (ops.E4M3, ops.E5M2):
+            for size in (0, 1, 7, 33, 1000, 4099):
+                falqon.quantize(torch.randn(size, device=dev, dtype=dtype), out)
+                n += 1
+            base = torch.randn(67, 45, device=dev, dtype=dtype)
+            for view in (base.t(), base[:, ::3], base.flatten()[1:], base.flatten()[3:-2]):
+                falqon.quantize(view, out)  # non-contiguous and unaligned inputs
+                n += 1
+    return n
+
+
+def _melded(K, N, r, dev, wt):
+    """A MeldedLinear with a random FP8 weight [W; A; 0], made with the quantise kernel only (no
+    meld_init: its SVD would take long under the sanitizer, and it has a group of its own)."""
+    layer = falqon.MeldedLinear(K, N, rank=r, bias=True, transposed_copy=wt, device=dev,
+                                dtype=torch.bfloat16)
+    full = torch.randn(N + ops.padded_rank(r), K, device=dev) * 0.02
+    full[N + r:] = 0
+    q, s = falqon.quantize(full, ops.E4M3)
+    with torch.no_grad():
+        layer.weight.data = q
+        layer.weight_scale.copy_(s)
+        layer.bias.normal_()
+        if wt:
+            layer.weight_t.copy_(q[:N].t())
+    return layer
+
+
+def run_linear(dev):
+    n = 0
+    for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
+        for wt in (False, True):
+            layer = _melded(K, N, r, dev, wt)
+            for lead in ((0,), (1,), (3,), (37,), (2, 64)):
+                x = torch.randn(*lead, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                y = layer(x)  # forward, then its autograd: dx through grad_input, dB, d bias
+                y.backward(torch.randn_like(y))
+                n += 1
+            # The raw op with both outputs used, fp32 activations and no bias.
+            x = torch.randn(5, K, device=dev)
+            torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale,
+                                           layer.lora_B.detach().float(), None, layer.weight_t,
+                                           1.0, None)
+            n += 1
+    return n
+
+
+def run_grad_input(dev):
+    n = 0
+    for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
+        for wt in (False, True):
+            layer = _melded(K, N, r, dev, wt)
+            for rows in (0, 1, 3, 37, 128):
+                for gdt in (None, ops.E4M3):
+                    for dtype in ACT:
+                        g = torch.randn(rows, N, device=dev, dtype=dtype)
+                        falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
+                                                        layer.weight_t, gdt)
+                        n += 1
+    return n
+
+
+def run_meld_init(dev):
+    n = 0
+    for N, K, r in ((16, 16, 1), (64, 48, 8), (128, 256, 16)):
+        for svd in ("randomized", "exact"):
+            for dtype in ACT:
+                falqon.meld_init(torch.randn(N, K, device=dev, dtype=dtype) * 0.02, r, svd=svd)
+                n += 1
+    return n
+
+
+def run_topk(dev):
+    n = 0
+    for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
+        for wt in (False, True):
+            layer = _melded(K, N, r, dev, wt)
+            for keep in (False, True):
+                for k in (0, 3, N, N + 5):
+                    for B_dtype in (torch.float32, torch.bfloat16):
+                        B = torch.randn(N, r, device=dev, dtype=B_dtype)
+                        B[1, 0] = float("nan")
+                        falqon.topk_update_(layer.weight, B, layer.weight_t, k, 2.0, keep)
+                        n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default=",".join(GROUPS),
+                        help=f"comma-separated groups of calls, of {', '.join(GROUPS)}")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda; cpu only dry-runs this script against the CPU reference")
+    args = parser.parse_args(argv)
+    groups = [g for g in args.ops.split(",") if g]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown op groups {unknown}; choose from {', '.join(GROUPS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sanitize_ops: no CUDA device", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    runners = {"quantize": run_quantize, "linear": run_linear, "grad_input": run_grad_input,
+               "meld_init": run_meld_init, "topk": run_topk}
+    for g in groups:
+        calls = runners[g](args.device)
+        if args.device == "cuda":
+            torch.cuda.synchronize()   # a kernel fault surfaces here, within its group
+        print(f"sanitize_ops: {g}: {calls} calls", flush=True)
+    print("sanitize_ops: done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,590 @@
+"""Each CUDA op of torch.ops.falqon against the CPU reference (csrc/reference.cpp).
+
+Inputs are drawn on the CPU, copied to the GPU, and the CPU op runs on the CPU copies. What must
+match how: quantize bitwise; the GEMMs within the bounds cuda_testing.gemm_tolerance derives;
+topk_update_ bitwise up to rare one-step FP8 flips; meld_init's weight rows bitwise and its
+adapter up to fp32 differences of the SVD. Skipped without a CUDA GPU with FP8 (see
+cuda_testing for the CPU dry run of these tests' code).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import falqon
+from falqon import ops
+from falqon_testing import opcheck, rel_err
+from cuda_testing import (
+    DEVICE, DRY_RUN, E4M3, E5M2, EMULATED, LLAMA_7B, LLAMA_13B, assert_fp8_equal,
+    assert_fp8_nearly_equal, assert_gemm_close, cuda_only, fp8_codes_sorted, gpu, melded_weight,
+    random_activations, scaled_mm_floor, short, subset_rows, to_dev)
+
+pytestmark = [pytest.mark.gpu, gpu]
+
+FP8 = (E4M3, E5M2)
+ACT = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _emulation_subset(cases, small):
+    """The emulated re-run (test_emulated_path_matches_cpu) keeps only the small cases: it proves
+    the fallback path, and the large ones would only repeat the CPU reference's cost."""
+    return [c for c in cases if small(c)] if EMULATED else cases
+
+
+# ---- quantize ---------------------------------------------------------------------------------
+
+QUANT_SHAPES = [(0,), (1,), (7,), (3, 5, 7), (1023,), (4097, 3), (8192, 4096)]
+
+
+def wide_range(shape, dtype):
+    """Normal values times a log-normal factor: magnitudes over ~12 binades, so that the FP8
+    results cover subnormals and every exponent of the format."""
+    return (torch.randn(shape) * torch.exp(2 * torch.randn(shape))).to(dtype)
+
+
+def check_quantize(x_dev, x_cpu, dtype, what):
+    q_d, s_d = falqon.quantize(x_dev, dtype)
+    q_c, s_c = falqon.quantize(x_cpu, dtype)
+    assert q_d.device == x_dev.device and s_d.device == x_dev.device, what
+    assert q_d.dtype == dtype and q_d.shape == x_dev.shape and q_d.is_contiguous(), what
+    assert s_d.dtype == torch.float32 and s_d.shape == (), what
+    assert_fp8_equal(q_d, q_c, what)
+    # amax is exact and amax / fmax one correctly rounded division on both: the same float32.
+    s_d, s_c = s_d.cpu(), s_c
+    assert torch.equal(s_d, s_c) or (s_d.isnan() and s_c.isnan()), (what, s_d.item(), s_c.item())
+    return q_d, s_d
+
+
+@pytest.mark.parametrize("shape", _emulation_subset(QUANT_SHAPES, lambda s: math.prod(s) < 1e6),
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("out", FP8, ids=short)
+@pytest.mark.parametrize("inp", ACT, ids=short)
+def test_quantize_matches_cpu(shape, out, inp):
+    x = wide_range(shape, inp)
+    check_quantize(to_dev(x), x, out, f"quantize {shape} {inp} -> {out}")
+
+
+# Non-contiguous inputs and storage offsets that are not a multiple of the vector width.
+VIEWS = {
+    "transposed": lambda t: t.t(),
+    "strided_cols": lambda t: t[:, ::3],
+    "offset_1": lambda t: t.flatten()[1:],
+    "offset_3_odd_len": lambda t: t.flatten()[3:-2],
+}
+
+
+@pytest.mark.parametrize("view", VIEWS, ids=str)
+@pytest.mark.parametrize("out", FP8, ids=short)
+@pytest.mark.parametrize("inp", (torch.bfloat16, torch.float32), ids=short)
+def test_quantize_views_match_cpu(view, out, inp):
+    base = wide_range((1000, 333), inp)
+    fn = VIEWS[view]
+    # The same view of the same data on both devices (.to() would make a view contiguous).
+    check_quantize(fn(to_dev(base)), fn(base), out, f"quantize {view} {inp} -> {out}")
+
+
+@pytest.mark.parametrize("out", FP8, ids=short)
+@pytest.mark.parametrize("inp", ACT, ids=short)
+def test_quantize_rounds_ties_to_even(out, inp):
+    # fmax itself makes amax / fmax exactly 1, so the kernel sees the midpoints between
+    # neighbouring FP8 values unscaled: each must go to the neighbour with the even code.
+    values = fp8_codes_sorted(out)            # codes 0, 1, 2, ... in ascending order
+    mid = (values[:-1] + values[1:]) / 2
+    x = torch.cat([values[-1:], mid, -mid])
+    assert torch.equal(x.to(inp).float(), x), "midpoints not exact in the input dtype"
+    q_d, s_d = check_quantize(to_dev(x.to(inp)), x.to(inp), out, f"ties {inp} -> {out}")
+    assert s_d.item() == 1.0
+    lo = torch.arange(len(mid), dtype=torch.int32)
+    even = torch.where(lo % 2 == 0, lo, lo + 1)
+    expected = torch.cat([torch.tensor([len(values) - 1], dtype=torch.int32), even, even | 0x80])
+    assert torch.equal(q_d.cpu().view(torch.uint8).to(torch.int32), expected)
+
+
+@pytest.mark.parametrize("out", FP8, ids=short)
+@pytest.mark.parametrize("case", ["zeros", "underflow", "nan", "inf", "saturate_neg"])
+def test_quantize_special_values_match_cpu(case, out):
+    x = torch.randn(4099)
+    if case == "zeros":
+        x.zero_()
+    elif case == "underflow":    # amax / fmax underflows to 0 in float32: scale 1, q = 0
+        x = torch.full((4099,), 1e-45)
+    elif case == "nan":
+        x[1234] = float("nan")
+    elif case == "inf":
+        x[17] = float("inf")
+    else:                        # the amax element negative, at the end
+        x[-1] = -10 * x.abs().max()
+    q, s = check_quantize(to_dev(x), x, out, f"quantize {case} -> {out}")
+    if case in ("zeros", "underflow"):
+        assert s.item() == 1.0 and not q.cpu().view(torch.uint8).any()
+    if case == "nan":
+        assert s.isnan() and q.cpu().float().isnan().all()
+    if case == "saturate_neg":
+        assert q.cpu()[-1].float().item() == -ops.FP8_MAX[out]
+
+
+# ---- melded_linear and melded_linear_grad_input ----------------------------------------------
+
+class LinearCase(tuple):
+    """(K, N, lead, r, bias, weight_t, dtype, grad_dtype); lead = the input's leading dims."""
+
+    @property
+    def M(self):
+        return math.prod(self[2])
+
+
+def _linear_cases():
+    cases = []
+    i = 0
+    # Every LLaMA-7B and -13B shape at every M, with the options rotating so that each shape meets
+    # both activation dtypes, bias and weight_t on and off and every rank.
+    leads = {1: (1,), 3: (3,), 127: (127,), 2048: (4, 512), 8192: (8192,)}
+    for K, N in LLAMA_7B + LLAMA_13B:
+        for M, lead in leads.items():
+            cases.append(LinearCase((K, N, lead, (8, 16, 64)[i % 3], (i // 2) % 2 == 1,
+                                     (i // 4) % 2 == 1, (torch.bfloat16, torch.float32)[i % 2],
+                                     (None, E4M3)[(i // 3) % 2])))
+            i += 1
+    # Every combination of the options at one real shape (cheap on the CPU at M = 127).
+    for r, bias, wt, dtype in itertools.product((8, 16, 64), (False, True), (False, True), ACT):
+        cases.append(LinearCase((4096, 4096, (127,), r, bias, wt, dtype, None)))
+    # Edges: a 1-D input, several leading dims, no rows at all, rank 1, the smallest layer.
+    cases += [LinearCase((16, 16, (), 1, True, True, torch.bfloat16, None)),
+              LinearCase((64, 32, (2, 3, 5), 8, True, False, torch.bfloat16, E4M3)),
+              LinearCase((64, 32, (0,), 8, True, True, torch.float32, None)),
+              LinearCase((4096, 4096, (2, 0, 3), 16, False, False, torch.bfloat16, None))]
+    return _emulation_subset(cases, lambda c: c.M <= 127)
+
+
+LINEAR_CASES = _linear_cases()
+
+
+def _case_id(c):
+    K, N, lead, r, bias, wt, dtype, gdt = c
+    return (f"{K}to{N}-lead{'x'.join(map(str, lead)) or 'none'}-r{r}-{short(dtype)}"
+            f"{'-bias' if bias else ''}{'-wt' if wt else ''}{'-g' + short(gdt) if gdt else ''}")
+
+
+def _operands(c):
+    K, N, lead, r, bias, wt, dtype, _ = c
+    w, s = melded_weight(K, N, r)
+    w_t = w[:N].t().contiguous() if wt else None
+    b = torch.randn(N).to(dtype) if bias else None
+    return w, s, w_t, b
+
+
+@pytest.mark.parametrize("c", LINEAR_CASES, ids=_case_id)
+def test_melded_linear_matches_cpu(c):
+    K, N, lead, r, bias, wt, dtype, _ = c
+    w, s, w_t, b = _operands(c)
+    x = random_activations((*lead, K), dtype)
+    lora_B = torch.randn(N, r)  # never enters the forward; the op checks its shape
+    y_d, xa_d = torch.ops.falqon.melded_linear(to_dev(x), to_dev(w), to_dev(s), to_dev(lora_B),
+                                               to_dev(b), to_dev(w_t), 1.0, None)
+    rows = subset_rows(c.M)
+    x_ref = x if rows is None else x.reshape(-1, K)[rows]
+    y_c, xa_c = torch.ops.falqon.melded_linear(x_ref, w, s, lora_B, b, w_t, 1.0, None)
+
+    # Layout: y is a view of the (..., N + r16) product, as the CPU op's; xa is contiguous.
+    product = torch.empty((*lead, N + ops.padded_rank(r)))
+    assert y_d.shape == (*lead, N) and y_d.dtype == dtype and y_d.device == xa_d.device
+    assert y_d.stride() == (y_c.stride() if rows is None else product.narrow(-1, 0, N).stride())
+    assert xa_d.shape == (*lead, r) and xa_d.dtype == dtype and xa_d.is_contiguous()
+    x2 = x_ref.reshape(-1, K)
+
+    # The GPU's own FP8 GEMM of the same operands, with fast accumulation (the forward may use it).
+    xq, sx = falqon.quantize(x2, E4M3)
+    floor = scaled_mm_floor(xq, sx, w.t(), s, fast_accum=True)
+    f_y = f_xa = None
+    if floor is not None:
+        if b is not None:
+            floor[:, :N] += b.float()
+        floor = floor.to(dtype)
+        f_y, f_xa = floor[:, :N], floor[:, N:N + r]
+    y_dv = y_d.reshape(-1, N).cpu()
+    xa_dv = xa_d.reshape(-1, r).cpu()
+    if rows is not None:
+        y_dv, xa_dv = y_dv[rows], xa_dv[rows]
+    assert_gemm_close(y_dv, y_c.reshape(-1, N), f_y, f"y {_case_id(c)}")
+    assert_gemm_close(xa_dv, xa_c.reshape(-1, r), f_xa, f"xa {_case_id(c)}")
+
+
+@pytest.mark.parametrize("c", LINEAR_CASES, ids=_case_id)
+def test_melded_linear_grad_input_matches_cpu(c):
+    K, N, lead, r, _, wt, dtype, gdt = c
+    w, s, w_t, _ = _operands(c)
+    g = random_activations((*lead, N), dtype)
+    dx_d = falqon.melded_linear_grad_input(to_dev(g), to_dev(w), to_dev(s), to_dev(w_t), gdt)
+    rows = subset_rows(c.M)
+    g2 = g.reshape(-1, N) if rows is None else g.reshape(-1, N)[rows]
+    dx_c = falqon.melded_linear_grad_input(g2, w, s, w_t, gdt)
+    assert dx_d.shape == (*lead, K) and dx_d.dtype == dtype and dx_d.is_contiguous()
+
+    gq, sg = falqon.quantize(g2, gdt or E5M2)
+    # The dgrad GEMM is meant to run without fast accumulation: its floor is measured so.
+    w_rows_t = w[:N].t().contiguous()            # (K, N); .t() is the column-major (N, K) W_q
+    floor = scaled_mm_floor(gq, sg, w_rows_t.t(), s, fast_accum=False)
+    dx_dv = dx_d.reshape(-1, K).cpu()
+    if rows is not None:
+        dx_dv = dx_dv[rows]
+    assert_gemm_close(dx_dv, dx_c.reshape(-1, K), None if floor is None else floor.to(dtype),
+                      f"dx {_case_id(c)}")
+
+
+MODULE_CASES = _emulation_subset(
+    [(4096, 4096, (4, 512), 64, True, False, torch.bfloat16),
+     (4096, 11008, (2, 100), 16, False, True, torch.bfloat16),
+     (512, 256, (3, 7), 8, True, True, torch.float32)], lambda c: math.prod(c[2]) <= 1024)
+
+
+@pytest.mark.parametrize("K,N,lead,r,bias,wt,dtype", MODULE_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_melded_module_autograd_matches_cpu(K, N, lead, r, bias, wt, dtype):
+    # The module melded on the CPU, then moved: the same FP8 weights on both devices.
+    lin = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    cpu = falqon.MeldedLinear.from_linear(lin, rank=r, alpha=2 * r, transposed_copy=wt,
+                                          lora_dtype=torch.float32)
+    dev = falqon.MeldedLinear.from_linear(lin, rank=r, alpha=2 * r, transposed_copy=wt,
+                                          lora_dtype=torch.float32).to(DEVICE)
+    dev.load_state_dict(cpu.state_dict())
+    x = random_activations((*lead, K), dtype)
+    g = random_activations((*lead, N), dtype)
+    x_c, x_d = x.clone().requires_grad_(), to_dev(x).requires_grad_()
+    y_c, y_d = cpu(x_c), dev(x_d)
+    y_c.backward(g)
+    y_d.backward(to_dev(g))
+    what = f"{K}to{N} r{r} {short(dtype)}"
+    assert_gemm_close(y_d.detach().cpu(), y_c.detach(), None, f"y {what}")
+    assert_gemm_close(x_d.grad.cpu(), x_c.grad, None, f"dx {what}")
+    # dB = scaling g^T xa: a bf16 GEMM of xa, which itself may differ by an ulp between devices.
+    assert_gemm_close(dev.lora_B.grad.cpu(), cpu.lora_B.grad, None, f"dB {what}")
+    assert dev.weight.grad is None
+    if bias:
+        assert dev.bias.grad is None  # the bias is frozen with the weight
+
+
+# ---- topk_update_ -----------------------------------------------------------------------------
+
+def _separate_top_k(B: torch.Tensor, k: int) -> torch.Tensor:
+    """Scale down the rows whose score (L1 norm) lies just under the k-th largest, so that the top
+    k are unambiguous: the CPU and the GPU sum |B| in different orders (fp32 errors of
+    ~r 2^-24 relative), and a near tie at the boundary could then pick different rows."""
+    scores = B.double().abs().sum(1)
+    if 0 < k < len(scores):
+        kth = scores.topk(k).values[-1]
+        close = (scores < kth) & (scores > kth * (1 - 1e-3))
+        B[close] *= 0.99   # 0.99 kth even after a bf16 rounding (2^-9) is < (1 - 1e-3) kth
+    return B
+
+
+TOPK_CASES = _emulation_subset([
+    # K, N, r, k, B dtype, scaling, keep_residual, weight_t
+    (4096, 4096, 64, 10, torch.float32, 1.0, False, False),
+    (4096, 11008, 64, 64, torch.float32, 2.0, True, True),
+    (11008, 4096, 16, 10, torch.bfloat16, 1.0, False, True),
+    (5120, 13824, 8, 300, torch.float32, 0.5, True, False),
+    (256, 128, 8, 200, torch.float32, 1.0, False, True),       # k > N: every row
+    (64, 32, 16, 0, torch.float32, 1.0, False, True),          # k = 0: only the reset
+    (64, 32, 16, 0, torch.float32, 1.0, True, False),
+], lambda c: c[0] * c[1] <= 4096 * 4096)
+
+
+def _topk_operands(K, N, r, B_dtype):
+    w, s = melded_weight(K, N, r)
+    w = w.clone()
+    # Rows of B are scored by their L1 norm; magnitudes such that scaling * B[T] A_q moves a good
+    # part of the selected FP8 weights by a step or more (A_q is ~1/4 of W_q in the scaled domain).
+    B = (torch.randn(N, r) * 0.05 * 8 / math.sqrt(r)).to(B_dtype)
+    return w, s, B
+
+
+def _run_topk(w, B, w_t, k, scaling, keep):
+    w_d, B_d, wt_d = to_dev(w).clone(), to_dev(B).clone(), to_dev(w_t)
+    wt_d = None if wt_d is None else wt_d.clone()
+    falqon.topk_update_(w_d, B_d, wt_d, k, scaling, keep)
+    w_c, B_c, wt_c = w.clone(), B.clone(), None if w_t is None else w_t.clone()
+    falqon.topk_update_(w_c, B_c, wt_c, k, scaling, keep)
+    return (w_d, B_d, wt_d), (w_c, B_c, wt_c)
+
+
+def _changed_rows(before: torch.Tensor, after: torch.Tensor) -> set:
+    diff = before.cpu().view(torch.uint8) != after.cpu().view(torch.uint8)
+    return set(diff.any(1).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("K,N,r,k,B_dtype,scaling,keep,wt", TOPK_CASES,
+                         ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v))
+def test_topk_update_matches_cpu(K, N, r, k, B_dtype, scaling, keep, wt):
+    w, s, B = _topk_operands(K, N, r, B_dtype)
+    B = _separate_top_k(B, k)
+    w_t = w[:N].t().contiguous() if wt else None
+    (w_d, B_d, wt_d), (w_c, B_c, _) = _run_topk(w, B, w_t, k, scaling, keep)
+
+    kk = min(k, N)
+    T = set(B.double().abs().sum(1).topk(kk).indices.tolist()) if kk else set()
+    # Only the selected rows of W may change, on either device; A and the padding never do.
+    assert _changed_rows(w, w_c) <= T and _changed_rows(w, w_d) <= T
+    assert torch.equal(w_d[N:].cpu().view(torch.uint8), w[N:].view(torch.uint8))
+    if kk:
+        rows = sorted(T)
+        # The update must be worth testing: it moves a fair part of the selected weights.
+        moved = (w_c[rows].view(torch.uint8) != w[rows].view(torch.uint8)).float().mean().item()
+        assert moved > 0.05, f"the update moved only {moved:.1%} of the selected weights"
+        # Equal, except where v = W + scaling (B A_q) lands within fp32 noise of a rounding
+        # midpoint and the two sum orders round it to neighbouring FP8 values: rare.
+        assert_fp8_nearly_equal(w_d[rows], w_c[rows], max_fraction=1e-3, what="updated rows")
+    # B reset per the policy: all rows (drop) or only the applied ones (keep_residual).
+    B_dc = B_d.cpu()
+    if keep:
+        untouched = [i for i in range(N) if i not in T]
+        assert torch.equal(B_dc[untouched], B[untouched])
+        assert not B_dc[sorted(T)].any()
+    else:
+        assert not B_dc.any()
+    assert torch.equal(B_dc, B_c)
+    if wt:  # the transposed copy follows the weight, bit for bit
+        assert torch.equal(wt_d.cpu().view(torch.uint8),
+                           w_d[:N].cpu().t().contiguous().view(torch.uint8))
+
+
+def test_topk_update_nan_and_saturation_match_cpu():
+    K, N, r, k = 1024, 512, 16, 8
+    w, s, B = _topk_operands(K, N, r, torch.float32)
+    B[3, 5] = float("nan")   # a NaN score ranks first; its row must stay as it was
+    B[7] *= 1e4              # this row's update saturates at +-448
+    B = _separate_top_k(B, k)
+    w_t = w[:N].t().contiguous()
+    (w_d, B_d, wt_d), (w_c, B_c, _) = _run_topk(w, B, w_t, k, 1.0, False)
+    assert torch.equal(w_d[3].cpu().view(torch.uint8), w[3].view(torch.uint8))
+    assert torch.equal(w_c[3].view(torch.uint8), w[3].view(torch.uint8))
+    sat = w_c[7].float().abs() == 448
+    assert sat.float().mean() > 0.5, "the large row was meant to saturate"
+    assert_fp8_equal(w_d[7], w_c[7], "saturated row")
+    assert_fp8_nearly_equal(w_d, w_c, max_fraction=1e-4, what="weight")
+    assert not B_d.cpu().any()
+    assert torch.equal(wt_d.cpu().view(torch.uint8), w_d[:N].cpu().t().contiguous().view(torch.uint8))
+
+
+# ---- meld_init ----------------------------------------------------------------------------------
+
+def planted_weight(N: int, K: int, r: int):
+    """A float32 weight whose FP8 quantisation is known exactly and whose quantisation error is a
+    planted rank-r matrix with well separated singular values, so that A = sqrt(S) V^T is well
+    conditioned (its rows, not only their span, are determined) and known.
+
+    W = s0 q + E: q random E4M3 values of magnitude 16..416 plus one 448 (the amax, in row 0),
+    s0 = 2^-10 (a power of two: s0 q is exact); E = U diag(S) V^T with U's row 0 zero (the amax
+    element stays exact) and |E| <= 0.4 s0, under half an FP8 step of every |q| >= 16, so that
+    fp8(W / s0) = q. Singular values 1 - i/(2r) (times a constant): gaps of 1/(2r) relative."""
+    s0 = 2.0 ** -10
+    grid = fp8_codes_sorted(E4M3)
+    grid = grid[(grid >= 16) & (grid <= 416)]
+    q = grid[torch.randint(len(grid), (N, K))] * (torch.randint(0, 2, (N, K)) * 2 - 1)
+    q[0, 0] = 448.0
+    U = torch.cat([torch.zeros(1, r), torch.linalg.qr(torch.randn(N - 1, r, dtype=torch.float64)).Q])
+    V = torch.linalg.qr(torch.randn(K, r, dtype=torch.float64)).Q
+    S = 1 - torch.arange(r, dtype=torch.float64) / (2 * r)
+    E = (U * S) @ V.T
+    c = 0.4 * s0 / E.abs().max()
+    W = (q.double() * s0 + E * c).float()
+    A = (S * c).sqrt()[:, None] * V.T
+    pivot = A.gather(1, A.abs().argmax(1, keepdim=True))
+    A = A * torch.where(pivot < 0, -1.0, 1.0)   # the reference's sign convention
+    return W, q.to(E4M3), s0, A
+
+
+def _adapter(w, s, N, r):
+    return w[N:N + r].cpu().double() * s.cpu().double()
+
+
+MELD_PLANTED = _emulation_subset(
+    [(256, 512, 8, "exact"), (512, 256, 16, "randomized"), (1024, 1024, 64, "exact"),
+     (4096, 4096, 64, "randomized"), (11008, 4096, 64, "randomized")],
+    lambda c: c[0] * c[1] <= 1024 * 1024)
+
+
+@pytest.mark.parametrize("N,K,r,svd", MELD_PLANTED, ids=str)
+def test_meld_init_planted_matches_cpu_and_truth(N, K, r, svd):
+    W, q, s0, A_true = planted_weight(N, K, r)
+    w_d, s_d = falqon.meld_init(to_dev(W), r, svd=svd, seed=7)
+    w_c, s_c = falqon.meld_init(W, r, svd=svd, seed=7)
+    r16 = ops.padded_rank(r)
+    assert w_d.shape == (N + r16, K) and w_d.dtype == E4M3 and w_d.is_contiguous()
+    assert s_d.shape == () and s_d.dtype == torch.float32
+    assert s_d.item() == s_c.item() == s0
+    # The weight rows are the plain quantisation of W, bit for bit, on both devices.
+    assert_fp8_equal(w_c[:N], q, "CPU weight rows")
+    assert_fp8_equal(w_d[:N], q, "GPU weight rows")
+    assert not w_d[N + r:].cpu().view(torch.uint8).any(), "padding rows must be zero"
+    a_d, a_c = _adapter(w_d, s_d, N, r), _adapter(w_c, s_c, N, r)
+    # Against the truth: FP8 keeps 4 significant bits (relative error <= 2^-4 an element).
+    for name, a in (("GPU", a_d), ("CPU", a_c)):
+        row_err = (a - A_true).norm(dim=1) / A_true.norm(dim=1)
+        assert row_err.max() < 2.0 ** -3, f"{name} adapter rows vs the planted A: {row_err.max():.3g}"
+    # GPU against CPU: the same fp32 A up to the SVDs' rounding (~1e-5 relative here), so the FP8
+    # rows agree but for rare one-step flips; the Gram matrices A^T A agree closely.
+    assert_fp8_nearly_equal(w_d[N:N + r], w_c[N:N + r], max_fraction=1e-2, what="adapter rows")
+    assert rel_err(a_d.T @ a_d, a_c.T @ a_c) < 2.0 ** -6
+
+
+MELD_RANDOM = _emulation_subset(
+    [(512, 1024, 16, "exact", torch.float32), (4096, 4096, 64, "randomized", torch.bfloat16),
+     (13824, 5120, 64, "randomized", torch.bfloat16), (1024, 512, 8, "randomized", torch.float16)],
+    lambda c: c[0] * c[1] <= 1024 * 1024)
+
+
+@pytest.mark.parametrize("N,K,r,svd,dtype", MELD_RANDOM,
+                         ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v))
+def test_meld_init_random_weight_matches_cpu(N, K, r, svd, dtype):
+    W = (torch.randn(N, K) * 0.02).to(dtype)
+    w_d, s_d = falqon.meld_init(to_dev(W), r, svd=svd, seed=3)
+    w_c, s_c = falqon.meld_init(W, r, svd=svd, seed=3)
+    q, s = falqon.quantize(W, E4M3)
+    a_c = _adapter(w_c, s_c, N, r)
+    # A (from the quantisation error) is far smaller than W, so [W; A; 0] has W's scale and its
+    # weight rows are W's plain quantisation.
+    assert a_c.abs().max() < W.abs().max().double()
+    assert s_d.item() == s_c.item() == s.item()
+    assert_fp8_equal(w_c[:N], q, "CPU weight rows")
+    assert_fp8_equal(w_d[:N], q, "GPU weight rows")
+    assert not w_d[N + r:].cpu().view(torch.uint8).any()
+    # The quantisation error of a random W has a flat spectrum: singular vectors of nearly equal
+    # singular values may rotate among themselves between two SVD implementations, so compare
+    # what is invariant to that: how much of the error's energy the adapter's span captures
+    # (equal within 1%; the FP8 rounding of A alone moves it by less than that).
+    E = W.double() - q.double() * s.double()
+    a_d = _adapter(w_d, s_d, N, r)
+
+    def captured(a):
+        basis = torch.linalg.qr(a.T).Q
+        return (E @ basis).pow(2).sum().item()
+
+    assert abs(captured(a_d) - captured(a_c)) <= 1e-2 * captured(a_c)
+    assert captured(a_c) > 0
+
+
+# ---- opcheck --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out", FP8, ids=short)
+def test_opcheck_quantize(out):
+    opcheck(torch.ops.falqon.quantize.default,
+            (to_dev(torch.randn(33, 64, dtype=torch.bfloat16)), out))
+
+
+@pytest.mark.parametrize("bias,wt", [(False, False), (True, True)])
+def test_opcheck_melded_linear(bias, wt):
+    K, N, r = 64, 32, 8
+    w, s = melded_weight(K, N, r)
+    x = to_dev(torch.randn(2, 24, K, dtype=torch.bfloat16)).requires_grad_()
+    B = to_dev(torch.randn(N, r)).requires_grad_()
+    b = to_dev(torch.randn(N, dtype=torch.bfloat16)) if bias else None
+    w_t = to_dev(w[:N].t().contiguous()) if wt else None
+    opcheck(torch.ops.falqon.melded_linear.default,
+            (x, to_dev(w), to_dev(s), B, b, w_t, 2.0, None))
+
+
+def test_opcheck_melded_linear_grad_input():
+    K, N, r = 64, 32, 8
+    w, s = melded_weight(K, N, r)
+    g = to_dev(torch.randn(40, N, dtype=torch.bfloat16))
+    opcheck(torch.ops.falqon.melded_linear_grad_input.default,
+            (g, to_dev(w), to_dev(s), to_dev(w[:N].t().contiguous()), E5M2))
+
+
+def test_opcheck_meld_init():
+    opcheck(torch.ops.falqon.meld_init.default,
+            (to_dev(torch.randn(64, 48) * 0.02), 8, "randomized", 8, 2, 5))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_opcheck_topk_update(keep):
+    K, N, r = 64, 32, 8
+    w, s = melded_weight(K, N, r)
+    opcheck(torch.ops.falqon.topk_update_.default,
+            (to_dev(w.clone()), to_dev(torch.randn(N, r)), to_dev(w[:N].t().contiguous()), 4,
+             1.5, keep))
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+def _bad_calls():
+    w, s = melded_weight(64, 32, 8)
+    B = torch.randn(32, 8)
+    return {
+        "quantize_int": lambda d: falqon.quantize(torch.ones(4, dtype=torch.int32, device=d)),
+        "quantize_to_bf16": lambda d: falqon.quantize(torch.ones(4, device=d), torch.bfloat16),
+        "linear_wrong_K": lambda d: torch.ops.falqon.melded_linear(
+            torch.randn(3, 48, device=d), w.to(d), s.to(d), B.to(d)),
+        "linear_wrong_rank": lambda d: torch.ops.falqon.melded_linear(
+            torch.randn(3, 64, device=d), w.to(d), s.to(d), torch.randn(32, 17, device=d)),
+        "grad_input_bad_dtype": lambda d: falqon.melded_linear_grad_input(
+            torch.randn(3, 32, device=d), w.to(d), s.to(d), None, torch.bfloat16),
+        "topk_negative_k": lambda d: falqon.topk_update_(w.clone().to(d), B.to(d), None, -1, 1.0),
+        "meld_rank_0": lambda d: falqon.meld_init(torch.randn(32, 64, device=d), 0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_bad_input_raises_same_error_as_cpu(name):
+    call = _bad_calls()[name]
+    messages = []
+    for d in ("cpu", DEVICE):
+        with pytest.raises(RuntimeError) as info:
+            call(d)
+        messages.append(str(info.value).splitlines()[0])
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("falqon")
+
+
+# ---- the emulated path (GPUs without FP8, or FALQON_FORCE_EMULATION=1) ------------------------
+
+_WARN_PROBE = r"""
+import json, warnings, torch, falqon
+x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+calls = []
+for _ in range(2):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        q, s = falqon.quantize(x)
+        torch.cuda.synchronize()
+    calls.append([str(w.message) for w in seen])
+print("WARNINGS" + json.dumps(calls))
+"""
+
+
+def _run_emulated(args, timeout):
+    env = dict(os.environ, FALQON_FORCE_EMULATION="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@cuda_only
+@pytest.mark.skipif(EMULATED, reason="this is the emulated run itself")
+def test_emulated_path_warns_once():
+    # The variable is read once per process: a subprocess of its own.
+    r = _run_emulated(["-c", _WARN_PROBE], timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    first, second = json.loads(r.stdout.split("WARNINGS", 1)[1])
+    assert len(first) == 1, f"expected one warning on the first call, got {first}"
+    assert "8.9" in first[0] and "emulat" in first[0].lower(), first[0]
+    assert second == [], f"the warning came again: {second}"
+
+
+@cuda_only
+@pytest.mark.skipif(EMULATED, reason="this is the emulated run itself")
+def test_emulated_path_matches_cpu():
+    # This file's own tests (the small cases), re-run with the emulated CUDA path.
+    r = _run_emulated(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                       "-k", "not opcheck and not emulated"], timeout=900)
+    tail = (r.stdout[-6000:] + r.stderr[-2000:])
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and " failed" not in r.stdout, tail
