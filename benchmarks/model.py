@@ -3,29 +3,34 @@
 A LlamaForCausalLM with random weights (hidden 4096, intermediate 11008, 32 heads, vocab 32000,
 32 layers unless --layers cuts it), built directly on the device in bf16 (no download), trained on
 16 x 512 random tokens with gradient checkpointing and AdamW, LoRA rank 64 on all seven
-projections (q, k, v, o, gate, up, down). Every method runs eager (no torch.compile), in one
-process, each on a freshly built model with the memory of the one before freed, baseline first and
-falqon last (so that a fault in the newest kernels cannot spoil the peers' numbers):
+projections (q, k, v, o, gate, up, down). Every method runs in this one process, each on a
+freshly built model with the memory of the one before freed, in this order: the baseline first,
+falqon late (so that a fault in the newest kernels spoils at most the compiled peer after it), the
+peer whose torch.compile time is unbounded last:
 
   bf16_lora         PEFT LoraConfig(r, lora_alpha=r, all 7 projections, dropout 0) on the bf16
                     model; adapters in bf16 (--lora-dtype float32: PEFT's float32 adapters under
                     torch.autocast(bf16), as the HF Trainer runs them).
   qlora_nf4         every projection replaced by bitsandbytes Linear4bit (NF4, double quantisation,
                     bf16 compute), then the same PEFT LoRA (PEFT's bitsandbytes LoRA layer).
-  fp8_lora_torchao  torchao.float8.convert_to_float8_training on the 7 projections (tensorwise
-                    dynamic scaling, its default recipe), then the same PEFT LoRA on top. The order
-                    matters: converted first, the frozen base layers are Float8Linear (an
-                    nn.Linear, so PEFT's default LoRA layer wraps it) and the adapters stay bf16
-                    (converting after PEFT needs a filter that leaves the adapters' Linears out).
-                    torchao's inference configs (quantize_ with Float8DynamicActivation...) have no
-                    backward, so this is the composition that trains. Caveats, measured as they
-                    are: Float8Linear keeps the bf16 weight (no memory saving), re-quantises it on
-                    every call, and its backward computes the frozen weight's gradient GEMM anyway
-                    (torchao 0.17/0.18 float8_linear.py); its docs assume torch.compile.
+  fp8_lora_torchao_eager
+                    torchao.float8.convert_to_float8_training on the 7 projections (tensorwise
+                    dynamic scaling, its default recipe), then the same PEFT LoRA on top, eager.
+                    The order matters: converted first, the frozen base layers are Float8Linear
+                    (an nn.Linear, so PEFT's default LoRA layer wraps it) and the adapters stay
+                    bf16 (converting after PEFT needs a filter that leaves the adapters' Linears
+                    out). torchao's inference configs (quantize_ with Float8DynamicActivation...)
+                    have no backward, so this is the composition that trains. Float8Linear keeps
+                    the bf16 weight (no memory saving), re-quantises it on every call, and its
+                    backward computes the frozen weight's gradient GEMM anyway (torchao 0.17/0.18
+                    float8_linear.py).
   falqon            falqon.meld(model, FalqonConfig(rank, topk=10)) + falqon.attach(opt, model):
                     the proxy update runs after every optimizer step; its share of a step is
                     timed on its own with CUDA events around attach's hook. lora_B is float32
-                    (MeldedLinear's default); dB is computed in bf16.
+                    (MeldedLinear's default); dB is computed in bf16. Eager, like the others.
+  fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
+                    torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
+                    fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
 
 Per method: seconds per step (median of --steps timed steps after --warmup), tokens/s and peak
 device memory (torch.cuda.max_memory_allocated, reset after the model is built). The falqon run
@@ -33,7 +38,7 @@ also times falqon.meld of the whole model (a "meld" record). A method that canno
 run is recorded as {"skipped": reason}, never dropped. Results go to
 benchmarks/results/model_<device>.json; the table is printed last.
 
-    python benchmarks/model.py                         # full 32 layers, all methods (~4 min, H100)
+    python benchmarks/model.py                         # full 32 layers, all methods (~5 min, H100)
     python benchmarks/model.py --quick                 # 8 layers, fewer steps
     python benchmarks/model.py --device cpu --model tiny --steps 2   # smoke test, no GPU
 """
@@ -42,13 +47,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import json
 import math
 import os
 import pathlib
-import re
+import shlex
 import statistics
 import sys
 import time
@@ -56,10 +59,17 @@ import traceback
 
 import torch
 
+if __package__ in (None, ""):  # run as a script, or imported with benchmarks/ on sys.path
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import common
+else:
+    from . import common
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
-METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao", "falqon")
+# Run in this order: torch.compile's unbounded compile time last, falqon before it (see above).
+METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao_eager", "falqon", "fp8_lora_torchao")
 BASELINE = "bf16_lora"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,10 +80,6 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=256, num_hidden_layers=2),
 }
-
-
-class Skip(Exception):
-    """A method that cannot run here (a peer missing, a device it needs): recorded, not raised."""
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -146,10 +152,7 @@ def setup_bf16_lora(model, args, info):
 
 
 def setup_qlora_nf4(model, args, info):
-    try:
-        import bitsandbytes as bnb
-    except Exception as exc:  # ImportError, or a CUDA library bitsandbytes cannot load
-        raise Skip(f"bitsandbytes is not importable: {type(exc).__name__}: {exc}") from None
+    bnb = common.import_bitsandbytes()
     info["bitsandbytes"] = bnb.__version__
     for name, linear in projection_modules(model):
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
@@ -172,16 +175,17 @@ def setup_qlora_nf4(model, args, info):
     return peft_model
 
 
-def setup_fp8_lora_torchao(model, args, info):
-    try:
-        import torchao
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.float8_linear import Float8Linear
-    except Exception as exc:
-        raise Skip(f"torchao.float8 is not importable: {type(exc).__name__}: {exc}") from None
+def setup_fp8_lora_torchao_eager(model, args, info, compile_base: bool = False):
+    convert_to_float8_training = common.import_torchao_float8()
+    import torchao
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+
     info["torchao"] = torchao.__version__
     if args.device.type != "cuda" or torch.cuda.get_device_capability(args.device) < (8, 9):
-        raise Skip("torchao float8 training needs a CUDA GPU with FP8 (compute capability >= 8.9)")
+        raise common.Skip("torchao float8 training needs a CUDA GPU with FP8 (compute capability "
+                          ">= 8.9)")
+
     # The swap goes first, on the bare model, so that only the 7 frozen base projections become
     # Float8Linear; PEFT then wraps them (Float8Linear is an nn.Linear, so PEFT's default LoRA
     # layer takes it) and its adapters stay plain bf16 nn.Linear.
@@ -190,10 +194,23 @@ def setup_fp8_lora_torchao(model, args, info):
 
     convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=is_projection)
     peft_model = _peft_lora(model, args)
-    base = [m.get_base_layer() for _, m in projection_modules(peft_model) if hasattr(m, "lora_A")]
-    if not all(isinstance(b, Float8Linear) for b in base):
+    wrapped = [m for _, m in projection_modules(peft_model) if hasattr(m, "lora_A")]
+    if not all(isinstance(m.get_base_layer(), Float8Linear) for m in wrapped):
         raise RuntimeError("PEFT did not keep the Float8Linear base layers")
+    if compile_base:
+        # As benchmarks/layer.py does: torch.compile fuses torchao's casts, and drops the frozen
+        # weight's gradient GEMM (dead code there). Same-shaped layers share compiled code; the
+        # limit is raised so that dynamo never falls back to eager on recompiles.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+        for m in wrapped:
+            m.base_layer = torch.compile(m.base_layer, dynamic=False)
     return peft_model
+
+
+def setup_fp8_lora_torchao(model, args, info):
+    return setup_fp8_lora_torchao_eager(model, args, info, compile_base=True)
 
 
 def setup_falqon(model, args, info):
@@ -201,7 +218,7 @@ def setup_falqon(model, args, info):
 
     missing = [n for n in ("meld", "attach", "FalqonConfig") if not hasattr(falqon, n)]
     if missing:
-        raise Skip(f"this falqon has no {', '.join('falqon.' + n for n in missing)} "
+        raise common.Skip(f"this falqon has no {', '.join('falqon.' + n for n in missing)} "
                    f"(the workflow branch has not landed)")
     cfg = falqon.FalqonConfig(rank=args.rank, topk=args.topk)
     sync(args.device)
@@ -218,14 +235,17 @@ def setup_falqon(model, args, info):
 
 
 SETUP = {"falqon": setup_falqon, "bf16_lora": setup_bf16_lora, "qlora_nf4": setup_qlora_nf4,
+         "fp8_lora_torchao_eager": setup_fp8_lora_torchao_eager,
          "fp8_lora_torchao": setup_fp8_lora_torchao}
 
 NOTES = {
     "bf16_lora": "PEFT LoRA on the bf16 base",
     "qlora_nf4": "bitsandbytes Linear4bit NF4 (double quant, bf16 compute) + PEFT LoRA",
-    "fp8_lora_torchao": ("torchao Float8Linear (tensorwise dynamic scaling, eager, no "
-                         "torch.compile) under PEFT LoRA; bf16 weights kept, re-quantised per "
-                         "call; the backward computes the frozen weight's gradient GEMM anyway"),
+    "fp8_lora_torchao_eager": ("torchao Float8Linear (tensorwise dynamic scaling) under PEFT "
+                               "LoRA, eager; bf16 weights kept and re-quantised per call; the "
+                               "backward computes the frozen weight's gradient GEMM anyway"),
+    "fp8_lora_torchao": ("the same with each Float8Linear base under torch.compile (casts fused, "
+                         "the frozen weight's gradient GEMM dropped as dead code)"),
     "falqon": "falqon.meld + falqon.attach (proxy update inside optimizer.step)",
 }
 
@@ -307,9 +327,10 @@ def check_proxy_update_ran(layers, model, optimizer, batch, args) -> None:
     grads = float(sum(l.lora_B.grad.abs().sum() for l in layers if l.lora_B.grad is not None))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    left = float(sum(l.lora_B.abs().sum() for l in layers))
-    if not math.isfinite(grads) or not math.isfinite(float(loss)):
-        raise RuntimeError(f"falqon: non-finite loss ({float(loss)}) or lora_B gradient ({grads})")
+    left = float(sum(l.lora_B.detach().abs().sum() for l in layers))
+    loss = float(loss.detach())
+    if not math.isfinite(grads) or not math.isfinite(loss):
+        raise RuntimeError(f"falqon: non-finite loss ({loss}) or lora_B gradient ({grads})")
     if not grads > 0:
         raise RuntimeError("falqon: lora_B received no gradient")
     if left != 0 and not any(l.keep_residual for l in layers):
@@ -399,76 +420,40 @@ def run_method(method: str, args) -> tuple[dict, dict | None]:
     return record, meld_record
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-# ---- results ------------------------------------------------------------------------------------
-
-def device_label(device: torch.device) -> tuple[str, str]:
-    """(device name as reported, short file-name form): "NVIDIA H100 80GB HBM3" -> "h100"."""
-    if device.type != "cuda":
-        return "cpu", "cpu"
-    name = torch.cuda.get_device_name(device)
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]*)\b", name.replace("NVIDIA", ""))
-    short = m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return name, short
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    for pkg in ("transformers", "peft", "bitsandbytes", "torchao"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
+def results_meta(device: torch.device, script: str, argv: list[str]) -> dict:
+    """What a results file records about the run (common.run_metadata), with the command as this
+    script's (main() may be called in-process) and the versions of the peers and of falqon."""
+    meta = common.run_metadata(device.type)
+    meta["command"] = "python " + shlex.join([os.path.relpath(script, REPO)] + argv)
+    meta["versions"] = common.versions_of("transformers", "peft", "bitsandbytes", "torchao")
     try:
         import falqon
 
-        out["falqon"] = falqon.__version__
-        out["falqon_build"] = falqon.build_info()
-    except Exception as exc:  # reported, the falqon method records why it could not run
-        out["falqon"] = f"not importable: {exc}"
-    return out
-
-
-def results_header(device: torch.device, script: str, argv: list[str]) -> dict:
-    """The fields every results file starts with; `script` is the benchmark's own file."""
-    name, _ = device_label(device)
-    return {"device": name, "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", os.path.relpath(script, REPO)] + argv),
-            "versions": versions()}
-
-
-def write_json(path: pathlib.Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1) + "\n")
+        meta["versions"]["falqon"] = falqon.__version__
+        meta["falqon_build"] = falqon.build_info()
+    except Exception as exc:  # the falqon method will record why it could not run
+        meta["versions"]["falqon"] = f"not importable: {exc}"
+    return meta
 
 
 def format_table(records: list[dict]) -> str:
     base = next((r for r in records if r.get("kind") == "model" and r["method"] == BASELINE
                  and "skipped" not in r), None)
-    lines = [f"{'method':<18} {'s/step':>8} {'tokens/s':>9} {'peak GiB':>9} {'update ms':>10} "
-             f"{'vs ' + BASELINE:>13}"]
+    rows, notes = [], []
     for r in records:
         if r.get("kind") == "meld":
-            lines.append(f"meld of {r['model']} ({r['layers']} layers, rank {r['rank']}): "
+            notes.append(f"falqon.meld of {r['model']} ({r['layers']} layers, rank {r['rank']}): "
                          f"{r['seconds']:.1f} s (target < 30 s for llama-7b)")
         elif "skipped" in r:
-            lines.append(f"{r['method']:<18} skipped: {r['skipped']}")
+            rows.append([r["method"], None, None, None, None, None])
+            notes.append(f"{r['method']} skipped: {r['skipped']}")
         else:
-            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-            upd = f"{r['update_ms']:.1f}" if "update_ms" in r else "-"
-            speed = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "-"
-            lines.append(f"{r['method']:<18} {r['s_per_step']:>8.3f} {r['tokens_per_s']:>9.0f} "
-                         f"{peak:>9} {upd:>10} {speed:>13}")
-    return "\n".join(lines)
+            rows.append([r["method"], r["s_per_step"], round(r["tokens_per_s"]), r["peak_gib"],
+                         r.get("update_ms"),
+                         base["s_per_step"] / r["s_per_step"] if base else None])
+    table = common.format_table(["method", "s/step", "tokens/s", "peak GiB", "update ms",
+                                 f"speed-up vs {BASELINE}"], rows)
+    return "\n".join([table] + notes)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -545,7 +530,7 @@ def default_out(prefix: str, args, quick: bool = False) -> pathlib.Path:
     """benchmarks/results/<prefix>_<device>.json, with the model and "quick" in the name for a
     layer cut or a quick run, so that they never overwrite the full run's file."""
     name = model_name(args.model, args.layers)
-    _, short = device_label(args.device)
+    short = common.device_tag(args.device.type)
     suffix = "" if name == "llama-7b" and not quick else f"_{name}{'_quick' * quick}"
     return RESULTS_DIR / f"{prefix}_{short}{suffix}.json"
 
@@ -555,9 +540,9 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     name = model_name(args.model, args.layers)
     args.out = args.out or default_out("model", args, args.quick)
-    header = results_header(args.device, __file__, argv)
+    meta = results_meta(args.device, __file__, argv)
     config = {**model_config(args), "warmup": args.warmup, "steps": args.steps}
-    print(f"{name} on {header['device']}: {args.batch} x {args.seq} tokens, rank {args.rank}, "
+    print(f"{name} on {meta['device']}: {args.batch} x {args.seq} tokens, rank {args.rank}, "
           f"methods {', '.join(args.methods)}", flush=True)
     records: list[dict] = []
     for method in args.methods:
@@ -567,21 +552,21 @@ def main(argv=None) -> list[dict]:
         except Exception as exc:
             # A method that cannot run is listed with its reason (the traceback goes to stderr
             # for anything but a clean Skip), and the run goes on with the next one.
-            if not isinstance(exc, Skip):
+            if not isinstance(exc, common.Skip):
                 traceback.print_exc()
-            reason = f"{'' if isinstance(exc, Skip) else type(exc).__name__ + ': '}{exc}"
+            reason = f"{'' if isinstance(exc, common.Skip) else type(exc).__name__ + ': '}{exc}"
             record = {"kind": "model", "model": name, "tokens": args.batch * args.seq,
                       "method": method, "skipped": reason.strip()[:500]}
             meld_record = None
             del exc
-        free(args.device)
+        common.free_memory()
         records.append(record)
         if meld_record:
             records.append(meld_record)
         status = record.get("skipped") or (f"{record['s_per_step']:.3f} s/step over "
                                            f"{record['steps']} steps")
         print(f"  {method}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        write_json(args.out, {**header, "config": config, "records": records})  # survives a kill
+        common.write_json(args.out, meta, records, config=config)  # partial results survive
     print(f"wrote {os.path.relpath(args.out)}")
     print(format_table(records))
     return records

@@ -28,7 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BASELINE = "bf16_lora"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Methods in this order first (the rest as they come), so that colours and columns stay put.
-PREFERRED = ("bf16_lora", "falqon", "qlora_nf4", "fp8_lora_torchao")
+PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "fp8_floor", "qlora_nf4", "fp8_lora_torchao",
+             "fp8_lora_torchao_eager")
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -46,14 +47,14 @@ def load_records(results_dir: pathlib.Path) -> tuple[list[dict], dict]:
             print(f"plot_results: skipping {path.name}: {exc}", file=sys.stderr)
             continue
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            continue  # not a records file (a profile, say)
+            continue  # not a results file
         device, date = str(data.get("device", "unknown")), str(data.get("date", ""))
-        info = devices.setdefault(device, {"torch": set(), "date": ""})
-        info["torch"].add(str(data.get("torch", "?")))
-        info["date"] = max(info["date"], date)
         for r in data["records"]:
             if not isinstance(r, dict) or r.get("kind") not in ("layer", "model", "meld"):
-                continue
+                continue  # a profile's records, say
+            info = devices.setdefault(device, {"torch": set(), "date": ""})
+            info["torch"].add(str(data.get("torch", "?")))
+            info["date"] = max(info["date"], date)
             r = {**r, "device": device, "date": date, "file": path.name}
             key = record_key(r)
             if key not in newest or newest[key]["date"] <= date:

@@ -42,6 +42,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py)
 import model as mb  # noqa: E402  (benchmarks/model.py)
 
 TAG = "falqon_bench::"
@@ -250,9 +251,10 @@ def breakdown(events, on_gpu: bool, steps: int) -> dict:
     per = 1e-3 / steps  # us summed over the profiled steps -> ms per step
     total = sum(totals.values())
     return {
-        "categories": [{"name": c, "ms": totals[c] * per,
-                        "share": totals[c] / total if total else 0.0,
-                        "count": counts[c] // steps} for c in CATEGORIES],
+        # plot_results.py reads only layer/model/meld records and passes these over.
+        "records": [{"kind": "profile", "group": c, "ms": totals[c] * per,
+                     "share": totals[c] / total if total else 0.0,
+                     "count": counts[c] // steps} for c in CATEGORIES],
         "sum_ms": total * per,
         "recompute_breakdown_ms": {c: v * per for c, v in recompute.most_common()},
         "quantise_units_per_step": {str(k): v // steps for k, v in quantise_units.items()},
@@ -282,10 +284,11 @@ def parse_args(argv=None):
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'group':<20} {'ms/step':>9} {'share':>7} {'kernels':>8}"]
-    for c in result["categories"]:
-        lines.append(f"{c['name']:<20} {c['ms']:>9.2f} {100 * c['share']:>6.1f}% {c['count']:>8}")
-    lines.append(f"{'sum':<20} {result['sum_ms']:>9.2f}")
+    rows = [[r["group"], r["ms"], f"{100 * r['share']:.1f}%", r["count"]]
+            for r in result["records"]]
+    rows.append(["sum", result["sum_ms"], "", None])
+    lines = [common.format_table(["group", "ms/step", "share", "kernels" if result["on_gpu"]
+                                  else "ops"], rows)]
     unit = "GPU idle (host-bound)" if result["on_gpu"] else "unattributed host time"
     lines.append(f"step without profiler: {result['step_ms']:.2f} ms; {unit}: "
                  f"{result['idle_ms']:.2f} ms")
@@ -293,9 +296,9 @@ def format_table(result: dict) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in result["recompute_breakdown_ms"].items())
         lines.append(f"recompute = {parts} (ms)")
     lines.append("what FALQON could take on beyond the linear layers:")
-    ms = {c["name"]: c["ms"] for c in result["categories"]}
-    for cat, idea in IDEAS:
-        lines.append(f"  [{cat}: {ms[cat]:.2f} ms] {idea}")
+    ms = {r["group"]: r["ms"] for r in result["records"]}
+    for group, idea in IDEAS:
+        lines.append(f"  [{group}: {ms[group]:.2f} ms] {idea}")
     return "\n".join(lines)
 
 
@@ -304,9 +307,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device, on_gpu = args.device, args.device.type == "cuda"
     args.out = args.out or mb.default_out("profile", args)
-    header = mb.results_header(device, __file__, argv)
+    meta = mb.results_meta(device, __file__, argv)
     print(f"profiling one falqon step of {mb.model_name(args.model, args.layers)} on "
-          f"{header['device']}", flush=True)
+          f"{meta['device']}", flush=True)
     model, optimizer, batch, info = mb.prepare("falqon", args)
     layers = mark_recompute(model)
     update_range = ProfiledRange(TAG + "proxy_update")
@@ -336,13 +339,14 @@ def main(argv=None) -> dict:
     bracket.remove()
     result.update(on_gpu=on_gpu, step_ms=step_ms, idle_ms=max(step_ms - result["sum_ms"], 0.0),
                   meld_s=info["meld_s"], checkpointed_modules=layers)
-    out = {**header, "config": {**mb.model_config(args), "warmup": args.warmup,
-                                "profiled_steps": args.steps, "timed_steps": args.timed_steps},
-           **result}
-    mb.write_json(args.out, out)
+    config = {**mb.model_config(args), "warmup": args.warmup, "profiled_steps": args.steps,
+              "timed_steps": args.timed_steps}
+    records = result.pop("records")
+    common.write_json(args.out, meta, records, config=config, **result)
     print(f"wrote {os.path.relpath(args.out)}")
+    result["records"] = records
     print(format_table(result))
-    return out
+    return {**meta, "config": config, **result}
 
 
 if __name__ == "__main__":
