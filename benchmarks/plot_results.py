@@ -95,7 +95,7 @@ def layer_rows(records, device, M, r) -> dict[tuple, dict[str, dict]]:
         if (x["kind"] == "layer" and x["device"] == device and x["pass"] == "fwd_bwd"
                 and x["M"] == M and x["r"] == r):
             rows[tuple(x["shape"])][x["method"]] = x
-    return dict(sorted(rows.items()))
+    return dict(rows)  # in the order the benchmark ran them (7B shapes before 13B ones)
 
 
 def model_rows(records, device) -> dict[str, dict[str, dict]]:
@@ -235,8 +235,14 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
                 out.append(f"falqon.meld of {x['model']}: {x['seconds']:.1f} s.")
             else:
                 skipped.append((f"meld of {x['model']}", x))
+        # One line per method and reason, naming every place it applies to.
+        reasons: dict[tuple, list[str]] = defaultdict(list)
         for where, x in skipped:
-            out.append(f"- not run: {x.get('method', 'meld')} ({where}): {x['skipped']}")
+            places = reasons[(x.get("method", "meld"), x["skipped"])]
+            if where not in places:
+                places.append(where)
+        for (method, why), places in reasons.items():
+            out.append(f"- not run: {method} ({', '.join(places)}): {why}")
         out.append("")
     out.append(END)
     return "\n".join(out)
