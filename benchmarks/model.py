@@ -51,7 +51,6 @@ import gc
 import math
 import os
 import pathlib
-import shlex
 import statistics
 import sys
 import time
@@ -421,10 +420,9 @@ def run_method(method: str, args) -> tuple[dict, dict | None]:
 
 
 def results_meta(device: torch.device, script: str, argv: list[str]) -> dict:
-    """What a results file records about the run (common.run_metadata), with the command as this
-    script's (main() may be called in-process) and the versions of the peers and of falqon."""
-    meta = common.run_metadata(device.type)
-    meta["command"] = "python " + shlex.join([os.path.relpath(script, REPO)] + argv)
+    """What a results file records about the run (common.run_metadata), with the versions of the
+    peers and of falqon."""
+    meta = common.run_metadata(device.type, script, argv)
     meta["versions"] = common.versions_of("transformers", "peft", "bitsandbytes", "torchao")
     try:
         import falqon
