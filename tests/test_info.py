@@ -53,12 +53,14 @@ def test_coverage_rules(archs, cc, covered, words):
     assert words in text
 
 
+# As cuobjdump 13 lists a falqon/_C*.so (one cubin per .cu file and arch).
 LIST_ELF = """\
-ELF file    1: _C.cpython-312-x86_64-linux-gnu.1.sm_89.cubin
-ELF file    2: _C.cpython-312-x86_64-linux-gnu.2.sm_90a.cubin
-ELF file    3: _C.cpython-312-x86_64-linux-gnu.3.sm_90a.cubin
+ELF file    1: gemm.sm_89.cubin
+ELF file    2: gemm.sm_90a.cubin
+ELF file    3: quantize.sm_89.cubin
+ELF file    4: quantize.sm_90a.cubin
 """
-LIST_PTX = "PTX file    1: _C.cpython-312-x86_64-linux-gnu.1.sm_90a.ptx\n"
+LIST_PTX = "PTX file    1: quantize.sm_90a.ptx\n"
 
 
 def test_parse_cuobjdump():
