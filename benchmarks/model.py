@@ -218,7 +218,7 @@ def setup_falqon(model, args, info):
     missing = [n for n in ("meld", "attach", "FalqonConfig") if not hasattr(falqon, n)]
     if missing:
         raise common.Skip(f"this falqon has no {', '.join('falqon.' + n for n in missing)} "
-                   f"(the workflow branch has not landed)")
+                          f"(the workflow branch has not landed)")
     cfg = falqon.FalqonConfig(rank=args.rank, topk=args.topk)
     sync(args.device)
     t0 = time.perf_counter()
