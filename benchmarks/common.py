@@ -55,15 +55,21 @@ def device_tag(device: str, name: str | None = None) -> str:
     return re.sub(r"[^a-z0-9]+", "", tag) or "gpu"
 
 
-def run_metadata(device: str) -> dict:
-    """What every results file records: device, versions, date and the command."""
+def run_metadata(device: str, script: str | None = None, argv: list[str] | None = None) -> dict:
+    """What every results file records: device, versions, date and the command. The command is
+    `script` (the benchmark's file) with `argv`, so that a main(argv) called in-process (a test)
+    records its own command rather than pytest's; by default, this process's command line."""
+    script = os.path.abspath(sys.argv[0] if script is None else script)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    repo = RESULTS_DIR.parents[1]
+    shown = os.path.relpath(script, repo if script.startswith(str(repo) + os.sep) else None)
     return {
         "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "command": "python " + shlex.join([shown] + argv),
     }
 
 

@@ -375,7 +375,7 @@ def tables(records: list[dict], methods: list[str], reps: int) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    meta = common.run_metadata(args.device)
+    meta = common.run_metadata(args.device, __file__, argv)
     tag = common.device_tag(args.device, meta["device"])
     out = args.out or str(common.RESULTS_DIR / f"layer_{tag}.json")
     print(f"layer benchmark on {meta['device']} (torch {meta['torch']}): "

@@ -13,3 +13,13 @@ sys.path.insert(0, os.path.dirname(__file__))  # falqon_testing
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on the busy 2-core CI machine OpenMP's spinning threads
+    make tiny CPU ops (the benchmarks' smoke tests) tens of times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,15 +16,6 @@ import common  # noqa: E402
 import layer  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny CPU ops on a busy 2-core machine: OpenMP's spinning threads only add noise.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_layer_benchmark_end_to_end_on_cpu(tmp_path, capsys, monkeypatch, one_thread):
     def no_bnb():
         raise common.Skip("bitsandbytes is not importable: (test)")

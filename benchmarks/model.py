@@ -1,0 +1,574 @@
+"""Model-level benchmark: one LoRA training step of a LLaMA-7B-shaped model, FALQON against peers.
+
+A LlamaForCausalLM with random weights (hidden 4096, intermediate 11008, 32 heads, vocab 32000,
+32 layers unless --layers cuts it), built directly on the device in bf16 (no download), trained on
+16 x 512 random tokens with gradient checkpointing and AdamW, LoRA rank 64 on all seven
+projections (q, k, v, o, gate, up, down). Every method runs in this one process, each on a
+freshly built model with the memory of the one before freed, in this order: the baseline first,
+falqon late (so that a fault in the newest kernels spoils at most the compiled peer after it), the
+peer whose torch.compile time is unbounded last:
+
+  bf16_lora         PEFT LoraConfig(r, lora_alpha=r, all 7 projections, dropout 0) on the bf16
+                    model; adapters in bf16 (--lora-dtype float32: PEFT's float32 adapters under
+                    torch.autocast(bf16), as the HF Trainer runs them).
+  qlora_nf4         every projection replaced by bitsandbytes Linear4bit (NF4, double quantisation,
+                    bf16 compute), then the same PEFT LoRA (PEFT's bitsandbytes LoRA layer).
+  fp8_lora_torchao_eager
+                    torchao.float8.convert_to_float8_training on the 7 projections (tensorwise
+                    dynamic scaling, its default recipe), then the same PEFT LoRA on top, eager.
+                    The order matters: converted first, the frozen base layers are Float8Linear
+                    (an nn.Linear, so PEFT's default LoRA layer wraps it) and the adapters stay
+                    bf16 (converting after PEFT needs a filter that leaves the adapters' Linears
+                    out). torchao's inference configs (quantize_ with Float8DynamicActivation...)
+                    have no backward, so this is the composition that trains. Float8Linear keeps
+                    the bf16 weight (no memory saving), re-quantises it on every call, and its
+                    backward computes the frozen weight's gradient GEMM anyway (torchao 0.17/0.18
+                    float8_linear.py).
+  falqon            falqon.meld(model, FalqonConfig(rank, topk=10)) + falqon.attach(opt, model):
+                    the proxy update runs after every optimizer step; its share of a step is
+                    timed on its own with CUDA events around attach's hook. lora_B is float32
+                    (MeldedLinear's default); dB is computed in bf16. Eager, like the others.
+  fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
+                    torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
+                    fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
+
+Per method: seconds per step (median of --steps timed steps after --warmup), tokens/s and peak
+device memory (torch.cuda.max_memory_allocated, reset after the model is built). The falqon run
+also times falqon.meld of the whole model (a "meld" record). A method that cannot be imported or
+run is recorded as {"skipped": reason}, never dropped. Results go to
+benchmarks/results/model_<device>.json; the table is printed last.
+
+    python benchmarks/model.py                         # full 32 layers, all methods (~5 min, H100)
+    python benchmarks/model.py --quick                 # 8 layers, fewer steps
+    python benchmarks/model.py --device cpu --model tiny --steps 2   # smoke test, no GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+if __package__ in (None, ""):  # run as a script, or imported with benchmarks/ on sys.path
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import common
+else:
+    from . import common
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+# Run in this order: torch.compile's unbounded compile time last, falqon before it (see above).
+METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao_eager", "falqon", "fp8_lora_torchao")
+BASELINE = "bf16_lora"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# LlamaConfig fields per model shape. "tiny" is for CPU smoke tests only.
+SHAPES = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, num_hidden_layers=32),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=256, num_hidden_layers=2),
+}
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+def model_name(shape: str, layers: int) -> str:
+    """"llama-7b" for the full depth, "llama-7b-8L" for a layer cut."""
+    full = SHAPES[shape]["num_hidden_layers"]
+    return shape if layers == full else f"{shape}-{layers}L"
+
+
+def build_model(shape: str, layers: int, seq: int, device: torch.device, dtype: torch.dtype,
+                seed: int = 0):
+    """A LlamaForCausalLM with random weights (transformers' own init), made on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**SHAPES[shape], "num_hidden_layers": layers},
+                         max_position_embeddings=max(seq, 2048), use_cache=False,
+                         attention_dropout=0.0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    # Parameters are created and initialised on the device: no host copy of 13 GB of weights.
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.train()
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers 5.17..5.23+)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def projection_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTIONS]
+
+
+def random_batch(batch: int, seq: int, vocab: int, device, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- methods: each turns a freshly built bf16 model into the model it trains ------------------
+
+def _peft_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(PROJECTIONS),
+                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    # autocast_adapter_dtype=True keeps the adapters in float32 (PEFT's default, used with
+    # torch.autocast); False leaves them in the model's bf16 (--lora-dtype).
+    peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=args.lora_dtype == "float32")
+    wrapped = sum(1 for _, m in projection_modules(peft_model) if hasattr(m, "lora_A"))
+    expected = 7 * args.layers
+    if wrapped != expected:
+        raise RuntimeError(f"PEFT put LoRA on {wrapped} projections, expected {expected}")
+    return peft_model
+
+
+def setup_bf16_lora(model, args, info):
+    return _peft_lora(model, args)
+
+
+def setup_qlora_nf4(model, args, info):
+    bnb = common.import_bitsandbytes()
+    info["bitsandbytes"] = bnb.__version__
+    for name, linear in projection_modules(model):
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                              compute_dtype=linear.weight.dtype, compress_statistics=True,
+                              quant_type="nf4", device="meta")
+        # Params4bit quantises (NF4, blockwise, with double quantisation of the absmax) when moved
+        # to a device; the bf16 weight is dropped with `linear`.
+        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4",
+                                     module=q).to(linear.weight.device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+        del linear
+    # PEFT dispatches its bitsandbytes LoRA layer only for models flagged as loaded in 4 bit.
+    model.is_loaded_in_4bit = True
+    peft_model = _peft_lora(model, args)
+    base = [m.get_base_layer() for _, m in projection_modules(peft_model) if hasattr(m, "lora_A")]
+    if not all(isinstance(b, bnb.nn.Linear4bit) for b in base):
+        raise RuntimeError("PEFT did not keep the Linear4bit base layers")
+    return peft_model
+
+
+def setup_fp8_lora_torchao_eager(model, args, info, compile_base: bool = False):
+    convert_to_float8_training = common.import_torchao_float8()
+    import torchao
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+
+    info["torchao"] = torchao.__version__
+    if args.device.type != "cuda" or torch.cuda.get_device_capability(args.device) < (8, 9):
+        raise common.Skip("torchao float8 training needs a CUDA GPU with FP8 (compute capability "
+                          ">= 8.9)")
+
+    # The swap goes first, on the bare model, so that only the 7 frozen base projections become
+    # Float8Linear; PEFT then wraps them (Float8Linear is an nn.Linear, so PEFT's default LoRA
+    # layer takes it) and its adapters stay plain bf16 nn.Linear.
+    def is_projection(module, fqn: str) -> bool:
+        return fqn.rsplit(".", 1)[-1] in PROJECTIONS
+
+    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=is_projection)
+    peft_model = _peft_lora(model, args)
+    wrapped = [m for _, m in projection_modules(peft_model) if hasattr(m, "lora_A")]
+    if not all(isinstance(m.get_base_layer(), Float8Linear) for m in wrapped):
+        raise RuntimeError("PEFT did not keep the Float8Linear base layers")
+    if compile_base:
+        # As benchmarks/layer.py does: torch.compile fuses torchao's casts, and drops the frozen
+        # weight's gradient GEMM (dead code there). Same-shaped layers share compiled code; the
+        # limit is raised so that dynamo never falls back to eager on recompiles.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+        for m in wrapped:
+            m.base_layer = torch.compile(m.base_layer, dynamic=False)
+    return peft_model
+
+
+def setup_fp8_lora_torchao(model, args, info):
+    return setup_fp8_lora_torchao_eager(model, args, info, compile_base=True)
+
+
+def setup_falqon(model, args, info):
+    import falqon
+
+    missing = [n for n in ("meld", "attach", "FalqonConfig") if not hasattr(falqon, n)]
+    if missing:
+        raise common.Skip(f"this falqon has no {', '.join('falqon.' + n for n in missing)} "
+                          f"(the workflow branch has not landed)")
+    cfg = falqon.FalqonConfig(rank=args.rank, topk=args.topk)
+    sync(args.device)
+    t0 = time.perf_counter()
+    falqon.meld(model, cfg, progress=False, verbose=False)
+    sync(args.device)
+    info["meld_s"] = time.perf_counter() - t0
+    melded = [m for _, m in projection_modules(model) if isinstance(m, falqon.MeldedLinear)]
+    if len(melded) != 7 * args.layers:
+        raise RuntimeError(f"falqon.meld melded {len(melded)} projections, expected "
+                           f"{7 * args.layers}")
+    info["melded_layers"] = melded
+    return model
+
+
+SETUP = {"falqon": setup_falqon, "bf16_lora": setup_bf16_lora, "qlora_nf4": setup_qlora_nf4,
+         "fp8_lora_torchao_eager": setup_fp8_lora_torchao_eager,
+         "fp8_lora_torchao": setup_fp8_lora_torchao}
+
+NOTES = {
+    "bf16_lora": "PEFT LoRA on the bf16 base",
+    "qlora_nf4": "bitsandbytes Linear4bit NF4 (double quant, bf16 compute) + PEFT LoRA",
+    "fp8_lora_torchao_eager": ("torchao Float8Linear (tensorwise dynamic scaling) under PEFT "
+                               "LoRA, eager; bf16 weights kept and re-quantised per call; the "
+                               "backward computes the frozen weight's gradient GEMM anyway"),
+    "fp8_lora_torchao": ("the same with each Float8Linear base under torch.compile (casts fused, "
+                         "the frozen weight's gradient GEMM dropped as dead code)"),
+    "falqon": "falqon.meld + falqon.attach (proxy update inside optimizer.step)",
+}
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+class Stamp:
+    """A point in time on the device's stream (a CUDA event) or on the host clock (CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        self.t = None
+
+    def record(self):
+        if self.event is not None:
+            self.event.record()
+        else:
+            self.t = time.perf_counter()
+        return self
+
+    def ms_to(self, later: "Stamp") -> float:
+        if self.event is not None:
+            return self.event.elapsed_time(later.event)
+        return (later.t - self.t) * 1e3
+
+
+class AttachBracket:
+    """Calls around falqon.attach's optimizer post-hook: hooks run in the order they were
+    registered, so `before` (registered before attach()) and `after` (registered after it)
+    bracket the proxy update of every optimizer step."""
+
+    def __init__(self, optimizer, attach, before, after):
+        self.handles = [optimizer.register_step_post_hook(lambda *_: before())]
+        self.attach_handle = attach()
+        self.handles.append(optimizer.register_step_post_hook(lambda *_: after()))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.attach_handle.remove()
+
+
+class UpdateTimer(AttachBracket):
+    """Device time of each proxy update (falqon.attach's hook), as (start, end) Stamp pairs."""
+
+    def __init__(self, optimizer, device, attach):
+        self.pairs, self._start = [], None
+        super().__init__(optimizer, attach, self._before, self._after)
+        self.device = device
+
+    def _before(self):
+        self._start = Stamp(self.device).record()
+
+    def _after(self):
+        self.pairs.append((self._start, Stamp(self.device).record()))
+
+
+def autocast_context(args):
+    if args.lora_dtype == "float32" and args.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model, optimizer, batch, args) -> torch.Tensor:
+    with autocast_context(args):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def check_proxy_update_ran(layers, model, optimizer, batch, args) -> None:
+    """One step, checking that the optimizer wrote into lora_B and attach's hook folded it in and
+    reset B (the default drop policy zeroes every B)."""
+    with autocast_context(args):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    grads = float(sum(l.lora_B.grad.abs().sum() for l in layers if l.lora_B.grad is not None))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    left = float(sum(l.lora_B.detach().abs().sum() for l in layers))
+    loss = float(loss.detach())
+    if not math.isfinite(grads) or not math.isfinite(loss):
+        raise RuntimeError(f"falqon: non-finite loss ({loss}) or lora_B gradient ({grads})")
+    if not grads > 0:
+        raise RuntimeError("falqon: lora_B received no gradient")
+    if left != 0 and not any(l.keep_residual for l in layers):
+        raise RuntimeError("falqon: lora_B is not zero after optimizer.step(): attach's proxy "
+                           "update did not run")
+
+
+def prepare(method: str, args):
+    """(model, optimizer, batch, info): a freshly built model turned into `method`'s, with
+    activation checkpointing on, AdamW over its trainable parameters and one random batch."""
+    info: dict = {}
+    model = build_model(args.model, args.layers, args.seq, args.device, args.dtype, args.seed)
+    model = SETUP[method](model, args, info)
+    enable_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    info["trainable_params"] = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    batch = random_batch(args.batch, args.seq, model.config.vocab_size, args.device, args.seed + 1)
+    return model, optimizer, batch, info
+
+
+def attach_falqon(optimizer, model):
+    import falqon
+
+    return falqon.attach(optimizer, model)
+
+
+def run_method(method: str, args) -> tuple[dict, dict | None]:
+    """(model record, meld record or None) of one method on a freshly built model."""
+    device = args.device
+    model, optimizer, batch, info = prepare(method, args)
+    timer = None
+    if method == "falqon":
+        timer = UpdateTimer(optimizer, device, lambda: attach_falqon(optimizer, model))
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+
+    if method == "falqon":
+        check_proxy_update_ran(info["melded_layers"], model, optimizer, batch, args)
+    for _ in range(args.warmup):
+        train_step(model, optimizer, batch, args)
+    # One synchronised step sizes the timed loop to the per-method time budget.
+    sync(device)
+    t0 = time.perf_counter()
+    loss = train_step(model, optimizer, batch, args)
+    sync(device)
+    estimate = time.perf_counter() - t0
+    steps = max(min(args.steps, int(args.budget_s / max(estimate, 1e-9))), min(3, args.steps))
+
+    if timer is not None:
+        timer.pairs.clear()
+    stamps = []
+    for _ in range(steps):
+        start = Stamp(device).record()
+        loss = train_step(model, optimizer, batch, args)
+        stamps.append((start, Stamp(device).record()))
+    sync(device)
+    step_s = [a.ms_to(b) / 1e3 for a, b in stamps]
+    s_per_step = statistics.median(step_s)
+    tokens = args.batch * args.seq
+    record = {
+        "kind": "model", "model": model_name(args.model, args.layers), "tokens": tokens,
+        "method": method, "s_per_step": s_per_step, "tokens_per_s": tokens / s_per_step,
+        "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                     if device.type == "cuda" else None),
+        "resident_gib": resident / 2**30 if device.type == "cuda" else None,
+        "steps": steps, "step_s_min": min(step_s), "step_s_max": max(step_s),
+        "trainable_params": info["trainable_params"], "final_loss": float(loss),
+        "note": NOTES[method],
+    }
+    for key in ("bitsandbytes", "torchao"):
+        if key in info:
+            record[key] = info[key]
+    meld_record = None
+    if method == "falqon":
+        update_ms = [a.ms_to(b) for a, b in timer.pairs]
+        record["update_ms"] = statistics.median(update_ms)
+        record["update_share"] = record["update_ms"] / 1e3 / s_per_step
+        timer.remove()
+        meld_record = {"kind": "meld", "model": record["model"], "seconds": info["meld_s"],
+                       "layers": len(info["melded_layers"]), "rank": args.rank}
+    if not math.isfinite(record["final_loss"]):
+        raise RuntimeError(f"{method}: the loss is not finite ({record['final_loss']})")
+    return record, meld_record
+
+
+def results_meta(device: torch.device, script: str, argv: list[str]) -> dict:
+    """What a results file records about the run (common.run_metadata), with the versions of the
+    peers and of falqon."""
+    meta = common.run_metadata(device.type, script, argv)
+    meta["versions"] = common.versions_of("transformers", "peft", "bitsandbytes", "torchao")
+    try:
+        import falqon
+
+        meta["versions"]["falqon"] = falqon.__version__
+        meta["falqon_build"] = falqon.build_info()
+    except Exception as exc:  # the falqon method will record why it could not run
+        meta["versions"]["falqon"] = f"not importable: {exc}"
+    return meta
+
+
+def format_table(records: list[dict]) -> str:
+    base = next((r for r in records if r.get("kind") == "model" and r["method"] == BASELINE
+                 and "skipped" not in r), None)
+    rows, notes = [], []
+    for r in records:
+        if r.get("kind") == "meld":
+            notes.append(f"falqon.meld of {r['model']} ({r['layers']} layers, rank {r['rank']}): "
+                         f"{r['seconds']:.1f} s (target < 30 s for llama-7b)")
+        elif "skipped" in r:
+            rows.append([r["method"], None, None, None, None, None])
+            notes.append(f"{r['method']} skipped: {r['skipped']}")
+        else:
+            rows.append([r["method"], r["s_per_step"], round(r["tokens_per_s"]), r["peak_gib"],
+                         r.get("update_ms"),
+                         base["s_per_step"] / r["s_per_step"] if base else None])
+    table = common.format_table(["method", "s/step", "tokens/s", "peak GiB", "update ms",
+                                 f"speed-up vs {BASELINE}"], rows)
+    return "\n".join([table] + notes)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options that pick the model and its training setup (shared with profile_step.py)."""
+    p.add_argument("--model", choices=sorted(SHAPES), default="llama-7b")
+    p.add_argument("--layers", type=int, help="cut the model to N decoder layers (default: all)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lora-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="PEFT adapter dtype; float32 adds torch.autocast(bf16) around the forward")
+    p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_model_args(p: argparse.ArgumentParser, args) -> None:
+    """Validate add_model_args' options; fill in layers, device and dtype."""
+    full = SHAPES[args.model]["num_hidden_layers"]
+    args.layers = args.layers or full
+    if not 1 <= args.layers <= full:
+        p.error(f"--layers must be between 1 and {full}")
+    for name in ("batch", "seq", "rank"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible")
+    # bf16 on the GPU; the CPU reference ops and CPU smoke tests run in float32.
+    args.dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+
+
+def model_config(args) -> dict:
+    """The setup a results file records."""
+    return {"model": model_name(args.model, args.layers), "layers": args.layers,
+            "batch": args.batch, "seq": args.seq, "rank": args.rank, "topk": args.topk,
+            "lora_dtype": args.lora_dtype, "dtype": str(args.dtype).removeprefix("torch."),
+            "gradient_checkpointing": True, "optimizer": f"AdamW(lr={args.lr})"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, run in this order (default {','.join(METHODS)})")
+    add_model_args(p)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps, median reported (default 10)")
+    p.add_argument("--budget-s", type=float, default=60.0,
+                   help="at most this many seconds of timed steps per method (at least 3 steps)")
+    p.add_argument("--quick", action="store_true",
+                   help="8 layers (unless --layers), 1 warm-up and 3 timed steps")
+    p.add_argument("--out", type=pathlib.Path, help="results JSON (default "
+                   "benchmarks/results/model_<device>.json; a --quick or cut run adds a suffix)")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.quick:
+        args.layers = args.layers or 8
+        args.warmup, args.steps = 1, min(args.steps, 3)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    check_model_args(p, args)
+    return args
+
+
+def default_out(prefix: str, args, quick: bool = False) -> pathlib.Path:
+    """benchmarks/results/<prefix>_<device>.json, with the model and "quick" in the name for a
+    layer cut or a quick run, so that they never overwrite the full run's file."""
+    name = model_name(args.model, args.layers)
+    short = common.device_tag(args.device.type)
+    suffix = "" if name == "llama-7b" and not quick else f"_{name}{'_quick' * quick}"
+    return RESULTS_DIR / f"{prefix}_{short}{suffix}.json"
+
+
+def main(argv=None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    name = model_name(args.model, args.layers)
+    args.out = args.out or default_out("model", args, args.quick)
+    meta = results_meta(args.device, __file__, argv)
+    config = {**model_config(args), "warmup": args.warmup, "steps": args.steps}
+    print(f"{name} on {meta['device']}: {args.batch} x {args.seq} tokens, rank {args.rank}, "
+          f"methods {', '.join(args.methods)}", flush=True)
+    records: list[dict] = []
+    for method in args.methods:
+        t0 = time.perf_counter()
+        try:
+            record, meld_record = run_method(method, args)
+        except Exception as exc:
+            # A method that cannot run is listed with its reason (the traceback goes to stderr
+            # for anything but a clean Skip), and the run goes on with the next one.
+            if not isinstance(exc, common.Skip):
+                traceback.print_exc()
+            reason = f"{'' if isinstance(exc, common.Skip) else type(exc).__name__ + ': '}{exc}"
+            record = {"kind": "model", "model": name, "tokens": args.batch * args.seq,
+                      "method": method, "skipped": reason.strip()[:500]}
+            meld_record = None
+            del exc
+        common.free_memory()
+        records.append(record)
+        if meld_record:
+            records.append(meld_record)
+        status = record.get("skipped") or (f"{record['s_per_step']:.3f} s/step over "
+                                           f"{record['steps']} steps")
+        print(f"  {method}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        common.write_json(args.out, meta, records, config=config)  # partial results survive
+    print(f"wrote {os.path.relpath(args.out)}")
+    print(format_table(records))
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Speed-up plot and Markdown results table from every benchmarks/results/*.json.
+
+Reads the results files of benchmarks/layer.py (records {"kind": "layer", "shape": [K, N], "M",
+"r", "method", "pass": "fwd" | "fwd_bwd", "ms"}), benchmarks/model.py ({"kind": "model", "model",
+"tokens", "method", "s_per_step", "tokens_per_s", "peak_gib", "update_ms"} and {"kind": "meld",
+"model", "seconds"}); any record may instead carry {"skipped": reason}. Where several files hold
+the same measurement on the same device, the newest file's (by its "date") is used.
+
+Writes benchmarks/results/speedup.png (speed-up over bf16_lora per method: one layer's fwd+bwd per
+shape at one M and r, and the model's training step), and rewrites the Markdown between
+`<!-- results:begin -->` and `<!-- results:end -->` in README.md; where README.md has no such
+markers, the table goes to docs/results_snippet.md instead (markers included, to paste).
+
+    python benchmarks/plot_results.py                  # M = 8192, r = 64 in the layer panel
+    python benchmarks/plot_results.py --M 2048 --r 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections import defaultdict
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BASELINE = "bf16_lora"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# Methods in this order first (the rest as they come), so that colours and columns stay put.
+PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "fp8_floor", "qlora_nf4", "fp8_lora_torchao",
+             "fp8_lora_torchao_eager")
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def load_records(results_dir: pathlib.Path) -> tuple[list[dict], dict]:
+    """(records, {device: {"torch": {...}, "date": newest}}) of every results file; each record
+    gets its file's "device", "date" and "file". Measurements repeated across files keep the
+    newest file's."""
+    newest: dict[tuple, dict] = {}
+    devices: dict[str, dict] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"plot_results: skipping {path.name}: {exc}", file=sys.stderr)
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            continue  # not a results file
+        device, date = str(data.get("device", "unknown")), str(data.get("date", ""))
+        for r in data["records"]:
+            if not isinstance(r, dict) or r.get("kind") not in ("layer", "model", "meld"):
+                continue  # a profile's records, say
+            info = devices.setdefault(device, {"torch": set(), "date": ""})
+            info["torch"].add(str(data.get("torch", "?")))
+            info["date"] = max(info["date"], date)
+            r = {**r, "device": device, "date": date, "file": path.name}
+            key = record_key(r)
+            if key not in newest or newest[key]["date"] <= date:
+                newest[key] = r
+    return list(newest.values()), devices
+
+
+def record_key(r: dict) -> tuple:
+    if r["kind"] == "layer":
+        return ("layer", r["device"], tuple(r["shape"]), r["M"], r["r"], r["pass"], r["method"])
+    if r["kind"] == "model":
+        return ("model", r["device"], r["model"], r["method"])
+    return ("meld", r["device"], r["model"])
+
+
+def ran(r: dict) -> bool:
+    return "skipped" not in r
+
+
+def method_order(records) -> list[str]:
+    seen = {r["method"] for r in records if "method" in r}
+    return [m for m in PREFERRED if m in seen] + sorted(seen - set(PREFERRED))
+
+
+def pick_layer_config(records, device, M, r) -> tuple[int, int] | None:
+    """(M, r) of the layer panel on `device`: the one asked for, else the largest present."""
+    have = {(x["M"], x["r"]) for x in records
+            if x["kind"] == "layer" and x["device"] == device and x["pass"] == "fwd_bwd"}
+    if not have:
+        return None
+    return (M, r) if (M, r) in have else max(have)
+
+
+def layer_rows(records, device, M, r) -> dict[tuple, dict[str, dict]]:
+    """{(K, N): {method: record}} of fwd+bwd layer records."""
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for x in records:
+        if (x["kind"] == "layer" and x["device"] == device and x["pass"] == "fwd_bwd"
+                and x["M"] == M and x["r"] == r):
+            rows[tuple(x["shape"])][x["method"]] = x
+    return dict(rows)  # in the order the benchmark ran them (7B shapes before 13B ones)
+
+
+def model_rows(records, device) -> dict[str, dict[str, dict]]:
+    """{model: {method: record}}."""
+    rows: dict[str, dict[str, dict]] = defaultdict(dict)
+    for x in records:
+        if x["kind"] == "model" and x["device"] == device:
+            rows[x["model"]][x["method"]] = x
+    return dict(sorted(rows.items()))
+
+
+def speedup(base: dict | None, other: dict | None, field: str) -> float | None:
+    """base time / other time, or None where either did not run."""
+    if not base or not other or not ran(base) or not ran(other):
+        return None
+    return base[field] / other[field]
+
+
+def device_panels(records, devices, M, r):
+    """Per device: (device, layer (M, r) or None, layer rows, model rows)."""
+    for device in sorted(devices):
+        cfg = pick_layer_config(records, device, M, r)
+        layers = layer_rows(records, device, *cfg) if cfg else {}
+        yield device, cfg, layers, model_rows(records, device)
+
+
+# ---- plot ---------------------------------------------------------------------------------------
+
+def plot(records, devices, png: pathlib.Path, M: int, r: int) -> bool:
+    """Grouped bars of speed-up over bf16_lora; False (nothing written) when nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = method_order(records)
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    panels = []
+    for device, cfg, layers, models in device_panels(records, devices, M, r):
+        groups = []  # (label, {method: speed-up})
+        for (K, N), by_method in layers.items():
+            base = by_method.get(BASELINE)
+            groups.append((f"{K}->{N}\nlayer fwd+bwd",
+                           {m: speedup(base, x, "ms") for m, x in by_method.items()}))
+        for name, by_method in models.items():
+            base = by_method.get(BASELINE)
+            groups.append((f"{name}\ntraining step",
+                           {m: speedup(base, x, "s_per_step") for m, x in by_method.items()}))
+        if any(v is not None for _, g in groups for v in g.values()):
+            panels.append((device, cfg, groups))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(max(6.0, 1.6 * max(len(g) for _, _, g in panels) + 3.5),
+                                      3.6 * len(panels)))
+    for ax, (device, cfg, groups) in zip(axes[:, 0], panels):
+        shown = [m for m in methods if any(g.get(m) is not None for _, g in groups)]
+        width = 0.8 / max(len(shown), 1)
+        for i, m in enumerate(shown):
+            xs = [g + (i - (len(shown) - 1) / 2) * width for g in range(len(groups))]
+            ys = [grp.get(m) for _, grp in groups]
+            bars = ax.bar([x for x, y in zip(xs, ys) if y is not None],
+                          [y for y in ys if y is not None], width, label=m, color=colours[m])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8)
+        ax.set_ylabel(f"speed-up over {BASELINE}")
+        layer_note = f"layers at M = {cfg[0]} tokens, r = {cfg[1]}; " if cfg else ""
+        ax.set_title(f"{device}: {layer_note}higher is faster", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.margins(y=0.15)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---- Markdown -----------------------------------------------------------------------------------
+
+def _cell_time(x: dict | None, base: dict | None, field: str, fmt: str) -> str:
+    if x is None:
+        return "-"
+    if not ran(x):
+        return "skipped"
+    s = speedup(base, x, field)
+    return fmt.format(x[field]) + ("" if s is None or x is base else f" ({s:.2f}x)")
+
+
+def markdown(records, devices, M: int, r: int, image: str | None) -> str:
+    methods = method_order(records)
+    out = [BEGIN, "", "_Generated by `python benchmarks/plot_results.py` from "
+           "benchmarks/results/*.json; edits here are overwritten._", ""]
+    if not records:
+        out += ["No results yet: run `python benchmarks/layer.py` and `python benchmarks/model.py` "
+                "on a GPU, then this script.", "", END]
+        return "\n".join(out)
+    if image:
+        out += [f"![speed-up over {BASELINE}]({image})", ""]
+    for device, cfg, layers, models in device_panels(records, devices, M, r):
+        info = devices[device]
+        out += [f"### {device} (torch {', '.join(sorted(info['torch']))}; {info['date'][:10]})", ""]
+        skipped = []
+        if layers:
+            cols = [m for m in methods if any(m in row for row in layers.values())]
+            out += [f"One layer, forward + backward, M = {cfg[0]} tokens, r = {cfg[1]}: ms "
+                    f"(speed-up over {BASELINE})", "",
+                    "| shape (K -> N) | " + " | ".join(cols) + " |",
+                    "| --- |" + " --- |" * len(cols)]
+            for (K, N), row in layers.items():
+                base = row.get(BASELINE)
+                out.append(f"| {K} -> {N} | " + " | ".join(
+                    _cell_time(row.get(m), base, "ms", "{:.2f}") for m in cols) + " |")
+                skipped += [(f"layer {K} -> {N}", x) for x in row.values() if not ran(x)]
+            out.append("")
+        for name, row in models.items():
+            tokens = next((x["tokens"] for x in row.values() if "tokens" in x), None)
+            out += [f"Training step of {name}" + (f", {tokens} tokens" if tokens else "") + ":", "",
+                    "| method | s/step | tokens/s | peak GiB | proxy update ms | speed-up |",
+                    "| --- | --- | --- | --- | --- | --- |"]
+            base = row.get(BASELINE)
+            for m in [m for m in methods if m in row]:
+                x = row[m]
+                if not ran(x):
+                    out.append(f"| {m} | skipped | | | | |")
+                    skipped.append((name, x))
+                    continue
+                s = speedup(base, x, "s_per_step")
+                peak = "-" if x.get("peak_gib") is None else f"{x['peak_gib']:.1f}"
+                upd = f"{x['update_ms']:.1f}" if x.get("update_ms") is not None else "-"
+                out.append(f"| {m} | {x['s_per_step']:.3f} | {x['tokens_per_s']:.0f} | {peak} | "
+                           f"{upd} | {'-' if s is None else f'{s:.2f}x'} |")
+            out.append("")
+        for x in sorted((x for x in records if x["kind"] == "meld" and x["device"] == device),
+                        key=lambda x: x["model"]):
+            if ran(x):
+                out.append(f"falqon.meld of {x['model']}: {x['seconds']:.1f} s.")
+            else:
+                skipped.append((f"meld of {x['model']}", x))
+        # One line per method and reason, naming every place it applies to.
+        reasons: dict[tuple, list[str]] = defaultdict(list)
+        for where, x in skipped:
+            places = reasons[(x.get("method", "meld"), x["skipped"])]
+            if where not in places:
+                places.append(where)
+        for (method, why), places in reasons.items():
+            out.append(f"- not run: {method} ({', '.join(places)}): {why}")
+        out.append("")
+    out.append(END)
+    return "\n".join(out)
+
+
+def replace_between_markers(text: str, block: str) -> str | None:
+    """`text` with its BEGIN ... END block replaced by `block`; None if the markers are missing."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return None
+    return text[:start] + block + text[end + len(END):]
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def main(argv=None) -> pathlib.Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results-dir", type=pathlib.Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--png", type=pathlib.Path, help="default: <results-dir>/speedup.png")
+    p.add_argument("--readme", type=pathlib.Path, default=REPO / "README.md")
+    p.add_argument("--snippet", type=pathlib.Path, default=REPO / "docs" / "results_snippet.md",
+                   help="written instead when the README has no results markers")
+    p.add_argument("--M", type=int, default=8192, help="tokens of the layer panel (default 8192)")
+    p.add_argument("--r", type=int, default=64, help="rank of the layer panel (default 64)")
+    args = p.parse_args(argv)
+    png = args.png or args.results_dir / "speedup.png"
+    records, devices = load_records(args.results_dir)
+    wrote_png = plot(records, devices, png, args.M, args.r)
+    print(f"wrote {png}" if wrote_png else "no measurement to plot: no PNG written")
+
+    readme_text = args.readme.read_text() if args.readme.is_file() else ""
+    target = args.readme if replace_between_markers(readme_text, "") is not None else args.snippet
+    image = os.path.relpath(png, target.parent) if wrote_png else None
+    block = markdown(records, devices, args.M, args.r, image)
+    if target == args.readme:
+        target.write_text(replace_between_markers(readme_text, block))
+    else:
+        print(f"{args.readme} has no {BEGIN} ... {END} markers: writing {target}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The markers appear once only (in the block), so that the block can be pasted as is.
+        target.write_text("The results block for README.md, which has no results markers yet: "
+                          "paste the block below (markers included) into README.md; later runs "
+                          "of `python benchmarks/plot_results.py` rewrite it there.\n\n"
+                          + block + "\n")
+    print(f"wrote {target}")
+    return target
+
+
+if __name__ == "__main__":
+    main()

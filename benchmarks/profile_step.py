@@ -1,0 +1,353 @@
+"""Where the time of one FALQON training step goes: the model of benchmarks/model.py, melded with
+falqon.meld and trained with falqon.attach, one step under torch.profiler.
+
+Every GPU kernel of the profiled step (every CPU op's own time with --device cpu) is put in one
+group, from the op that launched it (its chain of enclosing ops) and the phase of the step:
+
+  fwd GEMMs          the FP8 GEMM of falqon::melded_linear in the forward
+  dgrad GEMMs        the FP8 GEMM of falqon::melded_linear_grad_input
+  quantise           per-tensor FP8 quantisation (amax, scale, cast) of activations and gradients
+  dB                 dB = scaling * g^T xa (the bf16 GEMM and its cast/scale)
+  transpose          FP8 weight transposes for the input gradient
+  attention          scaled-dot-product attention, forward and backward
+  norms/elementwise  RMSNorm, SiLU * up, rotary embedding, residual adds, casts
+  lm_head GEMMs      the bf16 output projection (not melded) forward and input gradient
+  loss               log-softmax and NLL
+  recompute          everything re-run by activation checkpointing during backward
+  optimizer step     AdamW on the lora_B's
+  proxy update       falqon.attach's hook (top-k row update of every melded weight)
+  other              the rest (embedding, gradient accumulation, copies, ...)
+
+The step is also timed without the profiler (CUDA events); the difference between that and the
+kernels' sum is time the GPU waited on the host ("GPU idle"). Prints the table and writes
+benchmarks/results/profile_<device>.json.
+
+    python benchmarks/profile_step.py                    # full 32-layer model, one step
+    python benchmarks/profile_step.py --layers 8 --trace trace.json   # also a Chrome trace
+    python benchmarks/profile_step.py --device cpu --model tiny --rank 8 --batch 2 --seq 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py)
+import model as mb  # noqa: E402  (benchmarks/model.py)
+
+TAG = "falqon_bench::"
+PHASES = ("forward", "backward", "optimizer", "proxy_update")
+RECOMPUTE = TAG + "recompute"
+
+CATEGORIES = ("fwd GEMMs", "dgrad GEMMs", "quantise", "dB", "transpose", "attention",
+              "norms/elementwise", "lm_head GEMMs", "loss", "recompute", "optimizer step",
+              "proxy update", "other")
+
+# Kernel names. cuBLAS/cuBLASLt GEMMs on Hopper are named sm90_xmma_gemm_*, nvjet_*, cutlass*
+# or *gemm*; falqon's own kernels are transpose_fp8_kernel and amax/scaled_map/fused_quantize.
+TRANSPOSE_RE = re.compile(r"transpose", re.I)
+GEMM_RE = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|splitk|wgmma", re.I)
+QUANT_RE = re.compile(r"quant|amax|absmax|scaled_map|float8|fp8|e4m3|e5m2", re.I)
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+            "aten::_scaled_mm", "aten::linear"}
+ATTENTION_RE = re.compile(r"scaled_dot_product|flash|efficient_attention|cudnn_attention|fmha|"
+                          r"ScaledDotProduct", re.I)
+LOSS_RE = re.compile(r"nll_loss|log_softmax|cross_entropy|NllLoss|LogSoftmax", re.I)
+MELDED_FWD = "falqon::melded_linear"
+MELDED_DGRAD = "falqon::melded_linear_grad_input"
+MELDED_BWD = "GeneratedBackwardFor_falqon_melded_linear"  # torch.library autograd node names
+
+# What FALQON could take on beyond its linear layers, printed under the table with the measured
+# time of the group each idea would shrink.
+IDEAS = [
+    ("quantise", "fuse the activation quantise into the RMSNorm before q/k/v and gate/up (the "
+     "norm writes FP8 + its amax directly), and quantise x once for q/k/v and once for gate/up "
+     "instead of once per projection (7 quantisations of 4 distinct inputs per layer)"),
+    ("norms/elementwise", "emit FP8 from SiLU(gate) * up for down_proj, and from the attention "
+     "output for o_proj; fold the residual adds into those kernels"),
+    ("recompute", "checkpoint the FP8 activations (half the bytes) so that the recompute can skip "
+     "the quantise kernels, or checkpoint less now that the weights take half the memory"),
+    ("transpose", "keep a transposed FP8 copy of the weight (FalqonConfig(transposed_copy=True)): "
+     "no transpose per backward, at the price of a second FP8 copy"),
+    ("proxy update", "one batched top-k update over all layers (grouped launch) instead of one "
+     "per layer"),
+]
+
+
+# ---- instrumentation -----------------------------------------------------------------------------
+
+def mark_recompute(model) -> int:
+    """Wrap the checkpoint function transformers gives each checkpointed layer so that the layer's
+    re-run during backward (the recompute) happens inside a `falqon_bench::recompute` profiler
+    range. (Wrapping the layer's forward would miss it: transformers >= 5.2x checkpoints the
+    class's own forward.) Returns how many modules were wrapped."""
+    count = 0
+    for module in model.modules():
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if checkpoint is None or not getattr(module, "gradient_checkpointing", False):
+            continue
+
+        def marked(function, *args, __checkpoint=checkpoint, **kwargs):
+            def run(*a, **kw):
+                # -1 outside a backward pass: the first run is the forward, a run during backward
+                # is the recompute.
+                if torch._C._current_graph_task_id() == -1:
+                    return function(*a, **kw)
+                with record_function(RECOMPUTE):
+                    return function(*a, **kw)
+
+            return __checkpoint(run, *args, **kwargs)
+
+        module._gradient_checkpointing_func = marked
+        count += 1
+    if not count:
+        raise RuntimeError("profile: no checkpointed layer found; is activation checkpointing on?")
+    return count
+
+
+class ProfiledRange:
+    """A profiler range opened and closed by two separate callbacks (optimizer hooks)."""
+
+    def __init__(self, name: str):
+        self.name, self._rf = name, None
+
+    def open(self):
+        self._rf = record_function(self.name)
+        self._rf.__enter__()
+
+    def close(self):
+        self._rf.__exit__(None, None, None)
+        self._rf = None
+
+
+def profiled_step(model, optimizer, batch, args) -> None:
+    with record_function(TAG + "forward"):
+        with mb.autocast_context(args):
+            loss = model(input_ids=batch, labels=batch).loss
+    with record_function(TAG + "backward"):
+        loss.backward()
+    with record_function(TAG + "optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+# ---- classification ------------------------------------------------------------------------------
+
+def chain_names(event) -> list[str]:
+    """Names of the event and its enclosing CPU ops, innermost first."""
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    return names
+
+
+def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool) -> str:
+    """The group of one unit of device time: a kernel (on_gpu) or a CPU op's own time, given the
+    names of the op that ran it and its enclosing ops (innermost first) and the step's phase."""
+    if phase == "proxy_update":
+        return "proxy update"
+    if phase == "optimizer":
+        return "optimizer step"
+    if RECOMPUTE in chain:
+        return "recompute"
+    op = chain[0] if chain else ""
+    is_transpose = bool(TRANSPOSE_RE.search(kernel)) if on_gpu else False
+    is_gemm = bool(GEMM_RE.search(kernel)) or op in GEMM_OPS
+    if MELDED_DGRAD in chain or MELDED_FWD in chain:
+        if is_transpose:
+            return "transpose"
+        if is_gemm:
+            return "dgrad GEMMs" if MELDED_DGRAD in chain else "fwd GEMMs"
+        # The CPU reference does nothing else there but quantise (amax, divide, cast) and scale;
+        # on the GPU, a kernel of another name (the xa copy, say) is "other".
+        if not on_gpu or QUANT_RE.search(kernel):
+            return "quantise"
+        return "other"
+    if any(MELDED_BWD in n for n in chain):  # the node, or the engine's range around it
+        return "dB"
+    if any(n.startswith("falqon::quantize") for n in chain):
+        return "quantise"
+    if ATTENTION_RE.search(kernel) or any(ATTENTION_RE.search(n) for n in chain):
+        return "attention"
+    if LOSS_RE.search(kernel) or any(LOSS_RE.search(n) for n in chain):
+        return "loss"
+    if is_gemm:
+        return "lm_head GEMMs"  # every projection is melded: the bf16 GEMMs left are lm_head's
+    if phase in ("forward", "backward"):
+        if any(n in ("aten::embedding", "aten::embedding_backward", "EmbeddingBackward0")
+               or "AccumulateGrad" in n for n in chain):
+            return "other"
+        return "norms/elementwise"
+    return "other"
+
+
+def phase_ranges(events) -> list[tuple[str, float, float]]:
+    """(phase, start us, end us) of this script's phase ranges; the proxy update (nested in the
+    optimizer's) comes first so that it wins."""
+    out = [(e.name[len(TAG):], e.time_range.start, e.time_range.end) for e in events
+           if e.name.startswith(TAG) and e.name[len(TAG):] in PHASES]
+    return sorted(out, key=lambda r: r[0] != "proxy_update")
+
+
+def phase_of(t: float, ranges) -> str | None:
+    # By time, not by nesting: on CUDA, backward runs on the autograd engine's own thread, outside
+    # the main thread's "backward" range.
+    for name, start, end in ranges:
+        if start <= t <= end:
+            return name
+    return None
+
+
+def units(events, on_gpu: bool):
+    """(kernel name, microseconds, event) for every kernel (GPU) or every op's own time (CPU)."""
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if on_gpu:
+            for k in e.kernels:
+                # A record_function range has a GPU-side mirror of the same name spanning all
+                # its kernels ("gpu_user_annotation"): counting it would count them twice.
+                if k.name != e.name:
+                    yield k.name, k.duration, e
+        elif not e.name.startswith(TAG):
+            yield e.name, e.self_cpu_time_total, e
+
+
+def breakdown(events, on_gpu: bool, steps: int) -> dict:
+    ranges = phase_ranges(events)
+    if {r[0] for r in ranges} != set(PHASES):
+        raise RuntimeError(f"profile: phase ranges found {sorted({r[0] for r in ranges})}, "
+                           f"expected {list(PHASES)}")
+    totals = collections.Counter()
+    counts = collections.Counter()
+    kernels = collections.defaultdict(collections.Counter)  # category -> kernel -> us
+    recompute = collections.Counter()
+    quantise_units = collections.Counter()  # phase -> quantise kernels (GPU) or ops (CPU)
+    for name, us, event in units(events, on_gpu):
+        chain = chain_names(event)
+        phase = phase_of(event.time_range.start, ranges)
+        cat = classify(name, chain, phase, on_gpu)
+        totals[cat] += us
+        counts[cat] += 1
+        kernels[cat][name] += us
+        if cat == "recompute":
+            # What the re-run forward spent it on: classify with the ops inside the recompute
+            # range only (outside it are the backward nodes whose unpacking triggered it).
+            inner = chain[:chain.index(RECOMPUTE)]
+            recompute[classify(name, inner, "forward", on_gpu)] += us
+        if cat == "quantise":
+            quantise_units[phase] += 1
+    per = 1e-3 / steps  # us summed over the profiled steps -> ms per step
+    total = sum(totals.values())
+    return {
+        # plot_results.py reads only layer/model/meld records and passes these over.
+        "records": [{"kind": "profile", "group": c, "ms": totals[c] * per,
+                     "share": totals[c] / total if total else 0.0,
+                     "count": counts[c] // steps} for c in CATEGORIES],
+        "sum_ms": total * per,
+        "recompute_breakdown_ms": {c: v * per for c, v in recompute.most_common()},
+        "quantise_units_per_step": {str(k): v // steps for k, v in quantise_units.items()},
+        "top_kernels": {c: [{"name": n[:160], "ms": v * per} for n, v in kernels[c].most_common(5)]
+                        for c in CATEGORIES if kernels[c]},
+    }
+
+
+# ---- run ---------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mb.add_model_args(p)
+    p.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (default 2)")
+    p.add_argument("--steps", type=int, default=1, help="profiled steps, averaged (default 1)")
+    p.add_argument("--timed-steps", type=int, default=3,
+                   help="steps timed with CUDA events and no profiler (default 3)")
+    p.add_argument("--trace", type=pathlib.Path, help="also write a Chrome trace here")
+    p.add_argument("--out", type=pathlib.Path,
+                   help="results JSON (default benchmarks/results/profile_<device>.json)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.timed_steps < 1:
+        p.error("--steps and --timed-steps must be >= 1, --warmup >= 0")
+    mb.check_model_args(p, args)
+    return args
+
+
+def format_table(result: dict) -> str:
+    rows = [[r["group"], r["ms"], f"{100 * r['share']:.1f}%", r["count"]]
+            for r in result["records"]]
+    rows.append(["sum", result["sum_ms"], "", None])
+    lines = [common.format_table(["group", "ms/step", "share", "kernels" if result["on_gpu"]
+                                  else "ops"], rows)]
+    unit = "GPU idle (host-bound)" if result["on_gpu"] else "unattributed host time"
+    lines.append(f"step without profiler: {result['step_ms']:.2f} ms; {unit}: "
+                 f"{result['idle_ms']:.2f} ms")
+    if result["recompute_breakdown_ms"]:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in result["recompute_breakdown_ms"].items())
+        lines.append(f"recompute = {parts} (ms)")
+    lines.append("what FALQON could take on beyond the linear layers:")
+    ms = {r["group"]: r["ms"] for r in result["records"]}
+    for group, idea in IDEAS:
+        lines.append(f"  [{group}: {ms[group]:.2f} ms] {idea}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device, on_gpu = args.device, args.device.type == "cuda"
+    args.out = args.out or mb.default_out("profile", args)
+    meta = mb.results_meta(device, __file__, argv)
+    print(f"profiling one falqon step of {mb.model_name(args.model, args.layers)} on "
+          f"{meta['device']}", flush=True)
+    model, optimizer, batch, info = mb.prepare("falqon", args)
+    layers = mark_recompute(model)
+    update_range = ProfiledRange(TAG + "proxy_update")
+    bracket = mb.AttachBracket(optimizer, lambda: mb.attach_falqon(optimizer, model),
+                               update_range.open, update_range.close)
+    for _ in range(args.warmup):
+        mb.train_step(model, optimizer, batch, args)
+    stamps = []
+    for _ in range(args.timed_steps):
+        start = mb.Stamp(device).record()
+        mb.train_step(model, optimizer, batch, args)
+        stamps.append((start, mb.Stamp(device).record()))
+    mb.sync(device)
+    step_ms = statistics.median(a.ms_to(b) for a, b in stamps)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            profiled_step(model, optimizer, batch, args)
+        mb.sync(device)
+    t0 = time.perf_counter()
+    events = prof.events()
+    result = breakdown(events, on_gpu, args.steps)
+    print(f"(profile parsed in {time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+    bracket.remove()
+    result.update(on_gpu=on_gpu, step_ms=step_ms, idle_ms=max(step_ms - result["sum_ms"], 0.0),
+                  meld_s=info["meld_s"], checkpointed_modules=layers)
+    config = {**mb.model_config(args), "warmup": args.warmup, "profiled_steps": args.steps,
+              "timed_steps": args.timed_steps}
+    records = result.pop("records")
+    common.write_json(args.out, meta, records, config=config, **result)
+    print(f"wrote {os.path.relpath(args.out)}")
+    result["records"] = records
+    print(format_table(result))
+    return {**meta, "config": config, **result}
+
+
+if __name__ == "__main__":
+    main()
