@@ -38,7 +38,7 @@ TASK_FILES = {"gsm8k": "gsm8k_train.json", "roleplay": "gpteacher_roleplay.json"
 STAGES = ("pretrain", "pilot", "gsm8k", "roleplay", "report")
 # Seconds per stage, whole stage included (corpus, model loading, evals): pretrain + pilot +
 # gsm8k in two calls of under 9 minutes, roleplay in a third.
-DEFAULT_BUDGETS = {"pretrain": 420, "pilot": 200, "gsm8k": 270, "roleplay": 270, "report": 60}
+DEFAULT_BUDGETS = {"pretrain": 420, "pilot": 230, "gsm8k": 250, "roleplay": 270, "report": 60}
 PILOT_EXTENSIONS = 2  # grid points added past an edge that wins
 
 

@@ -297,4 +297,9 @@ class Stopwatch:
 
     def __call__(self) -> float:
         self._sync()
+        return self.peek()
+
+    def peek(self) -> float:
+        """Seconds since creation without a GPU sync: the host runs at most the launch queue
+        ahead of the GPU, so this is close enough for budgets and keeps steps asynchronous."""
         return time.perf_counter() - self.start

@@ -117,7 +117,8 @@ def e4m3_spacing(a: torch.Tensor) -> torch.Tensor:
     """Distance between neighbouring E4M3 values in the binade of |a| (a float32, >= 0)."""
     _, exp = torch.frexp(a)  # a = m 2^exp, m in [0.5, 1): the binade starts at 2^(exp - 1)
     exp = torch.where(a > 0, exp - 1, torch.full_like(exp, E4M3_MIN_EXP)).clamp_min(E4M3_MIN_EXP)
-    return torch.ldexp(torch.ones_like(a), exp - E4M3_MANTISSA_BITS)
+    # 2^(exp - 3) built from its float32 bits (exact on every device, unlike pow / ldexp).
+    return ((exp.to(torch.int32) - E4M3_MANTISSA_BITS + 127) << 23).view(torch.float32)
 
 
 def stochastic_round_e4m3(x: torch.Tensor, generator: torch.Generator | None = None

@@ -300,12 +300,19 @@ def write_outputs(doc: dict, out_dir: pathlib.Path, doc_template: pathlib.Path |
     written = [results]
     if not plots:
         return written
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        # No matplotlib on the machine: `--stages report --merge <json>` draws them elsewhere.
+        print("matplotlib is not installed: no PNGs written (run --stages report --merge "
+              f"{results.name} where it is)", flush=True)
+        plots = False
     for task in sorted({k.split("/", 1)[0] for k in doc.get("curves", {}) if "/" in k}):
         p = out_dir / f"accuracy_{slug}_{task}.png"
-        if plot_task(doc, task, p):
+        if plots and plot_task(doc, task, p):
             written.append(p)
     p = out_dir / f"accuracy_{slug}_pretrain.png"
-    if plot_pretrain(doc, p):
+    if plots and plot_pretrain(doc, p):
         written.append(p)
     if doc_template is not None and doc_out is not None and doc_template.is_file():
         doc_out.write_text(fill_doc(doc_template.read_text(), doc))

@@ -194,12 +194,12 @@ def pretrain(s: PretrainSettings, ckpt: pathlib.Path, device: torch.device, dtyp
         left = train_budget - train_clock()
         planned = step + max(int(left * tok_per_s / (s.batch * s.seq)), 0)
     log(f"pretrain: {speeds} -> {chosen}; {planned} steps planned", logfile)
-    while step < planned and (s.max_steps is not None or train_clock() < train_budget):
+    while step < planned and (s.max_steps is not None or train_clock.peek() < train_budget):
         losses.append(step_fn(fwd, step, planned))
         step += 1
         if step % 200 == 0:
             log(f"pretrain: step {step}/{planned} loss {losses[-1].item():.4f} "
-                f"({train_clock():.0f} s)", logfile)
+                f"({train_clock.peek():.0f} s)", logfile)
     train_s = train_clock()
     curve = torch.stack(losses).float().cpu().tolist()
 
