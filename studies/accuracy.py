@@ -94,6 +94,9 @@ def parse_args(argv=None):
                    help="measure falqon's update mass every N optimizer steps")
     g.add_argument("--lr", action="append", default=[],
                    help="FAMILY=LR, overrides the pilot (families: " + ", ".join(FAMILIES) + ")")
+    g.add_argument("--skip-done", action="store_true",
+                   help="keep runs already recorded with a value at the same lr and steps (e.g. "
+                        "to finish a stage that ran out of time, in a later call)")
     g.add_argument("--max-train", type=int, default=None, help="cap training examples (tests)")
     g.add_argument("--max-eval", type=int, default=None, help="cap held-out examples (tests)")
     g.add_argument("--pilot-val", type=int, default=256,
@@ -262,6 +265,15 @@ class Study:
 
     def run(self, method, task: TaskData, lr: float, steps: int, budget: Budget,
             kind: str = "accuracy", extra: dict | None = None) -> dict:
+        if self.args.skip_done:
+            done = [r for r in self.state["records"] if r.get("kind") == kind
+                    and r.get("task") == task.name and r.get("method") == method.name
+                    and r.get("lr") == lr and r.get("steps") == steps
+                    and r.get("value") is not None]
+            if done:
+                self.log(f"{kind} {task.name}/{method.name} lr {lr:g}: already done "
+                         f"({done[0]['value']:.4f})")
+                return done[0]
         reason = skip_reason(method, self.device) or budget.fits(method.name, steps)
         if reason:
             record = {"kind": kind, "task": task.name, "method": method.name,

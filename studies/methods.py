@@ -100,6 +100,12 @@ def skip_reason(method: Method, device: torch.device) -> str | None:
         if missing:
             return (f"this falqon has no {', '.join(missing)} (the public API of branch "
                     f"`workflow`)")
+        key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
+        if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "falqon::melded_linear", key):
+            return (f"falqon was built without {device.type} kernels (build the extension with "
+                    f"its CUDA sources: TORCH_CUDA_ARCH_LIST=9.0a python3 setup.py build_ext "
+                    f"--inplace)")
     return None
 
 

@@ -302,6 +302,21 @@ def test_report_from_merged_results_keeps_their_device_and_settings(study, tmp_p
     assert "777 steps" in (tmp_path / "out" / "accuracy.md").read_text()
 
 
+def test_skip_done_keeps_finished_runs_and_reruns_the_rest(study):
+    tmp, doc = study
+    before = {(r["task"], r["method"]): r for r in doc["records"] if r["kind"] == "accuracy"}
+    after = _study(tmp, "--stages", "gsm8k", "--skip-done", "--methods", "lora_bf16,full_bf16",
+                   "--steps", "2")
+    acc = {(r["task"], r["method"]): r for r in after["records"] if r["kind"] == "accuracy"}
+    # --steps 2 differs from the recorded 3: both runs are redone with 2 steps.
+    assert acc[("gsm8k", "lora_bf16")]["steps"] == 2 and acc[("gsm8k", "full_bf16")]["steps"] == 2
+    again = _study(tmp, "--stages", "gsm8k", "--skip-done", "--methods", "lora_bf16",
+                   "--steps", "2")
+    same = {(r["task"], r["method"]): r for r in again["records"] if r["kind"] == "accuracy"}
+    assert same[("gsm8k", "lora_bf16")] == acc[("gsm8k", "lora_bf16")]
+    assert same[("roleplay", "lora_bf16")] == before[("roleplay", "lora_bf16")]
+
+
 def test_fine_tuning_without_a_checkpoint_says_to_pretrain(tmp_path):
     data_file("gsm8k_train.json")
     with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
