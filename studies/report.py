@@ -80,19 +80,29 @@ def _accuracy(doc: dict) -> dict:
     return {(r["task"], r["method"]): r for r in doc["records"] if r.get("kind") == "accuracy"}
 
 
+def _compile(r: dict) -> str:
+    s = r.get("speeds", {})
+    if "compiled" not in s:
+        return r["compile"] + (f" (compile failed: {r['compile_error']})"
+                               if r.get("compile_error") else "")
+    return (f"{r['compile']} (eager {s['eager'] / 1e3:.0f}k tok/s, compiled "
+            f"{s['compiled'] / 1e3:.0f}k tok/s after {s['compile_s']:.0f} s compiling)")
+
+
 def pretrain_table(doc: dict) -> str:
     rows = [r for r in doc["records"] if r.get("kind") == "pretrain"]
     if not rows:
         return "_No pretraining record yet._"
     r = rows[-1]
     return "\n".join([
-        "| model | parameters | tokens seen | steps | final train loss | held-out loss | tokens/s "
-        "| compile | corpus | train time |",
+        "| model | parameters | tokens seen (epochs) | steps | final train loss | held-out loss "
+        "| tokens/s | compile | corpus | train time |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {r['model']} ({r['layers']} layers, hidden {r['hidden']}, MLP {r['intermediate']}, "
-        f"vocab {r['vocab']}) | {r['params'] / 1e6:.1f}M | {r['tokens_seen'] / 1e6:.1f}M | "
+        f"vocab {r['vocab']}) | {r['params'] / 1e6:.1f}M | {r['tokens_seen'] / 1e6:.1f}M "
+        f"({r['epochs']:.1f}) | "
         f"{r['steps']} | {r['final_train_loss']:.3f} | {r['value']:.3f} | "
-        f"{r['tokens_per_s'] / 1e3:.0f}k | {r['compile']} | "
+        f"{r['tokens_per_s'] / 1e3:.0f}k | {_compile(r)} | "
         f"{r['corpus_train_bytes'] / 2**20:.0f} MiB / {r['corpus_train_tokens'] / 1e6:.1f}M tokens | "
         f"{r['train_s']:.0f} s |"])
 

@@ -231,7 +231,9 @@ def pretrain(s: PretrainSettings, ckpt: pathlib.Path, device: torch.device, dtyp
         "compile_error": compile_error, "train_s": train_s, "wall_s": total(),
         "corpus_read_s": read_s, "tokenizer_s": tok_s,
         "corpus_train_bytes": corpus.train_bytes, "corpus_eval_bytes": corpus.eval_bytes,
-        "corpus_train_tokens": int(train_tokens.numel()), "corpus_roots": corpus.roots,
+        "corpus_train_tokens": int(train_tokens.numel()),
+        "epochs": step * s.batch * s.seq / max(int(train_tokens.numel()), 1),
+        "corpus_roots": corpus.roots,
         "fingerprint": checkpoint_fingerprint(ckpt),
     }
     every = max(1, len(curve) // 500)  # keep the stored curve small
