@@ -186,6 +186,7 @@ def pretrain(s: PretrainSettings, ckpt: pathlib.Path, device: torch.device, dtyp
             if s.compile == "on" or speeds["compiled"] > speeds["eager"]:
                 fwd = compiled
         except Exception as exc:  # noqa: BLE001 (keep training eager; the record says why)
+            opt.zero_grad(set_to_none=True)  # a step that failed midway may have left gradients
             compile_error = f"{type(exc).__name__}: {exc}"
             log(f"pretrain: torch.compile failed, training eager: {compile_error}", logfile)
     chosen = "compiled" if fwd is not model else "eager"
@@ -202,6 +203,8 @@ def pretrain(s: PretrainSettings, ckpt: pathlib.Path, device: torch.device, dtyp
                 f"({train_clock.peek():.0f} s)", logfile)
     train_s = train_clock()
     curve = torch.stack(losses).float().cpu().tolist()
+    if s.compile != "off":
+        torch._dynamo.reset()  # its caches hold the model; later stages run eager models
 
     model.eval()
     windows = D.eval_windows(eval_tokens, s.seq, 256)
