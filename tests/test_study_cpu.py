@@ -1,0 +1,338 @@
+"""CPU tests of the accuracy study (studies/): stochastic rounding to E4M3, the stochastic row
+update, the update-mass meter, the data pipeline, and the whole study end to end on a tiny model
+(hidden 64, 2 layers), a tiny corpus (the standard library's email package) and a few steps."""
+
+from __future__ import annotations
+
+import email
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+import falqon
+from falqon_testing import DATA_DIR, data_file
+from studies import data as D
+from studies import report as R
+from studies.methods import (E4M3_MAX, UpdateMassMeter, e4m3_spacing, stochastic_round_e4m3,
+                             stochastic_topk_update_)
+
+E4M3 = torch.float8_e4m3fn
+
+
+def e4m3_values() -> torch.Tensor:
+    """Every finite non-negative E4M3 value, ascending (from all 256 bit patterns)."""
+    v = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    return torch.unique(v[torch.isfinite(v) & (v >= 0)])
+
+
+# ---- stochastic rounding ------------------------------------------------------------------------
+
+def test_spacing_is_the_gap_to_the_next_e4m3_value():
+    v = e4m3_values()
+    gaps = v[1:] - v[:-1]
+    assert torch.equal(e4m3_spacing(v[:-1]), gaps)
+
+
+def test_values_on_the_grid_are_kept():
+    v = e4m3_values()
+    v = torch.cat([v, -v])
+    assert torch.equal(stochastic_round_e4m3(v), v)
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    # Random values over the whole range: subnormals, every binade, both signs, near 448.
+    x = torch.cat([torch.ldexp(torch.rand(96) + 1, torch.randint(-12, 9, (96,))),
+                   torch.tensor([447.9, 440.0, 0.3, 1e-4, 2.0**-9 * 0.5])])
+    x = x * torch.where(torch.rand(x.shape) < 0.5, -1.0, 1.0)
+    x = x.clamp(-E4M3_MAX, E4M3_MAX)
+    n = 4000
+    samples = stochastic_round_e4m3(x.expand(n, -1).contiguous())
+    step = e4m3_spacing(x.abs())
+    # On the E4M3 grid (the cast is exact) and one of the two neighbours of x.
+    assert torch.equal(samples.to(E4M3).float(), samples)
+    assert ((samples - x).abs() < step).all()
+    # E[SR(x)] = x: each sample is x's lower neighbour plus step * Bernoulli(p), whose standard
+    # deviation is at most step / 2, so the mean of n samples is within 5 step / (2 sqrt n) of x
+    # except with probability < 1e-6 per value (a bound that cannot pass for a biased rounding:
+    # rounding to nearest would be off by up to step / 2, 30x this bound).
+    assert ((samples.mean(0) - x).abs() <= 5 * step / (2 * math.sqrt(n))).all()
+
+
+def test_stochastic_rounding_never_exceeds_448():
+    x = torch.tensor([447.99, 448.0, 449.0, 1e6, float("inf"), -447.99, -1e6, -float("inf")])
+    out = stochastic_round_e4m3(x.expand(2000, -1).contiguous())
+    assert out.abs().max() <= E4M3_MAX
+    assert torch.isfinite(out.to(E4M3).float()).all()
+
+
+# ---- the stochastic row update ------------------------------------------------------------------
+
+def _layer(keep_residual: bool, transposed_copy: bool = False) -> falqon.MeldedLinear:
+    layer = falqon.MeldedLinear.from_linear(nn.Linear(64, 48, bias=False), rank=16, topk=5,
+                                            alpha=32.0, keep_residual=keep_residual,
+                                            transposed_copy=transposed_copy, svd="exact")
+    # Updates of about one FP8 step, so that both rounding directions happen.
+    layer.lora_B.data = torch.randn(48, 16) * 3.0
+    return layer
+
+
+@pytest.mark.parametrize("keep_residual", [False, True])
+def test_stochastic_update_changes_the_topk_rows_by_the_update_in_expectation(keep_residual):
+    base = _layer(keep_residual, transposed_copy=True)
+    idx = torch.topk(base.lora_B.abs().sum(1), 5).indices
+    rows = base.weight[:48].float()
+    exact = rows[idx] + (base.lora_B[idx] @ base.weight[48:64].float()) * base.scaling
+    exact = exact.clamp(-E4M3_MAX, E4M3_MAX)
+    others = torch.ones(48, dtype=torch.bool)
+    others[idx] = False
+    trials, total = 200, torch.zeros_like(exact)
+    gen = torch.Generator().manual_seed(1)
+    layer = _layer(keep_residual, transposed_copy=True)
+    for _ in range(trials):
+        layer.weight.data.copy_(base.weight.data)
+        layer.weight_t.copy_(base.weight_t)
+        layer.lora_B.data.copy_(base.lora_B.data)
+        stochastic_topk_update_(layer, None, gen)
+        w = layer.weight.float()
+        # Rows outside the top k, the adapter rows and the padding are untouched, bitwise.
+        assert torch.equal(layer.weight[:48][others].view(torch.uint8),
+                           base.weight[:48][others].view(torch.uint8))
+        assert torch.equal(layer.weight[48:].view(torch.uint8), base.weight[48:].view(torch.uint8))
+        assert ((w[idx] - exact).abs() < e4m3_spacing(exact.abs())).all()
+        assert torch.equal(layer.weight_t.view(torch.uint8),
+                           layer.weight[:48].t().contiguous().view(torch.uint8))
+        if keep_residual:
+            assert (layer.lora_B[idx] == 0).all()
+            assert torch.equal(layer.lora_B[others], base.lora_B[others])
+        else:
+            assert (layer.lora_B == 0).all()
+        total += w[idx]
+    step = e4m3_spacing(exact.abs())
+    assert ((total / trials - exact).abs() <= 5 * step / (2 * math.sqrt(trials))).all()
+
+
+def test_stochastic_update_selects_the_rows_of_topk_update():
+    a, b = _layer(False), _layer(False)
+    b.weight.data, b.lora_B.data = a.weight.data.clone(), a.lora_B.data.clone()
+    before = a.weight.data.clone()
+    selected = set(torch.topk(a.lora_B.abs().sum(1), 5).indices.tolist())
+    a.proxy_update()  # the op: the same selection, round to nearest even
+    stochastic_topk_update_(b)
+    for layer in (a, b):
+        changed = (layer.weight.view(torch.uint8) != before.view(torch.uint8)).any(1)
+        assert 0 < changed.sum() and set(torch.nonzero(changed).flatten().tolist()) <= selected
+    # Round to nearest and stochastic rounding both land on a neighbour of the same exact value.
+    diff = (a.weight.float() - b.weight.float()).abs()
+    assert (diff <= e4m3_spacing(torch.maximum(a.weight.float().abs(),
+                                               b.weight.float().abs()))).all()
+
+
+# ---- the update-mass meter ----------------------------------------------------------------------
+
+def test_update_mass_meter_measures_the_formulas():
+    layer = _layer(False)
+    b = layer.lora_B.detach().clone()
+    a_real = layer.adapter_A()
+    w0 = layer.dequantized_weight()
+    meter = UpdateMassMeter([layer], every=2)
+    proposed = layer.scaling * b @ a_real
+    idx = torch.topk(b.abs().sum(1), 5).indices
+    meter.begin_step(0)
+    layer.proxy_update(5)
+    delta = layer.dequantized_weight() - w0
+    meter.begin_step(1)  # not sampled: the update runs, nothing is measured
+    layer.lora_B.data = torch.randn(48, 16)
+    layer.proxy_update(5)
+    s = meter.summary()
+    assert s["mass_samples"] == 1 and meter.calls == 2
+    total = proposed.abs().sum()
+    torch.testing.assert_close(s["selected_mass_fraction"],
+                               (proposed[idx].abs().sum() / total).item(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(s["update_mass_fraction"],
+                               (delta.abs().sum() / total).item(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(s["update_projection"],
+                               ((delta * proposed).sum() / proposed.square().sum()).item(),
+                               rtol=1e-5, atol=1e-7)
+    # Only the selected rows moved, and by about the proposed update (FP8 rounding aside).
+    assert 0 < s["update_mass_fraction"] < 2 * s["selected_mass_fraction"]
+
+
+def test_update_mass_meter_notices_when_it_is_never_called():
+    meter = UpdateMassMeter([_layer(False)], every=1)
+    with pytest.raises(RuntimeError, match="never called"):
+        meter.summary()
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def _tokenizer() -> D.TextTokenizer:
+    root = pathlib.Path(email.__file__).parent
+    texts = [p.read_text(errors="replace") for p in sorted(root.glob("*.py"))]
+    return D.TextTokenizer.train(texts, 400)
+
+
+def test_split_is_seeded_disjoint_and_ten_percent():
+    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(1000)]
+    train, held = D.split_records(records, 0.1, seed=0)
+    train2, held2 = D.split_records(records, 0.1, seed=0)
+    assert held == held2 and train == train2 and len(held) == 100 and len(train) == 900
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in held}
+    assert D.split_records(records, 0.1, seed=1)[1] != held
+
+
+def test_prompt_tokens_are_masked_and_responses_kept():
+    tok = _tokenizer()
+    rec = {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5"}
+    ex = D.encode_example(tok, rec, 512)
+    prompt = [tok.bos] + tok.encode(D.PROMPT.format(instruction=rec["instruction"]))
+    response = tok.encode(rec["output"]) + [tok.eos]
+    assert ex.ids == prompt + response
+    assert ex.labels == [D.IGNORE] * len(prompt) + response
+    assert D.encode_example(tok, rec, len(prompt)) is None  # truncation left no response
+    ids, labels = D.collate([ex, D.encode_example(tok, {**rec, "output": "5"}, 512)], tok.pad)
+    assert ids.shape[1] % 16 == 0 and ids.shape == labels.shape
+    assert (labels[1, len(prompt) + 2:] == D.IGNORE).all() and (ids[1, -1] == tok.pad)
+
+
+def test_corpus_holds_out_a_fixed_slice(tmp_path):
+    for i in range(40):
+        (tmp_path / f"m{i:02d}.py").write_text(f"def f{i}():\n    return {i}\n" * 20)
+    (tmp_path / "bin.txt").write_bytes(b"\0\1\2")
+    a = D.read_corpus([tmp_path], 10**6, 10**6, eval_permille=250, seed=0)
+    b = D.read_corpus([tmp_path], 10**6, 10**6, eval_permille=250, seed=1)
+    assert sorted(a.eval) == sorted(b.eval) and a.eval and a.train  # the seed only reorders
+    assert not set(a.eval) & set(a.train) and len(a.train) + len(a.eval) == 40
+
+
+# ---- the study end to end -----------------------------------------------------------------------
+
+TINY = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--seq", "256",
+        "--corpus-root", str(pathlib.Path(email.__file__).parent), "--eval-permille", "200",
+        "--corpus-mb", "0.5", "--eval-mb", "0.05", "--tokenizer-sample-mb", "0.5",
+        "--pretrain-max-steps", "6", "--pretrain-batch", "4", "--steps", "3",
+        "--pilot-steps", "2", "--batch", "4", "--max-train", "48", "--max-eval", "8",
+        "--pilot-val", "8", "--eval-points", "2", "--mass-every", "1",
+        "--lr", "full=1e-4", "--lr", "falqon_keep=0.03", "--lr", "falqon_sr=0.03"]
+
+
+def _study(tmp_path, *args, slug="cpu"):
+    from studies import accuracy
+
+    out = tmp_path / "out"
+    accuracy.main([*TINY, "--run-dir", str(tmp_path / "run"), "--out", str(out),
+                   "--doc-out", str(out / "accuracy.md"), *args])
+    return json.loads((out / f"accuracy_{slug}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    data_file("gsm8k_train.json")
+    data_file("gpteacher_roleplay.json")
+    tmp = tmp_path_factory.mktemp("study")
+    return tmp, _study(tmp, "--stages", "pretrain,pilot,gsm8k,roleplay,report")
+
+
+def test_study_records_every_method_on_both_tasks(study):
+    tmp, doc = study
+    (pre,) = [r for r in doc["records"] if r["kind"] == "pretrain"]
+    assert pre["steps"] == 6 and pre["tokens_seen"] == 6 * 4 * 256 and math.isfinite(pre["value"])
+    acc = {(r["task"], r["method"]): r for r in doc["records"] if r["kind"] == "accuracy"}
+    has_api = all(hasattr(falqon, n) for n in ("FalqonConfig", "meld", "attach"))
+    for task in ("gsm8k", "roleplay"):
+        for method in ("lora_bf16", "full_bf16", "falqon", "falqon_keep", "falqon_sr",
+                       "falqon_k1", "falqon_k50", "falqon_kr", "qlora_nf4", "lora_fp8_torchao"):
+            r = acc[(task, method)]
+            assert r["metric"] == "eval_loss" and "error" not in r, r
+            if method in ("qlora_nf4", "lora_fp8_torchao"):
+                assert r["value"] is None and "CUDA" in r["skipped"]
+            elif method.startswith("falqon") and not has_api:
+                assert r["value"] is None and "workflow" in r["skipped"]
+            else:
+                assert math.isfinite(r["value"]) and r["steps"] == 3 and r["wall_s"] > 0
+                curve = doc["curves"][f"{task}/{method}"]
+                assert len(curve["train_loss"]) == 3 and [s for s, _ in curve["eval"]] == [2, 3]
+                assert curve["eval"][-1][1] == r["value"]
+            if method.startswith("falqon") and has_api:
+                assert 0 < r["update_mass_fraction"] <= 2 and r["mass_samples"] == 3
+                assert 0 < r["selected_mass_fraction"] <= 1
+    # The same eval set for every method of a task.
+    for task in ("gsm8k", "roleplay"):
+        assert len({r["eval_examples"] for (t, _), r in acc.items() if t == task and
+                    r["value"] is not None}) == 1
+
+
+def test_study_pilot_picks_a_learning_rate_per_family(study):
+    _, doc = study
+    choices = {r["family"]: r for r in doc["records"] if r["kind"] == "lr_choice"}
+    assert set(choices) >= {"lora", "falqon"}  # the others were given with --lr
+    pilots = [r for r in doc["records"] if r["kind"] == "pilot" and r["family"] == "lora"]
+    finished = {r["lr"]: r["value"] for r in pilots if r["value"] is not None}
+    assert len(finished) >= 3 and choices["lora"]["lr"] == min(finished, key=finished.get)
+    lrs = {r["method"]: r["lr"] for r in doc["records"] if r["kind"] == "accuracy"}
+    assert lrs["lora_bf16"] == lrs["qlora_nf4"] == choices["lora"]["lr"]
+    assert lrs["full_bf16"] == 1e-4
+
+
+def test_study_writes_plots_and_fills_the_write_up(study):
+    tmp, doc = study
+    out = tmp / "out"
+    for name in ("accuracy_cpu_gsm8k.png", "accuracy_cpu_roleplay.png",
+                 "accuracy_cpu_pretrain.png", "study.log"):
+        assert (out / name).stat().st_size > 0
+    text = (out / "accuracy.md").read_text()
+    assert "_No fine-tuning results yet._" not in text and "| lora_bf16 | " in text
+    assert "llama-tiny" in text
+
+
+def test_report_from_merged_results_keeps_their_device_and_settings(study, tmp_path):
+    _, doc = study
+    gpu = dict(doc, device="NVIDIA H100 80GB HBM3", torch="2.11.0+cu130",
+               settings=dict(doc["settings"], steps=777))
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    merged = _study(tmp_path, "--stages", "report", "--merge", str(tmp_path / "gpu.json"),
+                    "--steps", "5", slug="h100")
+    assert merged["device"] == gpu["device"] and merged["torch"] == "2.11.0+cu130"
+    assert merged["settings"]["steps"] == 777 and merged["records"] == doc["records"]
+    assert merged["command"] == doc["command"]
+    assert (tmp_path / "out" / "accuracy_h100_gsm8k.png").is_file()
+    assert "777 steps" in (tmp_path / "out" / "accuracy.md").read_text()
+
+
+def test_skip_done_keeps_finished_runs_and_reruns_the_rest(study):
+    tmp, doc = study
+    before = {(r["task"], r["method"]): r for r in doc["records"] if r["kind"] == "accuracy"}
+    after = _study(tmp, "--stages", "gsm8k", "--skip-done", "--methods", "lora_bf16,full_bf16",
+                   "--steps", "2")
+    acc = {(r["task"], r["method"]): r for r in after["records"] if r["kind"] == "accuracy"}
+    # --steps 2 differs from the recorded 3: both runs are redone with 2 steps.
+    assert acc[("gsm8k", "lora_bf16")]["steps"] == 2 and acc[("gsm8k", "full_bf16")]["steps"] == 2
+    again = _study(tmp, "--stages", "gsm8k", "--skip-done", "--methods", "lora_bf16",
+                   "--steps", "2")
+    same = {(r["task"], r["method"]): r for r in again["records"] if r["kind"] == "accuracy"}
+    assert same[("gsm8k", "lora_bf16")] == acc[("gsm8k", "lora_bf16")]
+    assert same[("roleplay", "lora_bf16")] == before[("roleplay", "lora_bf16")]
+
+
+def test_fine_tuning_without_a_checkpoint_says_to_pretrain(tmp_path):
+    data_file("gsm8k_train.json")
+    with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
+        _study(tmp_path, "--stages", "gsm8k", "--lr", "lora=1e-3", "--lr", "falqon=0.03")
+
+
+def test_merge_keeps_the_latest_record_per_key_and_flags_mixed_checkpoints():
+    a = {"device": "NVIDIA H100 80GB HBM3", "command": "a", "records": [
+        {"kind": "accuracy", "task": "gsm8k", "method": "falqon", "value": 2.0, "fingerprint": "x"},
+        {"kind": "accuracy", "task": "gsm8k", "method": "lora_bf16", "value": 1.9,
+         "fingerprint": "x"}], "curves": {"gsm8k/falqon": {"train_loss": [3.0]}}}
+    b = {"device": "NVIDIA H100 80GB HBM3", "command": "b", "records": [
+        {"kind": "accuracy", "task": "gsm8k", "method": "falqon", "value": 1.95,
+         "fingerprint": "y"}], "curves": {}}
+    doc = R.merge([a, b])
+    vals = {r["method"]: r["value"] for r in doc["records"]}
+    assert vals == {"falqon": 1.95, "lora_bf16": 1.9} and "warning" in doc
+    assert R.device_slug(doc["device"]) == "h100" and doc["command"] == "a && b"
+    assert "+2.63%" in R.results_table(doc) and "NOT within" in R.verdict(doc)
