@@ -349,6 +349,21 @@ def check_emulation() -> None:
            (proc.stdout.strip().splitlines() or [""])[-1] + (proc.stderr.strip()[-500:] if proc.returncode else ""))
 
 
+def capture_and_replay(fn):
+    """fn's outputs from a CUDA graph replay (after a warm-up on the capture stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # plans, workspaces, kernel attributes: nothing is created during capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return outs
+
+
 def check_graphs_and_sync() -> None:
     print("\n== CUDA graph capture and host synchronisation ==")
     K, N, r, M = 1024, 512, 16, 256
@@ -357,45 +372,42 @@ def check_graphs_and_sync() -> None:
     g = rand_act((M, N), torch.bfloat16)
     B = torch.randn(N, r, device="cuda") * 0.01
 
-    def step(impl_outs):
-        impl_outs["q2"] = bench_ops.quantize(x, E4M3, "twopass")
-        impl_outs["qf"] = bench_ops.quantize(x, E4M3, "fused")
-        impl_outs["y"] = torch.ops.falqon.melded_linear(x, w, s, B)[0]
-        impl_outs["dx"] = torch.ops.falqon.melded_linear_grad_input(g, w, s)
-        return impl_outs
+    def layer():
+        return (bench_ops.quantize(x, E4M3, "twopass"),
+                torch.ops.falqon.melded_linear(x, w, s, B)[0],
+                torch.ops.falqon.melded_linear_grad_input(g, w, s))
 
-    eager = step({})
+    def fused():
+        return bench_ops.quantize(x, E4M3, "fused")
+
+    eager, eager_fused = layer(), fused()
     torch.cuda.synchronize()
     # No host synchronisation: torch raises on any synchronising call it knows of.
     try:
         torch.cuda.set_sync_debug_mode("error")
-        step({})
+        layer()
+        fused()
         w2, B2 = w.clone(), B.clone()
         torch.ops.falqon.topk_update_(w2, B2, None, 10, 1.0, False)
         torch.cuda.set_sync_debug_mode("default")
-        report("no host synchronisation (quantize x2, forward, grad_input, topk_update_)", True)
+        report("no host synchronisation (quantize, forward, grad_input, topk_update_)", True)
     except RuntimeError as exc:
         torch.cuda.set_sync_debug_mode("default")
         report("no host synchronisation", False, str(exc)[:300])
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step({})  # warm-up on the capture stream (plans, workspaces)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        outs = {}
-        with torch.cuda.graph(graph):
-            step(outs)
-        graph.replay()
-        torch.cuda.synchronize()
+        (q2, _), y, dx = capture_and_replay(layer)
         # The GEMMs are compared loosely: a split-k algorithm may reduce in another order.
-        e = max(rel_fro(outs["y"], eager["y"]), rel_fro(outs["dx"], eager["dx"]))
-        ok = (same_bits(outs["q2"][0], eager["q2"][0]) and same_bits(outs["qf"][0], eager["qf"][0])
-              and e <= 2.0 ** -8)
-        report("CUDA graph capture and replay equal eager", ok, f"GEMM outputs rel err {e:.1e}")
+        e = max(rel_fro(y, eager[1]), rel_fro(dx, eager[2]))
+        report("CUDA graph: two-pass quantize, forward, grad_input replay as eager",
+               same_bits(q2, eager[0][0]) and e <= 2.0 ** -8, f"GEMM outputs rel err {e:.1e}")
     except RuntimeError as exc:
-        report("CUDA graph capture", False, str(exc)[:300])
+        report("CUDA graph: two-pass quantize, forward, grad_input", False, str(exc)[:300])
+    try:
+        qf, sf = capture_and_replay(fused)
+        report("CUDA graph: fused (cooperative) quantize replays as eager",
+               same_bits(qf, eager_fused[0]) and torch.equal(sf, eager_fused[1]))
+    except RuntimeError as exc:
+        report("CUDA graph: fused (cooperative) quantize", False, str(exc)[:300])
 
 
 # ---- timings --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "common.cuh"
@@ -218,6 +219,20 @@ void dispatch_vec(const void* in, const void* out, F&& f) {
 
 uint32_t* as_bits(const at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr()); }
 
+// For a cast of x into the FP8 tensor q: calls f(in, out, E4M3 constant, VEC constant) with
+// in = x's data as its scalar type.
+template <typename F>
+void dispatch_cast(const at::Tensor& x, const at::Tensor& q, F&& f) {
+  FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_quantize", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    uint8_t* out = static_cast<uint8_t*>(q.data_ptr());
+    dispatch_fp8(q.scalar_type(), [&](auto e4m3) {
+      dispatch_vec<scalar_t, uint8_t>(in, out, [&](auto vec) { f(in, out, e4m3, vec); });
+    });
+  });
+}
+
+
 template <typename Op>
 void launch_scaled_map(const at::Tensor& x, const at::Tensor& partials, void* out_ptr,
                        float* scale_out) {
@@ -290,31 +305,26 @@ std::tuple<at::Tensor, at::Tensor> quantize_fused(const at::Tensor& x, at::Scala
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_quantize_fused", [&] {
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    uint8_t* out = static_cast<uint8_t*>(q.data_ptr());
-    dispatch_fp8(dtype, [&](auto e4m3) {
-      dispatch_vec<scalar_t, uint8_t>(in, out, [&](auto vec_c) {
-        constexpr bool kE4M3 = decltype(e4m3)::value;
-        constexpr int VEC = decltype(vec_c)::value;
-        const FusedLimits limits = fused_limits<scalar_t, VEC, kE4M3>(x.device());
-        int64_t n = x.numel();
-        const int64_t vectors = n / VEC;
-        const int grid = static_cast<int>(std::min<int64_t>(
-            std::max<int64_t>(1, (vectors + kThreads - 1) / kThreads), limits.resident_blocks));
-        const int64_t rounds = (vectors + int64_t{grid} * kThreads - 1) / (int64_t{grid} * kThreads);
-        int smem_rounds = static_cast<int>(
-            std::clamp<int64_t>(rounds - kRegisterVectors, 0, limits.max_smem_rounds));
-        const size_t smem = static_cast<size_t>(smem_rounds) * kThreads * sizeof(Pack<scalar_t, VEC>);
-        at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
-        uint32_t* partial_bits = as_bits(partials);
-        float* scale_ptr = scale.data_ptr<float>();
-        void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &smem_rounds};
-        C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
-            reinterpret_cast<const void*>(fused_quantize_kernel<scalar_t, VEC, kE4M3>), dim3(grid),
-            dim3(kThreads), args, smem, stream));
-      });
-    });
+  dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
+    constexpr bool kE4M3 = decltype(e4m3)::value;
+    constexpr int VEC = decltype(vec)::value;
+    const FusedLimits limits = fused_limits<T, VEC, kE4M3>(x.device());
+    int64_t n = x.numel();
+    const int64_t vectors = n / VEC;
+    const int grid = static_cast<int>(std::min<int64_t>(
+        std::max<int64_t>(1, (vectors + kThreads - 1) / kThreads), limits.resident_blocks));
+    const int64_t rounds = (vectors + int64_t{grid} * kThreads - 1) / (int64_t{grid} * kThreads);
+    int smem_rounds =
+        static_cast<int>(std::clamp<int64_t>(rounds - kRegisterVectors, 0, limits.max_smem_rounds));
+    const size_t smem = static_cast<size_t>(smem_rounds) * kThreads * sizeof(Pack<T, VEC>);
+    at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
+    uint32_t* partial_bits = as_bits(partials);
+    float* scale_ptr = scale.data_ptr<float>();
+    void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &smem_rounds};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
+        reinterpret_cast<const void*>(fused_quantize_kernel<T, VEC, kE4M3>), dim3(grid),
+        dim3(kThreads), args, smem, stream));
   });
   return {q, scale};
 }
@@ -402,20 +412,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor
   at::Tensor scale = new_scale(x);
   at::Tensor amax = at::zeros({}, x.options().dtype(at::kFloat));  // atomicMax target
   const auto stream = at::cuda::getCurrentCUDAStream();
-  FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_quantize_delayed", [&] {
-    const auto* in = x.const_data_ptr<scalar_t>();
-    auto* out = static_cast<uint8_t*>(q.data_ptr());
-    dispatch_fp8(dtype, [&](auto e4m3) {
-      dispatch_vec<scalar_t, uint8_t>(in, out, [&](auto vec_c) {
-        constexpr bool kE4M3 = decltype(e4m3)::value;
-        constexpr int VEC = decltype(vec_c)::value;
-        delayed_quantize_kernel<scalar_t, VEC, kE4M3>
-            <<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
-                in, x.numel(), prev.const_data_ptr<float>(), out, scale.data_ptr<float>(),
-                as_bits(amax));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+  dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
+    constexpr int VEC = decltype(vec)::value;
+    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value>
+        <<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
+            in, x.numel(), prev.const_data_ptr<float>(), out, scale.data_ptr<float>(), as_bits(amax));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q, scale, amax};
 }
