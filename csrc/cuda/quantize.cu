@@ -288,13 +288,17 @@ FusedLimits fused_limits(const at::Device& device) {
   const int64_t round_bytes = int64_t{kThreads} * sizeof(Pack<T, VEC>);
   FusedLimits limits;
   limits.max_smem_rounds = static_cast<int>(std::max<int64_t>(0, per_block / round_bytes));
-  const int smem = static_cast<int>(limits.max_smem_rounds * round_bytes);
-  // Per device: the current device is the tensor's (the caller holds a CUDAGuard).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                       cudaSharedmemCarveoutMaxShared));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  // Per device: the current device is the tensor's (the caller holds a CUDAGuard). Should the
+  // estimate above leave no room for one block, give up shared-memory rounds until one fits.
+  for (; limits.max_smem_rounds >= 0; --limits.max_smem_rounds) {
+    const int smem = static_cast<int>(limits.max_smem_rounds * round_bytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    if (per_sm > 0) break;
+  }
   TORCH_CHECK(per_sm > 0, "falqon: the fused quantize kernel cannot be resident on this GPU");
   limits.resident_blocks = std::min(per_sm, kFusedBlocksPerSm) * sm_count(device);
   cache.emplace(device.index(), limits);
