@@ -3,6 +3,8 @@
     python scripts/cuda_selfcheck.py            # all checks, then timings at LLaMA-7B shapes
     python scripts/cuda_selfcheck.py --quick    # small shapes only, no timings
     python scripts/cuda_selfcheck.py --no-timings
+    FALQON_QUANTIZE=fused python scripts/cuda_selfcheck.py --timings-only   # the layer with the
+                                                    # other quantise (read once per process)
 
 For every op, fresh random inputs are run on the GPU and, copied to the CPU, through the CPU
 reference (torch.ops.falqon on CPU tensors = csrc/reference.cpp); the script prints the errors
@@ -532,6 +534,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only, no timings")
     parser.add_argument("--no-timings", action="store_true")
+    parser.add_argument("--timings-only", action="store_true", help="skip the checks")
     parser.add_argument("--json", help="write the timings to this file")
     parser.add_argument("--emulation-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -552,14 +555,15 @@ def main() -> int:
     if torch.cuda.get_device_capability() < (8, 9):
         print("this GPU has no FP8: only the emulated path can be checked")
         return emulation_probe()
-    check_quantize(args.quick)
-    check_quantize_delayed()
-    check_transpose(args.quick)
-    check_linear(args.quick)
-    check_topk(args.quick)
-    check_meld_init(args.quick)
-    check_graphs_and_sync()
-    check_emulation()
+    if not args.timings_only:
+        check_quantize(args.quick)
+        check_quantize_delayed()
+        check_transpose(args.quick)
+        check_linear(args.quick)
+        check_topk(args.quick)
+        check_meld_init(args.quick)
+        check_graphs_and_sync()
+        check_emulation()
     if not (args.quick or args.no_timings):
         results = timings()
         if args.json:
