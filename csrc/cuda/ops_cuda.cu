@@ -4,8 +4,10 @@
 // benchmarks and scripts/cuda_selfcheck.py time separately (not part of the falqon API).
 #include <torch/library.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "common.cuh"
