@@ -1,0 +1,319 @@
+// Shared pieces of the CUDA backend: the FP8-or-emulation decision, launch helpers, device-side
+// conversions and reductions, and the entry points one .cu file offers the others.
+//
+// Numerics follow csrc/reference.cpp bit for bit where the reference is elementwise: fp32
+// division (__fdiv_rn, never a reciprocal multiply), products and sums rounded separately
+// (__fmul_rn / __fadd_rn, so nvcc cannot contract them into an FMA the reference does not do),
+// a clamp to the format's largest finite value that keeps NaN, then a round-to-nearest-even
+// saturating cast (cvt.rn.satfinite).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "falqon.h"
+
+namespace falqon {
+namespace cuda {
+
+// ---- host side --------------------------------------------------------------------------------
+
+// True where this device cannot run the FP8 path (compute capability < 8.9) or
+// FALQON_FORCE_EMULATION=1 is set; the first true answer warns once. The CUDA entry points then
+// run the reference implementation (ATen ops on the CUDA tensors).
+bool use_emulation(const at::Device& device);
+
+int sm_count(const at::Device& device);
+
+// Largest power of two (<= 256) that divides the address: what cuBLASLt and the vector paths
+// of the kernels may assume about a pointer.
+inline int pointer_alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  int align = 1;
+  while (align < 256 && a % (2 * align) == 0) align *= 2;
+  return align;
+}
+
+inline bool fp8_is_e4m3(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2,
+              "falqon: expected torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype);
+  return dtype == at::kFloat8_e4m3fn;
+}
+
+// An environment flag read once by the caller: "1"/"0", or `fallback` when unset or empty.
+bool env_flag(const char* name, bool fallback);
+
+// ---- quantize.cu ------------------------------------------------------------------------------
+
+// Per-tensor quantisation on the FP8 path, with the implementation FALQON_QUANTIZE picks
+// ("twopass", the default, or "fused"). No host synchronisation.
+std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input, at::ScalarType dtype);
+// The same with the implementation named: "twopass" or "fused" (benchmarks, self-check).
+std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
+                                                 const std::string& impl);
+// Delayed scaling, for benchmarks only: scale from `amax_prev` (a float32 device scalar, the
+// previous step's amax), one read and one write of the data; returns (q, scale, amax of input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
+                                                                at::ScalarType dtype,
+                                                                const at::Tensor& amax_prev);
+
+// The two halves of the two-pass quantisation, so that several tensors can share one scale.
+// amax_partials: per-block maxima of |x| (as the uint32 bits of non-negative floats, in an int32
+// tensor; the bit order of non-negative floats is their numeric order and NaN sorts above Inf).
+at::Tensor amax_partials(const at::Tensor& x);
+// out[i] = fp8(clamp(x[i] / s)) with s = max(partials) / fmax (1 if 0); writes s to `scale`.
+// `x` contiguous, `out` a contiguous FP8 tensor (or view) of x.numel() elements.
+void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const at::Tensor& out,
+                        const at::Tensor& scale);
+// E = x - s0 * fp8_e4m3(x / s0) in fp32, s0 from the partials of x (the FP8 quantisation error).
+at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials);
+
+// ---- gemm.cu ----------------------------------------------------------------------------------
+
+// out (n x m, row-major, leading dimension ldo) = b (n x k) a (m x k)^T * a_scale * b_scale
+// [+ bias over the m columns], both operands row-major FP8 with a contiguous k. This is the
+// cuBLASLt "TN" FP8 GEMM: D[m x n] (column-major) = A^T B with A = a and B = b as stored.
+// bias: length m, of out's dtype (bf16/fp16 output only). a_scale, b_scale: float32 device
+// scalars. fast_accum: CUBLASLT_MATMUL_DESC_FAST_ACCUM.
+void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                    const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& out, bool fast_accum);
+// Fast-accumulation choices of the two GEMMs, read once from FALQON_FAST_ACCUM_FWD (default 1)
+// and FALQON_FAST_ACCUM_DGRAD (default 0).
+bool fast_accum_forward();
+bool fast_accum_dgrad();
+
+// ---- transpose.cu -----------------------------------------------------------------------------
+
+// The (cols, rows) contiguous transpose of a contiguous 2-D FP8 (1-byte) matrix whose sizes are
+// multiples of 16.
+at::Tensor transpose_fp8(const at::Tensor& w);
+
+// ---- the ops on the FP8 path (arguments already checked, device guard held) ------------------
+
+std::tuple<at::Tensor, at::Tensor> melded_linear_fp8(const at::Tensor& input, const at::Tensor& weight,
+                                                     const at::Tensor& weight_scale,
+                                                     const at::Tensor& lora_B,
+                                                     const std::optional<at::Tensor>& bias);
+at::Tensor melded_linear_grad_input_fp8(const at::Tensor& grad_output, const at::Tensor& weight,
+                                        const at::Tensor& weight_scale,
+                                        const std::optional<at::Tensor>& weight_t,
+                                        at::ScalarType grad_dtype);
+std::tuple<at::Tensor, at::Tensor> meld_init_fp8(const at::Tensor& weight, int64_t rank,
+                                                 const std::string& svd, int64_t oversample,
+                                                 int64_t power_iters, int64_t seed);
+void topk_update_fp8(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
+                     int64_t k, double scaling, bool keep_residual);
+
+}  // namespace cuda
+}  // namespace falqon
+
+// ---- device side ------------------------------------------------------------------------------
+#ifdef __CUDACC__
+namespace falqon {
+namespace cuda {
+
+// Threads of the elementwise kernels, and how many vectors each thread has in flight.
+constexpr int kThreads = 512;
+constexpr int kUnroll = 4;
+
+// VEC consecutive elements moved with one (up to 16-byte) access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// |x| as the bits of a non-negative float: unsigned comparison orders them numerically, with
+// Inf above every finite value and NaN above Inf, so an integer max is a NaN-propagating max
+// (fmaxf would drop NaN).
+__device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Max over the block, returned to every thread. Safe to call repeatedly in one kernel.
+__device__ __forceinline__ uint32_t block_max(uint32_t v) {
+  __shared__ uint32_t warp_vals[32];
+  v = warp_max(v);
+  __syncthreads();  // a previous call's readers are done with warp_vals
+  if ((threadIdx.x & 31) == 0) warp_vals[threadIdx.x >> 5] = v;
+  __syncthreads();
+  const unsigned warps = (blockDim.x + 31) >> 5;
+  return warp_max((threadIdx.x & 31) < warps ? warp_vals[threadIdx.x & 31] : 0u);
+}
+
+// The reference's scale: amax / fmax in fp32, 1 where that is 0; NaN and Inf stay.
+__device__ __forceinline__ float scale_from_amax(float amax, float fmax) {
+  const float s = __fdiv_rn(amax, fmax);
+  return s == 0.f ? 1.f : s;
+}
+
+// The max of the partial amaxes written by amax_kernel, to every thread of the block.
+__device__ __forceinline__ float amax_from_partials(const uint32_t* __restrict__ partials, int count) {
+  uint32_t m = 0;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) m = max(m, partials[i]);
+  return __uint_as_float(block_max(m));
+}
+
+template <bool kE4M3>
+struct Fp8Format {
+  static constexpr float kMax = kE4M3 ? 448.f : 57344.f;
+  static constexpr __nv_fp8_interpretation_t kKind = kE4M3 ? __NV_E4M3 : __NV_E5M2;
+};
+
+// clamp(v, -fmax, fmax) that keeps NaN (the reference's at::clamp does).
+template <bool kE4M3>
+__device__ __forceinline__ float clamp_fp8(float v) {
+  constexpr float fmax = Fp8Format<kE4M3>::kMax;
+  return v > fmax ? fmax : (v < -fmax ? -fmax : v);
+}
+
+template <bool kE4M3>
+__device__ __forceinline__ uint8_t float_to_fp8(float v) {
+  return __nv_cvt_float_to_fp8(clamp_fp8<kE4M3>(v), __NV_SATFINITE, Fp8Format<kE4M3>::kKind);
+}
+
+// Two values with one cvt instruction; a in the low byte.
+template <bool kE4M3>
+__device__ __forceinline__ uint16_t float2_to_fp8x2(float a, float b) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(clamp_fp8<kE4M3>(a), clamp_fp8<kE4M3>(b)),
+                                  __NV_SATFINITE, Fp8Format<kE4M3>::kKind);
+}
+
+__device__ __forceinline__ float fp8_to_float(uint8_t b, __nv_fp8_interpretation_t kind) {
+  const __half_raw h = __nv_cvt_fp8_to_halfraw(b, kind);
+  return __half2float(__half(h));
+}
+
+// x / s rounded to nearest even for one divisor s shared by a whole tensor, without the
+// division's slow-path subroutine (a call per element that costs registers and spills). With
+// y = RN(1/s), q1 = q0 + (x - q0 s) y is faithful and one more correction
+// q2 = q1 + (x - q1 s) y is RN(x / s) (Markstein's theorem: y within half an ulp of 1/s, q1
+// within one ulp, the remainders exact in an FMA). The theorem needs remainders that do not
+// underflow: for 2^-60 <= s <= 2^60 that holds for every quotient >= 2^-17 in magnitude, and
+// smaller ones round to an FP8 zero whatever their last bits. Other scales (amax below 2^-51 or
+// above 2^69, Inf, NaN) take __fdiv_rn. The sign is copied from x: 0 / s keeps the sign of 0.
+// kBounded: the caller guarantees |x| <= s * fmax (s came from this tensor's amax). Otherwise a
+// quotient may overflow, which turns the corrections into Inf - Inf = NaN; such a NaN from a
+// non-NaN x is put back to the Inf that the division gives.
+template <bool kBounded>
+struct Divisor {
+  float s, y;
+  bool fast;
+  __device__ __forceinline__ explicit Divisor(float scale) {
+    s = scale;
+    y = __frcp_rn(scale);
+    fast = scale >= 0x1p-60f && scale <= 0x1p60f;
+  }
+  __device__ __forceinline__ float div(float x) const {
+    if (!fast) return __fdiv_rn(x, s);
+    const float q0 = __fmul_rn(x, y);
+    const float q1 = __fmaf_rn(__fmaf_rn(-q0, s, x), y, q0);
+    float q = copysignf(__fmaf_rn(__fmaf_rn(-q1, s, x), y, q1), x);
+    if (!kBounded && isnan(q) && !isnan(x)) q = copysignf(__int_as_float(0x7f800000), x);
+    return q;
+  }
+};
+
+// x[i] / scale, quantised: the cast of the reference's quantize.
+template <bool kE4M3>
+struct CastOp {
+  using out_t = uint8_t;
+  static constexpr float kMax = Fp8Format<kE4M3>::kMax;
+  template <int V, typename D>
+  __device__ __forceinline__ static void apply(const float (&x)[V], const D& d, out_t (&y)[V]) {
+#pragma unroll
+    for (int i = 0; i + 1 < V; i += 2) {
+      const uint16_t pair = float2_to_fp8x2<kE4M3>(d.div(x[i]), d.div(x[i + 1]));
+      y[i] = static_cast<uint8_t>(pair & 0xff);
+      y[i + 1] = static_cast<uint8_t>(pair >> 8);
+    }
+    if (V & 1) y[V - 1] = float_to_fp8<kE4M3>(d.div(x[V - 1]));
+  }
+};
+
+// The reference's quantization_error: x - float(fp8_e4m3(x / s)) * s, product and difference
+// rounded separately.
+struct ErrorOp {
+  using out_t = float;
+  static constexpr float kMax = Fp8Format<true>::kMax;
+  template <int V, typename D>
+  __device__ __forceinline__ static void apply(const float (&x)[V], const D& d, out_t (&y)[V]) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float q = fp8_to_float(float_to_fp8<true>(d.div(x[i])), __NV_E4M3);
+      y[i] = __fsub_rn(x[i], __fmul_rn(q, d.s));
+    }
+  }
+};
+
+template <typename O, int VEC>
+__device__ __forceinline__ void store_pack(O* __restrict__ out, int64_t vec_index, const O (&y)[VEC]) {
+  Pack<O, VEC> p;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) p.v[i] = y[i];
+  reinterpret_cast<Pack<O, VEC>*>(out)[vec_index] = p;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ uint32_t max_abs_bits(uint32_t m, const Pack<T, VEC>& p) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) m = max(m, abs_bits(to_float(p.v[i])));
+  return m;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void pack_to_floats(const Pack<T, VEC>& p, float (&x)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) x[i] = to_float(p.v[i]);
+}
+
+// Grid-stride loops in "rounds": in round t this thread owns vector t * stride + first, where
+// stride = gridDim.x * blockDim.x. Calls f(pack, t, index) for the rounds [begin, end) (last to
+// first when kReverse) that hold a vector of this thread, loading kUnroll rounds before using
+// any, so that kUnroll loads per thread are in flight.
+template <bool kReverse, typename P, typename F>
+__device__ __forceinline__ void for_each_round(const P* __restrict__ vin, int64_t nv, int64_t stride,
+                                               int64_t first, int64_t begin, int64_t end, F&& f) {
+  const int64_t count = end - begin;
+  for (int64_t base = 0; base < count; base += kUnroll) {
+    P p[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = kReverse ? end - 1 - (base + u) : begin + base + u;
+      if (base + u < count && t * stride + first < nv) p[u] = vin[t * stride + first];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = kReverse ? end - 1 - (base + u) : begin + base + u;
+      if (base + u < count && t * stride + first < nv) f(p[u], t, t * stride + first);
+    }
+  }
+}
+
+// The activation dtypes (float32, float16, bfloat16); no double instantiations.
+#define FALQON_DISPATCH_ACTIVATION(TYPE, NAME, ...)                                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)               \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
+                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+}  // namespace cuda
+}  // namespace falqon
+#endif  // __CUDACC__

@@ -1,0 +1,235 @@
+// FP8 GEMMs through cuBLASLt: per-tensor scales as device pointers (no host synchronisation),
+// the bias fused in the epilogue, descriptors and the chosen algorithm cached per problem.
+//
+// cuBLASLt is column-major and its FP8 kernels want the "TN" form on Ada and Hopper: A
+// transposed, B not, both with a contiguous k. Our row-major operands a (m x k) and b (n x k)
+// are, read column-major, k x m and k x n matrices, so D[m x n] = A^T B with A = a, B = b is
+// exactly (b a^T)^T: stored column-major with ld = ldo, it is the row-major n x m product.
+//   forward: a = W' ((N + r16) x K), b = fp8(x) (M x K) -> (M, N + r16), ldo = N + r16
+//   dgrad:   a = W_q^T (K x N),      b = fp8(g) (M x N) -> (M, K),      ldo = K
+#include <cublasLt.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <unordered_map>
+
+#include "common.cuh"
+
+namespace falqon {
+namespace cuda {
+
+namespace {
+
+#define FALQON_CUBLASLT_CHECK(EXPR)                                                           \
+  do {                                                                                        \
+    const cublasStatus_t status_ = (EXPR);                                                    \
+    TORCH_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "falqon: cuBLASLt call ", #EXPR, " failed: ", \
+                cublasLtGetStatusName(status_), " (", cublasLtGetStatusString(status_), ")"); \
+  } while (0)
+
+cudaDataType_t cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat8_e4m3fn:
+      return CUDA_R_8F_E4M3;
+    case at::kFloat8_e5m2:
+      return CUDA_R_8F_E5M2;
+    case at::kBFloat16:
+      return CUDA_R_16BF;
+    case at::kHalf:
+      return CUDA_R_16F;
+    case at::kFloat:
+      return CUDA_R_32F;
+    default:
+      TORCH_CHECK(false, "falqon: no cuBLASLt type for ", t);
+  }
+}
+
+// Everything the heuristic's choice depends on. Pointer alignments are part of it: cuBLASLt
+// assumes 256-byte aligned buffers unless told otherwise (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*),
+// and an operand taken at an offset may be less aligned.
+struct GemmKey {
+  int device;
+  int64_t m, n, k, ldo;
+  cudaDataType_t a_type, b_type, d_type;
+  bool bias, fast_accum;
+  int align_a, align_b, align_d, align_bias;
+
+  bool operator==(const GemmKey& o) const { return std::memcmp(this, &o, sizeof(GemmKey)) == 0; }
+};
+
+struct GemmKeyHash {
+  size_t operator()(const GemmKey& key) const {
+    // FNV-1a over the bytes; GemmKey is zero-initialised before it is filled, padding included.
+    const auto* p = reinterpret_cast<const unsigned char*>(&key);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof(GemmKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+// A matmul descriptor, the three layouts and the algorithm for one GemmKey.
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  size_t workspace = 0;
+
+  GemmPlan() = default;
+  GemmPlan(const GemmPlan&) = delete;
+  GemmPlan& operator=(const GemmPlan&) = delete;
+  ~GemmPlan() {
+    // Destruction must not throw; these only free host memory.
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+template <typename V>
+void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const V& value) {
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)));
+}
+
+// Workspace for split-k and stream-k algorithms: 32 MiB on Hopper and later (what torch gives
+// cuBLASLt there), 4 MiB before.
+size_t workspace_limit(const at::Device& device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  return prop->major >= 9 ? (size_t{32} << 20) : (size_t{4} << 20);
+}
+
+std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle, const void* a_scale,
+                                    const void* b_scale, const void* bias, const at::Device& device) {
+  auto plan = std::make_unique<GemmPlan>();
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, cublasOperation_t{CUBLAS_OP_T});
+  set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, cublasOperation_t{CUBLAS_OP_N});
+  set_desc(plan->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, int8_t{key.fast_accum ? int8_t{1} : int8_t{0}});
+  // The pointers are set again on every call; the heuristic reads them only for their alignment.
+  set_desc(plan->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale);
+  set_desc(plan->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale);
+  if (key.bias) {
+    set_desc(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, cublasLtEpilogue_t{CUBLASLT_EPILOGUE_BIAS});
+    set_desc(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+    set_desc(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, key.d_type);
+  }
+  FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->a, key.a_type, key.k, key.m, key.k));
+  FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->b, key.b_type, key.k, key.n, key.k));
+  FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->d, key.d_type, key.m, key.n, key.ldo));
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
+                        decltype(&cublasLtMatmulPreferenceDestroy)>
+      pref_owner(pref, &cublasLtMatmulPreferenceDestroy);
+  const uint64_t ws_limit = workspace_limit(device);
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_limit, sizeof(ws_limit)));
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key.align_a)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key.align_b)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key.align_d)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key.align_d)}};
+  for (const auto& [attr, value] : aligns) {
+    FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->d,
+                                                       plan->d, pref, 1, &result, &found));
+  TORCH_CHECK(found > 0, "falqon: cuBLASLt has no FP8 GEMM algorithm for m=", key.m, " n=", key.n,
+              " k=", key.k, " (", key.bias ? "with" : "without", " bias, alignments A ", key.align_a,
+              " B ", key.align_b, " D ", key.align_d, ")");
+  plan->algo = result.algo;
+  plan->workspace = result.workspaceSize;
+  return plan;
+}
+
+}  // namespace
+
+bool fast_accum_forward() {
+  static const bool value = env_flag("FALQON_FAST_ACCUM_FWD", true);
+  return value;
+}
+
+bool fast_accum_dgrad() {
+  static const bool value = env_flag("FALQON_FAST_ACCUM_DGRAD", false);
+  return value;
+}
+
+void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                    const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& out, bool fast_accum) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.stride(1) == 1 &&
+                  b.stride(1) == 1 && a.stride(0) == a.size(1) && b.stride(0) == b.size(1),
+              "falqon: scaled_gemm_tn takes contiguous (m, k) and (n, k) operands, got ", a.sizes(),
+              " and ", b.sizes());
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == m && out.stride(1) == 1 &&
+                  out.stride(0) >= m,
+              "falqon: scaled_gemm_tn writes a row-major (", n, ", ", m, ") output, got ",
+              out.sizes(), " with strides ", out.strides());
+  TORCH_CHECK(k % 16 == 0 && out.stride(0) % 16 == 0,
+              "falqon: FP8 GEMMs need k and the output's leading dimension to be multiples of 16");
+  TORCH_CHECK(a_scale.numel() == 1 && b_scale.numel() == 1 && a_scale.scalar_type() == at::kFloat &&
+                  b_scale.scalar_type() == at::kFloat,
+              "falqon: the GEMM scales must be single float32 values");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->numel() == m && bias->is_contiguous() &&
+                                    bias->scalar_type() == out.scalar_type() &&
+                                    out.scalar_type() != at::kFloat),
+              "falqon: the fused bias must be a contiguous vector of ", m, " values of the output "
+              "dtype, and the output bf16 or fp16");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // cuBLASLt takes no empty reduction; the product is then zero (plus bias)
+    out.zero_();
+    if (bias.has_value()) out.add_(*bias);
+    return;
+  }
+  const at::Device device = out.device();
+  GemmKey key;
+  std::memset(&key, 0, sizeof(key));  // padding bytes take part in hashing and comparing
+  key.device = device.index();
+  key.m = m;
+  key.n = n;
+  key.k = k;
+  key.ldo = out.stride(0);
+  key.a_type = cuda_dtype(a.scalar_type());
+  key.b_type = cuda_dtype(b.scalar_type());
+  key.d_type = cuda_dtype(out.scalar_type());
+  key.bias = bias.has_value();
+  key.fast_accum = fast_accum;
+  key.align_a = pointer_alignment(a.const_data_ptr());
+  key.align_b = pointer_alignment(b.const_data_ptr());
+  key.align_d = pointer_alignment(out.data_ptr());
+  key.align_bias = bias.has_value() ? pointer_alignment(bias->const_data_ptr()) : 0;
+
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const void* a_scale_ptr = a_scale.const_data_ptr();
+  const void* b_scale_ptr = b_scale.const_data_ptr();
+  const void* bias_ptr = bias.has_value() ? bias->const_data_ptr() : nullptr;
+  // Per thread (autograd runs backward on its own threads): no locking, and the per-call pointer
+  // attributes below never race with another call.
+  thread_local std::unordered_map<GemmKey, std::unique_ptr<GemmPlan>, GemmKeyHash> plans;
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    it = plans.emplace(key, make_plan(key, handle, a_scale_ptr, b_scale_ptr, bias_ptr, device)).first;
+  }
+  GemmPlan& plan = *it->second;
+  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale_ptr);
+  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale_ptr);
+  if (key.bias) set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr);
+
+  // From torch's caching allocator, so that CUDA-graph capture and stream semantics hold.
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(plan.workspace)}, out.options().dtype(at::kByte));
+  const float alpha = 1.f, beta = 0.f;
+  FALQON_CUBLASLT_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, a.const_data_ptr(), plan.a,
+                                       b.const_data_ptr(), plan.b, &beta, out.data_ptr(), plan.d,
+                                       out.data_ptr(), plan.d, &plan.algo,
+                                       plan.workspace ? workspace.data_ptr() : nullptr,
+                                       plan.workspace, at::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace cuda
+}  // namespace falqon

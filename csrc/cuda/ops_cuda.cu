@@ -1,0 +1,181 @@
+// The CUDA kernels of torch.ops.falqon: argument checks (shared with the CPU reference), the
+// FP8 path, or the reference implementation on GPUs without FP8 (compute capability < 8.9) and
+// wherever FALQON_FORCE_EMULATION=1. Also torch.ops.falqon_bench: the variants and pieces the
+// benchmarks and scripts/cuda_selfcheck.py time separately (not part of the falqon API).
+#include <torch/library.h>
+
+#include <cctype>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "common.cuh"
+
+namespace falqon {
+namespace cuda {
+
+namespace {
+
+// A kernel whose image tells whether this build has code for a device.
+__global__ void probe_kernel() {}
+
+std::string lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+}  // namespace
+
+bool env_flag(const char* name, bool fallback) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr || *raw == '\0') return fallback;
+  const std::string v = lower(raw);
+  if (v == "1" || v == "true" || v == "yes" || v == "on") return true;
+  if (v == "0" || v == "false" || v == "no" || v == "off") return false;
+  TORCH_CHECK(false, "falqon: environment variable ", name, " must be 1 or 0, got '", raw, "'");
+}
+
+int sm_count(const at::Device& device) {
+  return at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
+}
+
+bool use_emulation(const at::Device& device) {
+  static const bool forced = env_flag("FALQON_FORCE_EMULATION", false);
+  static std::mutex mutex;
+  static std::unordered_map<int, bool> answers;
+  bool emulate;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto it = answers.find(device.index());
+    if (it == answers.end()) {
+      const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+      const bool has_fp8 = prop->major * 10 + prop->minor >= 89;
+      if (has_fp8 && !forced) {
+        cudaFuncAttributes attr;
+        const cudaError_t err = cudaFuncGetAttributes(&attr, probe_kernel);
+        if (err != cudaSuccess) (void)cudaGetLastError();  // clear it; we raise our own error
+        TORCH_CHECK(err == cudaSuccess, "falqon: this build has no kernels for compute capability ",
+                    prop->major, ".", prop->minor, " (", cudaGetErrorString(err),
+                    "); rebuild with TORCH_CUDA_ARCH_LIST including ", prop->major, ".", prop->minor,
+                    prop->major >= 9 ? "a" : "");
+      }
+      it = answers.emplace(device.index(), forced || !has_fp8).first;
+    }
+    emulate = it->second;
+  }
+  if (emulate) {
+    TORCH_WARN_ONCE("falqon: the FP8 path needs a GPU of compute capability >= 8.9",
+                    forced ? " and FALQON_FORCE_EMULATION=1 is set" : "",
+                    "; this run emulates FP8 with the reference implementation (casts and fp32 "
+                    "GEMMs) and is slower than bf16.");
+  }
+  return emulate;
+}
+
+namespace {
+
+// ---- torch.ops.falqon on CUDA -----------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& input, at::ScalarType dtype) {
+  check_quantize_args(input, dtype);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (use_emulation(input.device())) return ref::quantize(input, dtype);
+  return quantize_fp8(input, dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> melded_linear_op(const at::Tensor& input, const at::Tensor& weight,
+                                                    const at::Tensor& weight_scale,
+                                                    const at::Tensor& lora_B,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& weight_t,
+                                                    double scaling,
+                                                    std::optional<at::ScalarType> grad_dtype) {
+  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (use_emulation(weight.device())) {
+    return ref::melded_linear(input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype);
+  }
+  return melded_linear_fp8(input, weight, weight_scale, lora_B, bias);
+}
+
+at::Tensor melded_linear_grad_input_op(const at::Tensor& grad_output, const at::Tensor& weight,
+                                       const at::Tensor& weight_scale,
+                                       const std::optional<at::Tensor>& weight_t,
+                                       std::optional<at::ScalarType> grad_dtype) {
+  const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
+  check_grad_input_args(grad_output, weight, weight_scale, grad_output.dim() ? grad_output.size(-1) : 0,
+                        weight_t, gdt);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (use_emulation(weight.device())) {
+    return ref::melded_linear_grad_input(grad_output, weight, weight_scale, weight_t, grad_dtype);
+  }
+  return melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, gdt);
+}
+
+std::tuple<at::Tensor, at::Tensor> meld_init_op(const at::Tensor& weight, int64_t rank,
+                                                const std::string& svd, int64_t oversample,
+                                                int64_t power_iters, int64_t seed) {
+  check_meld_init_args(weight, rank, svd, oversample, power_iters);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (use_emulation(weight.device())) {
+    return ref::meld_init(weight, rank, svd, oversample, power_iters, seed);
+  }
+  return meld_init_fp8(weight, rank, svd, oversample, power_iters, seed);
+}
+
+void topk_update_op(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
+                    int64_t k, double scaling, bool keep_residual) {
+  check_topk_update_args(weight, lora_B, weight_t, k);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (use_emulation(weight.device())) {
+    ref::topk_update_(weight, lora_B, weight_t, k, scaling, keep_residual);
+    return;
+  }
+  topk_update_fp8(weight, lora_B, weight_t, k, scaling, keep_residual);
+}
+
+// ---- torch.ops.falqon_bench -------------------------------------------------------------------
+
+// b a^T * a_scale * b_scale for row-major FP8 a (m x k) and b (n x k): the forward GEMM
+// (a = W', b = fp8(x)) or the dgrad GEMM (a = W_q^T, b = fp8(g)) alone.
+at::Tensor scaled_gemm_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                          const at::Tensor& b_scale, at::ScalarType out_dtype, bool fast_accum) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "falqon_bench.scaled_gemm takes 2-D operands");
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty({b.size(0), a.size(0)}, a.options().dtype(out_dtype));
+  scaled_gemm_tn(a, a_scale, b, b_scale, std::nullopt, out, fast_accum);
+  return out;
+}
+
+}  // namespace
+
+}  // namespace cuda
+}  // namespace falqon
+
+TORCH_LIBRARY_IMPL(falqon, CUDA, m) {
+  m.impl("quantize", &falqon::cuda::quantize_op);
+  m.impl("melded_linear", &falqon::cuda::melded_linear_op);
+  m.impl("melded_linear_grad_input", &falqon::cuda::melded_linear_grad_input_op);
+  m.impl("meld_init", &falqon::cuda::meld_init_op);
+  m.impl("topk_update_", &falqon::cuda::topk_update_op);
+}
+
+TORCH_LIBRARY(falqon_bench, m) {
+  // quantize with the implementation named ("twopass" or "fused"), whatever FALQON_QUANTIZE says.
+  m.def("quantize(Tensor input, ScalarType dtype, str impl) -> (Tensor, Tensor)");
+  // Delayed scaling: the scale from the previous step's amax; returns (q, scale, amax of input).
+  m.def("quantize_delayed(Tensor input, ScalarType dtype, Tensor amax) -> (Tensor, Tensor, Tensor)");
+  // The (cols, rows) transpose of an FP8 matrix (the dgrad path without weight_t).
+  m.def("transpose_fp8(Tensor weight) -> Tensor");
+  // One FP8 GEMM: b a^T * a_scale * b_scale, a (m, k) and b (n, k) row-major FP8.
+  m.def("scaled_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType out_dtype, "
+        "bool fast_accum) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(falqon_bench, CUDA, m) {
+  m.impl("quantize", &falqon::cuda::quantize_impl);
+  m.impl("quantize_delayed", &falqon::cuda::quantize_delayed);
+  m.impl("transpose_fp8", &falqon::cuda::transpose_fp8);
+  m.impl("scaled_gemm", &falqon::cuda::scaled_gemm_op);
+}

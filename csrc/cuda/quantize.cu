@@ -1,0 +1,431 @@
+// Per-tensor FP8 quantisation on the device, with no host synchronisation: the amax stays in
+// device memory between the kernels.
+//
+// twopass (default): amax_kernel reads x once and writes one partial max per block;
+//   scaled_map_kernel reduces those partials (a few hundred values) in every block, computes
+//   the scale and casts. The cast walks the data in the reverse order of the amax pass so that
+//   its first reads hit what the amax pass left in L2 (50 MB on H100), which saves part of the
+//   second read of a large activation.
+// fused: one cooperative kernel. Each thread keeps its first vectors in registers and the next
+//   ones in shared memory while it computes the amax, the grid synchronises once, and the cast
+//   then reads back from global memory (L2 first, reverse order) only what did not fit on chip.
+// delayed (benchmarks only): the scale comes from a given amax (the previous step's), so one
+//   kernel reads x once, writes q and reduces this step's amax with an atomic max.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <type_traits>
+#include <unordered_map>
+
+#include "common.cuh"
+
+namespace falqon {
+namespace cuda {
+
+namespace cg = cooperative_groups;
+
+namespace {
+
+// The fused kernel runs one block of kThreads per SM, so that each thread may hold up to 128
+// registers: kRegisterVectors vectors of 16 bytes (32 registers) of its share stay in registers,
+// with kUnroll loads in flight, without spilling. (Two blocks of 512 would cap it at 64.)
+constexpr int kRegisterVectors = 8;
+constexpr int kFusedBlocksPerSm = 1;
+
+// Blocks of the streaming kernels: two resident blocks of kThreads per SM (each thread keeps
+// kUnroll 16-byte loads in flight, 64 KB per SM, enough to cover HBM latency), fewer when the
+// tensor is small. Also the number of partial maxima.
+int stream_grid(int64_t vectors, const at::Device& device) {
+  const int64_t needed = std::max<int64_t>(1, (vectors + kThreads - 1) / kThreads);
+  return static_cast<int>(std::min<int64_t>(needed, 2LL * sm_count(device)));
+}
+
+// ---- kernels ----------------------------------------------------------------------------------
+
+template <typename T, int VEC>
+__device__ __forceinline__ uint32_t tail_amax(const T* __restrict__ in, int64_t n, uint32_t m) {
+  if (blockIdx.x == 0) {
+    for (int64_t j = n / VEC * VEC + threadIdx.x; j < n; j += blockDim.x) m = max(m, abs_bits(to_float(in[j])));
+  }
+  return m;
+}
+
+// The elements after the last whole vector, converted by block 0.
+template <typename T, int VEC, typename Op, typename D>
+__device__ __forceinline__ void tail_map(const T* __restrict__ in, int64_t n, const D& d,
+                                         typename Op::out_t* __restrict__ out) {
+  if (blockIdx.x == 0) {
+    for (int64_t j = n / VEC * VEC + threadIdx.x; j < n; j += blockDim.x) {
+      const float x[1] = {to_float(in[j])};
+      typename Op::out_t y[1];
+      Op::apply(x, d, y);
+      out[j] = y[0];
+    }
+  }
+}
+
+template <typename T, int VEC, typename Op, typename D>
+__device__ __forceinline__ void map_pack(const Pack<T, VEC>& p, const D& d,
+                                         typename Op::out_t* __restrict__ out, int64_t index) {
+  float x[VEC];
+  typename Op::out_t y[VEC];
+  pack_to_floats(p, x);
+  Op::apply(x, d, y);
+  store_pack<typename Op::out_t, VEC>(out, index, y);
+}
+
+struct GridStride {
+  int64_t nv, stride, first, rounds;
+  __device__ __forceinline__ explicit GridStride(int64_t vectors)
+      : nv(vectors),
+        stride(static_cast<int64_t>(gridDim.x) * blockDim.x),
+        first(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x),
+        rounds((vectors + stride - 1) / stride) {}
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) amax_kernel(const T* __restrict__ in, int64_t n,
+                                                        uint32_t* __restrict__ partials) {
+  using P = Pack<T, VEC>;
+  const GridStride g(n / VEC);
+  uint32_t m = 0;
+  for_each_round<false>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
+                        [&](const P& p, int64_t, int64_t) { m = max_abs_bits(m, p); });
+  m = block_max(tail_amax<T, VEC>(in, n, m));
+  if (threadIdx.x == 0) partials[blockIdx.x] = m;
+}
+
+// Converts the elements [0, n) with Op at the scale of the partial maxima, walking the rounds
+// from the last to the first (the amax pass walked them forwards: its last reads are in L2).
+template <typename T, int VEC, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    scaled_map_kernel(const T* __restrict__ in, int64_t n, const uint32_t* __restrict__ partials,
+                      int num_partials, typename Op::out_t* __restrict__ out,
+                      float* __restrict__ scale_out) {
+  using P = Pack<T, VEC>;
+  const float scale = scale_from_amax(amax_from_partials(partials, num_partials), Op::kMax);
+  if (scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
+  const GridStride g(n / VEC);
+  for_each_round<true>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
+                       [&](const P& p, int64_t, int64_t i) { map_pack<T, VEC, Op>(p, d, out, i); });
+  tail_map<T, VEC, Op>(in, n, d, out);
+}
+
+// The fused quantisation (see the file comment), launched cooperatively with every block
+// resident. Rounds [0, kRegisterVectors) stay in registers, the next smem_rounds in shared
+// memory, the rest is read twice.
+template <typename T, int VEC, bool kE4M3>
+__global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
+    fused_quantize_kernel(const T* __restrict__ in, int64_t n, uint32_t* __restrict__ partials,
+                          uint8_t* __restrict__ out, float* __restrict__ scale_out, int smem_rounds) {
+  using P = Pack<T, VEC>;
+  using Op = CastOp<kE4M3>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  P* cache = reinterpret_cast<P*>(smem_raw);  // [smem_rounds][blockDim.x]
+  const P* vin = reinterpret_cast<const P*>(in);
+  const GridStride g(n / VEC);
+  const int64_t on_chip_end = std::min<int64_t>(g.rounds, kRegisterVectors + smem_rounds);
+  auto slot = [&](int64_t t) -> P& { return cache[(t - kRegisterVectors) * blockDim.x + threadIdx.x]; };
+
+  // Pass 1: the amax, keeping what fits on chip.
+  uint32_t m = 0;
+  P regs[kRegisterVectors];
+#pragma unroll
+  for (int t = 0; t < kRegisterVectors; ++t) {
+    if (t * g.stride + g.first < g.nv) regs[t] = vin[t * g.stride + g.first];
+  }
+#pragma unroll
+  for (int t = 0; t < kRegisterVectors; ++t) {
+    if (t * g.stride + g.first < g.nv) m = max_abs_bits(m, regs[t]);
+  }
+  for_each_round<false>(vin, g.nv, g.stride, g.first, kRegisterVectors, on_chip_end,
+                        [&](const P& p, int64_t t, int64_t) {
+                          slot(t) = p;
+                          m = max_abs_bits(m, p);
+                        });
+  for_each_round<false>(vin, g.nv, g.stride, g.first, on_chip_end, g.rounds,
+                        [&](const P& p, int64_t, int64_t) { m = max_abs_bits(m, p); });
+  m = block_max(tail_amax<T, VEC>(in, n, m));
+  if (threadIdx.x == 0) partials[blockIdx.x] = m;
+
+  cg::this_grid().sync();  // every partial is written and visible
+
+  const float scale = scale_from_amax(amax_from_partials(partials, gridDim.x), Op::kMax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
+  // Pass 2: the streamed rounds newest first (the most recently read are still in L2), then the
+  // shared-memory and register copies.
+  for_each_round<true>(vin, g.nv, g.stride, g.first, on_chip_end, g.rounds,
+                       [&](const P& p, int64_t, int64_t i) { map_pack<T, VEC, Op>(p, d, out, i); });
+  for (int64_t t = kRegisterVectors; t < on_chip_end; ++t) {
+    if (t * g.stride + g.first < g.nv) map_pack<T, VEC, Op>(slot(t), d, out, t * g.stride + g.first);
+  }
+#pragma unroll
+  for (int t = 0; t < kRegisterVectors; ++t) {
+    if (t * g.stride + g.first < g.nv) map_pack<T, VEC, Op>(regs[t], d, out, t * g.stride + g.first);
+  }
+  tail_map<T, VEC, Op>(in, n, d, out);
+}
+
+template <typename T, int VEC, bool kE4M3>
+__global__ void __launch_bounds__(kThreads)
+    delayed_quantize_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ amax_prev,
+                            uint8_t* __restrict__ out, float* __restrict__ scale_out,
+                            uint32_t* __restrict__ amax_out) {
+  using P = Pack<T, VEC>;
+  using Op = CastOp<kE4M3>;
+  const float scale = scale_from_amax(*amax_prev, Op::kMax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  // |x| may exceed the previous amax by any factor.
+  const Divisor</*kBounded=*/false> d(scale);
+  const GridStride g(n / VEC);
+  uint32_t m = 0;
+  for_each_round<false>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
+                        [&](const P& p, int64_t, int64_t i) {
+                          m = max_abs_bits(m, p);
+                          map_pack<T, VEC, Op>(p, d, out, i);
+                        });
+  tail_map<T, VEC, Op>(in, n, d, out);
+  m = block_max(tail_amax<T, VEC>(in, n, m));
+  if (threadIdx.x == 0) atomicMax(amax_out, m);
+}
+
+// ---- launchers --------------------------------------------------------------------------------
+
+// Calls f(std::integral_constant<bool, E4M3>).
+template <typename F>
+void dispatch_fp8(at::ScalarType dtype, F&& f) {
+  if (fp8_is_e4m3(dtype)) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Calls f(std::integral_constant<int, VEC>) with VEC = 16 bytes of T when both pointers allow
+// it, else 1 (an unaligned storage offset).
+template <typename T, typename O, typename F>
+void dispatch_vec(const void* in, const void* out, F&& f) {
+  constexpr int vec = 16 / sizeof(T);
+  if (pointer_alignment(in) >= 16 && pointer_alignment(out) >= static_cast<int>(vec * sizeof(O))) {
+    f(std::integral_constant<int, vec>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+uint32_t* as_bits(const at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr()); }
+
+// For a cast of x into the FP8 tensor q: calls f(in, out, E4M3 constant, VEC constant) with
+// in = x's data as its scalar type.
+template <typename F>
+void dispatch_cast(const at::Tensor& x, const at::Tensor& q, F&& f) {
+  FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_quantize", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    uint8_t* out = static_cast<uint8_t*>(q.data_ptr());
+    dispatch_fp8(q.scalar_type(), [&](auto e4m3) {
+      dispatch_vec<scalar_t, uint8_t>(in, out, [&](auto vec) { f(in, out, e4m3, vec); });
+    });
+  });
+}
+
+
+template <typename Op>
+void launch_scaled_map(const at::Tensor& x, const at::Tensor& partials, void* out_ptr,
+                       float* scale_out) {
+  using O = typename Op::out_t;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_scaled_map", [&] {
+    const auto* in = x.const_data_ptr<scalar_t>();
+    auto* out = static_cast<O*>(out_ptr);
+    dispatch_vec<scalar_t, O>(in, out, [&](auto vec_c) {
+      constexpr int VEC = decltype(vec_c)::value;
+      scaled_map_kernel<scalar_t, VEC, Op><<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
+          in, x.numel(), as_bits(partials), static_cast<int>(partials.numel()), out, scale_out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor new_scale(const at::Tensor& like) {
+  return at::empty({}, like.options().dtype(at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_twopass(const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
+  at::Tensor scale = new_scale(x);
+  cast_with_partials(x, amax_partials(x), q, scale);
+  return {q, scale};
+}
+
+// What the fused kernel may use on one device: shared-memory rounds per block and the blocks
+// that are then resident at once (a cooperative launch must not exceed them).
+struct FusedLimits {
+  int max_smem_rounds = 0;
+  int resident_blocks = 0;
+};
+
+template <typename T, int VEC, bool kE4M3>
+FusedLimits fused_limits(const at::Device& device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, FusedLimits> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device.index());
+  if (it != cache.end()) return it->second;
+  auto kernel = fused_quantize_kernel<T, VEC, kE4M3>;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  // Each of the kFusedBlocksPerSm blocks of an SM gets an equal share of its shared memory.
+  const int64_t per_block =
+      std::min<int64_t>(static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / kFusedBlocksPerSm -
+                            static_cast<int64_t>(prop->reservedSharedMemPerBlock),
+                        static_cast<int64_t>(prop->sharedMemPerBlockOptin)) -
+      static_cast<int64_t>(attr.sharedSizeBytes);
+  const int64_t round_bytes = int64_t{kThreads} * sizeof(Pack<T, VEC>);
+  FusedLimits limits;
+  limits.max_smem_rounds = static_cast<int>(std::max<int64_t>(0, per_block / round_bytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+  int per_sm = 0;
+  // Per device: the current device is the tensor's (the caller holds a CUDAGuard). Should the
+  // estimate above leave no room for one block, give up shared-memory rounds until one fits.
+  for (; limits.max_smem_rounds >= 0; --limits.max_smem_rounds) {
+    const int smem = static_cast<int>(limits.max_smem_rounds * round_bytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    if (per_sm > 0) break;
+  }
+  TORCH_CHECK(per_sm > 0, "falqon: the fused quantize kernel cannot be resident on this GPU");
+  limits.resident_blocks = std::min(per_sm, kFusedBlocksPerSm) * sm_count(device);
+  cache.emplace(device.index(), limits);
+  return limits;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fused(const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
+  at::Tensor scale = new_scale(x);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
+    constexpr bool kE4M3 = decltype(e4m3)::value;
+    constexpr int VEC = decltype(vec)::value;
+    const FusedLimits limits = fused_limits<T, VEC, kE4M3>(x.device());
+    int64_t n = x.numel();
+    const int64_t vectors = n / VEC;
+    const int grid = static_cast<int>(std::min<int64_t>(
+        std::max<int64_t>(1, (vectors + kThreads - 1) / kThreads), limits.resident_blocks));
+    const int64_t rounds = (vectors + int64_t{grid} * kThreads - 1) / (int64_t{grid} * kThreads);
+    int smem_rounds =
+        static_cast<int>(std::clamp<int64_t>(rounds - kRegisterVectors, 0, limits.max_smem_rounds));
+    const size_t smem = static_cast<size_t>(smem_rounds) * kThreads * sizeof(Pack<T, VEC>);
+    at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
+    uint32_t* partial_bits = as_bits(partials);
+    float* scale_ptr = scale.data_ptr<float>();
+    void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &smem_rounds};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
+        reinterpret_cast<const void*>(fused_quantize_kernel<T, VEC, kE4M3>), dim3(grid),
+        dim3(kThreads), args, smem, stream));
+  });
+  return {q, scale};
+}
+
+const std::string& default_impl() {
+  static const std::string impl = [] {
+    const char* v = std::getenv("FALQON_QUANTIZE");
+    std::string s = (v && *v) ? v : "twopass";
+    TORCH_CHECK(s == "twopass" || s == "fused",
+                "falqon: FALQON_QUANTIZE must be 'twopass' or 'fused', got '", s, "'");
+    return s;
+  }();
+  return impl;
+}
+
+}  // namespace
+
+// ---- entry points -----------------------------------------------------------------------------
+
+at::Tensor amax_partials(const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous(), "falqon: amax_partials needs a contiguous tensor");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor partials;
+  FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_amax", [&] {
+    const auto* in = x.const_data_ptr<scalar_t>();
+    dispatch_vec<scalar_t, scalar_t>(in, in, [&](auto vec_c) {
+      constexpr int VEC = decltype(vec_c)::value;
+      // One partial per block; an empty x gives one partial of 0.
+      const int grid = stream_grid(x.numel() / VEC, x.device());
+      partials = at::empty({grid}, x.options().dtype(at::kInt));
+      amax_kernel<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(in, x.numel(), as_bits(partials));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return partials;
+}
+
+void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const at::Tensor& out,
+                        const at::Tensor& scale) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.numel() == x.numel(),
+              "falqon: cast_with_partials needs contiguous tensors of equal sizes");
+  dispatch_fp8(out.scalar_type(), [&](auto e4m3) {
+    launch_scaled_map<CastOp<decltype(e4m3)::value>>(x, partials, out.data_ptr(),
+                                                     scale.data_ptr<float>());
+  });
+}
+
+at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials) {
+  TORCH_CHECK(x.is_contiguous(), "falqon: quantization_error needs a contiguous tensor");
+  at::Tensor error = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  launch_scaled_map<ErrorOp>(x, partials, error.data_ptr(), nullptr);
+  return error;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
+                                                 const std::string& impl) {
+  check_quantize_args(input, dtype);
+  TORCH_CHECK(impl == "twopass" || impl == "fused", "falqon: quantize impl must be 'twopass' or "
+              "'fused', got '", impl, "'");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous();
+  if (x.numel() == 0) {
+    return {at::empty(input.sizes(), x.options().dtype(dtype)),
+            at::ones({}, x.options().dtype(at::kFloat))};
+  }
+  return impl == "fused" ? quantize_fused(x, dtype) : quantize_twopass(x, dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input, at::ScalarType dtype) {
+  return quantize_impl(input, dtype, default_impl());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
+                                                                at::ScalarType dtype,
+                                                                const at::Tensor& amax_prev) {
+  check_quantize_args(input, dtype);
+  TORCH_CHECK(amax_prev.numel() == 1 && amax_prev.scalar_type() == at::kFloat &&
+                  amax_prev.device() == input.device(),
+              "falqon: quantize_delayed takes the previous amax as one float32 value on the input's "
+              "device");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous();
+  const at::Tensor prev = amax_prev.contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
+  at::Tensor scale = new_scale(x);
+  at::Tensor amax = at::zeros({}, x.options().dtype(at::kFloat));  // atomicMax target
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
+    constexpr int VEC = decltype(vec)::value;
+    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value>
+        <<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
+            in, x.numel(), prev.const_data_ptr<float>(), out, scale.data_ptr<float>(), as_bits(amax));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q, scale, amax};
+}
+
+}  // namespace cuda
+}  // namespace falqon
