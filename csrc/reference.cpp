@@ -40,7 +40,9 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarT
   const double fmax = fp8_max(dtype);
   const at::Tensor x = input.to(at::kFloat).contiguous();
   at::Tensor amax = x.numel() ? x.abs().amax() : at::zeros({}, x.options());
-  at::Tensor scale = amax / fmax;
+  // Divide by a device scalar: with a host double, ATen's CUDA kernels multiply by the
+  // reciprocal instead, which can round differently from the CPU's true division.
+  at::Tensor scale = amax / at::scalar_tensor(fmax, amax.options());
   // amax == 0 (or so small that amax / fmax underflows): scale 1 keeps q = 0 and everything
   // finite. A NaN or Inf amax is left as it is so that non-finite inputs stay visible.
   scale = at::where(scale == 0, at::ones_like(scale), scale);
