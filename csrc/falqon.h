@@ -29,6 +29,11 @@ inline at::ScalarType grad_dtype_or_default(std::optional<at::ScalarType> dtype)
   return dtype.value_or(at::kFloat8_e5m2);
 }
 
+// A UserWarning in Python's warnings machinery (filters, logging, pytest) where Python runs this
+// library, else a c10 warning. torch.ops calls install no Python warning handler, so a plain
+// TORCH_WARN from an op would only be printed to stderr.
+void warn_user(const std::string& message);
+
 // ---- argument checks (the same messages on every backend) -------------------------------------
 void check_quantize_args(const at::Tensor& input, at::ScalarType dtype);
 // A melded weight for `out_features` outputs and rank `rank` (rank < 0: any padded rank).

@@ -14,6 +14,34 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace falqon {
+
+void warn_user(const std::string& message) {
+  if (!Py_IsInitialized()) {
+    TORCH_WARN(message);
+    return;
+  }
+  // torch.ops releases the GIL while an op runs: take it back for the warning.
+  const PyGILState_STATE gil = PyGILState_Ensure();
+  const int status = PyErr_WarnEx(PyExc_UserWarning, message.c_str(), 1);
+  std::string error;
+  if (status < 0) {  // the warning filters made it an error: raise it as ours
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject* text = value ? PyObject_Str(value) : nullptr;
+    const char* utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
+    error = utf8 ? utf8 : message;
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+  }
+  PyGILState_Release(gil);
+  TORCH_CHECK(status >= 0, error);
+}
+
+}  // namespace falqon
+
 TORCH_LIBRARY(falqon, m) {
   // Per-tensor FP8 quantisation: returns (q, scale) with scale = amax / fmax as a float32 device
   // scalar (1 when amax == 0) and q = fp8(clamp(input / scale)).

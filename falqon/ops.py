@@ -142,7 +142,10 @@ def _melded_linear_setup_context(ctx, inputs, output):
 
 def _melded_linear_backward(ctx, grad_y, grad_xa):
     xa, weight, weight_scale, weight_t = ctx.saved_tensors
-    needs_input, needs_B, needs_bias = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+    # The dispatcher drops trailing arguments equal to their defaults (bias=None, weight_t=None,
+    # ...) before autograd sees them, so needs_input_grad can be shorter than the schema.
+    needs = tuple(ctx.needs_input_grad) + (False,) * 8
+    needs_input, needs_B, needs_bias = needs[0], needs[3], needs[4]
     rank = xa.shape[-1]
     out_features = weight.shape[0] - padded_rank(rank)
     grad_input = grad_B = grad_bias = None

@@ -65,10 +65,13 @@ bool use_emulation(const at::Device& device) {
     emulate = it->second;
   }
   if (emulate) {
-    TORCH_WARN_ONCE("falqon: the FP8 path needs a GPU of compute capability >= 8.9",
-                    forced ? " and FALQON_FORCE_EMULATION=1 is set" : "",
-                    "; this run emulates FP8 with the reference implementation (casts and fp32 "
-                    "GEMMs) and is slower than bf16.");
+    static std::once_flag warned;
+    std::call_once(warned, [] {
+      warn_user(std::string("falqon: the FP8 path needs a GPU of compute capability >= 8.9") +
+                (forced ? " and FALQON_FORCE_EMULATION=1 is set" : "") +
+                "; this run emulates FP8 with the reference implementation (casts and fp32 "
+                "GEMMs) and is slower than bf16.");
+    });
   }
   return emulate;
 }
