@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import FalqonConfig, FalqonError
-from .convert import (_finish, _replace, empty_melded_like, melded_config, melded_layers,
-                      melded_summary, model_memory)
+from .convert import (SUMMARY_ATTR, _finish, _replace, empty_melded_like, melded_config,
+                      melded_layers, melded_summary, model_memory)
 from .modules import MeldedLinear
 from .training import proxy_state
 
@@ -154,7 +154,7 @@ def from_pretrained(base_model: nn.Module, path) -> nn.Module:
         layers_meta = meta["layers"]
     except (KeyError, TypeError, ValueError) as exc:
         raise FalqonError(f"{directory / CONFIG_FILE} is corrupt: {exc}") from None
-    previous = getattr(base_model, "_falqon_summary", None)
+    previous = getattr(base_model, SUMMARY_ATTR, None)
     memory_before = previous.memory_before if previous is not None else model_memory(base_model)
     tensors = _load_tensors(directory / MODEL_FILE)
 
@@ -174,10 +174,12 @@ def from_pretrained(base_model: nn.Module, path) -> nn.Module:
         if shape != (info["in_features"], info["out_features"]):
             raise FalqonError(f"{directory} holds layer {name} as {info['in_features']} -> "
                               f"{info['out_features']} but the model's is "
-                              f"{type(module).__name__} {shape}: is it the checkpoint's base model?")
+                              f"{type(module).__name__} {shape}: is it the checkpoint's base "
+                              f"model?")
         if isinstance(module, MeldedLinear):
             if module.rank != info["rank"]:
-                raise FalqonError(f"layer {name} has rank {module.rank}, the checkpoint {info['rank']}")
+                raise FalqonError(f"layer {name} has rank {module.rank}, the checkpoint "
+                                  f"{info['rank']}")
             layer = module
         else:
             layer = empty_melded_like(module, config)

@@ -90,14 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output-dir", metavar="DIR",
                    help="run directory (default: runs/finetune-<date>-<time>)")
     g = f.add_argument_group("FALQON")
-    g.add_argument("--rank", type=_positive(), default=16)
+    g.add_argument("--rank", type=_positive(), default=16, help="adapter rank (default: 16)")
     g.add_argument("--alpha", type=_positive(float, 1e-12), default=None,
                    help="LoRA alpha (default: rank, i.e. scaling 1)")
     g.add_argument("--topk", type=_positive(int, 0), default=10,
-                   help="rows of B folded into each FP8 weight per step")
+                   help="rows of B folded into each FP8 weight per step (default: 10)")
     g.add_argument("--warmup-topk", type=_positive(int, 0), default=None,
                    help="rows folded during the first --warmup-steps steps (default: rank)")
-    g.add_argument("--warmup-steps", type=_positive(int, 0), default=0)
+    g.add_argument("--warmup-steps", type=_positive(int, 0), default=0,
+                   help="steps that fold --warmup-topk rows (default: 0)")
     g.add_argument("--keep-residual", action="store_true",
                    help="keep B's unapplied rows (default: zero B after each step)")
     g.add_argument("--target-modules", type=_names, default=None, metavar="NAMES",
@@ -106,31 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated layer names never melded (default: lm_head)")
     t = f.add_argument_group("training")
     t.add_argument("--lr", type=_positive(float, 1e-12), default=None,
-                   help="peak learning rate of AdamW (default: 2e-4 for a --model, 3e-2 for a model "
-                        "built from a config: the FP8 rounding of its small random weights "
+                   help="peak learning rate of AdamW (default: 2e-4 for a --model, 3e-2 for a "
+                        "model built from a config: the FP8 rounding of its small random weights "
                         "swallows smaller steps)")
     t.add_argument("--lr-warmup-steps", type=_positive(int, 0), default=None,
                    help="linear learning-rate warm-up (default: 5%% of --steps)")
-    t.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-    t.add_argument("--weight-decay", type=_positive(float, 0.0), default=0.0)
-    t.add_argument("--steps", type=_positive(), default=300, help="optimizer steps")
-    t.add_argument("--batch-size", type=_positive(), default=8, help="sequences per micro-batch")
+    t.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="after the warm-up: cosine decay to 10%% of --lr, or constant "
+                        "(default: cosine)")
+    t.add_argument("--weight-decay", type=_positive(float, 0.0), default=0.0,
+                   help="AdamW weight decay on B (default: 0)")
+    t.add_argument("--steps", type=_positive(), default=150,
+                   help="optimizer steps (default: %(default)s)")
+    t.add_argument("--batch-size", type=_positive(), default=4,
+                   help="sequences per micro-batch (default: %(default)s)")
     t.add_argument("--grad-accum", type=_positive(), default=1,
-                   help="micro-batches per optimizer step")
-    t.add_argument("--seq-len", type=_positive(int, 8), default=256,
-                   help="tokens per sequence, prompt and response")
+                   help="micro-batches per optimizer step (default: 1)")
+    t.add_argument("--seq-len", type=_positive(int, 8), default=128,
+                   help="tokens per sequence, prompt and response (default: %(default)s)")
     t.add_argument("--max-grad-norm", type=_positive(float, 0.0), default=1.0,
-                   help="gradient clipping (0: off)")
+                   help="gradient clipping by global norm (0: off; default: 1)")
     t.add_argument("--template", choices=("auto", "alpaca", "short"), default="auto",
                    help="prompt template (auto: short for the byte-level tokenizer, else alpaca)")
     t.add_argument("--eval-size", type=_positive(int, 0), default=None,
                    help="examples held out for the eval loss (default: 5%%, at most 64)")
-    t.add_argument("--eval-every", type=_positive(int, 0), default=50,
-                   help="steps between eval losses (0: only at the start and the end)")
-    t.add_argument("--save-every", type=_positive(int, 0), default=100,
-                   help="steps between checkpoints (0: only at the end)")
-    t.add_argument("--keep-checkpoints", type=_positive(), default=2)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=_positive(int, 0), default=25,
+                   help="steps between eval losses (0: only at the start and the end; "
+                        "default: 25)")
+    t.add_argument("--save-every", type=_positive(int, 0), default=50,
+                   help="steps between checkpoints (0: only at the end; default: 50)")
+    t.add_argument("--keep-checkpoints", type=_positive(), default=2,
+                   help="newest checkpoints kept (default: 2)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights, the data split and order, the SVD sketch")
     t.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     t.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
@@ -164,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A quick forward+backward timing of one layer. On a CPU the FP8 arithmetic "
                     "is emulated, so the numbers say nothing about FALQON's speed; the real "
                     "benchmarks are in benchmarks/.")
-    b.add_argument("--tokens", type=_positive(), default=None, help="M (default: 8192 GPU, 512 CPU)")
+    b.add_argument("--tokens", type=_positive(), default=None,
+                   help="M (default: 8192 GPU, 512 CPU)")
     b.add_argument("--in-features", type=_positive(), default=None,
                    help="K (default: 4096 GPU, 1024 CPU)")
     b.add_argument("--out-features", type=_positive(), default=None,
@@ -195,7 +205,7 @@ def main(argv=None) -> int:
     return int(result or 0)
 
 
-# ---- shared helpers -------------------------------------------------------------------------------
+# ---- shared helpers -----------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -245,6 +255,14 @@ def load_model_config(spec: str | None):
         raise FalqonError(f"{path} is not a usable transformers config: {exc}") from None
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers renamed from_pretrained's / from_config's torch_dtype to dtype in 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
 def check_model_dir(path: pathlib.Path) -> None:
     if not path.exists():
         raise FalqonError(f"model path {path} does not exist")
@@ -262,7 +280,7 @@ def load_base_model(path: pathlib.Path, device: torch.device, dtype: torch.dtype
 
     check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001 (transformers raises many types for a bad model dir)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FalqonError(f"{path} is not a loadable causal LM: {first}") from None
@@ -288,13 +306,13 @@ def build_random_model(config, device: torch.device, dtype: torch.dtype, seed: i
     torch.manual_seed(seed)
     try:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
     except ValueError as exc:
         raise FalqonError(f"cannot build a causal LM from the config: {exc}") from None
     return model, byte_tokenizer()
 
 
-# ---- finetune ---------------------------------------------------------------------------------------
+# ---- finetune -----------------------------------------------------------------------------------
 
 def _run_options(args, model_id: str, data_id: str) -> dict:
     opts = {k: getattr(args, k) for k in FINGERPRINT if hasattr(args, k)}
@@ -407,20 +425,19 @@ def _explicit_options(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _inherit(args, run: dict, explicit: set[str]) -> None:
-    """On --resume, options not given now are the run's own."""
+def _inherit(args, run: dict, explicit: set[str]) -> bool:
+    """On --resume, options not given now are the run's own; True if the model is."""
     for key in FINGERPRINT:
         if key not in ("model", "data") and key not in explicit and key in run["options"]:
             setattr(args, key, run["options"][key])
     if "data" not in explicit:
         args.data = run.get("data_path")
-    if "model" not in explicit and "model_config" not in explicit:
-        args.model, args.model_config = run.get("model_path"), run.get("model_config")
+    return "model" not in explicit and "model_config" not in explicit
 
 
-def _resolve_inputs(args):
+def _resolve_inputs(args, run: dict | None, inherit_model: bool):
     """(records, data id, model config or None, model path or None, model id): the user's
-    inputs, checked before anything is written."""
+    inputs, checked before anything is written. A resumed run's model is its saved base model."""
     from . import data as D
 
     if args.data:
@@ -429,6 +446,10 @@ def _resolve_inputs(args):
     else:
         records = D.stdlib_records()
         data_id = f"stdlib:python-{platform.python_version()}:{len(records)}-functions"
+    if inherit_model:
+        model_path = pathlib.Path(run["base_model"])
+        check_model_dir(model_path)
+        return records, data_id, None, model_path, run["options"]["model"]
     if args.model:
         model_path = pathlib.Path(args.model)
         check_model_dir(model_path)
@@ -451,8 +472,7 @@ def cmd_finetune(args) -> int:
         raise FalqonError("--resume needs the run's --output-dir")
     out = pathlib.Path(args.output_dir or time.strftime("runs/finetune-%Y%m%d-%H%M%S"))
     run = check_output_dir(out, args.resume)
-    if run is not None:
-        _inherit(args, run, _explicit_options(args.argv))
+    inherit_model = run is not None and _inherit(args, run, _explicit_options(args.argv))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     args.dtype = str(dtype).removeprefix("torch.")
@@ -462,7 +482,7 @@ def cmd_finetune(args) -> int:
         _check_export_dir(pathlib.Path(args.export))
 
     # Everything that can fail on the user's input is checked before anything is written.
-    records, data_id, config, model_path, model_id = _resolve_inputs(args)
+    records, data_id, config, model_path, model_id = _resolve_inputs(args, run, inherit_model)
     if args.lr is None:  # random weights need larger steps to move (see --lr's help)
         args.lr = 3e-2 if model_id.startswith("config:") else 2e-4
     if args.lr_warmup_steps is None:
@@ -480,8 +500,10 @@ def cmd_finetune(args) -> int:
             resume_from = checkpoints[-1]
         else:
             raise FalqonError(f"--resume: {out} holds no checkpoint yet")
-        ckpt.read_trainer_state(resume_from)  # size checks before anything is loaded
+        state = ckpt.read_trainer_state(resume_from)  # size checks before anything is loaded
         ckpt.read_checkpoint_meta(resume_from)
+        if state.get("options") != run["options"]:
+            raise FalqonError(f"checkpoint {resume_from} belongs to another run than {out}")
         if config is not None:  # the run's random base weights were saved at its start
             config, model_path = None, pathlib.Path(run["base_model"])
 
@@ -579,9 +601,12 @@ def cmd_finetune(args) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = order.indices(step)
-        micro = [to_device(D.collate([train[j] for j in idx[i:i + args.batch_size]], pad_id))
+        micro = [D.collate([train[j] for j in idx[i:i + args.batch_size]], pad_id)
                  for i in range(0, per_step, args.batch_size)]
+        # Counted on the host before the batches move: no device read-back.
         labelled = max(sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro), 1)
+        tokens += sum(int(b["attention_mask"].sum()) for b in micro)
+        micro = [to_device(b) for b in micro]
         total = torch.zeros((), device=device)
         for batch in micro:
             loss_sum, _ = lm_loss_sum(model, batch)
@@ -594,7 +619,6 @@ def cmd_finetune(args) -> int:
         optimizer.step()  # falqon's hook folds this step's B into the FP8 weights
         optimizer.zero_grad(set_to_none=True)
         loss = float(total) / labelled
-        tokens += sum(int(b["attention_mask"].sum()) for b in micro)
         done = step + 1
         log({"step": done, "loss": loss, "lr": lr})
         postfix = {"loss": f"{loss:.3f}"}

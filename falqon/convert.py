@@ -37,7 +37,8 @@ class MeldSummary:
         for name, reason in self.skipped:
             by_reason.setdefault(reason, []).append(name)
         for reason, names in by_reason.items():
-            shown = ", ".join(names[:4]) + (f", ... ({len(names)} layers)" if len(names) > 4 else "")
+            more = f", ... ({len(names)} layers)" if len(names) > 4 else ""
+            shown = ", ".join(names[:4]) + more
             lines.append(f"  skipped {shown}: {reason}")
         pct = 100.0 * self.trainable_params / max(self.all_params, 1)
         lines.append(f"trainable params: {self.trainable_params:,} || all params: "
@@ -87,7 +88,7 @@ def plan(model: nn.Module, config: FalqonConfig) -> tuple[list[str], list[tuple[
     """(names to meld, [(name, reason)] skipped) over the model's nn.Linear layers."""
     todo, skipped = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or isinstance(module, MeldedLinear):
+        if not isinstance(module, nn.Linear):
             continue
         reason = config.wants(name)
         if reason is None:
@@ -111,7 +112,7 @@ def _layer_kwargs(config: FalqonConfig) -> dict:
 
 
 def empty_melded_like(linear: nn.Linear, config: FalqonConfig) -> MeldedLinear:
-    """A MeldedLinear with the shape of `linear` and its bias, weights left to be loaded (no SVD)."""
+    """A MeldedLinear shaped like `linear`, with its bias; weights left to be loaded (no SVD)."""
     w = linear.weight
     layer = MeldedLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                          device=w.device, dtype=None if linear.bias is None else linear.bias.dtype,

@@ -33,7 +33,7 @@ TEMPLATES = {"alpaca": (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT),
              "short": (SHORT_PROMPT, SHORT_PROMPT_NO_INPUT)}
 
 
-# ---- Alpaca-format files --------------------------------------------------------------------------
+# ---- Alpaca-format files ------------------------------------------------------------------------
 
 def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
@@ -123,7 +123,7 @@ def load_records(path) -> list[dict]:
     return records
 
 
-# ---- instruction data from the Python standard library -----------------------------------------
+# ---- instruction data from the Python standard library ------------------------------------------
 
 # Pure-Python standard-library modules with many documented public functions. A module missing
 # from this Python (some were removed in 3.13) is passed over.
@@ -131,7 +131,8 @@ STDLIB_MODULES = (
     "ast", "base64", "bisect", "calendar", "codecs", "colorsys", "configparser", "contextlib",
     "copy", "csv", "dataclasses", "datetime", "difflib", "email.utils", "enum", "filecmp",
     "fnmatch", "fractions", "functools", "genericpath", "getopt", "glob", "gzip", "heapq", "html",
-    "inspect", "ipaddress", "json", "keyword", "linecache", "locale", "mimetypes", "netrc", "ntpath",
+    "inspect", "ipaddress", "json", "keyword", "linecache", "locale", "mimetypes", "netrc",
+    "ntpath",
     "numbers", "operator", "os", "pathlib", "pkgutil", "platform", "plistlib", "posixpath",
     "pprint", "quopri", "random", "secrets", "selectors", "shlex", "shutil", "socket", "stat",
     "statistics", "string", "struct", "sysconfig", "tarfile", "tempfile", "textwrap", "threading",
@@ -178,7 +179,7 @@ def stdlib_records(max_source_chars: int = 1500) -> list[dict]:
     return records
 
 
-# ---- a byte-level tokenizer -----------------------------------------------------------------------
+# ---- a byte-level tokenizer ---------------------------------------------------------------------
 
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 256, 257, 258
 
@@ -217,7 +218,7 @@ def is_byte_tokenizer(tokenizer) -> bool:
         tokenizer.convert_tokens_to_ids("<s>") == 257
 
 
-# ---- encoding with prompt masking ----------------------------------------------------------------
+# ---- encoding with prompt masking ---------------------------------------------------------------
 
 @dataclass
 class Example:

@@ -30,7 +30,8 @@ from torch import nn
 from .convert import melded_config, melded_layers
 
 STATE_ATTR = "falqon_state"
-HOOKED_ATTR = "_falqon_attached"  # set while an attach() hook is live: a second one would update twice
+# Set while an attach() hook is live: a second hook (or FalqonCallback) would update twice.
+HOOKED_ATTR = "_falqon_attached"
 
 
 @dataclass
@@ -67,8 +68,8 @@ class ProxyUpdater:
                  check_finite: bool = True):
         self.layers = [layer for _, layer in melded_layers(model)]
         if not self.layers:
-            raise ValueError("falqon: the model has no MeldedLinear layers; call falqon.meld(model, "
-                             "config) first")
+            raise ValueError("falqon: the model has no MeldedLinear layers; call "
+                             "falqon.meld(model, config) first")
         self.model = model
         self.config = melded_config(model)
         self.optimizer = optimizer
@@ -116,8 +117,9 @@ class ProxyUpdater:
             self._warned = True
             warnings.warn(
                 f"falqon: non-finite lora_B after an optimizer step in {len(bad)} layer(s): the "
-                f"step's update was discarded (B reset to 0, weights unchanged, non-finite optimizer "
-                f"state cleared). Further such steps are counted in model.falqon_state.",
+                f"step's update was discarded (B reset to 0, weights unchanged, non-finite "
+                f"optimizer state cleared). Further such steps are counted in "
+                f"model.falqon_state.",
                 RuntimeWarning, stacklevel=3)
 
 
@@ -207,7 +209,7 @@ def _make_callback_class():
     return FalqonCallback
 
 
-# ---- the fine-tuning loop of `falqon finetune` ---------------------------------------------------
+# ---- the fine-tuning loop of `falqon finetune` --------------------------------------------------
 
 def lr_at(step: int, lr: float, steps: int, warmup: int, schedule: str = "cosine") -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up over `warmup` steps, then
