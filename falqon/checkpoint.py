@@ -73,7 +73,8 @@ def _load_tensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
         raise FalqonError(f"checkpoint file {path} cannot be read ({exc})") from None
 
 
-def _read_json(path: pathlib.Path, what: str) -> dict:
+def read_json(path: pathlib.Path, what: str) -> dict:
+    """A JSON object from `path`, or FalqonError naming `what` the directory should have been."""
     if not path.is_file():
         raise FalqonError(f"{path.parent} is not a {what}: {path.name} is missing")
     try:
@@ -133,7 +134,7 @@ def read_checkpoint_meta(path) -> dict:
     directory = pathlib.Path(path)
     if not directory.is_dir():
         raise FalqonError(f"{directory} is not a falqon checkpoint directory")
-    meta = _read_json(directory / CONFIG_FILE, "falqon checkpoint")
+    meta = read_json(directory / CONFIG_FILE, "falqon checkpoint")
     if meta.get("format") != FORMAT:
         raise FalqonError(f"{directory / CONFIG_FILE} is not a falqon checkpoint")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -286,7 +287,7 @@ def save_training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def read_trainer_state(path) -> dict:
     directory = pathlib.Path(path)
-    state = _read_json(directory / TRAINER_STATE_FILE, "falqon training checkpoint")
+    state = read_json(directory / TRAINER_STATE_FILE, "falqon training checkpoint")
     _check_files(directory, state.get("files", {}))
     return state
 

@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: cosine)")
     t.add_argument("--weight-decay", type=_positive(float, 0.0), default=0.0,
                    help="AdamW weight decay on B (default: 0)")
-    t.add_argument("--steps", type=_positive(), default=150,
+    t.add_argument("--steps", type=_positive(), default=200,
                    help="optimizer steps (default: %(default)s)")
-    t.add_argument("--batch-size", type=_positive(), default=4,
+    t.add_argument("--batch-size", type=_positive(), default=8,
                    help="sequences per micro-batch (default: %(default)s)")
     t.add_argument("--grad-accum", type=_positive(), default=1,
                    help="micro-batches per optimizer step (default: 1)")
@@ -326,13 +326,10 @@ def check_output_dir(out: pathlib.Path, resume: str | None) -> dict | None:
         raise FalqonError(f"output path {out} exists and is not a directory")
     run_file = out / RUN_FILE
     if resume:
-        if not run_file.is_file():
-            raise FalqonError(f"--resume: {out} holds no falqon run ({RUN_FILE} missing)")
-        try:
-            run = json.loads(run_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FalqonError(f"{run_file} is corrupt: {exc}") from None
-        if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        from .checkpoint import read_json
+
+        run = read_json(run_file, "falqon run (nothing to resume)")
+        if run.get("format") != RUN_FORMAT:
             raise FalqonError(f"{run_file} is not a falqon run file")
         return run
     if out.exists() and any(out.iterdir()):

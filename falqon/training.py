@@ -195,7 +195,10 @@ def _make_callback_class():
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             if model is not None:
                 _check_not_attached(model)
-                self._get(model, optimizer)  # fail early on an unmelded model or a wrong optimizer
+                updater = self._get(model, optimizer)  # fails early on an unmelded model
+                # A Trainer resumed from its checkpoint restores global_step, not the model's
+                # proxy-update counter: take it from there so the warm-up k stays in step.
+                updater.state.step = max(updater.state.step, state.global_step)
 
         def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
             if model is None:
@@ -222,14 +225,15 @@ def lr_at(step: int, lr: float, steps: int, warmup: int, schedule: str = "cosine
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def lm_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of the next-token cross entropy over the labelled tokens, their count)."""
+def lm_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token cross entropy over the labelled tokens, their count), both device
+    tensors (nothing is read back to the host)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
         ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    return loss, (labels != -100).sum()
 
 
 @torch.no_grad()
@@ -241,7 +245,7 @@ def evaluate(model: nn.Module, batches) -> float:
     for batch in batches:
         loss, n = lm_loss_sum(model, batch)
         total += float(loss)
-        count += n
+        count += int(n)
     model.train(was_training)
     return total / max(count, 1)
 

@@ -16,8 +16,10 @@ from workflow_testing import records, snapshot, tiny_config_file, write_json
 
 transformers = pytest.importorskip("transformers")
 
+# On the CPU everywhere (the reference ops), so that bit-exactness holds on a GPU machine too;
+# tests/test_cli_gpu.py runs the CLI on the GPU.
 TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--topk", "4", "--lr", "0.05",
-            "--no-progress"]
+            "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,8 @@ def test_resume_is_bit_exact(inputs, tmp_path):
     assert finetune(inputs, resumed, *opts, "--stop-after", "3") == 0
     assert not (resumed / "final").exists()
     # On resume the run's own options are used: only the directory is needed.
-    assert main(["finetune", "--output-dir", str(resumed), "--resume", "--no-progress"]) == 0
+    assert main(["finetune", "--output-dir", str(resumed), "--resume", "--no-progress",
+                 "--device", "cpu"]) == 0
     a = load_file(str(straight / "final" / "falqon_model.safetensors"))
     b = load_file(str(resumed / "final" / "falqon_model.safetensors"))
     assert a.keys() == b.keys()
@@ -88,11 +91,49 @@ def test_resume_is_bit_exact(inputs, tmp_path):
     assert losses(straight) == losses(resumed)
 
 
+def test_finetune_from_a_model_directory(inputs, tmp_path, capsys):
+    from falqon.data import byte_tokenizer
+    from workflow_testing import tiny_causal_lm
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama", pad_token_id=256, bos_token_id=257, eos_token_id=258).save_pretrained(
+        model_dir)
+    out = tmp_path / "run"
+    common = ["--data", inputs["data"], "--no-progress", "--no-plot", "--batch-size", "2",
+              "--seq-len", "48", "--rank", "4", "--device", "cpu"]
+    # No tokenizer files: the byte-level tokenizer stands in (the vocabulary has room for it).
+    assert main(["finetune", "--model", str(model_dir), "--output-dir", str(out), "--steps", "3",
+                 "--stop-after", "1", "--save-every", "1", *common]) == 0
+    assert "has no tokenizer; using the byte-level tokenizer" in capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["model"] == f"path:{model_dir.resolve()}"
+    assert run["options"]["lr"] == 2e-4  # the default for a (presumably pretrained) model
+    assert not (out / "base-model").exists()  # the user's directory is the base
+    # Resume from a named checkpoint of the run.
+    assert main(["finetune", "--output-dir", str(out), "--resume",
+                 str(out / "checkpoints" / "step-0000001"), "--no-progress", "--device",
+                 "cpu"]) == 0
+    assert (out / "final" / "falqon_config.json").is_file()
+    capsys.readouterr()
+    byte_tokenizer().save_pretrained(model_dir)
+    assert main(["finetune", "--model", str(model_dir), "--output-dir", str(tmp_path / "r2"),
+                 "--steps", "1", *common]) == 0
+    assert "has no tokenizer" not in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    assert main(["finetune", "--model", str(broken), "--output-dir", str(tmp_path / "r3"),
+                 *common]) == 2
+    one_error_line(capsys, "is not a loadable causal LM")
+    assert not (tmp_path / "r3").exists()
+
+
 def test_default_model_and_stdlib_data(tmp_path, capsys):
     """The shipped tiny-llama preset and the standard-library data, for one step."""
     out = tmp_path / "run"
     assert main(["finetune", "--output-dir", str(out), "--steps", "1", "--batch-size", "1",
-                 "--seq-len", "32", "--no-progress", "--no-plot", "--eval-size", "1"]) == 0
+                 "--seq-len", "32", "--no-progress", "--no-plot", "--eval-size", "1",
+                 "--device", "cpu"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["options"]["model"] == "config:tiny-llama"
     assert run["options"]["data"].startswith("stdlib:python-")
@@ -137,7 +178,7 @@ def test_bad_inputs_give_one_line_and_leave_files_intact(inputs, tmp_path, capsy
     fails(["finetune", "--output-dir", str(tmp_path), "--no-progress"], "not empty and holds "
           "no falqon run")
     fails(["finetune", "--output-dir", str(tmp_path / "fresh"), "--resume"],
-          "holds no falqon run")
+          "is not a falqon run (nothing to resume): run.json is missing")
     # A truncated checkpoint: resuming refuses it before loading anything.
     latest = run / "checkpoints" / "step-0000002"
     original = snapshot(tmp_path)

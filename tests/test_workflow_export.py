@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 compressed_tensors = pytest.importorskip("compressed_tensors")
 
 
-def trained(dtype=torch.float32, **model_kw):
-    model = tiny_causal_lm("llama", **model_kw).to(dtype)
+def trained(dtype=torch.float32, arch="llama", **model_kw):
+    model = tiny_causal_lm(arch, **model_kw).to(dtype)
     falqon.meld(model, FalqonConfig(rank=4, topk=4, exclude_modules=["lm_head", "layers.1.mlp."
                                                                        "down_proj"]),
                 progress=False, verbose=False)
@@ -37,17 +37,18 @@ def load(path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
-@pytest.mark.parametrize("activations, tol", [
+@pytest.mark.parametrize("arch, activations, tol", [
     # The same FP8 weights and the same dynamic per-tensor FP8 activation quantisation as the
-    # training forward: only float32 summation order differs.
-    ("tensor", 1e-4),
+    # training forward: only float32 summation order differs. (Qwen2: q/k/v carry a bias.)
+    ("llama", "tensor", 1e-4),
+    ("qwen2", "tensor", 1e-4),
     # Per-token activation scales (or none) round activations differently from the per-tensor
     # training forward: an FP8 rounding difference (about 3% per GEMM), well under 10% overall.
-    ("token", 0.1),
-    (None, 0.1),
+    ("llama", "token", 0.1),
+    ("llama", None, 0.1),
 ])
-def test_export_loads_in_transformers_and_matches(tmp_path, activations, tol):
-    model = trained()
+def test_export_loads_in_transformers_and_matches(tmp_path, arch, activations, tol):
+    model = trained(arch=arch)
     falqon.export(model, tmp_path, activations=activations)
     x = torch.randint(0, 272, (2, 14))
     with torch.no_grad():

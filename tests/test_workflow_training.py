@@ -201,6 +201,12 @@ def test_trainer_callback_with_gradient_accumulation(tmp_path):
     assert proxy_state(model).step == 3  # once per optimizer step, not per micro-batch
     assert any(not torch.equal(a, b) for a, b in zip(weights(model), before))
     assert all(torch.count_nonzero(b) == 0 for b in b_params(model))
+    # A Trainer resumed from its own checkpoint restores global_step: the callback takes the
+    # proxy-update counter (and so the warm-up k) from it.
+    state = transformers.TrainerState(global_step=7)
+    falqon.FalqonCallback().on_train_begin(args, state, transformers.TrainerControl(),
+                                           model=model, optimizer=trainer.optimizer)
+    assert proxy_state(model).step == 7
     opt = torch.optim.AdamW(b_params(model), lr=0.1)
     handle = falqon.attach(opt, model)  # both at once would update twice per step
     with pytest.raises(ValueError, match="already has a proxy-update hook"):
