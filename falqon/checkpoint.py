@@ -88,7 +88,7 @@ def read_json(path: pathlib.Path, what: str) -> dict:
 
 # ---- the melded model ---------------------------------------------------------------------------
 
-def save_pretrained(model: nn.Module, path, **extra) -> None:
+def save_pretrained(model: nn.Module, path) -> None:
     """Write the melded layers' FP8 weights (with A), scales and B, the FalqonConfig and the
     proxy-update counters to the directory `path` (safetensors + JSON). The rest of the model is
     the frozen base model, which from_pretrained takes as its first argument."""
@@ -124,7 +124,6 @@ def save_pretrained(model: nn.Module, path, **extra) -> None:
                        "name_or_path": getattr(getattr(model, "config", None), "_name_or_path",
                                                None)},
         "files": {MODEL_FILE: size},
-        **extra,
     }
     _atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2))
 

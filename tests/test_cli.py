@@ -2,7 +2,6 @@
 bench, info, and a one-line error that leaves files intact for each kind of bad input."""
 
 import json
-import shutil
 import subprocess
 import sys
 import types

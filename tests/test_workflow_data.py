@@ -4,7 +4,6 @@ the byte-level tokenizer, prompt masking and the deterministic batch order."""
 import json
 
 import pytest
-import torch
 
 from falqon import FalqonError
 from falqon import data as D

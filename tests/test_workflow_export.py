@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import falqon
-from falqon import FalqonConfig, MeldedLinear
+from falqon import FalqonConfig
 from falqon.data import byte_tokenizer
 from falqon_testing import rel_err
 from workflow_testing import tiny_causal_lm
