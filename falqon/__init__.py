@@ -1,18 +1,39 @@
 """FALQON: LoRA fine-tuning with FP8 arithmetic, the adapter melded into the FP8 weight.
 
     import falqon
-    layer = falqon.MeldedLinear.from_linear(nn.Linear(4096, 4096), rank=64, topk=10)
-    y = layer(x); y.sum().backward(); opt.step(); layer.proxy_update()
+    model = falqon.meld(model, falqon.FalqonConfig(rank=16, topk=10))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    falqon.attach(optimizer, model)          # or Trainer(..., callbacks=[falqon.FalqonCallback()])
+    ...train as usual...; falqon.save_pretrained(model, "out"); falqon.export(model, "out-fp8")
+
+One layer: falqon.MeldedLinear.from_linear(nn.Linear(4096, 4096), rank=64, topk=10).
 """
 
 from . import ops
 from ._extension import build_info
 from .modules import MeldedLinear, check_meldable
 from .ops import meld_init, melded_linear, melded_linear_grad_input, quantize, topk_update_
+from .config import FalqonConfig, FalqonError
+from .convert import MeldSummary, meld, melded_layers, melded_summary
+from .training import attach
+from .checkpoint import from_pretrained, save_pretrained
+from .export import export
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MeldedLinear", "build_info", "check_meldable", "meld_init", "melded_linear",
-    "melded_linear_grad_input", "ops", "quantize", "topk_update_",
+    "FalqonCallback", "FalqonConfig", "FalqonError", "MeldSummary", "MeldedLinear", "attach",
+    "build_info", "check_meldable", "export", "from_pretrained", "meld", "meld_init",
+    "melded_layers", "melded_linear", "melded_linear_grad_input", "melded_summary", "ops",
+    "quantize", "save_pretrained", "topk_update_",
 ]
+
+
+def __getattr__(name):
+    # FalqonCallback subclasses transformers.TrainerCallback: imported on first use only, so
+    # that `import falqon` does not import transformers.
+    if name == "FalqonCallback":
+        from .training import FalqonCallback
+
+        return FalqonCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

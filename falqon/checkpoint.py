@@ -1,0 +1,314 @@
+"""Saving and loading melded models (save_pretrained / from_pretrained, PEFT's pair) and the
+training state that makes a resumed run bit-identical to an uninterrupted one.
+
+A falqon checkpoint directory holds
+  falqon_model.safetensors  per melded layer: `<name>.weight` (the FP8 [W; A; 0]),
+                            `<name>.weight_scale` and `<name>.lora_B`;
+  falqon_config.json        the FalqonConfig, the proxy-update counters, the melded layers'
+                            shapes, the skipped layers and the byte size of every file (a
+                            truncated file is caught before it is parsed). It is written last,
+                            so a directory without it is an unfinished save.
+A training checkpoint (what `falqon finetune` writes) adds
+  training_state.safetensors  the optimizer state's tensors and the torch RNG states;
+  trainer_state.json          the optimizer's hyper-parameters, step, data position, Python's RNG
+                              state and whatever the loop adds.
+Everything is safetensors or JSON: no pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import FalqonConfig, FalqonError
+from .convert import (SUMMARY_ATTR, _finish, _replace, empty_melded_like, melded_config,
+                      melded_layers, melded_summary, model_memory)
+from .modules import MeldedLinear
+from .training import proxy_state
+
+MODEL_FILE = "falqon_model.safetensors"
+CONFIG_FILE = "falqon_config.json"
+TRAINING_FILE = "training_state.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+FORMAT = "falqon-checkpoint"
+FORMAT_VERSION = 1
+
+
+# ---- small file helpers -------------------------------------------------------------------------
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _check_files(directory: pathlib.Path, sizes: dict[str, int]) -> None:
+    for name, size in sizes.items():
+        f = directory / name
+        if not f.is_file():
+            raise FalqonError(f"checkpoint {directory} is incomplete: {name} is missing")
+        if f.stat().st_size != size:
+            raise FalqonError(f"checkpoint {directory} is truncated or corrupt: {name} has "
+                              f"{f.stat().st_size} bytes, the checkpoint recorded {size}")
+
+
+def _load_tensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise FalqonError(f"checkpoint file {path} cannot be read ({exc})") from None
+
+
+def read_json(path: pathlib.Path, what: str) -> dict:
+    """A JSON object from `path`, or FalqonError naming `what` the directory should have been."""
+    if not path.is_file():
+        raise FalqonError(f"{path.parent} is not a {what}: {path.name} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FalqonError(f"{path} is truncated or corrupt: {exc}") from None
+    if not isinstance(data, dict):
+        raise FalqonError(f"{path} is corrupt: expected a JSON object")
+    return data
+
+
+# ---- the melded model ---------------------------------------------------------------------------
+
+def save_pretrained(model: nn.Module, path) -> None:
+    """Write the melded layers' FP8 weights (with A), scales and B, the FalqonConfig and the
+    proxy-update counters to the directory `path` (safetensors + JSON). The rest of the model is
+    the frozen base model, which from_pretrained takes as its first argument."""
+    layers = melded_layers(model)
+    config = melded_config(model)
+    if not layers or config is None:
+        raise ValueError("falqon.save_pretrained: the model was not melded by falqon.meld")
+    directory = pathlib.Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    stale = directory / CONFIG_FILE  # the config marks a complete save: remove it while writing
+    if stale.exists():
+        stale.unlink()
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{name}.weight"] = layer.weight
+        tensors[f"{name}.weight_scale"] = layer.weight_scale
+        tensors[f"{name}.lora_B"] = layer.lora_B
+    size = _save_tensors(tensors, directory / MODEL_FILE)
+    try:
+        skipped = melded_summary(model).skipped
+    except ValueError:
+        skipped = []
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "state": proxy_state(model).to_dict(),
+        "layers": {name: {"in_features": layer.in_features, "out_features": layer.out_features,
+                          "rank": layer.rank, "bias": layer.bias is not None,
+                          "lora_dtype": str(layer.lora_B.dtype).removeprefix("torch.")}
+                   for name, layer in layers},
+        "skipped": [list(s) for s in skipped],
+        "base_model": {"class": type(model).__name__,
+                       "name_or_path": getattr(getattr(model, "config", None), "_name_or_path",
+                                               None)},
+        "files": {MODEL_FILE: size},
+    }
+    _atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2))
+
+
+def read_checkpoint_meta(path) -> dict:
+    """The JSON of a falqon checkpoint, checked for format and file sizes."""
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise FalqonError(f"{directory} is not a falqon checkpoint directory")
+    meta = read_json(directory / CONFIG_FILE, "falqon checkpoint")
+    if meta.get("format") != FORMAT:
+        raise FalqonError(f"{directory / CONFIG_FILE} is not a falqon checkpoint")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise FalqonError(f"{directory} was written by a newer falqon (format "
+                          f"{meta.get('format_version')}); upgrade falqon")
+    _check_files(directory, meta.get("files", {}))
+    return meta
+
+
+@torch.no_grad()
+def from_pretrained(base_model: nn.Module, path) -> nn.Module:
+    """Load a falqon checkpoint into `base_model` (the model it was melded from, or one already
+    melded with the same layers), in place; returns the model, ready to train or export."""
+    directory = pathlib.Path(path)
+    meta = read_checkpoint_meta(directory)
+    try:
+        config = FalqonConfig.from_dict(meta["config"])
+        layers_meta = meta["layers"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FalqonError(f"{directory / CONFIG_FILE} is corrupt: {exc}") from None
+    previous = getattr(base_model, SUMMARY_ATTR, None)
+    memory_before = previous.memory_before if previous is not None else model_memory(base_model)
+    tensors = _load_tensors(directory / MODEL_FILE)
+
+    present = {n for n, _ in melded_layers(base_model)}
+    extra = sorted(present - set(layers_meta))
+    if extra:
+        raise FalqonError(f"the model has melded layers that {directory} does not hold: "
+                          f"{', '.join(extra[:3])}")
+    for name, info in layers_meta.items():
+        try:
+            module = base_model.get_submodule(name)
+        except AttributeError:
+            raise FalqonError(f"{directory} holds layer {name}, which the model does not have: "
+                              f"is it the checkpoint's base model?") from None
+        shape = (module.in_features, module.out_features) if isinstance(
+            module, (nn.Linear, MeldedLinear)) else None
+        if shape != (info["in_features"], info["out_features"]):
+            raise FalqonError(f"{directory} holds layer {name} as {info['in_features']} -> "
+                              f"{info['out_features']} but the model's is "
+                              f"{type(module).__name__} {shape}: is it the checkpoint's base "
+                              f"model?")
+        if isinstance(module, MeldedLinear):
+            if module.rank != info["rank"]:
+                raise FalqonError(f"layer {name} has rank {module.rank}, the checkpoint "
+                                  f"{info['rank']}")
+            layer = module
+        else:
+            layer = empty_melded_like(module, config)
+            dtype = getattr(torch, info.get("lora_dtype", "float32"))
+            layer.lora_B.data = layer.lora_B.data.to(dtype)
+            _replace(base_model, name, layer)
+        for key in ("weight", "weight_scale", "lora_B"):
+            src = tensors.get(f"{name}.{key}")
+            dst = getattr(layer, key)
+            if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
+                got = "missing" if src is None else f"{tuple(src.shape)} {src.dtype}"
+                raise FalqonError(f"checkpoint {directory} is corrupt: {name}.{key} is {got}, "
+                                  f"expected {tuple(dst.shape)} {dst.dtype}")
+            if dst.dtype.is_floating_point and dst.element_size() == 1:  # FP8: copy the bytes
+                dst.view(torch.uint8).copy_(src.view(torch.uint8))
+            else:
+                dst.copy_(src)
+        if layer.weight_t is not None:
+            layer.weight_t.copy_(layer.weight[:layer.out_features].t())
+    skipped = [tuple(s) for s in meta.get("skipped", [])]
+    _finish(base_model, config, skipped, memory_before)
+    state = proxy_state(base_model)
+    state.step = int(meta.get("state", {}).get("step", 0))
+    state.skipped_steps = int(meta.get("state", {}).get("skipped_steps", 0))
+    return base_model
+
+
+# ---- the training state (optimizer, RNG, loop counters) -----------------------------------------
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors, JSON) of an optimizer's state_dict."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entry)
+    groups = meta["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(g["params"]) != len(h["params"]) for g, h in zip(groups, optimizer.param_groups)):
+        raise FalqonError("the checkpoint's optimizer state does not fit this optimizer (a "
+                          "different set of trainable parameters)")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict, dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def set_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    if "python" in meta:
+        version, internal, gauss = meta["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+def save_training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path,
+                             trainer_state: dict) -> None:
+    """A resumable checkpoint: the melded model, the optimizer and RNG states and the loop's
+    counters. Written to a temporary directory renamed into place, so `path` is either the old
+    checkpoint or the complete new one."""
+    final = pathlib.Path(path)
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained(model, tmp)
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    rng_tensors, rng_meta = rng_state()
+    size = _save_tensors({**opt_tensors, **rng_tensors}, tmp / TRAINING_FILE)
+    state = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta,
+             "files": {TRAINING_FILE: size}}
+    _atomic_write_text(tmp / TRAINER_STATE_FILE, json.dumps(state, indent=1))
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def read_trainer_state(path) -> dict:
+    directory = pathlib.Path(path)
+    state = read_json(directory / TRAINER_STATE_FILE, "falqon training checkpoint")
+    _check_files(directory, state.get("files", {}))
+    return state
+
+
+def load_training_checkpoint(model: nn.Module, optimizer_factory, path):
+    """Load a checkpoint written by save_training_checkpoint: the melded layers go into `model`
+    (melded or not), then `optimizer_factory(model)` builds the optimizer whose state is
+    restored, and the RNG states are set. Returns (model, optimizer, trainer_state)."""
+    directory = pathlib.Path(path)
+    state = read_trainer_state(directory)
+    read_checkpoint_meta(directory)  # size checks of the model file before anything is loaded
+    tensors = _load_tensors(directory / TRAINING_FILE)
+    model = from_pretrained(model, directory)
+    optimizer = optimizer_factory(model)
+    try:
+        optimizer_from_flat(optimizer, tensors, state["optimizer"])
+        set_rng_state(tensors, state["rng"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise FalqonError(f"checkpoint {directory} is corrupt: {exc}") from None
+    return model, optimizer, state
+
+
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "from_pretrained", "load_training_checkpoint",
+           "read_checkpoint_meta", "read_trainer_state", "save_pretrained",
+           "save_training_checkpoint"]

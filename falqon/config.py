@@ -1,0 +1,171 @@
+"""FalqonConfig: which layers to meld and how, in the manner of PEFT's LoraConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+class FalqonError(ValueError):
+    """A problem with the user's input (a file, a model, an option): `falqon` CLI prints its
+    message as one line."""
+
+
+GRAD_DTYPES = {"e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
+SVD_METHODS = ("randomized", "exact")
+
+
+@dataclass
+class FalqonConfig:
+    """How `falqon.meld` turns a model's nn.Linear layers into MeldedLinear layers.
+
+    rank             rank r of the adapter melded under each weight.
+    alpha            LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank.
+    topk             rows of B folded into the FP8 weight after each optimizer step.
+    warmup_topk      rows folded during the first `warmup_steps` steps. None: the layer's rank
+                     (what the published code does).
+    warmup_steps     length of that warm-up, in optimizer steps.
+    keep_residual    False: B is zeroed after each update (the published policy); True: the rows
+                     not folded in stay in B and keep accumulating.
+    target_modules   None: every nn.Linear not excluded. A list of names: a layer is melded when its
+                     qualified name equals one of them or ends with "." + one of them ("q_proj"
+                     matches "model.layers.0.self_attn.q_proj"). A string: a regular expression
+                     that must match the whole qualified name (PEFT's conventions).
+    exclude_modules  names never melded, matched like target_modules (lm_head by default).
+    svd              "randomized" (fast, on the layer's device) or "exact" SVD at meld time.
+    seed             seed of the randomized SVD's sketch.
+    grad_dtype       FP8 format of the output gradient in the input-gradient GEMM: "e5m2" or "e4m3".
+    transposed_copy  keep a transposed FP8 copy of each weight for the input gradient (more memory,
+                     no per-step transpose).
+    """
+
+    rank: int = 16
+    alpha: float | None = None
+    topk: int = 10
+    warmup_topk: int | None = None
+    warmup_steps: int = 0
+    keep_residual: bool = False
+    target_modules: Sequence[str] | str | None = None
+    exclude_modules: Sequence[str] | str | None = ("lm_head",)
+    svd: str = "randomized"
+    seed: int = 0
+    grad_dtype: str = "e5m2"
+    transposed_copy: bool = False
+
+    def __post_init__(self):
+        self.target_modules = _normalise_names("target_modules", self.target_modules)
+        self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
+        _check_int("rank", self.rank, 1)
+        _check_int("topk", self.topk, 0)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("seed", self.seed, None)
+        if self.warmup_topk is not None:
+            _check_int("warmup_topk", self.warmup_topk, 0)
+        if self.alpha is not None:
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or \
+                    not self.alpha > 0:
+                raise ValueError(f"FalqonConfig: alpha must be a positive number or None, got "
+                                 f"{self.alpha!r}")
+            self.alpha = float(self.alpha)
+        for name in ("keep_residual", "transposed_copy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FalqonConfig: {name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"FalqonConfig: svd must be one of {SVD_METHODS}, got {self.svd!r}")
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"FalqonConfig: grad_dtype must be one of {tuple(GRAD_DTYPES)}, got "
+                             f"{self.grad_dtype!r}")
+
+    # ---- derived values ----------------------------------------------------------------------
+
+    @property
+    def scaling(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def grad_torch_dtype(self) -> torch.dtype:
+        return GRAD_DTYPES[self.grad_dtype]
+
+    def topk_at(self, step: int, rank: int | None = None) -> int:
+        """Rows to fold in after optimizer step `step` (0-based) for a layer of this rank."""
+        if step < self.warmup_steps:
+            return (self.rank if rank is None else rank) if self.warmup_topk is None \
+                else self.warmup_topk
+        return self.topk
+
+    def wants(self, name: str) -> str | None:
+        """Why the layer called `name` is not to be melded, or None if it is."""
+        if self.exclude_modules is not None and _matches(self.exclude_modules, name):
+            return "excluded (exclude_modules)"
+        if self.target_modules is not None and not _matches(self.target_modules, name):
+            return "not in target_modules"
+        return None
+
+    # ---- serialisation -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FalqonConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"FalqonConfig.from_dict takes a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"FalqonConfig: unknown field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FalqonConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _check_int(name: str, value, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"FalqonConfig: {name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"FalqonConfig: {name} must be >= {minimum}, got {value}")
+
+
+def _normalise_names(what: str, value):
+    """None, a regex string, or a tuple of module names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"FalqonConfig: {what} {value!r} is not a valid regular expression: "
+                             f"{exc}") from None
+        return value
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise ValueError(f"FalqonConfig: {what} must be None, a regex string or a list of names, "
+                         f"got {value!r}") from None
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"FalqonConfig: {what} must hold non-empty strings, got {value!r}")
+    return names
+
+
+def _matches(spec, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+__all__ = ["FalqonConfig", "FalqonError", "GRAD_DTYPES", "SVD_METHODS"]

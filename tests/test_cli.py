@@ -1,0 +1,217 @@
+"""The `falqon` console script: finetune end to end on a tiny model, bit-exact resume, export,
+bench, info, and a one-line error that leaves files intact for each kind of bad input."""
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from falqon.cli import main
+from workflow_testing import records, snapshot, tiny_config_file, write_json
+
+transformers = pytest.importorskip("transformers")
+
+# On the CPU everywhere (the reference ops), so that bit-exactness holds on a GPU machine too;
+# tests/test_cli_gpu.py runs the CLI on the GPU.
+TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--topk", "4", "--lr", "0.05",
+            "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    return {"config": str(tiny_config_file(root)),
+            "data": str(write_json(root / "data.json", records(24)))}
+
+
+def finetune(inputs, out, *extra):
+    return main(["finetune", "--model-config", inputs["config"], "--data", inputs["data"],
+                 "--output-dir", str(out), *TINY_RUN, *extra])
+
+
+def one_error_line(capsys, match):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("falqon: error: "), err
+    assert match in err[0], err[0]
+
+
+def test_finetune_end_to_end(inputs, tmp_path, capsys):
+    out, exp = tmp_path / "run", tmp_path / "exported"
+    assert finetune(inputs, out, "--steps", "4", "--eval-every", "2", "--save-every", "2",
+                    "--grad-accum", "2", "--export", str(exp)) == 0
+    printed = capsys.readouterr().out
+    assert "falqon: melded 14 of 15 linear layers" in printed and "train loss" in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["steps"] == 4 and run["options"]["grad_accum"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002",
+                                                                       "step-0000004"]
+    assert (out / "final" / "falqon_config.json").is_file()
+    assert (out / "final" / "tokenizer.json").is_file()
+    qconfig = json.loads((exp / "config.json").read_text())["quantization_config"]
+    assert qconfig["format"] == "float-quantized"
+    # `falqon export` of the finished run writes the same tensors as --export did.
+    assert main(["export", str(out), str(tmp_path / "again")]) == 0
+    a, b = load_file(str(exp / "model.safetensors")), load_file(str(tmp_path / "again" /
+                                                                     "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def test_resume_is_bit_exact(inputs, tmp_path):
+    """Stop after step 3 and resume == 6 steps straight: weights, B and losses, bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    opts = ["--steps", "6", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "2",
+            "--keep-residual"]
+    assert finetune(inputs, straight, *opts) == 0
+    assert finetune(inputs, resumed, *opts, "--stop-after", "3") == 0
+    assert not (resumed / "final").exists()
+    # On resume the run's own options are used: only the directory is needed.
+    assert main(["finetune", "--output-dir", str(resumed), "--resume", "--no-progress",
+                 "--device", "cpu"]) == 0
+    a = load_file(str(straight / "final" / "falqon_model.safetensors"))
+    b = load_file(str(resumed / "final" / "falqon_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].flatten().view(torch.uint8),
+                           b[key].flatten().view(torch.uint8)), key
+
+    def losses(run):
+        return [json.loads(line).get("loss") for line in
+                (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(straight) == losses(resumed)
+
+
+def test_finetune_from_a_model_directory(inputs, tmp_path, capsys):
+    from falqon.data import byte_tokenizer
+    from workflow_testing import tiny_causal_lm
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama", pad_token_id=256, bos_token_id=257, eos_token_id=258).save_pretrained(
+        model_dir)
+    out = tmp_path / "run"
+    common = ["--data", inputs["data"], "--no-progress", "--no-plot", "--batch-size", "2",
+              "--seq-len", "48", "--rank", "4", "--device", "cpu"]
+    # No tokenizer files: the byte-level tokenizer stands in (the vocabulary has room for it).
+    assert main(["finetune", "--model", str(model_dir), "--output-dir", str(out), "--steps", "3",
+                 "--stop-after", "1", "--save-every", "1", *common]) == 0
+    assert "has no tokenizer; using the byte-level tokenizer" in capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["model"] == f"path:{model_dir.resolve()}"
+    assert run["options"]["lr"] == 2e-4  # the default for a (presumably pretrained) model
+    assert not (out / "base-model").exists()  # the user's directory is the base
+    # Resume from a named checkpoint of the run.
+    assert main(["finetune", "--output-dir", str(out), "--resume",
+                 str(out / "checkpoints" / "step-0000001"), "--no-progress", "--device",
+                 "cpu"]) == 0
+    assert (out / "final" / "falqon_config.json").is_file()
+    capsys.readouterr()
+    byte_tokenizer().save_pretrained(model_dir)
+    assert main(["finetune", "--model", str(model_dir), "--output-dir", str(tmp_path / "r2"),
+                 "--steps", "1", *common]) == 0
+    assert "has no tokenizer" not in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    assert main(["finetune", "--model", str(broken), "--output-dir", str(tmp_path / "r3"),
+                 *common]) == 2
+    one_error_line(capsys, "is not a loadable causal LM")
+    assert not (tmp_path / "r3").exists()
+
+
+def test_default_model_and_stdlib_data(tmp_path, capsys):
+    """The shipped tiny-llama preset and the standard-library data, for one step."""
+    out = tmp_path / "run"
+    assert main(["finetune", "--output-dir", str(out), "--steps", "1", "--batch-size", "1",
+                 "--seq-len", "32", "--no-progress", "--no-plot", "--eval-size", "1",
+                 "--device", "cpu"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["model"] == "config:tiny-llama"
+    assert run["options"]["data"].startswith("stdlib:python-")
+    assert run["template"] == "short"
+    config = json.loads((out / "base-model" / "config.json").read_text())
+    assert (config["hidden_size"], config["model_type"]) == (256, "llama")
+    assert "falqon: melded 28 of 29 linear layers" in capsys.readouterr().out
+
+
+def test_bad_inputs_give_one_line_and_leave_files_intact(inputs, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert finetune(inputs, run, "--steps", "2", "--save-every", "1", "--keep-checkpoints",
+                    "5", "--no-plot") == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+
+    def fails(argv, match):
+        assert main(argv) == 2
+        one_error_line(capsys, match)
+        assert snapshot(tmp_path) == before
+
+    fresh = str(tmp_path / "fresh")
+    base = ["finetune", "--output-dir", fresh, "--no-progress"]
+    fails(base + ["--data", str(tmp_path / "missing.json")], "missing.json does not exist")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "a", output}\n]')
+    before = snapshot(tmp_path)
+    fails(base + ["--data", str(bad)], "bad.json:3: invalid JSON")
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    before = snapshot(tmp_path)
+    fails(base + ["--data", str(bad)], "bad.json:2: record 1 has no 'output' field")
+    fails(base + ["--model", str(tmp_path / "run" / "checkpoints")], "is not a model")
+    fails(base + ["--model", str(bad)], "is not a model")
+    fails(base + ["--model", str(tmp_path / "nowhere")], "does not exist")
+    fails(base + ["--model-config", "llama-7b"], "is neither a preset")
+    # An output directory that holds a run: not without --resume, not with other options.
+    fails(["finetune", "--output-dir", str(run), "--no-progress"], "already holds a run")
+    fails(["finetune", "--output-dir", str(run), "--resume", "--lr", "0.01"],
+          "holds a different run (lr: 0.05 -> 0.01)")
+    fails(["finetune", "--output-dir", str(run), "--resume", "--data", str(inputs["config"])],
+          "record 0 has no 'instruction' field")  # caught before anything else
+    fails(["finetune", "--output-dir", str(tmp_path), "--no-progress"], "not empty and holds "
+          "no falqon run")
+    fails(["finetune", "--output-dir", str(tmp_path / "fresh"), "--resume"],
+          "is not a falqon run (nothing to resume): run.json is missing")
+    # A truncated checkpoint: resuming refuses it before loading anything.
+    latest = run / "checkpoints" / "step-0000002"
+    original = snapshot(tmp_path)
+    for name in ("falqon_model.safetensors", "training_state.safetensors", "trainer_state.json"):
+        path = latest / name
+        path.write_bytes(original[str(path.relative_to(tmp_path))][:-7])
+        before = snapshot(tmp_path)
+        fails(["finetune", "--output-dir", str(run), "--resume", "--no-progress"],
+              "truncated or corrupt")
+        path.write_bytes(original[str(path.relative_to(tmp_path))])
+    before = snapshot(tmp_path)
+    fails(["export", str(run), str(run)], "exists and is not empty")
+    fails(["export", str(tmp_path / "bad.json"), str(tmp_path / "exp")], "is not a directory")
+
+
+def test_bench_and_info(capsys, monkeypatch):
+    assert main(["bench", "--tokens", "32", "--in-features", "64", "--out-features", "64",
+                 "--iters", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "FALQON layer" in printed and "bf16 LoRA layer" in printed and "emulated" in printed
+    monkeypatch.setitem(sys.modules, "falqon.info", None)  # the module is absent
+    assert main(["info"]) == 2
+    one_error_line(capsys, "`falqon info` is not available")
+    fake = types.ModuleType("falqon.info")
+    fake.main = lambda: print("build info here")
+    monkeypatch.setitem(sys.modules, "falqon.info", fake)
+    assert main(["info"]) == 0 and "build info here" in capsys.readouterr().out
+
+
+def test_console_script_process(tmp_path):
+    """A real process: exit status 2 and one line on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "falqon.cli", "finetune", "--data",
+                           str(tmp_path / "x.jsonl"), "--output-dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"falqon: error: data file {tmp_path / 'x.jsonl'} does not exist"
+    assert not (tmp_path / "o").exists()

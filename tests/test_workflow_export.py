@@ -1,0 +1,116 @@
+"""falqon.export: a compressed-tensors float-quantized checkpoint that transformers loads on CPU,
+holding exactly the trained FP8 weights and scales."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import falqon
+from falqon import FalqonConfig
+from falqon.data import byte_tokenizer
+from falqon_testing import rel_err
+from workflow_testing import tiny_causal_lm
+
+transformers = pytest.importorskip("transformers")
+compressed_tensors = pytest.importorskip("compressed_tensors")
+
+
+def trained(dtype=torch.float32, arch="llama", **model_kw):
+    model = tiny_causal_lm(arch, **model_kw).to(dtype)
+    falqon.meld(model, FalqonConfig(rank=4, topk=4, exclude_modules=["lm_head", "layers.1.mlp."
+                                                                       "down_proj"]),
+                progress=False, verbose=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    falqon.attach(opt, model)
+    for _ in range(2):  # move the weights away from their melded start
+        model(input_ids=torch.randint(0, 272, (2, 12))).logits.float().logsumexp(-1).mean() \
+            .backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def load(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+@pytest.mark.parametrize("arch, activations, tol", [
+    # The same FP8 weights and the same dynamic per-tensor FP8 activation quantisation as the
+    # training forward: only float32 summation order differs. (Qwen2: q/k/v carry a bias.)
+    ("llama", "tensor", 1e-4),
+    ("qwen2", "tensor", 1e-4),
+    # Per-token activation scales (or none) round activations differently from the per-tensor
+    # training forward: an FP8 rounding difference (about 3% per GEMM), well under 10% overall.
+    ("llama", "token", 0.1),
+    ("llama", None, 0.1),
+])
+def test_export_loads_in_transformers_and_matches(tmp_path, arch, activations, tol):
+    model = trained(arch=arch)
+    falqon.export(model, tmp_path, activations=activations)
+    x = torch.randint(0, 272, (2, 14))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        out = load(tmp_path)(input_ids=x).logits
+    assert rel_err(out, ref) < tol
+
+
+def test_export_holds_the_trained_fp8_bytes_and_a_valid_config(tmp_path):
+    model = trained()
+    falqon.export(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "float-quantized"
+    assert q["ignore"] == ["lm_head", "model.layers.1.mlp.down_proj"]
+    compressed_tensors.QuantizationConfig.model_validate(q)  # the library's own validation
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for name, layer in falqon.melded_layers(model):
+            w = f.get_tensor(f"{name}.weight")
+            assert w.dtype == torch.float8_e4m3fn and w.shape == (layer.out_features,
+                                                                  layer.in_features)
+            # exactly the trained bytes: no re-quantisation; A's rows are not exported
+            assert torch.equal(w.view(torch.uint8),
+                               layer.weight[:layer.out_features].view(torch.uint8))
+            assert torch.equal(f.get_tensor(f"{name}.weight_scale"),
+                               layer.weight_scale.reshape(1))
+            assert f"{name}.lora_B" not in keys
+        down = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+        assert down.dtype == torch.float32  # skipped layers stay in the model dtype
+    loaded = load(tmp_path)
+    layer = dict(falqon.melded_layers(model))["model.layers.0.mlp.up_proj"]
+    q_up = loaded.model.layers[0].mlp.up_proj
+    assert torch.equal(q_up.weight_scale.reshape(()), layer.weight_scale)
+
+
+def test_export_bf16_model_with_tied_embeddings(tmp_path):
+    model = trained(torch.bfloat16, tie_word_embeddings=True)
+    fp32 = copy.deepcopy(model).float()  # MeldedLinear keeps its FP8 weight and fp32 scale
+    tokenizer = byte_tokenizer()
+    falqon.export(model, tmp_path, tokenizer=tokenizer)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "tokenizer.json").is_file()
+    loaded = load(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    x = torch.randint(0, 272, (2, 14))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits.float()
+        err = rel_err(loaded(input_ids=x).logits.float(), ref)
+        # Both sides round activations, dequantised weights and every layer's output to bf16
+        # at different places; the size of that noise is how far the bf16 melded model is from
+        # the same model in float32. The export must agree with the melded model as well.
+        noise = rel_err(ref, fp32(input_ids=x).logits)
+    assert err < 2 * noise + 1e-3, (err, noise)
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(ValueError, match="no MeldedLinear layers"):
+        falqon.export(tiny_causal_lm("llama"), tmp_path)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        falqon.export(trained(), tmp_path, activations="channel")
+    seq = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    falqon.meld(seq, FalqonConfig(rank=4, exclude_modules=None), progress=False, verbose=False)
+    with pytest.raises(ValueError, match="needs a transformers model"):
+        falqon.export(seq, tmp_path)
