@@ -98,7 +98,11 @@ at::Tensor low_rank_factor(const at::Tensor& error, int64_t rank, const std::str
                            int64_t oversample, int64_t power_iters, int64_t seed) {
   at::Tensor S, Vh;
   if (svd == "exact") {
-    std::tie(std::ignore, S, Vh) = at::linalg_svd(error, /*full_matrices=*/false);
+    // In float64: fp32 solvers (LAPACK's gesdd, cuSOLVER's) disagree by more than an FP8 step on
+    // rows whose singular values are close; float64 makes "exact" the same on every device.
+    std::tie(std::ignore, S, Vh) = at::linalg_svd(error.to(at::kDouble), /*full_matrices=*/false);
+    S = S.to(at::kFloat);
+    Vh = Vh.to(at::kFloat);
   } else {
     // Randomized range finder with power iterations (Halko, Martinsson, Tropp 2011, alg. 4.4):
     // the quantisation error has a flat spectrum, so the power iterations matter more than the
