@@ -39,7 +39,7 @@ class Method:
     name: str
     kind: str    # full | lora | qlora | torchao | falqon
     family: str  # methods of a family share the learning rate picked by the pilot
-    topk: int | str = 10  # falqon: rows folded per step; "r" = the rank
+    topk: int | str = 10  # falqon: rows folded per step; "r" = the rank, "all" = every row
     keep_residual: bool = False
     stochastic: bool = False
     about: str = ""
@@ -58,6 +58,12 @@ METHODS = {m.name: m for m in (
     Method("falqon_k1", "falqon", "falqon", topk=1, about="falqon k=1"),
     Method("falqon_k50", "falqon", "falqon", topk=50, about="falqon k=50"),
     Method("falqon_kr", "falqon", "falqon", topk="r", about="falqon k=r"),
+    # Added after the first run showed that the top-k selection, not the FP8 rounding, discards
+    # most of the update: every row folded each step, with round-to-nearest and stochastic
+    # rounding, at falqon's learning rate.
+    Method("falqon_kall", "falqon", "falqon", topk="all", about="falqon, every row (k = N)"),
+    Method("falqon_kall_sr", "falqon", "falqon", topk="all", stochastic=True,
+           about="falqon k = N, stochastic rounding (ours)"),
 )}
 # Run order: the comparison the study is about first, so that a stage short of time drops the
 # least important runs (each skipped run is recorded with the reason).
@@ -293,7 +299,8 @@ def build(method: Method, ckpt: str, device: torch.device, lr: float, s: RunSett
     elif method.kind == "falqon":
         import falqon
 
-        topk = s.rank if method.topk == "r" else method.topk
+        # "all": more rows than any layer has; topk_update_ clamps k to the layer's out_features.
+        topk = {"r": s.rank, "all": 1 << 30}.get(method.topk, method.topk)
         cfg = falqon.FalqonConfig(rank=s.rank, alpha=s.alpha, topk=topk,
                                   warmup_steps=s.falqon_warmup_steps,
                                   keep_residual=method.keep_residual,
