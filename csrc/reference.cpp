@@ -2,6 +2,8 @@
 // It is the CPU kernel and the emulated path on GPUs without FP8, and the CUDA kernels are tested
 // against it. FP8 is emulated by real casts to torch.float8_e4m3fn / float8_e5m2 (round to
 // nearest even), after a clamp to the format's largest finite value (saturation).
+#include <limits>
+
 #include "falqon.h"
 
 #include <ATen/core/Generator.h>
@@ -46,7 +48,12 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarT
   // amax == 0 (or so small that amax / fmax underflows): scale 1 keeps q = 0 and everything
   // finite. A NaN or Inf amax is left as it is so that non-finite inputs stay visible.
   scale = at::where(scale == 0, at::ones_like(scale), scale);
-  at::Tensor q = (x / scale).clamp(-fmax, fmax).to(dtype);
+  // x / scale as x times the reciprocal rounded once to fp32 (one multiply per element on the
+  // GPU), capped at FLT_MAX so that a subnormal scale saturates instead of giving 0 * Inf = NaN.
+  at::Tensor inv = at::reciprocal(scale);
+  inv = at::where(inv > std::numeric_limits<float>::max(),
+                  at::full_like(inv, std::numeric_limits<float>::max()), inv);
+  at::Tensor q = (x * inv).clamp(-fmax, fmax).to(dtype);
   return {q.view(input.sizes()), scale};
 }
 

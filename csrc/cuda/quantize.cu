@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
   using P = Pack<T, VEC>;
   const float scale = scale_from_amax(amax_from_partials(partials, num_partials), Op::kMax);
   if (scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
-  const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
+  const Reciprocal d(scale);
   const GridStride g(n / VEC);
   for_each_round<true>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
                        [&](const P& p, int64_t, int64_t i) { map_pack<T, VEC, Op>(p, d, out, i); });
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
 
   const float scale = scale_from_amax(amax_from_partials(partials, gridDim.x), Op::kMax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
-  const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
+  const Reciprocal d(scale);
   // Pass 2: the streamed rounds newest first (the most recently read are still in L2), then the
   // shared-memory and register copies.
   for_each_round<true>(vin, g.nv, g.stride, g.first, on_chip_end, g.rounds,
@@ -179,8 +179,8 @@ __global__ void __launch_bounds__(kThreads)
   using Op = CastOp<kE4M3>;
   const float scale = scale_from_amax(*amax_prev, Op::kMax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
-  // |x| may exceed the previous amax by any factor.
-  const Divisor</*kBounded=*/false> d(scale);
+  // |x| may exceed the previous amax by any factor: the cast saturates.
+  const Reciprocal d(scale);
   const GridStride g(n / VEC);
   uint32_t m = 0;
   for_each_round<false>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
