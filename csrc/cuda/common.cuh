@@ -211,8 +211,8 @@ __device__ __forceinline__ float fp8_to_float(uint8_t b, __nv_fp8_interpretation
 // at 62-72% SM throughput and 50-55% of DRAM bandwidth. y is capped at FLT_MAX so that a subnormal
 // scale (amax below ~1e-36) gives saturated values rather than 0 * Inf = NaN; NaN stays NaN.
 struct Reciprocal {
-  float y;
-  __device__ __forceinline__ explicit Reciprocal(float scale) {
+  float s, y;  // the scale and its capped reciprocal
+  __device__ __forceinline__ explicit Reciprocal(float scale) : s(scale) {
     const float r = __frcp_rn(scale);
     y = r > FLT_MAX ? FLT_MAX : r;
   }
