@@ -13,7 +13,7 @@ bool is_activation_dtype(at::ScalarType t) {
 }
 
 void check_same_device(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "falqon.", op, ": ", name, " is on ", t.device(),
+  FALQON_CHECK(t.device() == ref.device(), "falqon.", op, ": ", name, " is on ", t.device(),
               " but the weight is on ", ref.device());
 }
 
@@ -26,20 +26,20 @@ double fp8_max(at::ScalarType dtype) {
     case at::kFloat8_e5m2:
       return 57344.0;
     default:
-      TORCH_CHECK(false, "falqon: expected torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype);
+      FALQON_CHECK(false, "falqon: expected torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype);
   }
 }
 
 void check_quantize_args(const at::Tensor& input, at::ScalarType dtype) {
-  TORCH_CHECK(is_fp8(dtype), "falqon.quantize: dtype must be torch.float8_e4m3fn or "
+  FALQON_CHECK(is_fp8(dtype), "falqon.quantize: dtype must be torch.float8_e4m3fn or "
               "torch.float8_e5m2, got ", dtype);
-  TORCH_CHECK(is_activation_dtype(input.scalar_type()),
+  FALQON_CHECK(is_activation_dtype(input.scalar_type()),
               "falqon.quantize: input must be float32, float16 or bfloat16, got ",
               input.scalar_type());
 }
 
 void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale) {
-  TORCH_CHECK(weight_scale.numel() == 1 && weight_scale.scalar_type() == at::kFloat,
+  FALQON_CHECK(weight_scale.numel() == 1 && weight_scale.scalar_type() == at::kFloat,
               "falqon: weight_scale must be a single float32 value, got ", weight_scale.numel(),
               " values of ", weight_scale.scalar_type());
   check_same_device("melded_linear", weight, weight_scale, "weight_scale");
@@ -47,28 +47,28 @@ void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale
 
 void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t rank,
                          const std::optional<at::Tensor>& weight_t) {
-  TORCH_CHECK(weight.dim() == 2, "falqon: the melded weight must be 2-D, got ", weight.dim(), "-D");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat8_e4m3fn,
+  FALQON_CHECK(weight.dim() == 2, "falqon: the melded weight must be 2-D, got ", weight.dim(), "-D");
+  FALQON_CHECK(weight.scalar_type() == at::kFloat8_e4m3fn,
               "falqon: the melded weight must be torch.float8_e4m3fn, got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_contiguous(), "falqon: the melded weight must be contiguous");
+  FALQON_CHECK(weight.is_contiguous(), "falqon: the melded weight must be contiguous");
   const int64_t K = weight.size(1);
-  TORCH_CHECK(K % 16 == 0, "falqon: in_features must be a multiple of 16 for FP8 GEMMs, got ", K);
-  TORCH_CHECK(out_features > 0 && out_features % 16 == 0,
+  FALQON_CHECK(K % 16 == 0, "falqon: in_features must be a multiple of 16 for FP8 GEMMs, got ", K);
+  FALQON_CHECK(out_features > 0 && out_features % 16 == 0,
               "falqon: out_features must be a positive multiple of 16 for FP8 GEMMs, got ",
               out_features);
   if (rank >= 0) {
-    TORCH_CHECK(weight.size(0) == out_features + padded_rank(rank), "falqon: a melded weight for ",
+    FALQON_CHECK(weight.size(0) == out_features + padded_rank(rank), "falqon: a melded weight for ",
                 out_features, " outputs and rank ", rank, " has ", out_features + padded_rank(rank),
                 " rows (rank padded to a multiple of ", kRowAlign, "), got ", weight.size(0));
   } else {
     const int64_t extra = weight.size(0) - out_features;
-    TORCH_CHECK(extra > 0 && extra % kRowAlign == 0, "falqon: gradient has ", out_features,
+    FALQON_CHECK(extra > 0 && extra % kRowAlign == 0, "falqon: gradient has ", out_features,
                 " features but the melded weight has ", weight.size(0),
                 " rows; expected out_features plus the padded rank");
   }
   if (weight_t.has_value()) {
     const auto& wt = *weight_t;
-    TORCH_CHECK(wt.scalar_type() == at::kFloat8_e4m3fn && wt.dim() == 2 && wt.size(0) == K &&
+    FALQON_CHECK(wt.scalar_type() == at::kFloat8_e4m3fn && wt.dim() == 2 && wt.size(0) == K &&
                     wt.size(1) == out_features && wt.is_contiguous(),
                 "falqon: weight_t must be the contiguous (in_features, out_features) = (", K, ", ",
                 out_features, ") float8_e4m3fn transpose of the weight rows, got ", wt.sizes(), " ",
@@ -81,21 +81,21 @@ void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
                               const at::Tensor& weight_scale, const at::Tensor& lora_B,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& weight_t) {
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(1) >= 1,
+  FALQON_CHECK(lora_B.dim() == 2 && lora_B.size(1) >= 1,
               "falqon.melded_linear: lora_B must be (out_features, rank), got ", lora_B.sizes());
-  TORCH_CHECK(lora_B.is_floating_point(), "falqon.melded_linear: lora_B must be floating point");
+  FALQON_CHECK(lora_B.is_floating_point(), "falqon.melded_linear: lora_B must be floating point");
   check_melded_weight(weight, lora_B.size(0), lora_B.size(1), weight_t);
   check_weight_scale(weight, weight_scale);
-  TORCH_CHECK(is_activation_dtype(input.scalar_type()),
+  FALQON_CHECK(is_activation_dtype(input.scalar_type()),
               "falqon.melded_linear: input must be float32, float16 or bfloat16, got ",
               input.scalar_type());
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(1), "falqon.melded_linear: input has ",
+  FALQON_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(1), "falqon.melded_linear: input has ",
               input.dim() ? input.size(-1) : 0, " features in its last dimension, the layer takes ",
               weight.size(1));
   check_same_device("melded_linear", weight, input, "input");
   check_same_device("melded_linear", weight, lora_B, "lora_B");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == lora_B.size(0) && bias->is_floating_point(),
+    FALQON_CHECK(bias->dim() == 1 && bias->size(0) == lora_B.size(0) && bias->is_floating_point(),
                 "falqon.melded_linear: bias must be a floating vector of ", lora_B.size(0),
                 " values, got ", bias->sizes());
     check_same_device("melded_linear", weight, *bias, "bias");
@@ -105,9 +105,9 @@ void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
 void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
                            const at::Tensor& weight_scale, int64_t out_features,
                            const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype) {
-  TORCH_CHECK(is_fp8(grad_dtype), "falqon.melded_linear_grad_input: grad_dtype must be an FP8 "
+  FALQON_CHECK(is_fp8(grad_dtype), "falqon.melded_linear_grad_input: grad_dtype must be an FP8 "
               "dtype, got ", grad_dtype);
-  TORCH_CHECK(is_activation_dtype(grad_output.scalar_type()),
+  FALQON_CHECK(is_activation_dtype(grad_output.scalar_type()),
               "falqon.melded_linear_grad_input: grad_output must be float32, float16 or bfloat16, "
               "got ", grad_output.scalar_type());
   check_melded_weight(weight, out_features, /*rank=*/-1, weight_t);
@@ -117,29 +117,29 @@ void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weig
 
 void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::string& svd,
                           int64_t oversample, int64_t power_iters) {
-  TORCH_CHECK(weight.dim() == 2, "falqon.meld_init: weight must be 2-D (out_features, "
+  FALQON_CHECK(weight.dim() == 2, "falqon.meld_init: weight must be 2-D (out_features, "
               "in_features), got ", weight.dim(), "-D");
-  TORCH_CHECK(is_activation_dtype(weight.scalar_type()),
+  FALQON_CHECK(is_activation_dtype(weight.scalar_type()),
               "falqon.meld_init: weight must be float32, float16 or bfloat16, got ",
               weight.scalar_type());
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(N % 16 == 0 && K % 16 == 0, "falqon.meld_init: FP8 GEMMs need in_features and "
+  FALQON_CHECK(N % 16 == 0 && K % 16 == 0, "falqon.meld_init: FP8 GEMMs need in_features and "
               "out_features to be multiples of 16, got a ", N, " x ", K, " weight");
-  TORCH_CHECK(rank >= 1 && rank <= std::min(N, K), "falqon.meld_init: rank must be between 1 and "
+  FALQON_CHECK(rank >= 1 && rank <= std::min(N, K), "falqon.meld_init: rank must be between 1 and "
               "min(out_features, in_features) = ", std::min(N, K), ", got ", rank);
-  TORCH_CHECK(svd == "randomized" || svd == "exact", "falqon.meld_init: svd must be 'randomized' "
+  FALQON_CHECK(svd == "randomized" || svd == "exact", "falqon.meld_init: svd must be 'randomized' "
               "or 'exact', got '", svd, "'");
-  TORCH_CHECK(oversample >= 0 && power_iters >= 0,
+  FALQON_CHECK(oversample >= 0 && power_iters >= 0,
               "falqon.meld_init: oversample and power_iters must be >= 0");
 }
 
 void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
                             const std::optional<at::Tensor>& weight_t, int64_t k) {
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.is_floating_point(),
+  FALQON_CHECK(lora_B.dim() == 2 && lora_B.is_floating_point(),
               "falqon.topk_update_: lora_B must be a floating (out_features, rank) matrix, got ",
               lora_B.sizes());
-  TORCH_CHECK(lora_B.is_contiguous(), "falqon.topk_update_: lora_B must be contiguous");
-  TORCH_CHECK(k >= 0, "falqon.topk_update_: k must be >= 0, got ", k);
+  FALQON_CHECK(lora_B.is_contiguous(), "falqon.topk_update_: lora_B must be contiguous");
+  FALQON_CHECK(k >= 0, "falqon.topk_update_: k must be >= 0, got ", k);
   check_melded_weight(weight, lora_B.size(0), lora_B.size(1), weight_t);
   check_same_device("topk_update_", weight, lora_B, "lora_B");
 }

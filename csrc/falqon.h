@@ -14,8 +14,49 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace falqon {
+
+// ---- error messages ---------------------------------------------------------------------------
+// FALQON_CHECK(cond, parts...) is TORCH_CHECK with the message put together here, only when the
+// check fails: numbers by std::to_string, shapes as "[3, 48]", dtypes and devices by name, then
+// handed to TORCH_CHECK as one string. On the GPU machine's torch (2.11.0+cu130) a TORCH_CHECK
+// whose message streamed an integer from this library crashed the process (SIGSEGV) instead of
+// raising, while messages of strings and dtypes raised cleanly (benchmarks/NOTES.md, device run
+// 6): the integer insertion of c10::str's ostringstream is the part this macro avoids.
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T v) { s += std::to_string(v); }
+inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const at::Device& v) { s += v.str(); }
+inline void append(std::string& s, at::IntArrayRef v) {
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+}
+}  // namespace detail
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+
+#define FALQON_CHECK(cond, ...)                              \
+  do {                                                       \
+    if (C10_UNLIKELY(!(cond))) {                             \
+      TORCH_CHECK(false, ::falqon::message(__VA_ARGS__));    \
+    }                                                        \
+  } while (0)
 
 constexpr int64_t kRowAlign = 16;
 

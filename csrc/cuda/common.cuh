@@ -45,7 +45,7 @@ inline int pointer_alignment(const void* p) {
 }
 
 inline bool fp8_is_e4m3(at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2,
+  FALQON_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2,
               "falqon: expected torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype);
   return dtype == at::kFloat8_e4m3fn;
 }

@@ -24,7 +24,7 @@ namespace {
 #define FALQON_CUBLASLT_CHECK(EXPR)                                                           \
   do {                                                                                        \
     const cublasStatus_t status_ = (EXPR);                                                    \
-    TORCH_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "falqon: cuBLASLt call ", #EXPR, " failed: ", \
+    FALQON_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "falqon: cuBLASLt call ", #EXPR, " failed: ", \
                 cublasLtGetStatusName(status_), " (", cublasLtGetStatusString(status_), ")"); \
   } while (0)
 
@@ -41,7 +41,7 @@ cudaDataType_t cuda_dtype(at::ScalarType t) {
     case at::kFloat:
       return CUDA_R_32F;
     default:
-      TORCH_CHECK(false, "falqon: no cuBLASLt type for ", t);
+      FALQON_CHECK(false, "falqon: no cuBLASLt type for ", t);
   }
 }
 
@@ -138,7 +138,7 @@ std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle,
   int found = 0;
   FALQON_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->d,
                                                        plan->d, pref, 1, &result, &found));
-  TORCH_CHECK(found > 0, "falqon: cuBLASLt has no FP8 GEMM algorithm for m=", key.m, " n=", key.n,
+  FALQON_CHECK(found > 0, "falqon: cuBLASLt has no FP8 GEMM algorithm for m=", key.m, " n=", key.n,
               " k=", key.k, " (", key.bias ? "with" : "without", " bias, alignments A ", key.align_a,
               " B ", key.align_b, " D ", key.align_d, ")");
   plan->algo = result.algo;
@@ -165,21 +165,21 @@ bool fast_accum_dgrad() {
 void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                     const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                     const at::Tensor& out, bool fast_accum) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.stride(1) == 1 &&
+  FALQON_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.stride(1) == 1 &&
                   b.stride(1) == 1 && a.stride(0) == a.size(1) && b.stride(0) == b.size(1),
               "falqon: scaled_gemm_tn takes contiguous (m, k) and (n, k) operands, got ", a.sizes(),
               " and ", b.sizes());
   const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == m && out.stride(1) == 1 &&
+  FALQON_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == m && out.stride(1) == 1 &&
                   out.stride(0) >= m,
               "falqon: scaled_gemm_tn writes a row-major (", n, ", ", m, ") output, got ",
               out.sizes(), " with strides ", out.strides());
-  TORCH_CHECK(k % 16 == 0 && out.stride(0) % 16 == 0,
+  FALQON_CHECK(k % 16 == 0 && out.stride(0) % 16 == 0,
               "falqon: FP8 GEMMs need k and the output's leading dimension to be multiples of 16");
-  TORCH_CHECK(a_scale.numel() == 1 && b_scale.numel() == 1 && a_scale.scalar_type() == at::kFloat &&
+  FALQON_CHECK(a_scale.numel() == 1 && b_scale.numel() == 1 && a_scale.scalar_type() == at::kFloat &&
                   b_scale.scalar_type() == at::kFloat,
               "falqon: the GEMM scales must be single float32 values");
-  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->numel() == m && bias->is_contiguous() &&
+  FALQON_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->numel() == m && bias->is_contiguous() &&
                                     bias->scalar_type() == out.scalar_type() &&
                                     out.scalar_type() != at::kFloat),
               "falqon: the fused bias must be a contiguous vector of ", m, " values of the output "

@@ -33,7 +33,7 @@ bool env_flag(const char* name, bool fallback) {
   const std::string v = lower(raw);
   if (v == "1" || v == "true" || v == "yes" || v == "on") return true;
   if (v == "0" || v == "false" || v == "no" || v == "off") return false;
-  TORCH_CHECK(false, "falqon: environment variable ", name, " must be 1 or 0, got '", raw, "'");
+  FALQON_CHECK(false, "falqon: environment variable ", name, " must be 1 or 0, got '", raw, "'");
 }
 
 int sm_count(const at::Device& device) {
@@ -55,7 +55,7 @@ bool use_emulation(const at::Device& device) {
         cudaFuncAttributes attr;
         const cudaError_t err = cudaFuncGetAttributes(&attr, probe_kernel);
         if (err != cudaSuccess) (void)cudaGetLastError();  // clear it; we raise our own error
-        TORCH_CHECK(err == cudaSuccess, "falqon: this build has no kernels for compute capability ",
+        FALQON_CHECK(err == cudaSuccess, "falqon: this build has no kernels for compute capability ",
                     prop->major, ".", prop->minor, " (", cudaGetErrorString(err),
                     "); rebuild with TORCH_CUDA_ARCH_LIST including ", prop->major, ".", prop->minor,
                     prop->major >= 9 ? "a" : "");
@@ -144,7 +144,7 @@ void topk_update_op(at::Tensor& weight, at::Tensor& lora_B, const std::optional<
 // (a = W', b = fp8(x)) or the dgrad GEMM (a = W_q^T, b = fp8(g)) alone.
 at::Tensor scaled_gemm_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                           const at::Tensor& b_scale, at::ScalarType out_dtype, bool fast_accum) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "falqon_bench.scaled_gemm takes 2-D operands");
+  FALQON_CHECK(a.dim() == 2 && b.dim() == 2, "falqon_bench.scaled_gemm takes 2-D operands");
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty({b.size(0), a.size(0)}, a.options().dtype(out_dtype));
   scaled_gemm_tn(a, a_scale, b, b_scale, std::nullopt, out, fast_accum);

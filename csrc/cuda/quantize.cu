@@ -299,7 +299,7 @@ FusedLimits fused_limits(const at::Device& device) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
     if (per_sm > 0) break;
   }
-  TORCH_CHECK(per_sm > 0, "falqon: the fused quantize kernel cannot be resident on this GPU");
+  FALQON_CHECK(per_sm > 0, "falqon: the fused quantize kernel cannot be resident on this GPU");
   limits.resident_blocks = std::min(per_sm, kFusedBlocksPerSm) * sm_count(device);
   cache.emplace(device.index(), limits);
   return limits;
@@ -337,7 +337,7 @@ const std::string& default_impl() {
   static const std::string impl = [] {
     const char* v = std::getenv("FALQON_QUANTIZE");
     std::string s = (v && *v) ? v : "twopass";
-    TORCH_CHECK(s == "twopass" || s == "fused",
+    FALQON_CHECK(s == "twopass" || s == "fused",
                 "falqon: FALQON_QUANTIZE must be 'twopass' or 'fused', got '", s, "'");
     return s;
   }();
@@ -349,7 +349,7 @@ const std::string& default_impl() {
 // ---- entry points -----------------------------------------------------------------------------
 
 at::Tensor amax_partials(const at::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous(), "falqon: amax_partials needs a contiguous tensor");
+  FALQON_CHECK(x.is_contiguous(), "falqon: amax_partials needs a contiguous tensor");
   const auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor partials;
   FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_amax", [&] {
@@ -368,7 +368,7 @@ at::Tensor amax_partials(const at::Tensor& x) {
 
 void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const at::Tensor& out,
                         const at::Tensor& scale) {
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.numel() == x.numel(),
+  FALQON_CHECK(x.is_contiguous() && out.is_contiguous() && out.numel() == x.numel(),
               "falqon: cast_with_partials needs contiguous tensors of equal sizes");
   dispatch_fp8(out.scalar_type(), [&](auto e4m3) {
     launch_scaled_map<CastOp<decltype(e4m3)::value>>(x, partials, out.data_ptr(),
@@ -377,7 +377,7 @@ void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const a
 }
 
 at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials) {
-  TORCH_CHECK(x.is_contiguous(), "falqon: quantization_error needs a contiguous tensor");
+  FALQON_CHECK(x.is_contiguous(), "falqon: quantization_error needs a contiguous tensor");
   at::Tensor error = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   launch_scaled_map<ErrorOp>(x, partials, error.data_ptr(), nullptr);
   return error;
@@ -386,7 +386,7 @@ at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
                                                  const std::string& impl) {
   check_quantize_args(input, dtype);
-  TORCH_CHECK(impl == "twopass" || impl == "fused", "falqon: quantize impl must be 'twopass' or "
+  FALQON_CHECK(impl == "twopass" || impl == "fused", "falqon: quantize impl must be 'twopass' or "
               "'fused', got '", impl, "'");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
@@ -405,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor
                                                                 at::ScalarType dtype,
                                                                 const at::Tensor& amax_prev) {
   check_quantize_args(input, dtype);
-  TORCH_CHECK(amax_prev.numel() == 1 && amax_prev.scalar_type() == at::kFloat &&
+  FALQON_CHECK(amax_prev.numel() == 1 && amax_prev.scalar_type() == at::kFloat &&
                   amax_prev.device() == input.device(),
               "falqon: quantize_delayed takes the previous amax as one float32 value on the input's "
               "device");

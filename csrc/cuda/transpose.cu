@@ -60,13 +60,13 @@ __global__ void __launch_bounds__(kTileThreads)
 }  // namespace
 
 at::Tensor transpose_fp8(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.element_size() == 1 && w.is_contiguous() && w.is_cuda(),
+  FALQON_CHECK(w.dim() == 2 && w.element_size() == 1 && w.is_contiguous() && w.is_cuda(),
               "falqon: transpose_fp8 takes a contiguous 2-D one-byte CUDA matrix, got ", w.sizes(),
               " ", w.scalar_type());
   const int64_t rows = w.size(0), cols = w.size(1);
-  TORCH_CHECK(rows % 16 == 0 && cols % 16 == 0,
+  FALQON_CHECK(rows % 16 == 0 && cols % 16 == 0,
               "falqon: transpose_fp8 needs sizes that are multiples of 16, got ", w.sizes());
-  TORCH_CHECK((rows + kTile - 1) / kTile <= 65535, "falqon: transpose_fp8: too many rows (", rows, ")");
+  FALQON_CHECK((rows + kTile - 1) / kTile <= 65535, "falqon: transpose_fp8: too many rows (", rows, ")");
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor out = at::empty({cols, rows}, w.options());
   if (w.numel() == 0) return out;
