@@ -212,11 +212,11 @@ def test_melded_linear_matches_cpu(c):
     w, s, w_t, b = _operands(c)
     x = random_activations((*lead, K), dtype)
     lora_B = torch.randn(N, r)  # never enters the forward; the op checks its shape
-    y_d, xa_d = torch.ops.falqon.melded_linear(to_dev(x), to_dev(w), to_dev(s), to_dev(lora_B),
+    y_d, xa_d, _ = torch.ops.falqon.melded_linear(to_dev(x), to_dev(w), to_dev(s), to_dev(lora_B),
                                                to_dev(b), to_dev(w_t), 1.0, None)
     rows = subset_rows(c.M)
     x_ref = x if rows is None else x.reshape(-1, K)[rows]
-    y_c, xa_c = torch.ops.falqon.melded_linear(x_ref, w, s, lora_B, b, w_t, 1.0, None)
+    y_c, xa_c, _ = torch.ops.falqon.melded_linear(x_ref, w, s, lora_B, b, w_t, 1.0, None)
 
     # Layout: y is a view of the (..., N + r16) product, as the CPU op's; xa is contiguous.
     product = torch.empty((*lead, N + ops.padded_rank(r)))
@@ -287,7 +287,7 @@ def test_melded_module_autograd_matches_cpu(K, N, lead, r, bias, wt, dtype):
                       _dgrad_floor(g2, w, s, N, None, dtype), f"dx {what}")
     # dB = scaling g^T xa in the activation dtype, from the xa of the device's own forward (xa
     # itself is checked against the CPU in the op tests; here the autograd formula is).
-    _, xa_d = torch.ops.falqon.melded_linear(to_dev(x), dev.weight, dev.weight_scale, dev.lora_B,
+    _, xa_d, _ = torch.ops.falqon.melded_linear(to_dev(x), dev.weight, dev.weight_scale, dev.lora_B,
                                              to_dev(b), dev.weight_t, dev.scaling, None)
     expected = (g2.double().T @ xa_d.reshape(-1, r).cpu().double()).to(dtype)
     assert dev.lora_B.grad.dtype == torch.float32

@@ -9,8 +9,11 @@
 // fused: one cooperative kernel. Each thread keeps its first vectors in registers and the next
 //   ones in shared memory while it computes the amax, the grid synchronises once, and the cast
 //   then reads back from global memory (L2 first, reverse order) only what did not fit on chip.
-// delayed (benchmarks only): the scale comes from a given amax (the previous step's), so one
-//   kernel reads x once, writes q and reduces this step's amax with an atomic max.
+// delayed (quantize_delayed, the amax_history option of melded_linear): the scale comes from the
+//   amaxes of previous calls (max of an amax history), so one kernel reads x once, writes q and
+//   reduces this call's amax with an atomic max. Whether the history holds anything yet is
+//   decided on the device: delayed_amax_kernel always launches but every block returns at once
+//   when it does (the first call, with an empty history, is current scaling in two passes).
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -103,10 +106,14 @@ template <typename T, int VEC, typename Op>
 __global__ void __launch_bounds__(kThreads)
     scaled_map_kernel(const T* __restrict__ in, int64_t n, const uint32_t* __restrict__ partials,
                       int num_partials, typename Op::out_t* __restrict__ out,
-                      float* __restrict__ scale_out) {
+                      float* __restrict__ scale_out, float* __restrict__ amax_out) {
   using P = Pack<T, VEC>;
-  const float scale = scale_from_amax(amax_from_partials(partials, num_partials), Op::kMax);
-  if (scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  const float amax = amax_from_partials(partials, num_partials);
+  const float scale = scale_from_amax(amax, Op::kMax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    if (scale_out != nullptr) *scale_out = scale;
+    if (amax_out != nullptr) *amax_out = amax;
+  }
   const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
   const GridStride g(n / VEC);
   for_each_round<true>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
@@ -120,7 +127,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int VEC, bool kE4M3>
 __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
     fused_quantize_kernel(const T* __restrict__ in, int64_t n, uint32_t* __restrict__ partials,
-                          uint8_t* __restrict__ out, float* __restrict__ scale_out, int smem_rounds) {
+                          uint8_t* __restrict__ out, float* __restrict__ scale_out,
+                          float* __restrict__ amax_out, int smem_rounds) {
   using P = Pack<T, VEC>;
   using Op = CastOp<kE4M3>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -153,8 +161,12 @@ __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
 
   cg::this_grid().sync();  // every partial is written and visible
 
-  const float scale = scale_from_amax(amax_from_partials(partials, gridDim.x), Op::kMax);
-  if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  const float amax = amax_from_partials(partials, gridDim.x);
+  const float scale = scale_from_amax(amax, Op::kMax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    *scale_out = scale;
+    *amax_out = amax;
+  }
   const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
   // Pass 2: the streamed rounds newest first (the most recently read are still in L2), then the
   // shared-memory and register copies.
@@ -170,16 +182,54 @@ __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
   tail_map<T, VEC, Op>(in, n, d, out);
 }
 
+// The amax a delayed scale uses, to every thread of the block: max(history) where it is > 0, else
+// 0 (nothing recorded yet; also for a history holding a NaN, where max(history) > 0 is false, as
+// in the reference). Each value maps to a key whose unsigned order is that decision's: NaN above
+// everything, a positive value (+Inf included) its own bits, zero and negative values 0.
+__device__ __forceinline__ float history_amax(const float* __restrict__ history, int64_t count) {
+  uint32_t key = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const float v = history[i];
+    key = max(key, isnan(v) ? 0xffffffffu : (v > 0.f ? __float_as_uint(v) : 0u));
+  }
+  key = block_max(key);
+  return key == 0xffffffffu ? 0.f : __uint_as_float(key);
+}
+
+// Delayed scaling, pass 1: zeroes this call's amax (the cast's atomicMax target) and, only while
+// the history holds nothing usable, writes the partial maxima of x as amax_kernel does. With a
+// usable history every block returns after reading it (a launch of ~2 us, no read of x).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    delayed_amax_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ history,
+                        int64_t history_len, uint32_t* __restrict__ partials,
+                        uint32_t* __restrict__ amax_out) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *amax_out = 0;
+  if (history_amax(history, history_len) > 0.f) return;  // the same answer in every thread
+  using P = Pack<T, VEC>;
+  const GridStride g(n / VEC);
+  uint32_t m = 0;
+  for_each_round<false>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
+                        [&](const P& p, int64_t, int64_t) { m = max_abs_bits(m, p); });
+  m = block_max(tail_amax<T, VEC>(in, n, m));
+  if (threadIdx.x == 0) partials[blockIdx.x] = m;
+}
+
+// Delayed scaling, pass 2: one read of x that casts it at the delayed scale (the history's amax,
+// or the partials of pass 1 where the history is empty) and reduces its own amax.
 template <typename T, int VEC, bool kE4M3>
 __global__ void __launch_bounds__(kThreads)
-    delayed_quantize_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ amax_prev,
-                            uint8_t* __restrict__ out, float* __restrict__ scale_out,
-                            uint32_t* __restrict__ amax_out) {
+    delayed_quantize_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ history,
+                            int64_t history_len, const uint32_t* __restrict__ partials,
+                            int num_partials, uint8_t* __restrict__ out,
+                            float* __restrict__ scale_out, uint32_t* __restrict__ amax_out) {
   using P = Pack<T, VEC>;
   using Op = CastOp<kE4M3>;
-  const float scale = scale_from_amax(*amax_prev, Op::kMax);
+  const float recorded = history_amax(history, history_len);
+  const float amax = recorded > 0.f ? recorded : amax_from_partials(partials, num_partials);
+  const float scale = scale_from_amax(amax, Op::kMax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
-  // |x| may exceed the previous amax by any factor.
+  // |x| may exceed the recorded amax by any factor: those values saturate.
   const Divisor</*kBounded=*/false> d(scale);
   const GridStride g(n / VEC);
   uint32_t m = 0;
@@ -235,7 +285,7 @@ void dispatch_cast(const at::Tensor& x, const at::Tensor& q, F&& f) {
 
 template <typename Op>
 void launch_scaled_map(const at::Tensor& x, const at::Tensor& partials, void* out_ptr,
-                       float* scale_out) {
+                       float* scale_out, float* amax_out) {
   using O = typename Op::out_t;
   const auto stream = at::cuda::getCurrentCUDAStream();
   FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_scaled_map", [&] {
@@ -244,7 +294,8 @@ void launch_scaled_map(const at::Tensor& x, const at::Tensor& partials, void* ou
     dispatch_vec<scalar_t, O>(in, out, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       scaled_map_kernel<scalar_t, VEC, Op><<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
-          in, x.numel(), as_bits(partials), static_cast<int>(partials.numel()), out, scale_out);
+          in, x.numel(), as_bits(partials), static_cast<int>(partials.numel()), out, scale_out,
+          amax_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -254,11 +305,19 @@ at::Tensor new_scale(const at::Tensor& like) {
   return at::empty({}, like.options().dtype(at::kFloat));
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_twopass(const at::Tensor& x, at::ScalarType dtype) {
+using Quantized = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (q, scale, amax)
+
+Quantized quantize_twopass(const at::Tensor& x, at::ScalarType dtype) {
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
-  cast_with_partials(x, amax_partials(x), q, scale);
-  return {q, scale};
+  at::Tensor amax = new_scale(x);
+  const at::Tensor partials = amax_partials(x);
+  dispatch_fp8(dtype, [&](auto e4m3) {
+    launch_scaled_map<CastOp<decltype(e4m3)::value>>(x, partials, q.data_ptr(),
+                                                     scale.data_ptr<float>(),
+                                                     amax.data_ptr<float>());
+  });
+  return {q, scale, amax};
 }
 
 // What the fused kernel may use on one device: shared-memory rounds per block and the blocks
@@ -305,9 +364,10 @@ FusedLimits fused_limits(const at::Device& device) {
   return limits;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_fused(const at::Tensor& x, at::ScalarType dtype) {
+Quantized quantize_fused(const at::Tensor& x, at::ScalarType dtype) {
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
+  at::Tensor amax = new_scale(x);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
@@ -325,12 +385,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_fused(const at::Tensor& x, at::Scala
     at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
     uint32_t* partial_bits = as_bits(partials);
     float* scale_ptr = scale.data_ptr<float>();
-    void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &smem_rounds};
+    float* amax_ptr = amax.data_ptr<float>();
+    void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &amax_ptr, &smem_rounds};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
         reinterpret_cast<const void*>(fused_quantize_kernel<T, VEC, kE4M3>), dim3(grid),
         dim3(kThreads), args, smem, stream));
   });
-  return {q, scale};
+  return {q, scale, amax};
 }
 
 const std::string& default_impl() {
@@ -372,19 +433,20 @@ void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const a
               "falqon: cast_with_partials needs contiguous tensors of equal sizes");
   dispatch_fp8(out.scalar_type(), [&](auto e4m3) {
     launch_scaled_map<CastOp<decltype(e4m3)::value>>(x, partials, out.data_ptr(),
-                                                     scale.data_ptr<float>());
+                                                     scale.data_ptr<float>(), nullptr);
   });
 }
 
 at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials) {
   TORCH_CHECK(x.is_contiguous(), "falqon: quantization_error needs a contiguous tensor");
   at::Tensor error = at::empty(x.sizes(), x.options().dtype(at::kFloat));
-  launch_scaled_map<ErrorOp>(x, partials, error.data_ptr(), nullptr);
+  launch_scaled_map<ErrorOp>(x, partials, error.data_ptr(), nullptr, nullptr);
   return error;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
-                                                 const std::string& impl) {
+namespace {
+
+Quantized quantize_with_impl(const at::Tensor& input, at::ScalarType dtype, const std::string& impl) {
   check_quantize_args(input, dtype);
   TORCH_CHECK(impl == "twopass" || impl == "fused", "falqon: quantize impl must be 'twopass' or "
               "'fused', got '", impl, "'");
@@ -392,36 +454,47 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::Sc
   const at::Tensor x = input.contiguous();
   if (x.numel() == 0) {
     return {at::empty(input.sizes(), x.options().dtype(dtype)),
-            at::ones({}, x.options().dtype(at::kFloat))};
+            at::ones({}, x.options().dtype(at::kFloat)), at::zeros({}, x.options().dtype(at::kFloat))};
   }
   return impl == "fused" ? quantize_fused(x, dtype) : quantize_twopass(x, dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input, at::ScalarType dtype) {
-  return quantize_impl(input, dtype, default_impl());
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
+                                                 const std::string& impl) {
+  auto [q, scale, amax] = quantize_with_impl(input, dtype, impl);
+  return {q, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
-                                                                at::ScalarType dtype,
-                                                                const at::Tensor& amax_prev) {
-  check_quantize_args(input, dtype);
-  TORCH_CHECK(amax_prev.numel() == 1 && amax_prev.scalar_type() == at::kFloat &&
-                  amax_prev.device() == input.device(),
-              "falqon: quantize_delayed takes the previous amax as one float32 value on the input's "
-              "device");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input,
+                                                            at::ScalarType dtype) {
+  return quantize_with_impl(input, dtype, default_impl());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_fp8(const at::Tensor& input,
+                                                                    at::ScalarType dtype,
+                                                                    const at::Tensor& amax_history) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
-  const at::Tensor prev = amax_prev.contiguous();
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
+  const at::Tensor history = amax_history.contiguous();
+  at::Tensor q = at::empty(input.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
-  at::Tensor amax = at::zeros({}, x.options().dtype(at::kFloat));  // atomicMax target
+  at::Tensor amax = new_scale(x);  // zeroed by delayed_amax_kernel, then the atomicMax target
   const auto stream = at::cuda::getCurrentCUDAStream();
+  // Launched whatever the size (an empty x too): the scale depends on the history, on the device.
   dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
     constexpr int VEC = decltype(vec)::value;
-    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value>
-        <<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
-            in, x.numel(), prev.const_data_ptr<float>(), out, scale.data_ptr<float>(), as_bits(amax));
+    const int grid = stream_grid(x.numel() / VEC, x.device());
+    const at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
+    delayed_amax_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(
+        in, x.numel(), history.const_data_ptr<float>(), history.numel(), as_bits(partials),
+        as_bits(amax));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value><<<grid, kThreads, 0, stream>>>(
+        in, x.numel(), history.const_data_ptr<float>(), history.numel(), as_bits(partials), grid,
+        out, scale.data_ptr<float>(), as_bits(amax));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q, scale, amax};
