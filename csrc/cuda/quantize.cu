@@ -88,9 +88,10 @@ struct GridStride {
         rounds((vectors + stride - 1) / stride) {}
 };
 
+// The block's maximum of |x| over its share of [0, n), written to partials[blockIdx.x].
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) amax_kernel(const T* __restrict__ in, int64_t n,
-                                                        uint32_t* __restrict__ partials) {
+__device__ __forceinline__ void write_amax_partial(const T* __restrict__ in, int64_t n,
+                                                   uint32_t* __restrict__ partials) {
   using P = Pack<T, VEC>;
   const GridStride g(n / VEC);
   uint32_t m = 0;
@@ -98,6 +99,12 @@ __global__ void __launch_bounds__(kThreads) amax_kernel(const T* __restrict__ in
                         [&](const P& p, int64_t, int64_t) { m = max_abs_bits(m, p); });
   m = block_max(tail_amax<T, VEC>(in, n, m));
   if (threadIdx.x == 0) partials[blockIdx.x] = m;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) amax_kernel(const T* __restrict__ in, int64_t n,
+                                                        uint32_t* __restrict__ partials) {
+  write_amax_partial<T, VEC>(in, n, partials);
 }
 
 // Converts the elements [0, n) with Op at the scale of the partial maxima, walking the rounds
@@ -196,38 +203,35 @@ __device__ __forceinline__ float history_amax(const float* __restrict__ history,
   return key == 0xffffffffu ? 0.f : __uint_as_float(key);
 }
 
-// Delayed scaling, pass 1: zeroes this call's amax (the cast's atomicMax target) and, only while
-// the history holds nothing usable, writes the partial maxima of x as amax_kernel does. With a
-// usable history every block returns after reading it (a launch of ~2 us, no read of x).
+// Delayed scaling, pass 1: the amax the cast uses, as one partial per block, and this call's amax
+// zeroed (the cast's atomicMax target). With a usable history every block writes the history's
+// amax as its partial and returns (a launch of ~2 us, no read of x); while the history holds
+// nothing usable, the blocks write the partial maxima of x as amax_kernel does.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     delayed_amax_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ history,
                         int64_t history_len, uint32_t* __restrict__ partials,
                         uint32_t* __restrict__ amax_out) {
   if (blockIdx.x == 0 && threadIdx.x == 0) *amax_out = 0;
-  if (history_amax(history, history_len) > 0.f) return;  // the same answer in every thread
-  using P = Pack<T, VEC>;
-  const GridStride g(n / VEC);
-  uint32_t m = 0;
-  for_each_round<false>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
-                        [&](const P& p, int64_t, int64_t) { m = max_abs_bits(m, p); });
-  m = block_max(tail_amax<T, VEC>(in, n, m));
-  if (threadIdx.x == 0) partials[blockIdx.x] = m;
+  const float recorded = history_amax(history, history_len);  // the same in every thread
+  if (recorded > 0.f) {
+    if (threadIdx.x == 0) partials[blockIdx.x] = __float_as_uint(recorded);
+    return;
+  }
+  write_amax_partial<T, VEC>(in, n, partials);
 }
 
-// Delayed scaling, pass 2: one read of x that casts it at the delayed scale (the history's amax,
-// or the partials of pass 1 where the history is empty) and reduces its own amax.
+// Delayed scaling, pass 2: one read of x that casts it at the scale of pass 1's partials (the
+// history's amax, or x's own where the history is empty) and reduces x's own amax. Two blocks of
+// kThreads per SM, as stream_grid sizes the grid: at most 64 registers (no spills, ptxas -v).
 template <typename T, int VEC, bool kE4M3>
-__global__ void __launch_bounds__(kThreads)
-    delayed_quantize_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ history,
-                            int64_t history_len, const uint32_t* __restrict__ partials,
+__global__ void __launch_bounds__(kThreads, 2)
+    delayed_quantize_kernel(const T* __restrict__ in, int64_t n, const uint32_t* __restrict__ partials,
                             int num_partials, uint8_t* __restrict__ out,
                             float* __restrict__ scale_out, uint32_t* __restrict__ amax_out) {
   using P = Pack<T, VEC>;
   using Op = CastOp<kE4M3>;
-  const float recorded = history_amax(history, history_len);
-  const float amax = recorded > 0.f ? recorded : amax_from_partials(partials, num_partials);
-  const float scale = scale_from_amax(amax, Op::kMax);
+  const float scale = scale_from_amax(amax_from_partials(partials, num_partials), Op::kMax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
   // |x| may exceed the recorded amax by any factor: those values saturate.
   const Divisor</*kBounded=*/false> d(scale);
@@ -493,8 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_fp8(const at::Te
         as_bits(amax));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     delayed_quantize_kernel<T, VEC, decltype(e4m3)::value><<<grid, kThreads, 0, stream>>>(
-        in, x.numel(), history.const_data_ptr<float>(), history.numel(), as_bits(partials), grid,
-        out, scale.data_ptr<float>(), as_bits(amax));
+        in, x.numel(), as_bits(partials), grid, out, scale.data_ptr<float>(), as_bits(amax));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q, scale, amax};
