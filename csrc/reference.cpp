@@ -2,6 +2,8 @@
 // It is the CPU kernel and the emulated path on GPUs without FP8, and the CUDA kernels are tested
 // against it. FP8 is emulated by real casts to torch.float8_e4m3fn / float8_e5m2 (round to
 // nearest even), after a clamp to the format's largest finite value (saturation).
+#include <limits>
+
 #include "falqon.h"
 
 #include <ATen/core/Generator.h>
@@ -33,7 +35,6 @@ void fp8_index_copy_(const at::Tensor& t, int64_t dim, const at::Tensor& idx, co
   t.view(at::kByte).index_copy_(dim, idx, src.view(at::kByte));
 }
 
-
 // amax of |x| over a float tensor; 0 for an empty one. NaN propagates.
 at::Tensor amax_of(const at::Tensor& x) {
   return x.numel() ? x.abs().amax() : at::zeros({}, x.options());
@@ -50,10 +51,15 @@ at::Tensor scale_from_amax(const at::Tensor& amax, double fmax) {
 }
 
 // q = fp8(clamp(x / scale, -fmax, fmax)) for a contiguous float32 x: the one cast of every
-// quantiser (current and delayed scaling).
+// quantiser (current and delayed scaling). x / scale is x times the reciprocal rounded once to
+// fp32 (one multiply per element on the GPU), capped at FLT_MAX so that a subnormal scale
+// saturates instead of giving 0 * Inf = NaN.
 at::Tensor cast_at_scale(const at::Tensor& x, const at::Tensor& scale, at::ScalarType dtype) {
   const double fmax = fp8_max(dtype);
-  return (x / scale).clamp(-fmax, fmax).to(dtype);
+  at::Tensor inv = at::reciprocal(scale);
+  inv = at::where(inv > std::numeric_limits<float>::max(),
+                  at::full_like(inv, std::numeric_limits<float>::max()), inv);
+  return (x * inv).clamp(-fmax, fmax).to(dtype);
 }
 
 }  // namespace

@@ -34,7 +34,8 @@ def padded_rank(rank: int) -> int:
 
 def quantize(input: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
     """Per-tensor FP8 quantisation: (q, scale), scale = amax / fmax (1 if amax == 0) as a float32
-    device scalar and q = fp8(clamp(input / scale, -fmax, fmax))."""
+    device scalar and q = fp8(clamp(input * (1 / scale), -fmax, fmax)), the reciprocal rounded
+    once to float32 (capped at its largest value)."""
     return torch.ops.falqon.quantize.default(input, dtype)
 
 

@@ -184,7 +184,7 @@ def check_transpose(quick: bool) -> None:
 def check_linear(quick: bool) -> None:
     print("\n== melded_linear / melded_linear_grad_input (vs the CPU reference) ==")
     fast_fwd = os.environ.get("FALQON_FAST_ACCUM_FWD", "1") not in ("0", "false", "no", "off")
-    fast_bwd = os.environ.get("FALQON_FAST_ACCUM_DGRAD", "0") not in ("0", "false", "no", "off")
+    fast_bwd = os.environ.get("FALQON_FAST_ACCUM_DGRAD", "1") not in ("0", "false", "no", "off")
     cases = []
     for K, N in LLAMA7B + LLAMA13B:
         for M in (1, 7):

@@ -31,11 +31,11 @@ DRY_RUN = DEVICE == "cpu"
 # sets it re-runs this suite in a subprocess on the small cases only (see test_cuda_ops.py).
 EMULATED = os.environ.get("FALQON_FORCE_EMULATION") == "1"
 
-# The CUDA kernels read FALQON_FAST_ACCUM_FWD (default on) and FALQON_FAST_ACCUM_DGRAD (default
-# off) for cuBLASLt's fast accumulation; the dgrad floor follows the latter (the forward's floor is
+# The CUDA kernels read FALQON_FAST_ACCUM_FWD and FALQON_FAST_ACCUM_DGRAD (both default on) for
+# cuBLASLt's fast accumulation; the dgrad floor follows the latter (the forward's floor is
 # always measured with fast accumulation: where the forward runs without it, that only loosens).
-FAST_ACCUM_DGRAD = os.environ.get("FALQON_FAST_ACCUM_DGRAD", "0").lower() in ("1", "true", "yes",
-                                                                               "on")
+FAST_ACCUM_DGRAD = os.environ.get("FALQON_FAST_ACCUM_DGRAD", "1").lower() not in ("0", "false",
+                                                                                   "no", "off")
 
 # Every GPU test carries this mark: skipped without a CUDA GPU with FP8, unless it is a dry run.
 gpu = pytest.mark.skipif(not (DRY_RUN or has_fp8_cuda()),

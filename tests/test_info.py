@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -113,6 +114,9 @@ def test_collect_old_gpu_and_forced_emulation(monkeypatch):
                   build=dict(CUDA_BUILD, cuda_archs=["8.0", "9.0a"]))
     assert rep["gpus"][0]["covered"] and not rep["gpus"][0]["fp8"]
     assert "emulate FP8" in rep["mode"] and "8.9" in rep["mode"]
+    # Only this variable: others set where the tests run (FALQON_DATA_DIR, say) would be listed too.
+    for name in [n for n in os.environ if n.startswith("FALQON_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("FALQON_FORCE_EMULATION", "1")
     rep = collect(gpus=[("NVIDIA H100", H100)], binary=binary, build=CUDA_BUILD)
     assert rep["emulation_forced"] and "FALQON_FORCE_EMULATION=1" in rep["mode"]

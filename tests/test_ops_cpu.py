@@ -35,7 +35,11 @@ def scale_formula(amax, dtype):
 
 def cast_formula(xf, scale, dtype):
     """fp8(clamp(x / scale, -fmax, fmax)) of an fp32 x, in the op's fp32 arithmetic."""
-    return (xf / scale).clamp(-FMAX[dtype], FMAX[dtype]).to(dtype)
+    # x / scale is x times the reciprocal rounded once to fp32 (capped at the largest float32),
+    # the arithmetic of the GPU's cast; it differs from the true quotient by at most an fp32 ulp.
+    inv = 1.0 / scale
+    inv = torch.where(inv > torch.finfo(torch.float32).max, torch.finfo(torch.float32).max, inv)
+    return (xf * inv).clamp(-FMAX[dtype], FMAX[dtype]).to(dtype)
 
 
 def quantize_formula(x, dtype):
@@ -109,6 +113,18 @@ def test_quantize_error_is_within_half_a_step(dtype):
 def test_quantize_zero_gives_finite_unit_scale():
     q, s = ops.quantize(torch.zeros(5, 16), E4M3)
     assert s.item() == 1.0 and not q.float().any()
+
+
+def test_quantize_subnormal_scale_stays_finite():
+    # amax / 448 is subnormal in fp32, so 1 / scale overflows: capped at the largest float32, the
+    # zeros stay zeros (not 0 * Inf = NaN) and the rest keep their signs and order.
+    x = torch.tensor([0.0, 1e-37, -5e-38, 0.0])
+    q, scale = falqon.quantize(x, E4M3)
+    assert 0 < scale.item() < torch.finfo(torch.float32).tiny
+    expected, _ = quantize_formula(x, E4M3)
+    assert torch.equal(fp8_bytes(q), fp8_bytes(expected))
+    values = q.float().tolist()
+    assert values[0] == values[3] == 0.0 and values[1] > -values[2] > 0
 
 
 def test_quantize_keeps_non_finite_inputs_visible():

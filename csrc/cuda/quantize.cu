@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     if (scale_out != nullptr) *scale_out = scale;
     if (amax_out != nullptr) *amax_out = amax;
   }
-  const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
+  const Reciprocal d(scale);
   const GridStride g(n / VEC);
   for_each_round<true>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
                        [&](const P& p, int64_t, int64_t i) { map_pack<T, VEC, Op>(p, d, out, i); });
@@ -134,8 +134,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int VEC, bool kE4M3>
 __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
     fused_quantize_kernel(const T* __restrict__ in, int64_t n, uint32_t* __restrict__ partials,
-                          uint8_t* __restrict__ out, float* __restrict__ scale_out,
-                          float* __restrict__ amax_out, int smem_rounds) {
+                          uint8_t* __restrict__ out, float* __restrict__ scale_out, int smem_rounds) {
   using P = Pack<T, VEC>;
   using Op = CastOp<kE4M3>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -168,13 +167,9 @@ __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
 
   cg::this_grid().sync();  // every partial is written and visible
 
-  const float amax = amax_from_partials(partials, gridDim.x);
-  const float scale = scale_from_amax(amax, Op::kMax);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    *scale_out = scale;
-    *amax_out = amax;
-  }
-  const Divisor</*kBounded=*/true> d(scale);  // |x| <= amax
+  const float scale = scale_from_amax(amax_from_partials(partials, gridDim.x), Op::kMax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  const Reciprocal d(scale);
   // Pass 2: the streamed rounds newest first (the most recently read are still in L2), then the
   // shared-memory and register copies.
   for_each_round<true>(vin, g.nv, g.stride, g.first, on_chip_end, g.rounds,
@@ -233,8 +228,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   using Op = CastOp<kE4M3>;
   const float scale = scale_from_amax(amax_from_partials(partials, num_partials), Op::kMax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
-  // |x| may exceed the recorded amax by any factor: those values saturate.
-  const Divisor</*kBounded=*/false> d(scale);
+  // |x| may exceed the recorded amax by any factor: the cast saturates.
+  const Reciprocal d(scale);
   const GridStride g(n / VEC);
   uint32_t m = 0;
   for_each_round<false>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
@@ -371,7 +366,7 @@ FusedLimits fused_limits(const at::Device& device) {
 Quantized quantize_fused(const at::Tensor& x, at::ScalarType dtype) {
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
-  at::Tensor amax = new_scale(x);
+  at::Tensor partials;
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
@@ -386,16 +381,17 @@ Quantized quantize_fused(const at::Tensor& x, at::ScalarType dtype) {
     int smem_rounds =
         static_cast<int>(std::clamp<int64_t>(rounds - kRegisterVectors, 0, limits.max_smem_rounds));
     const size_t smem = static_cast<size_t>(smem_rounds) * kThreads * sizeof(Pack<T, VEC>);
-    at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
+    partials = at::empty({grid}, x.options().dtype(at::kInt));
     uint32_t* partial_bits = as_bits(partials);
     float* scale_ptr = scale.data_ptr<float>();
-    float* amax_ptr = amax.data_ptr<float>();
-    void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &amax_ptr, &smem_rounds};
+    void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &smem_rounds};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
         reinterpret_cast<const void*>(fused_quantize_kernel<T, VEC, kE4M3>), dim3(grid),
         dim3(kThreads), args, smem, stream));
   });
-  return {q, scale, amax};
+  // The amax for the caller, from the partials (the bits of non-negative floats order as int32s):
+  // one small reduction, kept out of the kernel, whose registers are all taken by its cache.
+  return {q, scale, partials.amax().view(at::kFloat)};
 }
 
 const std::string& default_impl() {
