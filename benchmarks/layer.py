@@ -11,6 +11,10 @@ Methods (a peer that cannot be imported or run is listed with the reason, never 
   falqon            falqon.MeldedLinear.from_linear on the CUDA ops (dx through a transpose of
                     the FP8 weight in the backward, or however the kernels do it by default)
   falqon_wt         the same with the persistent transposed copy (transposed_copy=True)
+  falqon_delayed    falqon with delayed scaling (amax_history_len=16): x and g quantised in one
+                    pass at the scale of the amaxes recorded by earlier calls (the warm-up calls
+                    fill the history before the timing)
+  falqon_delayed_wt the same with the persistent transposed copy
   qlora_nf4         PEFT LoRA over a bitsandbytes Linear4bit (NF4, bf16 compute)
   fp8_lora_torchao  torchao float8 training (convert_to_float8_training, tensorwise dynamic
                     scaling) on the frozen base, compiled with torch.compile as torchao intends,
@@ -43,7 +47,11 @@ SHAPES = {
     "7b": [(4096, 4096), (4096, 11008), (11008, 4096)],        # (in K, out N): q/k/v/o, up/gate, down
     "13b": [(5120, 5120), (5120, 13824), (13824, 5120)],
 }
-METHODS = ["bf16_lora", "fp8_floor", "falqon", "falqon_wt", "qlora_nf4", "fp8_lora_torchao"]
+METHODS = ["bf16_lora", "fp8_floor", "falqon", "falqon_wt", "falqon_delayed", "falqon_delayed_wt",
+           "qlora_nf4", "fp8_lora_torchao"]
+# History length of the falqon_delayed methods (Transformer Engine's default is 1024; any H gives
+# the same kernels, the history only decides the scale).
+DELAYED_HISTORY = 16
 PASSES = ("fwd_bwd", "fwd")
 DTYPE = torch.bfloat16
 
@@ -113,17 +121,29 @@ def build_bf16_lora(weight, r, ctx):
     return _module_bench(_peft_lora(_frozen_linear(weight), r))
 
 
-def build_falqon(weight, r, ctx, transposed_copy=False):
+def build_falqon(weight, r, ctx, transposed_copy=False, amax_history_len=0):
     import falqon
 
     layer = falqon.MeldedLinear.from_linear(_frozen_linear(weight), rank=r, topk=ctx.topk,
-                                            transposed_copy=transposed_copy)
-    ctx.melded[r] = layer   # the floor uses the same FP8 operands
+                                            transposed_copy=transposed_copy,
+                                            amax_history_len=amax_history_len)
+    if not amax_history_len:
+        ctx.melded[r] = layer   # the floor uses the same FP8 operands
     return _module_bench(layer)
 
 
 def build_falqon_wt(weight, r, ctx):
     return build_falqon(weight, r, ctx, transposed_copy=True)
+
+
+def build_falqon_delayed(weight, r, ctx):
+    # The layer is in training mode: every timed and warm-up call records x's and g's amaxes, so
+    # from the second call on both are quantised at the delayed scale in one pass.
+    return build_falqon(weight, r, ctx, amax_history_len=DELAYED_HISTORY)
+
+
+def build_falqon_delayed_wt(weight, r, ctx):
+    return build_falqon(weight, r, ctx, transposed_copy=True, amax_history_len=DELAYED_HISTORY)
 
 
 def build_fp8_floor(weight, r, ctx):
@@ -205,7 +225,8 @@ def build_fp8_lora_torchao(weight, r, ctx):
 
 BUILDERS = {
     "bf16_lora": build_bf16_lora, "fp8_floor": build_fp8_floor, "falqon": build_falqon,
-    "falqon_wt": build_falqon_wt, "qlora_nf4": build_qlora_nf4,
+    "falqon_wt": build_falqon_wt, "falqon_delayed": build_falqon_delayed,
+    "falqon_delayed_wt": build_falqon_delayed_wt, "qlora_nf4": build_qlora_nf4,
     "fp8_lora_torchao": build_fp8_lora_torchao,
 }
 

@@ -28,8 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BASELINE = "bf16_lora"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Methods in this order first (the rest as they come), so that colours and columns stay put.
-PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "fp8_floor", "qlora_nf4", "fp8_lora_torchao",
-             "fp8_lora_torchao_eager")
+PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "falqon_delayed", "falqon_delayed_wt", "fp8_floor",
+             "qlora_nf4", "fp8_lora_torchao", "fp8_lora_torchao_eager")
 
 
 # ---- reading ------------------------------------------------------------------------------------

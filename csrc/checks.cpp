@@ -38,6 +38,24 @@ void check_quantize_args(const at::Tensor& input, at::ScalarType dtype) {
               input.scalar_type());
 }
 
+void check_amax_history(const char* op, const at::Tensor& input, const at::Tensor& amax_history) {
+  FALQON_CHECK(amax_history.scalar_type() == at::kFloat && amax_history.numel() >= 1,
+              "falqon.", op, ": amax_history must be a float32 tensor of at least one value, got ",
+              amax_history.numel(), " values of ", amax_history.scalar_type());
+  FALQON_CHECK(amax_history.device() == input.device(), "falqon.", op, ": amax_history is on ",
+              amax_history.device(), " but the input is on ", input.device());
+}
+
+void check_layer_amax_history(const at::Tensor& input,
+                              const std::optional<at::Tensor>& amax_history) {
+  if (!amax_history.has_value()) return;
+  const at::Tensor& h = *amax_history;
+  FALQON_CHECK(h.dim() == 2 && h.size(0) == 2 && h.size(1) >= 1,
+              "falqon.melded_linear: amax_history must be (2, H) with H >= 1 (row 0 for the "
+              "input, row 1 for the gradient), got ", h.sizes());
+  check_amax_history("melded_linear", input, h);
+}
+
 void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale) {
   FALQON_CHECK(weight_scale.numel() == 1 && weight_scale.scalar_type() == at::kFloat,
               "falqon: weight_scale must be a single float32 value, got ", weight_scale.numel(),

@@ -77,6 +77,12 @@ void warn_user(const std::string& message);
 
 // ---- argument checks (the same messages on every backend) -------------------------------------
 void check_quantize_args(const at::Tensor& input, at::ScalarType dtype);
+// An amax history of delayed scaling: float32, at least one value, on `input`'s device. `op` names
+// the op in the message.
+void check_amax_history(const char* op, const at::Tensor& input, const at::Tensor& amax_history);
+// melded_linear's history: (2, H) float32 with H >= 1, row 0 for x and row 1 for the gradient.
+void check_layer_amax_history(const at::Tensor& input,
+                              const std::optional<at::Tensor>& amax_history);
 // A melded weight for `out_features` outputs and rank `rank` (rank < 0: any padded rank).
 void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t rank,
                          const std::optional<at::Tensor>& weight_t);
@@ -98,22 +104,33 @@ namespace ref {
 
 // scale = amax / fmax (1 where amax == 0); q = fp8(clamp(x / scale, -fmax, fmax)).
 std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarType dtype);
+// The same, also returning the amax of the input (float32 0-d; 0 for an empty input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_with_amax(const at::Tensor& input,
+                                                                  at::ScalarType dtype);
 
-// Returns (y, xa): y = x W^T * s_x * s + b as a view of the (..., N + r16) product (row stride
-// N + r16), xa = x A^T (contiguous).
-std::tuple<at::Tensor, at::Tensor> melded_linear(const at::Tensor& input, const at::Tensor& weight,
-                                                 const at::Tensor& weight_scale,
-                                                 const at::Tensor& lora_B,
-                                                 const std::optional<at::Tensor>& bias,
-                                                 const std::optional<at::Tensor>& weight_t,
-                                                 double scaling,
-                                                 std::optional<at::ScalarType> grad_dtype);
+// Delayed scaling: the amax used is max(amax_history) where that is > 0, else (nothing recorded
+// yet, or a NaN recorded) the input's own amax; scale = amax / fmax (1 where 0);
+// q = fp8(clamp(x / scale, -fmax, fmax)), so values above the recorded amax saturate. Returns
+// (q, scale, the input's own amax) so that the caller can record it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
+                                                                at::ScalarType dtype,
+                                                                const at::Tensor& amax_history);
 
-// dx = fp8(g) W_q * s_g * s, W_q = rows [0, N) of the melded weight.
-at::Tensor melded_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
-                                    const at::Tensor& weight_scale,
-                                    const std::optional<at::Tensor>& weight_t,
-                                    std::optional<at::ScalarType> grad_dtype);
+// Returns (y, xa, amax of x): y = x W^T * s_x * s + b as a view of the (..., N + r16) product
+// (row stride N + r16), xa = x A^T (contiguous). With amax_history (2, H), x's scale is the
+// delayed one of row 0 (quantize_delayed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& weight_t, double scaling,
+    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history);
+
+// (dx, amax of g): dx = fp8(g) W_q * s_g * s, W_q = rows [0, N) of the melded weight. With
+// amax_history (the gradient's H values), g's scale is the delayed one (quantize_delayed).
+std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
+    const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
+    const std::optional<at::Tensor>& amax_history);
 
 // The quantisation error E = W - s0 fp8(W / s0) of a weight, in fp32.
 at::Tensor quantization_error(const at::Tensor& weight);

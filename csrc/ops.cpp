@@ -46,18 +46,26 @@ TORCH_LIBRARY(falqon, m) {
   // Per-tensor FP8 quantisation: returns (q, scale) with scale = amax / fmax as a float32 device
   // scalar (1 when amax == 0) and q = fp8(clamp(input / scale)).
   m.def("quantize(Tensor input, ScalarType dtype) -> (Tensor, Tensor)");
-  // The melded layer's forward: (y, xa) from one FP8 product against W' = [W; A; 0]. y is a view
-  // of the (..., N + r16) product with row stride N + r16; xa = x A^T is kept for backward.
-  // lora_B only receives a gradient (it never enters the forward); scaling and grad_dtype are
-  // the backward's.
+  // Delayed scaling: the scale from the amaxes of previous calls, max(amax_history) / fmax (the
+  // input's own amax while the history holds nothing > 0); values above it saturate. Returns
+  // (q, scale, the input's own amax as a float32 device scalar) so that the caller can record it.
+  m.def("quantize_delayed(Tensor input, ScalarType dtype, Tensor amax_history) -> "
+        "(Tensor, Tensor, Tensor)");
+  // The melded layer's forward: (y, xa, amax of x) from one FP8 product against W' = [W; A; 0].
+  // y is a view of the (..., N + r16) product with row stride N + r16; xa = x A^T is kept for
+  // backward. lora_B only receives a gradient (it never enters the forward); scaling and
+  // grad_dtype are the backward's. amax_history (2, H), read only: delayed scaling of x (row 0)
+  // and of the gradient in backward (row 1); None: current scaling.
   m.def(
       "melded_linear(Tensor input, Tensor weight, Tensor weight_scale, Tensor lora_B, "
-      "Tensor? bias=None, Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None) "
-      "-> (Tensor, Tensor)");
-  // dx = fp8(g) W_q * s_g * s through rows [0, N) of the melded weight (or its transposed copy).
+      "Tensor? bias=None, Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None, "
+      "Tensor? amax_history=None) -> (Tensor, Tensor, Tensor)");
+  // (dx, amax of g): dx = fp8(g) W_q * s_g * s through rows [0, N) of the melded weight (or its
+  // transposed copy); amax_history (the gradient's H values): delayed scaling of g.
   m.def(
       "melded_linear_grad_input(Tensor grad_output, Tensor weight, Tensor weight_scale, "
-      "Tensor? weight_t=None, ScalarType? grad_dtype=None) -> Tensor");
+      "Tensor? weight_t=None, ScalarType? grad_dtype=None, Tensor? amax_history=None) -> "
+      "(Tensor, Tensor)");
   // (W'_q, s) for a high-precision weight: A from the rank-r SVD of W's FP8 quantisation error.
   m.def(
       "meld_init(Tensor weight, int rank, str svd=\"randomized\", int oversample=16, "
@@ -72,6 +80,7 @@ TORCH_LIBRARY(falqon, m) {
 
 TORCH_LIBRARY_IMPL(falqon, CPU, m) {
   m.impl("quantize", &falqon::ref::quantize);
+  m.impl("quantize_delayed", &falqon::ref::quantize_delayed);
   m.impl("melded_linear", &falqon::ref::melded_linear);
   m.impl("melded_linear_grad_input", &falqon::ref::melded_linear_grad_input);
   m.impl("meld_init", &falqon::ref::meld_init);

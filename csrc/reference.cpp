@@ -35,59 +35,102 @@ void fp8_index_copy_(const at::Tensor& t, int64_t dim, const at::Tensor& idx, co
   t.view(at::kByte).index_copy_(dim, idx, src.view(at::kByte));
 }
 
-}  // namespace
+// amax of |x| over a float tensor; 0 for an empty one. NaN propagates.
+at::Tensor amax_of(const at::Tensor& x) {
+  return x.numel() ? x.abs().amax() : at::zeros({}, x.options());
+}
 
-std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarType dtype) {
-  check_quantize_args(input, dtype);
-  const double fmax = fp8_max(dtype);
-  const at::Tensor x = input.to(at::kFloat).contiguous();
-  at::Tensor amax = x.numel() ? x.abs().amax() : at::zeros({}, x.options());
+// The per-tensor scale for a given amax: amax / fmax, 1 where that is 0.
+at::Tensor scale_from_amax(const at::Tensor& amax, double fmax) {
   // Divide by a device scalar: with a host double, ATen's CUDA kernels multiply by the
   // reciprocal instead, which can round differently from the CPU's true division.
   at::Tensor scale = amax / at::scalar_tensor(fmax, amax.options());
   // amax == 0 (or so small that amax / fmax underflows): scale 1 keeps q = 0 and everything
   // finite. A NaN or Inf amax is left as it is so that non-finite inputs stay visible.
-  scale = at::where(scale == 0, at::ones_like(scale), scale);
-  // x / scale as x times the reciprocal rounded once to fp32 (one multiply per element on the
-  // GPU), capped at FLT_MAX so that a subnormal scale saturates instead of giving 0 * Inf = NaN.
+  return at::where(scale == 0, at::ones_like(scale), scale);
+}
+
+// q = fp8(clamp(x / scale, -fmax, fmax)) for a contiguous float32 x: the one cast of every
+// quantiser (current and delayed scaling). x / scale is x times the reciprocal rounded once to
+// fp32 (one multiply per element on the GPU), capped at FLT_MAX so that a subnormal scale
+// saturates instead of giving 0 * Inf = NaN.
+at::Tensor cast_at_scale(const at::Tensor& x, const at::Tensor& scale, at::ScalarType dtype) {
+  const double fmax = fp8_max(dtype);
   at::Tensor inv = at::reciprocal(scale);
   inv = at::where(inv > std::numeric_limits<float>::max(),
                   at::full_like(inv, std::numeric_limits<float>::max()), inv);
-  at::Tensor q = (x * inv).clamp(-fmax, fmax).to(dtype);
-  return {q.view(input.sizes()), scale};
+  return (x * inv).clamp(-fmax, fmax).to(dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor> melded_linear(const at::Tensor& input, const at::Tensor& weight,
-                                                 const at::Tensor& weight_scale,
-                                                 const at::Tensor& lora_B,
-                                                 const std::optional<at::Tensor>& bias,
-                                                 const std::optional<at::Tensor>& weight_t,
-                                                 double /*scaling: backward only*/,
-                                                 std::optional<at::ScalarType> /*grad_dtype*/) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_with_amax(const at::Tensor& input,
+                                                                  at::ScalarType dtype) {
+  check_quantize_args(input, dtype);
+  const at::Tensor x = input.to(at::kFloat).contiguous();
+  at::Tensor amax = amax_of(x);
+  at::Tensor scale = scale_from_amax(amax, fp8_max(dtype));
+  return {cast_at_scale(x, scale, dtype).view(input.sizes()), scale, amax};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarType dtype) {
+  auto [q, scale, amax] = quantize_with_amax(input, dtype);
+  return {q, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
+                                                                at::ScalarType dtype,
+                                                                const at::Tensor& amax_history) {
+  check_quantize_args(input, dtype);
+  check_amax_history("quantize_delayed", input, amax_history);
+  const at::Tensor x = input.to(at::kFloat).contiguous();
+  at::Tensor amax = amax_of(x);
+  // max(history) > 0 is false for an empty (all-zero) history and for one holding a NaN: then the
+  // input's own amax is used (the first call equals current scaling).
+  const at::Tensor recorded = amax_history.max();
+  const at::Tensor used = at::where(recorded > 0, recorded, amax);
+  at::Tensor scale = scale_from_amax(used, fp8_max(dtype));
+  return {cast_at_scale(x, scale, dtype).view(input.sizes()), scale, amax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& weight_t, double /*scaling: backward only*/,
+    std::optional<at::ScalarType> /*grad_dtype*/, const std::optional<at::Tensor>& amax_history) {
   check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t);
+  check_layer_amax_history(input, amax_history);
   const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
-  auto [xq, sx] = quantize(input.reshape({-1, K}), at::kFloat8_e4m3fn);
+  const at::Tensor x = input.reshape({-1, K});
+  auto [xq, sx, x_amax] = amax_history.has_value()
+                              ? quantize_delayed(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
+                              : quantize_with_amax(x, at::kFloat8_e4m3fn);
   // One product against all of W' = [W; A; 0]: columns [0, N) are y, [N, N + r) are x A^T.
   at::Tensor acc = at::mm(xq.to(at::kFloat), weight.to(at::kFloat).t());
   acc.mul_(sx * weight_scale.reshape({}));
   if (bias.has_value()) acc.narrow(1, 0, N).add_(bias->to(at::kFloat));
   at::Tensor out = acc.to(input.scalar_type()).view(with_last(leading_dims(input), rows));
-  return {out.narrow(-1, 0, N), out.narrow(-1, N, r).contiguous()};
+  return {out.narrow(-1, 0, N), out.narrow(-1, N, r).contiguous(), x_amax};
 }
 
-at::Tensor melded_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
-                                    const at::Tensor& weight_scale,
-                                    const std::optional<at::Tensor>& weight_t,
-                                    std::optional<at::ScalarType> grad_dtype) {
+std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
+    const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
+    const std::optional<at::Tensor>& amax_history) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   const int64_t N = grad_output.dim() ? grad_output.size(-1) : 0;
   check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, gdt);
+  if (amax_history.has_value()) {
+    check_amax_history("melded_linear_grad_input", grad_output, *amax_history);
+  }
   const int64_t K = weight.size(1);
-  auto [gq, sg] = quantize(grad_output.reshape({-1, N}), gdt);
+  const at::Tensor g = grad_output.reshape({-1, N});
+  auto [gq, sg, g_amax] = amax_history.has_value() ? quantize_delayed(g, gdt, *amax_history)
+                                                   : quantize_with_amax(g, gdt);
   const at::Tensor w = weight_t.has_value() ? weight_t->t() : weight.narrow(0, 0, N);
   at::Tensor dx = at::mm(gq.to(at::kFloat), w.to(at::kFloat));
   dx.mul_(sg * weight_scale.reshape({}));
-  return dx.to(grad_output.scalar_type()).view(with_last(leading_dims(grad_output), K));
+  return {dx.to(grad_output.scalar_type()).view(with_last(leading_dims(grad_output), K)), g_amax};
 }
 
 at::Tensor quantization_error(const at::Tensor& weight) {

@@ -3,7 +3,8 @@ training state that makes a resumed run bit-identical to an uninterrupted one.
 
 A falqon checkpoint directory holds
   falqon_model.safetensors  per melded layer: `<name>.weight` (the FP8 [W; A; 0]),
-                            `<name>.weight_scale` and `<name>.lora_B`;
+                            `<name>.weight_scale`, `<name>.lora_B` and, with delayed scaling
+                            (amax_history_len > 0), `<name>.amax_history`;
   falqon_config.json        the FalqonConfig, the proxy-update counters, the melded layers'
                             shapes, the skipped layers and the byte size of every file (a
                             truncated file is caught before it is parsed). It is written last,
@@ -106,6 +107,8 @@ def save_pretrained(model: nn.Module, path) -> None:
         tensors[f"{name}.weight"] = layer.weight
         tensors[f"{name}.weight_scale"] = layer.weight_scale
         tensors[f"{name}.lora_B"] = layer.lora_B
+        if layer.amax_history is not None:
+            tensors[f"{name}.amax_history"] = layer.amax_history
     size = _save_tensors(tensors, directory / MODEL_FILE)
     try:
         skipped = melded_summary(model).skipped
@@ -180,13 +183,19 @@ def from_pretrained(base_model: nn.Module, path) -> nn.Module:
             if module.rank != info["rank"]:
                 raise FalqonError(f"layer {name} has rank {module.rank}, the checkpoint "
                                   f"{info['rank']}")
+            if module.amax_history_len != config.amax_history_len:
+                raise FalqonError(f"layer {name} has amax_history_len "
+                                  f"{module.amax_history_len}, the checkpoint "
+                                  f"{config.amax_history_len}")
             layer = module
         else:
             layer = empty_melded_like(module, config)
             dtype = getattr(torch, info.get("lora_dtype", "float32"))
             layer.lora_B.data = layer.lora_B.data.to(dtype)
             _replace(base_model, name, layer)
-        for key in ("weight", "weight_scale", "lora_B"):
+        keys = ("weight", "weight_scale", "lora_B") + (
+            ("amax_history",) if layer.amax_history is not None else ())
+        for key in keys:
             src = tensors.get(f"{name}.{key}")
             dst = getattr(layer, key)
             if src is None or src.shape != dst.shape or src.dtype != dst.dtype:

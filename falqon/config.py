@@ -41,6 +41,12 @@ class FalqonConfig:
     grad_dtype       FP8 format of the output gradient in the input-gradient GEMM: "e5m2" or "e4m3".
     transposed_copy  keep a transposed FP8 copy of each weight for the input gradient (more memory,
                      no per-step transpose).
+    amax_history_len 0 (default): current scaling, the paper's method (each activation and
+                     gradient quantised with its own amax, two passes over it). H > 0: delayed
+                     scaling, the scale from the largest amax of the last H calls (a (2, H)
+                     buffer per layer, saved with the checkpoint): one pass over each tensor
+                     instead of two, values above the recorded amax saturate. Transformer Engine
+                     uses H = 16 to 1024.
     """
 
     rank: int = 16
@@ -55,6 +61,7 @@ class FalqonConfig:
     seed: int = 0
     grad_dtype: str = "e5m2"
     transposed_copy: bool = False
+    amax_history_len: int = 0
 
     def __post_init__(self):
         self.target_modules = _normalise_names("target_modules", self.target_modules)
@@ -63,6 +70,7 @@ class FalqonConfig:
         _check_int("topk", self.topk, 0)
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("seed", self.seed, None)
+        _check_int("amax_history_len", self.amax_history_len, 0)
         if self.warmup_topk is not None:
             _check_int("warmup_topk", self.warmup_topk, 0)
         if self.alpha is not None:

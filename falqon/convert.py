@@ -108,7 +108,8 @@ def plan(model: nn.Module, config: FalqonConfig) -> tuple[list[str], list[tuple[
 def _layer_kwargs(config: FalqonConfig) -> dict:
     return dict(rank=config.rank, alpha=config.alpha, topk=config.topk,
                 keep_residual=config.keep_residual, grad_dtype=config.grad_torch_dtype,
-                transposed_copy=config.transposed_copy)
+                transposed_copy=config.transposed_copy,
+                amax_history_len=config.amax_history_len)
 
 
 def empty_melded_like(linear: nn.Linear, config: FalqonConfig) -> MeldedLinear:

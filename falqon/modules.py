@@ -32,14 +32,27 @@ class MeldedLinear(nn.Module):
                     scaling * g^T (x A^T) and never enters the forward; after each optimizer
                     step `proxy_update()` folds its `topk` largest rows into `weight`.
       weight_t      optional persistent transpose of the weight rows, for the input gradient.
+      amax_history  with amax_history_len = H > 0: float32 (2, H), the amaxes of the last H
+                    inputs (row 0) and output gradients (row 1), newest first, zeros at the
+                    start; persistent (saved with the state dict). None with H = 0.
       bias          the original bias, frozen, or None.
+
+    amax_history_len: 0 (default) is current scaling, the paper's method: x and g are each
+    quantised with their own amax (two passes over the tensor). H > 0 is delayed scaling
+    (Transformer Engine's): x and g are quantised with max(amax of the last H calls) / fmax,
+    values above it saturate, in one pass that also reduces the tensor's own amax; in training
+    mode the forward records x's amax into row 0 and the backward g's into row 1 (only when it
+    computes an input gradient). While a row holds only zeros, that tensor gets current scaling.
+    Gradient checkpointing recomputes the forward, which records x twice per step: harmless for
+    a maximum over H calls (it shortens the window by one step). The proxy update does not
+    touch the history.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 16,
                  alpha: float | None = None, topk: int = 10, bias: bool = False,
                  keep_residual: bool = False, grad_dtype: torch.dtype = ops.E5M2,
                  transposed_copy: bool = False, device=None, dtype: torch.dtype | None = None,
-                 lora_dtype: torch.dtype = torch.float32):
+                 lora_dtype: torch.dtype = torch.float32, amax_history_len: int = 0):
         super().__init__()
         problem = check_meldable(in_features, out_features, rank)
         if problem:
@@ -48,6 +61,10 @@ class MeldedLinear(nn.Module):
             raise ValueError(f"MeldedLinear: topk must be >= 0, got {topk}")
         if grad_dtype not in ops.FP8_MAX:
             raise ValueError(f"MeldedLinear: grad_dtype must be an FP8 dtype, got {grad_dtype}")
+        if isinstance(amax_history_len, bool) or not isinstance(amax_history_len, int) or \
+                amax_history_len < 0:
+            raise ValueError(f"MeldedLinear: amax_history_len must be an integer >= 0, got "
+                             f"{amax_history_len!r}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / rank
@@ -61,6 +78,10 @@ class MeldedLinear(nn.Module):
             "weight_t",
             torch.zeros(in_features, out_features, device=device, dtype=ops.E4M3)
             if transposed_copy else None)
+        self.register_buffer(
+            "amax_history",
+            torch.zeros(2, amax_history_len, device=device, dtype=torch.float32)
+            if amax_history_len else None)
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
                                   requires_grad=False) if bias else None)
 
@@ -70,7 +91,8 @@ class MeldedLinear(nn.Module):
                     topk: int = 10, keep_residual: bool = False,
                     grad_dtype: torch.dtype = ops.E5M2, transposed_copy: bool = False,
                     svd: str = "randomized", oversample: int = 16, power_iters: int = 4,
-                    seed: int = 0, lora_dtype: torch.dtype = torch.float32) -> "MeldedLinear":
+                    seed: int = 0, lora_dtype: torch.dtype = torch.float32,
+                    amax_history_len: int = 0) -> "MeldedLinear":
         """Meld an nn.Linear: its weight is quantised to FP8 with the adapter A stacked under it
         (A from the rank-r SVD of the weight's FP8 quantisation error); B starts at zero.
         The original high-precision weight is not kept."""
@@ -87,7 +109,7 @@ class MeldedLinear(nn.Module):
                      bias=linear.bias is not None, keep_residual=keep_residual,
                      grad_dtype=grad_dtype, transposed_copy=transposed_copy, device=w.device,
                      dtype=None if linear.bias is None else linear.bias.dtype,
-                     lora_dtype=lora_dtype)
+                     lora_dtype=lora_dtype, amax_history_len=amax_history_len)
         melded, scale = ops.meld_init(w.detach(), rank, svd, oversample, power_iters, seed)
         module.weight.data = melded
         module.weight_scale.copy_(scale)
@@ -110,8 +132,18 @@ class MeldedLinear(nn.Module):
             raise TypeError(f"MeldedLinear: input must be float32, float16 or bfloat16, got "
                             f"{x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return ops.melded_linear(x, self.weight, self.weight_scale, self.lora_B, bias,
-                                 self.weight_t, self.scaling, self.grad_dtype)
+        history = self.amax_history
+        y, _, x_amax = torch.ops.falqon.melded_linear.default(
+            x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t, self.scaling,
+            self.grad_dtype, history)
+        if history is not None and self.training:
+            ops.record_amax_(history[0], x_amax.detach())
+        return y
+
+    @property
+    def amax_history_len(self) -> int:
+        """H of delayed scaling; 0 for current scaling."""
+        return 0 if self.amax_history is None else self.amax_history.shape[1]
 
     @torch.no_grad()
     def proxy_update(self, k: int | None = None) -> None:
@@ -135,7 +167,8 @@ class MeldedLinear(nn.Module):
         # model.to(torch.bfloat16) / .half() would cast the FP8 weight and the float32 scale like
         # any floating tensor (and a scale rounded through bf16 would rescale the whole layer).
         # Keep their formats: only moves between devices apply to them, taken from the originals.
-        before = {name: t.detach() for name in ("weight", "weight_scale", "weight_t")
+        before = {name: t.detach() for name in ("weight", "weight_scale", "weight_t",
+                                                "amax_history")
                   if (t := getattr(self, name)) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -150,6 +183,7 @@ class MeldedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         policy = "keep_residual" if self.keep_residual else "drop"
+        delayed = f", amax_history_len={self.amax_history_len}" if self.amax_history_len else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, topk={self.topk}, policy={policy}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}{delayed}")

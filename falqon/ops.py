@@ -22,8 +22,8 @@ FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 ROW_ALIGN = 16
 
 __all__ = [
-    "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "melded_linear",
-    "melded_linear_grad_input", "meld_init", "topk_update_",
+    "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "quantize_delayed",
+    "record_amax_", "melded_linear", "melded_linear_grad_input", "meld_init", "topk_update_",
 ]
 
 
@@ -39,25 +39,52 @@ def quantize(input: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
     return torch.ops.falqon.quantize.default(input, dtype)
 
 
+def quantize_delayed(input: Tensor, dtype: torch.dtype, amax_history: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor FP8 quantisation with a delayed scale (Transformer Engine's "delayed scaling"):
+    (q, scale, amax). scale = max(amax_history) / fmax from the amaxes of previous calls (the
+    input's own amax while the history holds nothing > 0, so a first call with a zero history
+    is current scaling); values above that amax saturate at +-fmax. `amax` is the input's own
+    amax (float32 0-d), for the caller to record with `record_amax_`. On CUDA one kernel reads
+    the input once (casts it and reduces its amax) once the history holds a value."""
+    return torch.ops.falqon.quantize_delayed.default(input, dtype, amax_history)
+
+
+def record_amax_(history: Tensor, amax: Tensor) -> None:
+    """Record `amax` as the newest value (index 0) of a 1-D amax history, in place, dropping the
+    oldest: history = [amax, history[:-1]]. No host synchronisation."""
+    history.copy_(torch.cat([amax.reshape(1).to(history.dtype), history[:-1]]))
+
+
 def melded_linear(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: Tensor,
                   bias: Tensor | None = None, weight_t: Tensor | None = None,
-                  scaling: float = 1.0, grad_dtype: torch.dtype | None = None) -> Tensor:
+                  scaling: float = 1.0, grad_dtype: torch.dtype | None = None,
+                  amax_history: Tensor | None = None) -> Tensor:
     """y = x W^T + b of a melded layer, from one FP8 GEMM against W' = [W; A; 0].
 
     Autograd gives d input (an FP8 GEMM with the gradient in `grad_dtype`, E5M2 by default),
     d lora_B = scaling * g^T (x A^T) in high precision, and d bias. lora_B never enters the
-    forward: it is the proxy buffer that `topk_update_` folds into the weight."""
-    y, _ = torch.ops.falqon.melded_linear.default(input, weight, weight_scale, lora_B, bias,
-                                                  weight_t, scaling, grad_dtype)
+    forward: it is the proxy buffer that `topk_update_` folds into the weight.
+
+    amax_history: None (current scaling: each tensor's own amax) or a float32 (2, H) tensor for
+    delayed scaling, row 0 for x and row 1 for the gradient. The op reads row 0; the backward
+    reads row 1 and records the gradient's amax into it (`record_amax_`). Recording x's amax
+    into row 0 is the caller's: this wrapper drops it, MeldedLinear records it."""
+    y, _, _ = torch.ops.falqon.melded_linear.default(input, weight, weight_scale, lora_B, bias,
+                                                     weight_t, scaling, grad_dtype, amax_history)
     return y
 
 
 def melded_linear_grad_input(grad_output: Tensor, weight: Tensor, weight_scale: Tensor,
                              weight_t: Tensor | None = None,
-                             grad_dtype: torch.dtype | None = None) -> Tensor:
-    """dx = fp8(g) W_q * s_g * s through the weight rows of a melded weight."""
-    return torch.ops.falqon.melded_linear_grad_input.default(grad_output, weight, weight_scale,
-                                                             weight_t, grad_dtype)
+                             grad_dtype: torch.dtype | None = None,
+                             amax_history: Tensor | None = None) -> Tensor:
+    """dx = fp8(g) W_q * s_g * s through the weight rows of a melded weight; with amax_history
+    (the gradient's H values), g's scale is the delayed one. The op also returns g's amax:
+    torch.ops.falqon.melded_linear_grad_input(...) -> (dx, g_amax)."""
+    dx, _ = torch.ops.falqon.melded_linear_grad_input.default(grad_output, weight, weight_scale,
+                                                              weight_t, grad_dtype, amax_history)
+    return dx
 
 
 def meld_init(weight: Tensor, rank: int, svd: str = "randomized", oversample: int = 16,
@@ -93,24 +120,43 @@ def _quantize_fake(input, dtype):
     return q, input.new_empty((), dtype=torch.float32)
 
 
+@torch.library.register_fake("falqon::quantize_delayed")
+def _quantize_delayed_fake(input, dtype, amax_history):
+    q = torch.empty_like(input, dtype=dtype, memory_format=torch.contiguous_format)
+    return q, input.new_empty((), dtype=torch.float32), input.new_empty((), dtype=torch.float32)
+
+
+def _check_layer_history(amax_history) -> None:
+    if amax_history is not None:
+        torch._check(amax_history.dim() == 2 and amax_history.shape[0] == 2 and
+                     amax_history.shape[1] >= 1 and amax_history.dtype == torch.float32,
+                     lambda: f"falqon.melded_linear: amax_history must be a (2, H) float32 "
+                             f"tensor with H >= 1, got {tuple(amax_history.shape)} "
+                             f"{amax_history.dtype}")
+
+
 @torch.library.register_fake("falqon::melded_linear")
 def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t=None,
-                        scaling=1.0, grad_dtype=None):
+                        scaling=1.0, grad_dtype=None, amax_history=None):
     out_features, rank = lora_B.shape
     _check_weight(weight, out_features)
     torch._check(input.shape[-1] == weight.shape[1],
                  lambda: f"falqon.melded_linear: input has {input.shape[-1]} features in its last "
                          f"dimension, the layer takes {weight.shape[1]}")
+    _check_layer_history(amax_history)
     lead = input.shape[:-1]
     # y is a view of the whole (..., N + r16) product, as the real kernels return it.
     product = input.new_empty((*lead, weight.shape[0]))
-    return product[..., :out_features], input.new_empty((*lead, rank))
+    return (product[..., :out_features], input.new_empty((*lead, rank)),
+            input.new_empty((), dtype=torch.float32))
 
 
 @torch.library.register_fake("falqon::melded_linear_grad_input")
-def _grad_input_fake(grad_output, weight, weight_scale, weight_t=None, grad_dtype=None):
+def _grad_input_fake(grad_output, weight, weight_scale, weight_t=None, grad_dtype=None,
+                     amax_history=None):
     _check_weight(weight, grad_output.shape[-1])
-    return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1]))
+    return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])),
+            grad_output.new_empty((), dtype=torch.float32))
 
 
 @torch.library.register_fake("falqon::meld_init")
@@ -128,33 +174,44 @@ def _topk_update_fake(weight, lora_B, weight_t, k, scaling, keep_residual=False)
 # ---- autograd of melded_linear ------------------------------------------------------------------
 
 def _melded_linear_setup_context(ctx, inputs, output):
-    input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype = inputs
-    _, xa = output
+    input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype, amax_history = inputs
+    _, xa, x_amax = output
     # x itself is not kept: dx needs only the FP8 weight, dB only x A^T (M x r).
     ctx.save_for_backward(xa, weight, weight_scale, weight_t)
+    # The history is read and written by backward, and written between forward and backward (the
+    # module records x's amax into row 0): held as an attribute, not a saved tensor, whose
+    # version check would reject that legitimate in-place update.
+    ctx.amax_history = amax_history
     ctx.scaling = scaling
     ctx.grad_dtype = grad_dtype
     ctx.lora_B_dtype = lora_B.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(x_amax)
     # Leave the gradient of an unused output (xa, always, for the module) as None rather than
     # materialising zeros that backward would multiply through.
     ctx.set_materialize_grads(False)
 
 
-def _melded_linear_backward(ctx, grad_y, grad_xa):
+def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
     xa, weight, weight_scale, weight_t = ctx.saved_tensors
     # The dispatcher drops trailing arguments equal to their defaults (bias=None, weight_t=None,
     # ...) before autograd sees them, so needs_input_grad can be shorter than the schema.
-    needs = tuple(ctx.needs_input_grad) + (False,) * 8
+    needs = tuple(ctx.needs_input_grad) + (False,) * 9
     needs_input, needs_B, needs_bias = needs[0], needs[3], needs[4]
     rank = xa.shape[-1]
     out_features = weight.shape[0] - padded_rank(rank)
+    history = ctx.amax_history
     grad_input = grad_B = grad_bias = None
     if grad_y is not None:
         g = grad_y.reshape(-1, out_features)
         if needs_input:
-            grad_input = melded_linear_grad_input(grad_y, weight, weight_scale, weight_t,
-                                                  ctx.grad_dtype)
+            # Delayed scaling: g's scale from row 1; g's own amax is recorded there for the next
+            # calls. Without an input gradient g is never quantised and nothing is recorded.
+            grad_input, g_amax = torch.ops.falqon.melded_linear_grad_input.default(
+                grad_y, weight, weight_scale, weight_t, ctx.grad_dtype,
+                None if history is None else history[1])
+            if history is not None:
+                record_amax_(history[1], g_amax)
         if needs_B:
             # dB = scaling * g^T (x A^T): a small product, kept in high precision (not FP8).
             grad_B = torch.mm(g.t(), xa.reshape(-1, rank)).to(ctx.lora_B_dtype).mul_(ctx.scaling)
@@ -166,7 +223,7 @@ def _melded_linear_backward(ctx, grad_y, grad_xa):
             grad_xa.dtype)
         from_xa = grad_xa @ a_real
         grad_input = from_xa if grad_input is None else grad_input + from_xa
-    return grad_input, None, None, grad_B, grad_bias, None, None, None
+    return grad_input, None, None, grad_B, grad_bias, None, None, None, None
 
 
 torch.library.register_autograd("falqon::melded_linear", _melded_linear_backward,

@@ -37,7 +37,8 @@ def test_layer_benchmark_end_to_end_on_cpu(tmp_path, capsys, monkeypatch, one_th
         assert r["kind"] == "layer" and r["pass"] in ("fwd", "fwd_bwd")
         assert (r["ms"] is None) == ("skipped" in r), r
     timed = {r["method"] for r in recs if r["ms"] is not None}
-    assert timed == {"bf16_lora", "fp8_floor", "falqon", "falqon_wt"}
+    assert timed == {"bf16_lora", "fp8_floor", "falqon", "falqon_wt", "falqon_delayed",
+                     "falqon_delayed_wt"}
     assert all(r["ms"] > 0 for r in recs if r["ms"] is not None)
     # The peers that cannot run here are listed with the reason, in the JSON and the output.
     assert "(test)" in res["skipped"]["qlora_nf4"]

@@ -134,6 +134,121 @@ def test_quantize_special_values_match_cpu(case, out):
         assert q.cpu()[-1].float().item() == -ops.FP8_MAX[out]
 
 
+# ---- quantize_delayed ---------------------------------------------------------------------------
+
+def delayed_history(kind: str, amax: float, H: int = 16) -> torch.Tensor:
+    """An amax history (float32, H values, fresh random) relative to the input's amax."""
+    h = torch.rand(H) * 0.5 + 0.25
+    if kind == "empty":               # nothing recorded: the kernel takes the two-pass path
+        return torch.zeros(H)
+    if kind == "below":               # the input exceeds the history: its top saturates
+        h[H // 2:] = 0                # a partly filled history
+        return h * amax
+    if kind == "above":
+        return (h + 1.5) * amax
+    if kind == "nan":                 # max(history) is NaN: the input's own amax, as the CPU
+        h[H - 1] = float("nan")
+        return h * amax
+    raise ValueError(kind)
+
+
+def check_quantize_delayed(x_dev, x_cpu, dtype, history, what):
+    q_d, s_d, a_d = falqon.quantize_delayed(x_dev, dtype, to_dev(history))
+    q_c, s_c, a_c = falqon.quantize_delayed(x_cpu, dtype, history)
+    assert q_d.device == s_d.device == a_d.device == x_dev.device, what
+    assert q_d.dtype == dtype and q_d.shape == x_dev.shape and q_d.is_contiguous(), what
+    assert s_d.shape == a_d.shape == () and s_d.dtype == a_d.dtype == torch.float32, what
+    assert_fp8_equal(q_d, q_c, what)
+    # The scale is one correctly rounded division of the same amax on both; the amax an exact
+    # maximum (NaN compares as NaN: its payload may differ).
+    for name, d, c in (("scale", s_d.cpu(), s_c), ("amax", a_d.cpu(), a_c)):
+        assert torch.equal(d, c) or (d.isnan() and c.isnan()), (what, name, d.item(), c.item())
+    return q_d, s_d.cpu(), a_d.cpu()
+
+
+@pytest.mark.parametrize("kind", ["empty", "below", "above", "nan"])
+@pytest.mark.parametrize("shape", _emulation_subset(QUANT_SHAPES, lambda s: math.prod(s) < 1e6),
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("out", FP8, ids=short)
+@pytest.mark.parametrize("inp", ACT, ids=short)
+def test_quantize_delayed_matches_cpu(kind, shape, out, inp):
+    x = wide_range(shape, inp)
+    amax = x.float().abs().amax().item() if x.numel() else 1.0
+    history = delayed_history(kind, amax)
+    q, s, a = check_quantize_delayed(to_dev(x), x, out, history,
+                                     f"quantize_delayed {shape} {inp} -> {out}, {kind}")
+    if x.numel():
+        assert a.item() == amax
+    if kind in ("empty", "nan"):   # nothing usable recorded: exactly current scaling
+        q_cur, s_cur = falqon.quantize(to_dev(x), out)
+        assert_fp8_equal(q, q_cur, "delayed with an empty history vs quantize")
+        assert torch.equal(s, s_cur.cpu())
+    if kind == "below" and x.numel():  # the history's max is under 3/4 of x's: the top saturates
+        assert (q.cpu().float().abs() == ops.FP8_MAX[out]).sum() >= 1
+
+
+@pytest.mark.parametrize("view", VIEWS, ids=str)
+@pytest.mark.parametrize("out", FP8, ids=short)
+@pytest.mark.parametrize("kind", ["empty", "below"])
+def test_quantize_delayed_views_match_cpu(view, out, kind):
+    base = wide_range((1000, 333), torch.bfloat16)
+    fn = VIEWS[view]
+    history = delayed_history(kind, base.float().abs().amax().item(), H=5)
+    check_quantize_delayed(fn(to_dev(base)), fn(base), out, history,
+                           f"quantize_delayed {view} -> {out}, {kind}")
+
+
+@pytest.mark.parametrize("out", FP8, ids=short)
+def test_quantize_delayed_special_values_match_cpu(out):
+    x = torch.randn(4099)
+    x[17] = float("inf")                   # Inf saturates at the delayed scale; amax is Inf
+    check_quantize_delayed(to_dev(x), x, out, torch.tensor([0.5, 2.0, 0.0]), "inf input")
+    x = torch.randn(4099)
+    x[1234] = float("nan")                 # NaN stays NaN; amax is NaN (for the caller to see)
+    _, _, a = check_quantize_delayed(to_dev(x), x, out, torch.tensor([1.0]), "nan input")
+    assert a.isnan()
+    check_quantize_delayed(to_dev(torch.zeros(4099)), torch.zeros(4099), out, torch.zeros(4),
+                           "zeros, empty history")
+    # A history of +Inf: scale Inf, q = 0 for every finite value (the reference's rule).
+    check_quantize_delayed(to_dev(x), x, out, torch.tensor([float("inf")]), "inf history")
+
+
+@pytest.mark.parametrize("out", FP8, ids=short)
+def test_quantize_delayed_recorded_over_steps_matches_cpu(out):
+    # The way a layer uses it: each call's amax recorded into the history for the next ones.
+    h_d, h_c = to_dev(torch.zeros(4)), torch.zeros(4)
+    for step, scale in enumerate((1.0, 8.0, 0.25, 2.0, 0.5, 1.0)):
+        x = (torch.randn(777, 96) * scale).to(torch.bfloat16)
+        check_quantize_delayed(to_dev(x), x, out, h_c, f"step {step}")
+        q_d, s_d, a_d = falqon.quantize_delayed(to_dev(x), out, h_d)
+        q_c, s_c, a_c = falqon.quantize_delayed(x, out, h_c)
+        ops.record_amax_(h_d, a_d)
+        ops.record_amax_(h_c, a_c)
+        assert torch.equal(h_d.cpu(), h_c), step
+
+
+@cuda_only
+def test_quantize_delayed_decides_on_the_device_in_a_cuda_graph():
+    # Captured once with an empty history, the graph must follow the history's contents at replay
+    # (no host read decided the path at capture time).
+    x = wide_range((4096, 64), torch.bfloat16).cuda()
+    history = torch.zeros(8, device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):   # raises if the op synchronises with the host
+        q, s, a = falqon.quantize_delayed(x, E4M3, history)
+    graph.replay()
+    q_cur, s_cur = falqon.quantize(x, E4M3)
+    assert_fp8_equal(q, q_cur, "replay with an empty history")
+    assert torch.equal(s, s_cur) and a.item() == x.float().abs().max().item()
+    history[2] = 0.5 * a           # now the history holds a value: delayed, the top saturates
+    graph.replay()
+    q_c, s_c, a_c = falqon.quantize_delayed(x.cpu(), E4M3, history.cpu())
+    assert_fp8_equal(q, q_c, "replay with a recorded amax")
+    assert torch.equal(s.cpu(), s_c) and torch.equal(a.cpu(), a_c)
+    assert (q.cpu().float().abs() == 448).sum() > 1
+
+
 # ---- melded_linear and melded_linear_grad_input ----------------------------------------------
 
 class LinearCase(tuple):
@@ -212,11 +327,11 @@ def test_melded_linear_matches_cpu(c):
     w, s, w_t, b = _operands(c)
     x = random_activations((*lead, K), dtype)
     lora_B = torch.randn(N, r)  # never enters the forward; the op checks its shape
-    y_d, xa_d = torch.ops.falqon.melded_linear(to_dev(x), to_dev(w), to_dev(s), to_dev(lora_B),
+    y_d, xa_d, _ = torch.ops.falqon.melded_linear(to_dev(x), to_dev(w), to_dev(s), to_dev(lora_B),
                                                to_dev(b), to_dev(w_t), 1.0, None)
     rows = subset_rows(c.M)
     x_ref = x if rows is None else x.reshape(-1, K)[rows]
-    y_c, xa_c = torch.ops.falqon.melded_linear(x_ref, w, s, lora_B, b, w_t, 1.0, None)
+    y_c, xa_c, _ = torch.ops.falqon.melded_linear(x_ref, w, s, lora_B, b, w_t, 1.0, None)
 
     # Layout: y is a view of the (..., N + r16) product, as the CPU op's; xa is contiguous.
     product = torch.empty((*lead, N + ops.padded_rank(r)))
@@ -253,6 +368,68 @@ def test_melded_linear_grad_input_matches_cpu(c):
                       f"dx {_case_id(c)}")
 
 
+DELAYED_LINEAR_CASES = _emulation_subset(
+    [LinearCase((4096, 4096, (8192,), 64, True, False, torch.bfloat16, None)),
+     LinearCase((4096, 11008, (4, 512), 16, False, True, torch.bfloat16, E4M3)),
+     LinearCase((11008, 4096, (127,), 64, True, True, torch.float32, None)),
+     LinearCase((64, 32, (1,), 8, True, False, torch.float16, None)),
+     LinearCase((64, 32, (0,), 8, False, False, torch.bfloat16, None))],
+    lambda c: c.M <= 127)
+
+
+@pytest.mark.parametrize("kind", ["empty", "below", "above"])
+@pytest.mark.parametrize("c", DELAYED_LINEAR_CASES, ids=_case_id)
+def test_melded_linear_with_a_history_matches_cpu(c, kind):
+    K, N, lead, r, bias, wt, dtype, gdt = c
+    w, s, w_t, b = _operands(c)
+    x = random_activations((*lead, K), dtype)
+    g = random_activations((*lead, N), dtype)
+    amax = lambda t: t.float().abs().amax().item() if t.numel() else 1.0  # noqa: E731
+    history = torch.stack([delayed_history(kind, amax(x), H=6),
+                           delayed_history(kind, amax(g), H=6)])
+    lora_B = torch.randn(N, r)
+    y_d, xa_d, xmax_d = torch.ops.falqon.melded_linear(
+        to_dev(x), to_dev(w), to_dev(s), to_dev(lora_B), to_dev(b), to_dev(w_t), 1.0, gdt,
+        to_dev(history))
+    rows = subset_rows(c.M)
+    x2 = x.reshape(-1, K)
+    x_ref = x2 if rows is None else x2[rows]
+    y_c, xa_c, xmax_c = torch.ops.falqon.melded_linear(x_ref, w, s, lora_B, b, w_t, 1.0, gdt,
+                                                       history)
+    if rows is not None:  # the subset's own amax is not x's: x's is the CPU quantiser's
+        xmax_c = falqon.quantize_delayed(x2, E4M3, history[0])[2]
+    assert torch.equal(xmax_d.cpu(), xmax_c), "x's amax, exactly"
+    # The floor: the GPU's own FP8 GEMM on x quantised with the delayed scale (as the CPU does).
+    xq, sx, _ = falqon.quantize_delayed(x_ref, E4M3, history[0])
+    floor = scaled_mm_floor(xq, sx, w.t(), s, fast_accum=True)
+    f_y = f_xa = None
+    if floor is not None:
+        if b is not None:
+            floor[:, :N] += b.float()
+        floor = floor.to(dtype)
+        f_y, f_xa = floor[:, :N], floor[:, N:N + r]
+    y_dv, xa_dv = y_d.reshape(-1, N).cpu(), xa_d.reshape(-1, r).cpu()
+    if rows is not None:
+        y_dv, xa_dv = y_dv[rows], xa_dv[rows]
+    assert_gemm_close(y_dv, y_c.reshape(-1, N), f_y, f"y {_case_id(c)} {kind}")
+    assert_gemm_close(xa_dv, xa_c.reshape(-1, r), f_xa, f"xa {_case_id(c)} {kind}")
+
+    # The input gradient with row 1's delayed scale.
+    dx_d, gmax_d = torch.ops.falqon.melded_linear_grad_input(
+        to_dev(g), to_dev(w), to_dev(s), to_dev(w_t), gdt, to_dev(history[1]))
+    g2 = g.reshape(-1, N) if rows is None else g.reshape(-1, N)[rows]
+    dx_c, _ = torch.ops.falqon.melded_linear_grad_input(g2, w, s, w_t, gdt, history[1])
+    gq, sg, gmax_c = falqon.quantize_delayed(g.reshape(-1, N), gdt or E5M2, history[1])
+    assert torch.equal(gmax_d.cpu(), gmax_c), "g's amax, exactly"
+    d_floor = scaled_mm_floor(gq if rows is None else gq[rows], sg,
+                              w[:N].t().contiguous().t(), s, fast_accum=FAST_ACCUM_DGRAD)
+    dx_dv = dx_d.reshape(-1, K).cpu()
+    if rows is not None:
+        dx_dv = dx_dv[rows]
+    assert_gemm_close(dx_dv, dx_c.reshape(-1, K), None if d_floor is None else d_floor.to(dtype),
+                      f"dx {_case_id(c)} {kind}")
+
+
 MODULE_CASES = _emulation_subset(
     [(4096, 4096, (4, 512), 64, True, False, torch.bfloat16),
      (4096, 11008, (2, 100), 16, False, True, torch.bfloat16),
@@ -287,7 +464,7 @@ def test_melded_module_autograd_matches_cpu(K, N, lead, r, bias, wt, dtype):
                       _dgrad_floor(g2, w, s, N, None, dtype), f"dx {what}")
     # dB = scaling g^T xa in the activation dtype, from the xa of the device's own forward (xa
     # itself is checked against the CPU in the op tests; here the autograd formula is).
-    _, xa_d = torch.ops.falqon.melded_linear(to_dev(x), dev.weight, dev.weight_scale, dev.lora_B,
+    _, xa_d, _ = torch.ops.falqon.melded_linear(to_dev(x), dev.weight, dev.weight_scale, dev.lora_B,
                                              to_dev(b), dev.weight_t, dev.scaling, None)
     expected = (g2.double().T @ xa_d.reshape(-1, r).cpu().double()).to(dtype)
     assert dev.lora_B.grad.dtype == torch.float32
@@ -296,6 +473,36 @@ def test_melded_module_autograd_matches_cpu(K, N, lead, r, bias, wt, dtype):
     assert dev.weight.grad is None
     if bias:
         assert dev.bias.grad is None  # the bias is frozen with the weight
+
+
+@pytest.mark.parametrize("K,N,lead,r,bias,wt,dtype", MODULE_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_delayed_module_training_steps_match_cpu(K, N, lead, r, bias, wt, dtype):
+    # Three fwd+bwd steps of a delayed-scaling layer on both devices from the same state: the
+    # histories (exact amaxes of identical x and g) must agree bit for bit after every step, and
+    # y and dx (both at the delayed scales of the same histories) within the GEMM bounds of the
+    # CPU module's.
+    lin = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    cpu = falqon.MeldedLinear.from_linear(lin, rank=r, transposed_copy=wt, amax_history_len=2)
+    dev = copy.deepcopy(cpu).to(DEVICE)
+    what = f"{K}to{N} r{r} {short(dtype)}"
+    for step, amp in enumerate((1.0, 4.0, 0.5)):   # step 2 runs far under the recorded amax
+        x = (random_activations((*lead, K), torch.float32) * amp).to(dtype)
+        g = (random_activations((*lead, N), torch.float32) * amp).to(dtype)
+        x_d = to_dev(x).detach().clone().requires_grad_()
+        y_d = dev(x_d)
+        y_d.backward(to_dev(g))
+        x_c = x.detach().clone().requires_grad_()
+        y_c = cpu(x_c)
+        y_c.backward(g)
+        assert torch.equal(dev.amax_history.cpu(), cpu.amax_history), f"history, step {step}"
+        assert cpu.amax_history[0, 0].item() == x.float().abs().max().item()
+        assert cpu.amax_history[1, 0].item() == g.float().abs().max().item()
+        assert_gemm_close(y_d.detach().reshape(-1, N).cpu(), y_c.detach().reshape(-1, N), None,
+                          f"y {what} step {step}")
+        assert_gemm_close(x_d.grad.reshape(-1, K).cpu(), x_c.grad.reshape(-1, K), None,
+                          f"dx {what} step {step}")
 
 
 # ---- topk_update_ -----------------------------------------------------------------------------
@@ -518,6 +725,25 @@ def test_opcheck_melded_linear(bias, wt):
             (x, to_dev(w), to_dev(s), B, b, w_t, 2.0, None))
 
 
+@pytest.mark.parametrize("out", FP8, ids=short)
+def test_opcheck_quantize_delayed(out):
+    x = to_dev(torch.randn(33, 64, dtype=torch.bfloat16))
+    opcheck(torch.ops.falqon.quantize_delayed.default, (x, out, to_dev(torch.zeros(4))))
+    opcheck(torch.ops.falqon.quantize_delayed.default, (x, out, to_dev(torch.rand(4) + 0.5)))
+
+
+def test_opcheck_melded_linear_with_a_history():
+    K, N, r = 64, 32, 8
+    w, s = melded_weight(K, N, r)
+    x = to_dev(torch.randn(2, 24, K, dtype=torch.bfloat16)).requires_grad_()
+    B = to_dev(torch.randn(N, r)).requires_grad_()
+    opcheck(torch.ops.falqon.melded_linear.default,
+            (x, to_dev(w), to_dev(s), B, None, None, 2.0, None, to_dev(torch.rand(2, 5) + 1)))
+    opcheck(torch.ops.falqon.melded_linear_grad_input.default,
+            (to_dev(torch.randn(40, N, dtype=torch.bfloat16)), to_dev(w), to_dev(s), None, E5M2,
+             to_dev(torch.rand(5))))
+
+
 def test_opcheck_melded_linear_grad_input():
     K, N, r = 64, 32, 8
     w, s = melded_weight(K, N, r)
@@ -556,6 +782,11 @@ def _bad_calls():
             torch.randn(3, 32, device=d), w.to(d), s.to(d), None, torch.bfloat16),
         "topk_negative_k": lambda d: falqon.topk_update_(w.clone().to(d), B.to(d), None, -1, 1.0),
         "meld_rank_0": lambda d: falqon.meld_init(torch.randn(32, 64, device=d), 0),
+        "delayed_empty_history": lambda d: falqon.quantize_delayed(
+            torch.randn(4, device=d), E4M3, torch.zeros(0, device=d)),
+        "linear_bad_history": lambda d: torch.ops.falqon.melded_linear(
+            torch.randn(3, 64, device=d), w.to(d), s.to(d), B.to(d), None, None, 1.0, None,
+            torch.zeros(3, 4, device=d)),
     }
 
 

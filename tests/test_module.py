@@ -149,3 +149,110 @@ def test_torch_compile_fullgraph_matches_eager():
     for e, c in zip(eager, compiled):
         # Same ops, same inputs; inductor may fuse the elementwise parts differently (fp32).
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+# ---- delayed scaling (amax_history_len > 0) ------------------------------------------------------
+
+def test_delayed_scaling_records_x_and_g_amaxes():
+    _, layer = make(k=64, n=48, rank=8, amax_history_len=3)
+    assert layer.amax_history.shape == (2, 3) and layer.amax_history.dtype == torch.float32
+    assert not layer.amax_history.any() and layer.amax_history_len == 3
+    assert "amax_history" in layer.state_dict()
+    xs = [torch.randn(4, 64) * (i + 1) for i in range(4)]
+    gs = [torch.randn(4, 48) * (i + 2) for i in range(4)]
+    for i, (x, g) in enumerate(zip(xs, gs)):
+        x = x.requires_grad_()
+        layer(x).backward(g)
+        # Newest first; the oldest value drops out after H = 3 calls.
+        want_x = [t.abs().max().item() for t in xs[:i + 1][::-1]][:3]
+        want_g = [t.abs().max().item() for t in gs[:i + 1][::-1]][:3]
+        assert layer.amax_history[0, :len(want_x)].tolist() == want_x
+        assert layer.amax_history[1, :len(want_g)].tolist() == want_g
+    # Evaluation reads the history but records nothing; neither does the proxy update.
+    before = layer.amax_history.clone()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(4, 64) * 100)
+    layer.train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.proxy_update()
+    assert torch.equal(layer.amax_history, before)
+
+
+def test_delayed_scaling_uses_the_recorded_amax():
+    # The first call (empty history) is current scaling; the next ones use the history's max.
+    lin, layer = make(k=64, n=48, rank=8, bias=False, amax_history_len=4)
+    _, current = make(k=64, n=48, rank=8, bias=False)
+    current.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "amax_history"})
+    x1 = torch.randn(5, 64) * 10
+    assert torch.equal(layer(x1), current(x1))
+    x2 = torch.randn(5, 64)            # far below x1: quantised at x1's scale, coarser
+    y2 = layer(x2)
+    ref = ops.melded_linear(x2, layer.weight, layer.weight_scale, layer.lora_B, None, None, 1.0,
+                            None, torch.stack([torch.stack([x1.abs().max(), *[torch.zeros(())] * 3]),
+                                               torch.zeros(4)]))
+    assert torch.equal(y2, ref) and not torch.equal(y2, current(x2))
+    assert rel_err(y2, lin(x2).detach()) < 0.2, "coarser, still the layer's output"
+
+
+def test_delayed_scaling_options_and_dtype_moves():
+    with pytest.raises(ValueError, match="amax_history_len must be an integer >= 0"):
+        falqon.MeldedLinear(32, 32, rank=4, amax_history_len=-1)
+    _, layer = make(amax_history_len=2)
+    layer(torch.randn(3, 64))
+    hist = layer.amax_history.clone()
+    layer.to(torch.bfloat16)
+    assert layer.amax_history.dtype == torch.float32 and torch.equal(layer.amax_history, hist)
+    assert "amax_history_len=2" in repr(layer)
+    fresh = falqon.MeldedLinear(64, 48, rank=8, bias=True, amax_history_len=2)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.amax_history, hist)
+    _, plain = make()
+    assert plain.amax_history is None and "amax_history" not in plain.state_dict()
+
+
+def test_delayed_scaling_torch_compile_fullgraph_matches_eager():
+    # The backward records g's amax with an in-place copy into the history (a module buffer that
+    # the forward also updates): AOTAutograd must carry both mutations. Several steps, so that
+    # the later ones run on the delayed scales.
+    def build():
+        torch.manual_seed(0)
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.up = falqon.MeldedLinear.from_linear(nn.Linear(64, 128), rank=8,
+                                                          amax_history_len=3)
+                self.down = falqon.MeldedLinear.from_linear(nn.Linear(128, 64, bias=False),
+                                                            rank=16, amax_history_len=2)
+
+            def forward(self, x):
+                return x + self.down(nn.functional.silu(self.up(x)))
+
+        return Block()
+
+    xs = [torch.randn(2, 9, 64) * s for s in (1.0, 3.0, 0.5, 2.0)]
+
+    def run(block, model):
+        out = []
+        for x in xs:
+            x = x.clone().requires_grad_()
+            for p in (block.up.lora_B, block.down.lora_B):
+                p.grad = None
+            y = model(x)
+            y.square().mean().backward()
+            out.append((y.detach(), x.grad.clone(), block.up.lora_B.grad.clone(),
+                        block.down.lora_B.grad.clone(), block.up.amax_history.clone(),
+                        block.down.amax_history.clone()))
+        return out
+
+    eager_block, compiled_block = build(), build()
+    eager = run(eager_block, eager_block)
+    compiled = run(compiled_block, torch.compile(compiled_block, fullgraph=True))
+    assert eager[-1][4].all() and eager[-1][5].all(), "every history slot filled"
+    for e_step, c_step in zip(eager, compiled):
+        for e, c in zip(e_step[:4], c_step[:4]):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+        # The amaxes are exact maxima of identical tensors: equal bit for bit.
+        assert torch.equal(c_step[4], e_step[4]) and torch.equal(c_step[5], e_step[5])

@@ -27,17 +27,37 @@ MIN_NORMAL_EXP = {E4M3: -6, E5M2: -14}
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
 
-def quantize_formula(x, dtype):
-    """Per-tensor scaling as DESIGN.md defines it, in the op's fp32 arithmetic."""
-    xf = x.float()
-    amax = xf.abs().amax() if xf.numel() else torch.zeros(())
+def scale_formula(amax, dtype):
+    """amax / fmax in fp32, 1 where that is 0."""
     scale = amax / FMAX[dtype]
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def cast_formula(xf, scale, dtype):
+    """fp8(clamp(x / scale, -fmax, fmax)) of an fp32 x, in the op's fp32 arithmetic."""
     # x / scale is x times the reciprocal rounded once to fp32 (capped at the largest float32),
     # the arithmetic of the GPU's cast; it differs from the true quotient by at most an fp32 ulp.
     inv = 1.0 / scale
     inv = torch.where(inv > torch.finfo(torch.float32).max, torch.finfo(torch.float32).max, inv)
-    return (xf * inv).clamp(-FMAX[dtype], FMAX[dtype]).to(dtype), scale
+    return (xf * inv).clamp(-FMAX[dtype], FMAX[dtype]).to(dtype)
+
+
+def quantize_formula(x, dtype):
+    """Per-tensor scaling as DESIGN.md defines it, in the op's fp32 arithmetic."""
+    xf = x.float()
+    amax = xf.abs().amax() if xf.numel() else torch.zeros(())
+    scale = scale_formula(amax, dtype)
+    return cast_formula(xf, scale, dtype), scale
+
+
+def quantize_delayed_formula(x, dtype, history):
+    """Delayed scaling as the brief defines it: (q, scale, x's own amax); the amax used is
+    max(history) where it is > 0 (false for a NaN), else x's own."""
+    xf = x.float()
+    amax = xf.abs().amax() if xf.numel() else torch.zeros(())
+    recorded = history.float().max()
+    scale = scale_formula(torch.where(recorded > 0, recorded, amax), dtype)
+    return cast_formula(xf, scale, dtype), scale, amax
 
 
 def product_bound(a_abs, b_abs_t, K, out_dtype, ref, scale=1.0):
@@ -128,6 +148,110 @@ def test_quantize_rejects_bad_dtypes():
         ops.quantize(torch.arange(4), E4M3)
 
 
+# ---- quantize_delayed --------------------------------------------------------------------------
+
+def history_of(kind, amax, H=5):
+    """An amax history of H values relative to the input's amax."""
+    h = torch.rand(H) * 0.5 + 0.25          # fresh random values in [0.25, 0.75)
+    if kind == "empty":
+        return torch.zeros(H)
+    if kind == "below":                     # the input exceeds the history: values saturate
+        return h * amax
+    if kind == "above":                     # the input is below what was recorded
+        return (h + 1.5) * amax
+    if kind == "nan":                       # max(history) is NaN, > 0 false: own amax
+        h[1] = float("nan")
+        return h * amax
+    if kind == "nonpositive":               # nothing > 0: own amax
+        return -h * amax * torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])[:H]
+    raise ValueError(kind)
+
+
+HISTORY_KINDS = ("empty", "below", "above", "nan", "nonpositive")
+
+
+@pytest.mark.parametrize("kind", HISTORY_KINDS)
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 33), (64, 128)])
+def test_quantize_delayed_matches_definition(kind, dtype, in_dtype, shape):
+    x = (torch.randn(shape) * 3).to(in_dtype)
+    own = x.float().abs().amax()
+    history = history_of(kind, own)
+    q, s, amax = ops.quantize_delayed(x, dtype, history)
+    q_ref, s_ref, amax_ref = quantize_delayed_formula(x, dtype, history)
+    assert q.dtype == dtype and q.shape == x.shape
+    assert s.shape == amax.shape == () and s.dtype == amax.dtype == torch.float32
+    assert torch.equal(s, s_ref) and torch.equal(fp8_bytes(q), fp8_bytes(q_ref))
+    assert torch.equal(amax, amax_ref) and amax.item() == own.item(), "x's own amax, exactly"
+    if kind in ("empty", "nan", "nonpositive"):
+        # Nothing usable recorded: exactly current scaling.
+        q_cur, s_cur = ops.quantize(x, dtype)
+        assert torch.equal(s, s_cur) and torch.equal(fp8_bytes(q), fp8_bytes(q_cur))
+    else:
+        assert s.item() == pytest.approx(history.max().item() / FMAX[dtype], rel=2**-23)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_quantize_delayed_saturates_above_the_history_in_float64(dtype):
+    # Independent of the formula: with the history's amax a, values up to a are within half an FP8
+    # step of x after dequantisation (as current scaling), values beyond a saturate at +-fmax.
+    x = torch.randn(4096) * torch.logspace(-4, 1, 4096)
+    a = 0.1 * x.abs().max().item()
+    history = torch.tensor([a * 0.5, a, 0.0, a * 0.25])
+    q, s, amax = ops.quantize_delayed(x, dtype, history)
+    assert s.double().item() == pytest.approx(a / FMAX[dtype], rel=2**-23)
+    assert amax.item() == x.abs().max().item()
+    xd, qd = x.double(), q.double()
+    above = xd.abs() / s.double() >= FMAX[dtype]
+    assert above.sum() > 20, "setup: values beyond the recorded amax"
+    assert torch.equal(qd[above], torch.sign(xd[above]) * FMAX[dtype])
+    err = (qd * s.double() - xd).abs()[~above]
+    m, emin = MANTISSA[dtype], MIN_NORMAL_EXP[dtype]
+    bound = 2.0 ** -(m + 1) * xd.abs()[~above] + s.double() * 2.0 ** (emin - m - 1)
+    assert bool((err <= bound).all())
+
+
+def test_quantize_delayed_edge_cases():
+    # An empty input: amax 0, the scale still from the history (or 1 with nothing recorded).
+    q, s, amax = ops.quantize_delayed(torch.empty(0, 16), E4M3, torch.tensor([0.0, 4.48]))
+    assert q.shape == (0, 16) and amax.item() == 0.0 and s.item() == pytest.approx(0.01)
+    q, s, amax = ops.quantize_delayed(torch.empty(0), E4M3, torch.zeros(3))
+    assert s.item() == 1.0 and amax.item() == 0.0
+    # Zeros with an empty history: scale 1, q = 0, everything finite (as current scaling).
+    q, s, amax = ops.quantize_delayed(torch.zeros(5, 16), E4M3, torch.zeros(1))
+    assert s.item() == 1.0 and amax.item() == 0.0 and not q.float().any()
+    # A history whose max / fmax underflows: scale 1 (the same rule as amax == 0).
+    x = torch.randn(8) * 1e-3
+    q, s, _ = ops.quantize_delayed(x, E4M3, torch.tensor([1e-44]))
+    assert s.item() == 1.0 and torch.equal(fp8_bytes(q), fp8_bytes(x.clamp(-448, 448).to(E4M3)))
+    # A non-contiguous input and a history of any shape.
+    x = torch.randn(16, 24).t()
+    h = torch.rand(2, 3)
+    q, s, amax = ops.quantize_delayed(x, E5M2, h)
+    q_ref, s_ref, a_ref = quantize_delayed_formula(x.contiguous(), E5M2, h)
+    assert torch.equal(fp8_bytes(q), fp8_bytes(q_ref)) and torch.equal(s, s_ref)
+
+
+def test_quantize_delayed_rejects_bad_arguments():
+    x = torch.randn(4)
+    with pytest.raises(RuntimeError, match="amax_history must be a float32 tensor of at least one"):
+        ops.quantize_delayed(x, E4M3, torch.zeros(0))
+    with pytest.raises(RuntimeError, match="amax_history must be a float32 tensor of at least one"):
+        ops.quantize_delayed(x, E4M3, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="float8_e4m3fn or torch.float8_e5m2"):
+        ops.quantize_delayed(x, torch.bfloat16, torch.zeros(3))
+
+
+def test_record_amax_rolls_the_history():
+    h = torch.tensor([3.0, 2.0, 1.0])
+    ops.record_amax_(h, torch.tensor(7.0))
+    assert h.tolist() == [7.0, 3.0, 2.0]
+    one = torch.zeros(1)
+    ops.record_amax_(one, torch.tensor(5.0))
+    assert one.tolist() == [5.0]
+
+
 # ---- melded_linear forward ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
@@ -137,7 +261,7 @@ def test_melded_linear_forward(act_dtype, bias, n, k, rank):
     lin, layer = melded(n, k, rank, bias=bias)
     x = torch.randn(2, 3, k).to(act_dtype)
     B = torch.randn(n, rank)  # never enters the forward: any value gives the same output
-    y, xa = torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale, B,
+    y, xa, _ = torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale, B,
                                            layer.bias, None, 1.0, None)
     xq, sx = quantize_formula(x.reshape(-1, k), E4M3)
     wq, s = layer.weight.double(), layer.weight_scale.double()
@@ -235,6 +359,108 @@ def test_backward_without_input_grad_skips_dx():
     x = torch.randn(3, 32)
     layer(x).sum().backward()
     assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+# ---- delayed scaling in melded_linear ----------------------------------------------------------
+
+def _layer_history(x_hist, g_hist):
+    return torch.stack([x_hist, g_hist]).contiguous()
+
+
+@pytest.mark.parametrize("kind", HISTORY_KINDS)
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_melded_linear_forward_with_a_history(kind, act_dtype):
+    n, k, rank = 64, 96, 8
+    lin, layer = melded(n, k, rank, bias=True)
+    x = (torch.randn(3, 7, k) * 2).to(act_dtype)
+    own = x.float().abs().amax()
+    history = _layer_history(history_of(kind, own, H=5), torch.rand(5))
+    B = torch.randn(n, rank)
+    y, xa, x_amax = torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale, B,
+                                                   layer.bias, None, 1.0, None, history)
+    assert x_amax.shape == () and x_amax.dtype == torch.float32 and x_amax.item() == own.item()
+    # x is quantised with row 0's delayed scale (row 1, the gradient's, plays no part) ...
+    xq, sx, _ = quantize_delayed_formula(x.reshape(-1, k), E4M3, history[0])
+    wq, s = layer.weight.double(), layer.weight_scale.double()
+    scale = sx.double() * s
+    ref = (xq.double() @ wq.t()) * scale
+    ref[:, :n] += lin.bias.double()
+    bound = product_bound(xq.double().abs(), wq.abs().t(), k, act_dtype, ref, scale)
+    bound[:, :n] += 2.0**-24 * ref[:, :n].abs()
+    assert bool(((y.reshape(-1, n).double() - ref[:, :n]).abs() <= bound[:, :n]).all())
+    assert bool(((xa.reshape(-1, rank).double() - ref[:, n:n + rank]).abs()
+                 <= bound[:, n:n + rank]).all())
+    # ... and with nothing usable recorded the op is exactly the current-scaling op.
+    y0, xa0, amax0 = torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale, B,
+                                                    layer.bias, None, 1.0, None)
+    assert torch.equal(amax0, x_amax), "the current-scaling op returns x's amax too"
+    assert torch.equal(y, y0) == (kind in ("empty", "nan", "nonpositive"))
+
+
+def test_melded_linear_rejects_a_bad_history():
+    _, layer = melded(32, 48, 8)
+    x, B = torch.randn(3, 48), torch.zeros(32, 8)
+    for bad in (torch.zeros(5), torch.zeros(3, 4), torch.zeros(2, 0),
+                torch.zeros(2, 4, dtype=torch.bfloat16)):
+        with pytest.raises(RuntimeError, match="amax_history"):
+            torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale, B, None, None,
+                                           1.0, None, bad)
+
+
+@pytest.mark.parametrize("kind", ["empty", "below", "above"])
+def test_melded_linear_grad_input_with_a_history(kind):
+    n, k, rank = 64, 48, 8
+    _, layer = melded(n, k, rank)
+    g = torch.randn(2, 5, n, dtype=torch.bfloat16)
+    own = g.float().abs().amax()
+    hist = history_of(kind, own, H=3)
+    dx, g_amax = torch.ops.falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
+                                                           None, None, hist)
+    assert g_amax.item() == own.item()
+    gq, sg, _ = quantize_delayed_formula(g.reshape(-1, n), E5M2, hist)
+    w_q, s = layer.weight[:n].double(), layer.weight_scale.double()
+    ref = (gq.double() @ w_q) * sg.double() * s
+    bound = product_bound(gq.double().abs(), w_q.abs(), n, torch.bfloat16, ref, sg.double() * s)
+    assert bool(((dx.reshape(-1, k).double() - ref).abs() <= bound).all())
+    dx0, amax0 = torch.ops.falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale)
+    assert torch.equal(amax0, g_amax)
+    assert torch.equal(dx0, dx) == (kind == "empty")
+    assert torch.equal(ops.melded_linear_grad_input(g, layer.weight, layer.weight_scale, None,
+                                                    None, hist), dx)
+
+
+def test_melded_linear_backward_uses_and_records_the_gradient_history():
+    n, k, rank, H = 64, 96, 16, 4
+    _, layer = melded(n, k, rank)
+    x = torch.randn(4, 5, k, requires_grad=True)
+    g = torch.randn(4, 5, n) * 100   # far above what row 1 recorded: dx saturates in E5M2
+    g_hist = torch.rand(H) * 20 + 10
+    history = _layer_history(torch.rand(H) * 3 + 1, g_hist)
+    before = history.clone()
+    B = torch.zeros(n, rank, requires_grad=True)
+    y = ops.melded_linear(x, layer.weight, layer.weight_scale, B, None, None, 1.0, None, history)
+    assert torch.equal(history, before), "the forward op reads the history only"
+    y.backward(g)
+    # Row 1 now holds g's amax first, the older values shifted by one; row 0 is untouched.
+    assert history[1, 0].item() == g.abs().max().item()
+    assert torch.equal(history[1, 1:], g_hist[:-1]) and torch.equal(history[0], before[0])
+    # dx with g quantised at row 1's delayed scale (before the record).
+    gq, sg, _ = quantize_delayed_formula(g.reshape(-1, n), E5M2, g_hist)
+    w_q, s = layer.weight[:n].double(), layer.weight_scale.double()
+    ref = (gq.double() @ w_q) * sg.double() * s
+    bound = product_bound(gq.double().abs(), w_q.abs(), n, torch.float32, ref, sg.double() * s)
+    assert bool(((x.grad.reshape(-1, k).double() - ref).abs() <= bound).all())
+    assert (gq.float().abs() == 57344).any(), "setup: values above the history saturate"
+    assert B.grad is not None and B.grad.abs().sum() > 0
+
+
+def test_backward_without_input_grad_records_no_gradient_amax():
+    _, layer = melded(32, 32, 8)
+    history = torch.zeros(2, 3)
+    B = torch.zeros(32, 8, requires_grad=True)
+    ops.melded_linear(torch.randn(3, 32), layer.weight, layer.weight_scale, B, None, None, 1.0,
+                      None, history).sum().backward()
+    assert B.grad.abs().sum() > 0 and not history.any()
 
 
 # ---- meld_init ---------------------------------------------------------------------------------
@@ -380,6 +606,16 @@ def test_opcheck_every_op():
     for dtype in (torch.bfloat16, torch.float32):
         opcheck(torch.ops.falqon.quantize.default, (x.detach().to(dtype), E4M3))
         opcheck(torch.ops.falqon.quantize.default, (x.detach().to(dtype), E5M2))
+        opcheck(torch.ops.falqon.quantize_delayed.default,
+                (x.detach().to(dtype), E4M3, torch.rand(4)))
+        opcheck(torch.ops.falqon.quantize_delayed.default,
+                (x.detach().to(dtype), E5M2, torch.zeros(2, 3)))
+    # Delayed scaling: the history is read by the forward and updated by the backward.
+    opcheck(torch.ops.falqon.melded_linear.default,
+            (x, layer.weight, layer.weight_scale, B, layer.bias, wt, 0.5, None,
+             torch.rand(2, 4) + 1))
+    opcheck(torch.ops.falqon.melded_linear_grad_input.default,
+            (torch.randn(4, 32), layer.weight, layer.weight_scale, None, None, torch.rand(3)))
     opcheck(torch.ops.falqon.melded_linear.default,
             (x, layer.weight, layer.weight_scale, B, layer.bias, None, 0.5, None))
     opcheck(torch.ops.falqon.melded_linear.default,

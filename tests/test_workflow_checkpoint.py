@@ -80,10 +80,18 @@ def test_transposed_copy_is_rebuilt_on_load(tmp_path):
                                m.weight[:m.out_features].t().contiguous().view(torch.uint8))
 
 
-def test_resume_is_bit_exact(tmp_path):
-    """n steps, checkpoint, a fresh process's worth of objects, n more == 2n straight."""
+def histories(model):
+    return {n: m.amax_history.clone() for n, m in model.named_modules()
+            if isinstance(m, MeldedLinear)}
+
+
+@pytest.mark.parametrize("amax_history_len", [0, 4])
+def test_resume_is_bit_exact(tmp_path, amax_history_len):
+    """n steps, checkpoint, a fresh process's worth of objects, n more == 2n straight (with delayed
+    scaling too: the amax histories are part of the checkpoint)."""
     n = 2
-    straight = trained_model(steps=0, keep_residual=True, warmup_steps=3, topk=1)
+    straight = trained_model(steps=0, keep_residual=True, warmup_steps=3, topk=1,
+                             amax_history_len=amax_history_len)
     twin = copy.deepcopy(straight)
 
     def make_opt(m):
@@ -121,6 +129,32 @@ def test_resume_is_bit_exact(tmp_path):
     for a, b in zip(straight.parameters(), resumed.parameters()):
         if a.requires_grad:
             assert torch.equal(a, b)
+    if amax_history_len:
+        for (name, a), b in zip(histories(straight).items(), histories(resumed).values()):
+            assert torch.equal(a, b), name
+            # 2n steps recorded into H = 4 slots; row 1 only where an input gradient was needed.
+            assert a[0].all(), name
+
+
+def test_amax_history_round_trip(tmp_path):
+    model = trained_model(steps=2, amax_history_len=3)
+    falqon.save_pretrained(model, tmp_path / "ckpt")
+    with safe_open(str(tmp_path / "ckpt" / MODEL_FILE), "pt") as f:
+        assert sum(k.endswith(".amax_history") for k in f.keys()) == 14
+    loaded = falqon.from_pretrained(tiny_causal_lm("llama"), tmp_path / "ckpt")
+    assert loaded.falqon_config.amax_history_len == 3
+    saved = histories(model)
+    assert all(h[0, :2].all() and not h[0, 2:].any() for h in saved.values()), "2 steps recorded"
+    for (name, a), b in zip(saved.items(), histories(loaded).values()):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 272, (2, 10))
+    model.eval(), loaded.eval()
+    assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    # A model melded with another history length does not take the checkpoint silently.
+    other = tiny_causal_lm("llama")
+    falqon.meld(other, FalqonConfig(rank=4, topk=3), progress=False, verbose=False)
+    with pytest.raises(FalqonError, match="amax_history_len 0, the checkpoint 3"):
+        falqon.from_pretrained(other, tmp_path / "ckpt")
 
 
 def test_errors_leave_the_checkpoint_alone(tmp_path):

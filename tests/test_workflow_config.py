@@ -16,6 +16,7 @@ def test_defaults_follow_the_contract():
     assert cfg.target_modules is None and cfg.exclude_modules == ("lm_head",)
     assert (cfg.svd, cfg.seed, cfg.grad_dtype) == ("randomized", 0, "e5m2")
     assert cfg.scaling == 1.0 and cfg.grad_torch_dtype == torch.float8_e5m2
+    assert cfg.amax_history_len == 0, "current scaling (the paper's method) by default"
     assert FalqonConfig(rank=8, alpha=32).scaling == 4.0
 
 
@@ -23,7 +24,7 @@ def test_json_round_trip():
     cfg = FalqonConfig(rank=8, alpha=16, topk=3, warmup_topk=5, warmup_steps=7,
                        keep_residual=True, target_modules=["q_proj", "v_proj"],
                        exclude_modules=r".*\.mlp\..*", svd="exact", seed=3, grad_dtype="e4m3",
-                       transposed_copy=True)
+                       transposed_copy=True, amax_history_len=16)
     text = json.dumps(cfg.to_dict())
     back = FalqonConfig.from_dict(json.loads(text))
     assert back == cfg
@@ -44,6 +45,8 @@ def test_json_round_trip():
     (dict(target_modules="("), "not a valid regular expression"),
     (dict(target_modules=[""]), "non-empty strings"),
     (dict(exclude_modules=5), "must be None, a regex string or a list"),
+    (dict(amax_history_len=-1), "amax_history_len must be >= 0"),
+    (dict(amax_history_len=True), "amax_history_len must be an integer"),
 ])
 def test_bad_values_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -56,16 +56,18 @@ bool env_flag(const char* name, bool fallback);
 // ---- quantize.cu ------------------------------------------------------------------------------
 
 // Per-tensor quantisation on the FP8 path, with the implementation FALQON_QUANTIZE picks
-// ("twopass", the default, or "fused"). No host synchronisation.
-std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input, at::ScalarType dtype);
-// The same with the implementation named: "twopass" or "fused" (benchmarks, self-check).
+// ("twopass", the default, or "fused"): (q, scale, amax of the input). No host synchronisation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input,
+                                                            at::ScalarType dtype);
+// (q, scale) with the implementation named: "twopass" or "fused" (benchmarks, self-check).
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
                                                  const std::string& impl);
-// Delayed scaling, for benchmarks only: scale from `amax_prev` (a float32 device scalar, the
-// previous step's amax), one read and one write of the data; returns (q, scale, amax of input).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
-                                                                at::ScalarType dtype,
-                                                                const at::Tensor& amax_prev);
+// Delayed scaling (ref::quantize_delayed's numerics; arguments already checked): the scale from
+// max(amax_history) where > 0, else from the input's own amax, decided on the device. One read
+// and one write of the data once the history holds a value; returns (q, scale, amax of input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_fp8(const at::Tensor& input,
+                                                                    at::ScalarType dtype,
+                                                                    const at::Tensor& amax_history);
 
 // The two halves of the two-pass quantisation, so that several tensors can share one scale.
 // amax_partials: per-block maxima of |x| (as the uint32 bits of non-negative floats, in an int32
@@ -101,14 +103,14 @@ at::Tensor transpose_fp8(const at::Tensor& w);
 
 // ---- the ops on the FP8 path (arguments already checked, device guard held) ------------------
 
-std::tuple<at::Tensor, at::Tensor> melded_linear_fp8(const at::Tensor& input, const at::Tensor& weight,
-                                                     const at::Tensor& weight_scale,
-                                                     const at::Tensor& lora_B,
-                                                     const std::optional<at::Tensor>& bias);
-at::Tensor melded_linear_grad_input_fp8(const at::Tensor& grad_output, const at::Tensor& weight,
-                                        const at::Tensor& weight_scale,
-                                        const std::optional<at::Tensor>& weight_t,
-                                        at::ScalarType grad_dtype);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& amax_history);
+std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(
+    const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
+    const std::optional<at::Tensor>& amax_history);
 std::tuple<at::Tensor, at::Tensor> meld_init_fp8(const at::Tensor& weight, int64_t rank,
                                                  const std::string& svd, int64_t oversample,
                                                  int64_t power_iters, int64_t seed);

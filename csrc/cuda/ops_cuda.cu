@@ -84,36 +84,52 @@ std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& input, at::Scal
   check_quantize_args(input, dtype);
   const c10::cuda::CUDAGuard guard(input.device());
   if (use_emulation(input.device())) return ref::quantize(input, dtype);
-  return quantize_fp8(input, dtype);
+  auto [q, scale, amax] = quantize_fp8(input, dtype);
+  return {q, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> melded_linear_op(const at::Tensor& input, const at::Tensor& weight,
-                                                    const at::Tensor& weight_scale,
-                                                    const at::Tensor& lora_B,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    const std::optional<at::Tensor>& weight_t,
-                                                    double scaling,
-                                                    std::optional<at::ScalarType> grad_dtype) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_op(const at::Tensor& input,
+                                                                   at::ScalarType dtype,
+                                                                   const at::Tensor& amax_history) {
+  check_quantize_args(input, dtype);
+  check_amax_history("quantize_delayed", input, amax_history);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (use_emulation(input.device())) return ref::quantize_delayed(input, dtype, amax_history);
+  return quantize_delayed_fp8(input, dtype, amax_history);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_op(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& weight_t, double scaling,
+    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history) {
   check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t);
+  check_layer_amax_history(input, amax_history);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
-    return ref::melded_linear(input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype);
+    return ref::melded_linear(input, weight, weight_scale, lora_B, bias, weight_t, scaling,
+                              grad_dtype, amax_history);
   }
-  return melded_linear_fp8(input, weight, weight_scale, lora_B, bias);
+  return melded_linear_fp8(input, weight, weight_scale, lora_B, bias, amax_history);
 }
 
-at::Tensor melded_linear_grad_input_op(const at::Tensor& grad_output, const at::Tensor& weight,
-                                       const at::Tensor& weight_scale,
-                                       const std::optional<at::Tensor>& weight_t,
-                                       std::optional<at::ScalarType> grad_dtype) {
+std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_op(
+    const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
+    const std::optional<at::Tensor>& amax_history) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   check_grad_input_args(grad_output, weight, weight_scale, grad_output.dim() ? grad_output.size(-1) : 0,
                         weight_t, gdt);
+  if (amax_history.has_value()) {
+    check_amax_history("melded_linear_grad_input", grad_output, *amax_history);
+  }
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
-    return ref::melded_linear_grad_input(grad_output, weight, weight_scale, weight_t, grad_dtype);
+    return ref::melded_linear_grad_input(grad_output, weight, weight_scale, weight_t, grad_dtype,
+                                         amax_history);
   }
-  return melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, gdt);
+  return melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, gdt,
+                                      amax_history);
 }
 
 std::tuple<at::Tensor, at::Tensor> meld_init_op(const at::Tensor& weight, int64_t rank,
@@ -158,6 +174,7 @@ at::Tensor scaled_gemm_op(const at::Tensor& a, const at::Tensor& a_scale, const 
 
 TORCH_LIBRARY_IMPL(falqon, CUDA, m) {
   m.impl("quantize", &falqon::cuda::quantize_op);
+  m.impl("quantize_delayed", &falqon::cuda::quantize_delayed_op);
   m.impl("melded_linear", &falqon::cuda::melded_linear_op);
   m.impl("melded_linear_grad_input", &falqon::cuda::melded_linear_grad_input_op);
   m.impl("meld_init", &falqon::cuda::meld_init_op);
@@ -167,8 +184,6 @@ TORCH_LIBRARY_IMPL(falqon, CUDA, m) {
 TORCH_LIBRARY(falqon_bench, m) {
   // quantize with the implementation named ("twopass" or "fused"), whatever FALQON_QUANTIZE says.
   m.def("quantize(Tensor input, ScalarType dtype, str impl) -> (Tensor, Tensor)");
-  // Delayed scaling: the scale from the previous step's amax; returns (q, scale, amax of input).
-  m.def("quantize_delayed(Tensor input, ScalarType dtype, Tensor amax) -> (Tensor, Tensor, Tensor)");
   // The (cols, rows) transpose of an FP8 matrix (the dgrad path without weight_t).
   m.def("transpose_fp8(Tensor weight) -> Tensor");
   // One FP8 GEMM: b a^T * a_scale * b_scale, a (m, k) and b (n, k) row-major FP8.
@@ -178,7 +193,6 @@ TORCH_LIBRARY(falqon_bench, m) {
 
 TORCH_LIBRARY_IMPL(falqon_bench, CUDA, m) {
   m.impl("quantize", &falqon::cuda::quantize_impl);
-  m.impl("quantize_delayed", &falqon::cuda::quantize_delayed);
   m.impl("transpose_fp8", &falqon::cuda::transpose_fp8);
   m.impl("scaled_gemm", &falqon::cuda::scaled_gemm_op);
 }

@@ -9,8 +9,11 @@
 // fused: one cooperative kernel. Each thread keeps its first vectors in registers and the next
 //   ones in shared memory while it computes the amax, the grid synchronises once, and the cast
 //   then reads back from global memory (L2 first, reverse order) only what did not fit on chip.
-// delayed (benchmarks only): the scale comes from a given amax (the previous step's), so one
-//   kernel reads x once, writes q and reduces this step's amax with an atomic max.
+// delayed (quantize_delayed, the amax_history option of melded_linear): the scale comes from the
+//   amaxes of previous calls (max of an amax history), so one kernel reads x once, writes q and
+//   reduces this call's amax with an atomic max. Whether the history holds anything yet is
+//   decided on the device: delayed_amax_kernel always launches but every block returns at once
+//   when it does (the first call, with an empty history, is current scaling in two passes).
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -85,9 +88,10 @@ struct GridStride {
         rounds((vectors + stride - 1) / stride) {}
 };
 
+// The block's maximum of |x| over its share of [0, n), written to partials[blockIdx.x].
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) amax_kernel(const T* __restrict__ in, int64_t n,
-                                                        uint32_t* __restrict__ partials) {
+__device__ __forceinline__ void write_amax_partial(const T* __restrict__ in, int64_t n,
+                                                   uint32_t* __restrict__ partials) {
   using P = Pack<T, VEC>;
   const GridStride g(n / VEC);
   uint32_t m = 0;
@@ -97,16 +101,26 @@ __global__ void __launch_bounds__(kThreads) amax_kernel(const T* __restrict__ in
   if (threadIdx.x == 0) partials[blockIdx.x] = m;
 }
 
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) amax_kernel(const T* __restrict__ in, int64_t n,
+                                                        uint32_t* __restrict__ partials) {
+  write_amax_partial<T, VEC>(in, n, partials);
+}
+
 // Converts the elements [0, n) with Op at the scale of the partial maxima, walking the rounds
 // from the last to the first (the amax pass walked them forwards: its last reads are in L2).
 template <typename T, int VEC, typename Op>
 __global__ void __launch_bounds__(kThreads)
     scaled_map_kernel(const T* __restrict__ in, int64_t n, const uint32_t* __restrict__ partials,
                       int num_partials, typename Op::out_t* __restrict__ out,
-                      float* __restrict__ scale_out) {
+                      float* __restrict__ scale_out, float* __restrict__ amax_out) {
   using P = Pack<T, VEC>;
-  const float scale = scale_from_amax(amax_from_partials(partials, num_partials), Op::kMax);
-  if (scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  const float amax = amax_from_partials(partials, num_partials);
+  const float scale = scale_from_amax(amax, Op::kMax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    if (scale_out != nullptr) *scale_out = scale;
+    if (amax_out != nullptr) *amax_out = amax;
+  }
   const Reciprocal d(scale);
   const GridStride g(n / VEC);
   for_each_round<true>(reinterpret_cast<const P*>(in), g.nv, g.stride, g.first, 0, g.rounds,
@@ -170,16 +184,51 @@ __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
   tail_map<T, VEC, Op>(in, n, d, out);
 }
 
-template <typename T, int VEC, bool kE4M3>
+// The amax a delayed scale uses, to every thread of the block: max(history) where it is > 0, else
+// 0 (nothing recorded yet; also for a history holding a NaN, where max(history) > 0 is false, as
+// in the reference). Each value maps to a key whose unsigned order is that decision's: NaN above
+// everything, a positive value (+Inf included) its own bits, zero and negative values 0.
+__device__ __forceinline__ float history_amax(const float* __restrict__ history, int64_t count) {
+  uint32_t key = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const float v = history[i];
+    key = max(key, isnan(v) ? 0xffffffffu : (v > 0.f ? __float_as_uint(v) : 0u));
+  }
+  key = block_max(key);
+  return key == 0xffffffffu ? 0.f : __uint_as_float(key);
+}
+
+// Delayed scaling, pass 1: the amax the cast uses, as one partial per block, and this call's amax
+// zeroed (the cast's atomicMax target). With a usable history every block writes the history's
+// amax as its partial and returns (a launch of ~2 us, no read of x); while the history holds
+// nothing usable, the blocks write the partial maxima of x as amax_kernel does.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    delayed_quantize_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ amax_prev,
-                            uint8_t* __restrict__ out, float* __restrict__ scale_out,
-                            uint32_t* __restrict__ amax_out) {
+    delayed_amax_kernel(const T* __restrict__ in, int64_t n, const float* __restrict__ history,
+                        int64_t history_len, uint32_t* __restrict__ partials,
+                        uint32_t* __restrict__ amax_out) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *amax_out = 0;
+  const float recorded = history_amax(history, history_len);  // the same in every thread
+  if (recorded > 0.f) {
+    if (threadIdx.x == 0) partials[blockIdx.x] = __float_as_uint(recorded);
+    return;
+  }
+  write_amax_partial<T, VEC>(in, n, partials);
+}
+
+// Delayed scaling, pass 2: one read of x that casts it at the scale of pass 1's partials (the
+// history's amax, or x's own where the history is empty) and reduces x's own amax. Two blocks of
+// kThreads per SM, as stream_grid sizes the grid: at most 64 registers (no spills, ptxas -v).
+template <typename T, int VEC, bool kE4M3>
+__global__ void __launch_bounds__(kThreads, 2)
+    delayed_quantize_kernel(const T* __restrict__ in, int64_t n, const uint32_t* __restrict__ partials,
+                            int num_partials, uint8_t* __restrict__ out,
+                            float* __restrict__ scale_out, uint32_t* __restrict__ amax_out) {
   using P = Pack<T, VEC>;
   using Op = CastOp<kE4M3>;
-  const float scale = scale_from_amax(*amax_prev, Op::kMax);
+  const float scale = scale_from_amax(amax_from_partials(partials, num_partials), Op::kMax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
-  // |x| may exceed the previous amax by any factor: the cast saturates.
+  // |x| may exceed the recorded amax by any factor: the cast saturates.
   const Reciprocal d(scale);
   const GridStride g(n / VEC);
   uint32_t m = 0;
@@ -235,7 +284,7 @@ void dispatch_cast(const at::Tensor& x, const at::Tensor& q, F&& f) {
 
 template <typename Op>
 void launch_scaled_map(const at::Tensor& x, const at::Tensor& partials, void* out_ptr,
-                       float* scale_out) {
+                       float* scale_out, float* amax_out) {
   using O = typename Op::out_t;
   const auto stream = at::cuda::getCurrentCUDAStream();
   FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_scaled_map", [&] {
@@ -244,7 +293,8 @@ void launch_scaled_map(const at::Tensor& x, const at::Tensor& partials, void* ou
     dispatch_vec<scalar_t, O>(in, out, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       scaled_map_kernel<scalar_t, VEC, Op><<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
-          in, x.numel(), as_bits(partials), static_cast<int>(partials.numel()), out, scale_out);
+          in, x.numel(), as_bits(partials), static_cast<int>(partials.numel()), out, scale_out,
+          amax_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -254,11 +304,19 @@ at::Tensor new_scale(const at::Tensor& like) {
   return at::empty({}, like.options().dtype(at::kFloat));
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_twopass(const at::Tensor& x, at::ScalarType dtype) {
+using Quantized = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (q, scale, amax)
+
+Quantized quantize_twopass(const at::Tensor& x, at::ScalarType dtype) {
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
-  cast_with_partials(x, amax_partials(x), q, scale);
-  return {q, scale};
+  at::Tensor amax = new_scale(x);
+  const at::Tensor partials = amax_partials(x);
+  dispatch_fp8(dtype, [&](auto e4m3) {
+    launch_scaled_map<CastOp<decltype(e4m3)::value>>(x, partials, q.data_ptr(),
+                                                     scale.data_ptr<float>(),
+                                                     amax.data_ptr<float>());
+  });
+  return {q, scale, amax};
 }
 
 // What the fused kernel may use on one device: shared-memory rounds per block and the blocks
@@ -305,9 +363,10 @@ FusedLimits fused_limits(const at::Device& device) {
   return limits;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_fused(const at::Tensor& x, at::ScalarType dtype) {
+Quantized quantize_fused(const at::Tensor& x, at::ScalarType dtype) {
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
+  at::Tensor partials;
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
@@ -322,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fused(const at::Tensor& x, at::Scala
     int smem_rounds =
         static_cast<int>(std::clamp<int64_t>(rounds - kRegisterVectors, 0, limits.max_smem_rounds));
     const size_t smem = static_cast<size_t>(smem_rounds) * kThreads * sizeof(Pack<T, VEC>);
-    at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
+    partials = at::empty({grid}, x.options().dtype(at::kInt));
     uint32_t* partial_bits = as_bits(partials);
     float* scale_ptr = scale.data_ptr<float>();
     void* args[] = {&in, &n, &partial_bits, &out, &scale_ptr, &smem_rounds};
@@ -330,7 +389,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_fused(const at::Tensor& x, at::Scala
         reinterpret_cast<const void*>(fused_quantize_kernel<T, VEC, kE4M3>), dim3(grid),
         dim3(kThreads), args, smem, stream));
   });
-  return {q, scale};
+  // The amax for the caller, from the partials (the bits of non-negative floats order as int32s):
+  // one small reduction, kept out of the kernel, whose registers are all taken by its cache.
+  return {q, scale, partials.amax().view(at::kFloat)};
 }
 
 const std::string& default_impl() {
@@ -372,19 +433,20 @@ void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const a
               "falqon: cast_with_partials needs contiguous tensors of equal sizes");
   dispatch_fp8(out.scalar_type(), [&](auto e4m3) {
     launch_scaled_map<CastOp<decltype(e4m3)::value>>(x, partials, out.data_ptr(),
-                                                     scale.data_ptr<float>());
+                                                     scale.data_ptr<float>(), nullptr);
   });
 }
 
 at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials) {
   FALQON_CHECK(x.is_contiguous(), "falqon: quantization_error needs a contiguous tensor");
   at::Tensor error = at::empty(x.sizes(), x.options().dtype(at::kFloat));
-  launch_scaled_map<ErrorOp>(x, partials, error.data_ptr(), nullptr);
+  launch_scaled_map<ErrorOp>(x, partials, error.data_ptr(), nullptr, nullptr);
   return error;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
-                                                 const std::string& impl) {
+namespace {
+
+Quantized quantize_with_impl(const at::Tensor& input, at::ScalarType dtype, const std::string& impl) {
   check_quantize_args(input, dtype);
   FALQON_CHECK(impl == "twopass" || impl == "fused", "falqon: quantize impl must be 'twopass' or "
               "'fused', got '", impl, "'");
@@ -392,36 +454,46 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::Sc
   const at::Tensor x = input.contiguous();
   if (x.numel() == 0) {
     return {at::empty(input.sizes(), x.options().dtype(dtype)),
-            at::ones({}, x.options().dtype(at::kFloat))};
+            at::ones({}, x.options().dtype(at::kFloat)), at::zeros({}, x.options().dtype(at::kFloat))};
   }
   return impl == "fused" ? quantize_fused(x, dtype) : quantize_twopass(x, dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input, at::ScalarType dtype) {
-  return quantize_impl(input, dtype, default_impl());
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& input, at::ScalarType dtype,
+                                                 const std::string& impl) {
+  auto [q, scale, amax] = quantize_with_impl(input, dtype, impl);
+  return {q, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
-                                                                at::ScalarType dtype,
-                                                                const at::Tensor& amax_prev) {
-  check_quantize_args(input, dtype);
-  FALQON_CHECK(amax_prev.numel() == 1 && amax_prev.scalar_type() == at::kFloat &&
-                  amax_prev.device() == input.device(),
-              "falqon: quantize_delayed takes the previous amax as one float32 value on the input's "
-              "device");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& input,
+                                                            at::ScalarType dtype) {
+  return quantize_with_impl(input, dtype, default_impl());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_fp8(const at::Tensor& input,
+                                                                    at::ScalarType dtype,
+                                                                    const at::Tensor& amax_history) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
-  const at::Tensor prev = amax_prev.contiguous();
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
+  const at::Tensor history = amax_history.contiguous();
+  at::Tensor q = at::empty(input.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
-  at::Tensor amax = at::zeros({}, x.options().dtype(at::kFloat));  // atomicMax target
+  at::Tensor amax = new_scale(x);  // zeroed by delayed_amax_kernel, then the atomicMax target
   const auto stream = at::cuda::getCurrentCUDAStream();
+  // Launched whatever the size (an empty x too): the scale depends on the history, on the device.
   dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
     constexpr int VEC = decltype(vec)::value;
-    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value>
-        <<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
-            in, x.numel(), prev.const_data_ptr<float>(), out, scale.data_ptr<float>(), as_bits(amax));
+    const int grid = stream_grid(x.numel() / VEC, x.device());
+    const at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
+    delayed_amax_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(
+        in, x.numel(), history.const_data_ptr<float>(), history.numel(), as_bits(partials),
+        as_bits(amax));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value><<<grid, kThreads, 0, stream>>>(
+        in, x.numel(), as_bits(partials), grid, out, scale.data_ptr<float>(), as_bits(amax));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q, scale, amax};
