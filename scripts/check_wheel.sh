@@ -88,10 +88,17 @@ export DIST_EXTRA_CONFIG=$tmp/dist-extra.cfg
 
 step "building the wheel (TORCH_CUDA_ARCH_LIST=$arch, MAX_JOBS=${MAX_JOBS:-2}) with $PYTHON"
 export TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-2}
+# The environment's scripts first on PATH, as an activated venv has them (setup_env.sh builds in
+# one): its ninja, not the system's; ninja versions hash commands differently in .ninja_log, and
+# another version would recompile every object of an earlier build.
+PATH="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
 unset FALQON_BUILD_CUDA
 (
   cd "$build_dir"
-  if "$PYTHON" -c "import build" 2>/dev/null; then
+  # build.__main__: a bare `import build` succeeds on the checkout's build/ folder (a namespace
+  # package) where pypa's build is not installed.
+  if "$PYTHON" -c "import build.__main__" 2>/dev/null; then
     # --no-isolation: build against the installed torch; -x: the `wheel` package that
     # pyproject lists is not needed by setuptools >= 70.1, which builds wheels itself.
     "$PYTHON" -m build --wheel --no-isolation -x --outdir "$tmp/dist" .
@@ -105,7 +112,7 @@ step "built $(basename "$whl") ($(du -h "$whl" | cut -f1))"
 if grep -q "ninja: no work to do" "$tmp/build.log"; then
   echo "objects: all up to date (ninja: no work to do); the library was linked afresh"
 else
-  echo "objects: ninja ran $(grep -cE '^\[[0-9]+/[0-9]+\] ' "$tmp/build.log" || true) compile steps"
+  echo "objects: ninja ran $(grep -cE '^\s*\[[0-9]+/[0-9]+\] ' "$tmp/build.log" || true) compile steps"
 fi
 fresh=$(ls "$tmp"/build-lib/falqon/_C*.so 2>/dev/null) ||
   fail "no falqon/_C*.so in the fresh build_lib $tmp/build-lib: setuptools ignored DIST_EXTRA_CONFIG"
