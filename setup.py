@@ -8,6 +8,12 @@ present, with or without a GPU. Environment:
   CUDA_HOME             the CUDA toolkit; unset: found from nvcc on PATH or /usr/local/cuda.
   FALQON_BUILD_CUDA=0   build the CPU reference only.
   MAX_JOBS              parallel compile jobs (ninja).
+  FALQON_BUILD_TEMP     folder for the object files and ninja's build file; unset: setuptools'
+                        build/temp.<platform>-<python> in the checkout, for editable installs too
+                        (setuptools would give those a throwaway folder), so that every kind of
+                        build (editable, in-place, wheel) reuses the others' objects and ninja
+                        recompiles only what changed: it tracks each object's source, the headers
+                        it includes and its exact compile command.
 
 cuBLASLt comes from the toolkit or, where the toolkit has no cuBLAS, from the nvidia-cublas wheel
 that a CUDA build of torch depends on.
@@ -134,8 +140,24 @@ def _extension():
     )
 
 
+class _BuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+    def finalize_options(self):
+        # Only where --build-temp was not given: then build_temp comes from the `build` command,
+        # which for an editable install is a temporary folder deleted after the build.
+        if self.build_temp is None:
+            chosen = os.environ.get("FALQON_BUILD_TEMP")
+            if not chosen and getattr(self, "editable_mode", False):
+                build = self.get_finalized_command("build")
+                # The name `build` gives its build_temp in a non-editable build.
+                chosen = os.path.join(build.build_base,
+                                      f"temp.{build.plat_name}-{sys.implementation.cache_tag}")
+            if chosen:
+                self.build_temp = os.path.abspath(chosen)
+        super().finalize_options()
+
+
 setup(
     packages=find_packages(include=["falqon", "falqon.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": _BuildExt},
 )

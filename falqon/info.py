@@ -108,6 +108,15 @@ def _find_cuobjdump() -> str | None:
         if os.environ.get(env):
             candidates.append(os.path.join(os.environ[env], "bin", "cuobjdump"))
     candidates.append("/usr/local/cuda/bin/cuobjdump")
+    # Triton, which CUDA builds of torch depend on, ships its own cuobjdump: the one at hand where
+    # the toolkit has none (a minimal toolkit, a machine with pip's CUDA wheels only).
+    try:
+        triton = importlib.util.find_spec("triton")
+    except (ImportError, ValueError):
+        triton = None
+    if triton is not None and triton.origin:
+        candidates.append(os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin",
+                                       "cuobjdump"))
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
@@ -127,8 +136,8 @@ def check_binary(library: str | None) -> BinaryCheck:
         return BinaryCheck(False, library, note="the compiled library falqon._C was not found")
     tool = _find_cuobjdump()
     if tool is None:
-        return BinaryCheck(False, library, note="not checked: cuobjdump is not on PATH or in "
-                                                "CUDA_HOME/bin")
+        return BinaryCheck(False, library, note="not checked: cuobjdump is neither on PATH, "
+                                                "in CUDA_HOME/bin nor in triton's package")
     out = {}
     for kind in ("elf", "ptx"):
         try:

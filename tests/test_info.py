@@ -71,6 +71,31 @@ def test_parse_cuobjdump():
     assert info.parse_cuobjdump("", "elf") == []
 
 
+def test_find_cuobjdump_falls_back_to_tritons(monkeypatch, tmp_path):
+    """Without cuobjdump on PATH or in a toolkit, the one that triton's package ships is used."""
+    import importlib.machinery
+    import os
+    pkg = tmp_path / "site" / "triton"
+    tool = pkg / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool.parent.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-toolkit"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(info.os.path, "isfile",
+                        lambda p, isfile=os.path.isfile: p != "/usr/local/cuda/bin/cuobjdump"
+                        and isfile(p))
+    spec = importlib.machinery.ModuleSpec("triton", None, origin=str(pkg / "__init__.py"))
+    monkeypatch.setattr(info.importlib.util, "find_spec",
+                        lambda name: spec if name == "triton" else None)
+    tool.write_text("#!/bin/sh\n")
+    assert info._find_cuobjdump() is None          # there, but not executable
+    tool.chmod(0o755)
+    assert info._find_cuobjdump() == str(tool)
+    monkeypatch.setattr(info.importlib.util, "find_spec", lambda name: None)
+    assert info._find_cuobjdump() is None          # no triton either
+
+
 def test_compare_archs_reports_disagreement():
     recorded = [Arch.parse("8.9"), Arch.parse("9.0a")]
     agree = BinaryCheck(True, "x.so", "cuobjdump", ["sm_89", "sm_90a"], [])
