@@ -28,6 +28,9 @@ peer whose torch.compile time is unbounded last:
                     the proxy update runs after every optimizer step; its share of a step is
                     timed on its own with CUDA events around attach's hook. lora_B is float32
                     (MeldedLinear's default); dB is computed in bf16. Eager, like the others.
+  falqon_delayed_wt the same with FalqonConfig(transposed_copy=True, amax_history_len=16): a
+                    persistent transposed FP8 weight copy for dgrad and delayed (previous-steps)
+                    scaling of x and g, the fastest options of benchmarks/layer.py.
   fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
                     torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
                     fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
@@ -68,7 +71,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 # Run in this order: torch.compile's unbounded compile time last, falqon before it (see above).
-METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao_eager", "falqon", "fp8_lora_torchao")
+METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt",
+           "fp8_lora_torchao")
+# falqon's options per method: the default, and the fastest (benchmarks/layer.py's names).
+FALQON_OPTIONS = {"falqon": {},
+                  "falqon_delayed_wt": {"transposed_copy": True, "amax_history_len": 16}}
 BASELINE = "bf16_lora"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -212,14 +219,14 @@ def setup_fp8_lora_torchao(model, args, info):
     return setup_fp8_lora_torchao_eager(model, args, info, compile_base=True)
 
 
-def setup_falqon(model, args, info):
+def setup_falqon(model, args, info, options=None):
     import falqon
 
     missing = [n for n in ("meld", "attach", "FalqonConfig") if not hasattr(falqon, n)]
     if missing:
         raise common.Skip(f"this falqon has no {', '.join('falqon.' + n for n in missing)} "
                           f"(the workflow branch has not landed)")
-    cfg = falqon.FalqonConfig(rank=args.rank, topk=args.topk)
+    cfg = falqon.FalqonConfig(rank=args.rank, topk=args.topk, **(options or {}))
     sync(args.device)
     t0 = time.perf_counter()
     falqon.meld(model, cfg, progress=False, verbose=False)
@@ -233,7 +240,10 @@ def setup_falqon(model, args, info):
     return model
 
 
-SETUP = {"falqon": setup_falqon, "bf16_lora": setup_bf16_lora, "qlora_nf4": setup_qlora_nf4,
+SETUP = {"falqon": setup_falqon,
+         "falqon_delayed_wt": lambda model, args, info: setup_falqon(
+             model, args, info, FALQON_OPTIONS["falqon_delayed_wt"]),
+         "bf16_lora": setup_bf16_lora, "qlora_nf4": setup_qlora_nf4,
          "fp8_lora_torchao_eager": setup_fp8_lora_torchao_eager,
          "fp8_lora_torchao": setup_fp8_lora_torchao}
 
@@ -246,6 +256,8 @@ NOTES = {
     "fp8_lora_torchao": ("the same with each Float8Linear base under torch.compile (casts fused, "
                          "the frozen weight's gradient GEMM dropped as dead code)"),
     "falqon": "falqon.meld + falqon.attach (proxy update inside optimizer.step)",
+    "falqon_delayed_wt": ("the same with FalqonConfig(transposed_copy=True, amax_history_len=16): "
+                          "a transposed FP8 weight copy and delayed scaling"),
 }
 
 
@@ -362,7 +374,7 @@ def run_method(method: str, args) -> tuple[dict, dict | None]:
     device = args.device
     model, optimizer, batch, info = prepare(method, args)
     timer = None
-    if method == "falqon":
+    if method in FALQON_OPTIONS:
         timer = UpdateTimer(optimizer, device, lambda: attach_falqon(optimizer, model))
     gc.collect()
     if device.type == "cuda":
@@ -370,7 +382,7 @@ def run_method(method: str, args) -> tuple[dict, dict | None]:
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)
 
-    if method == "falqon":
+    if method in FALQON_OPTIONS:
         check_proxy_update_ran(info["melded_layers"], model, optimizer, batch, args)
     for _ in range(args.warmup):
         train_step(model, optimizer, batch, args)
@@ -407,11 +419,12 @@ def run_method(method: str, args) -> tuple[dict, dict | None]:
         if key in info:
             record[key] = info[key]
     meld_record = None
-    if method == "falqon":
+    if method in FALQON_OPTIONS:
         update_ms = [a.ms_to(b) for a, b in timer.pairs]
         record["update_ms"] = statistics.median(update_ms)
         record["update_share"] = record["update_ms"] / 1e3 / s_per_step
         timer.remove()
+    if method == "falqon":
         meld_record = {"kind": "meld", "model": record["model"], "seconds": info["meld_s"],
                        "layers": len(info["melded_layers"]), "rank": args.rank}
     if not math.isfinite(record["final_loss"]):
