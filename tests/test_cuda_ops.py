@@ -313,9 +313,13 @@ def _forward_floor(x2, w, s, N, r, b, dtype):
     return floor[:, :N], floor[:, N:N + r]
 
 
-def _dgrad_floor(g2, w, s, N, gdt, dtype):
-    """dx of the GPU's own FP8 GEMM on the operands of the dgrad, or None."""
-    gq, sg = falqon.quantize(g2, gdt or E5M2)
+def _dgrad_floor(g2, w, s, N, gdt, dtype, g_history=None):
+    """dx of the GPU's own FP8 GEMM on the operands of the dgrad, or None; with g_history (the
+    gradient's amax history before the step), g quantised at its delayed scale."""
+    if g_history is None:
+        gq, sg = falqon.quantize(g2, gdt or E5M2)
+    else:
+        gq, sg, _ = falqon.quantize_delayed(g2, gdt or E5M2, g_history)
     w_rows_t = w[:N].t().contiguous()            # (K, N); .t() is the column-major (N, K) W_q
     floor = scaled_mm_floor(gq, sg, w_rows_t.t(), s, fast_accum=FAST_ACCUM_DGRAD)
     return None if floor is None else floor.to(dtype)
@@ -490,6 +494,7 @@ def test_delayed_module_training_steps_match_cpu(K, N, lead, r, bias, wt, dtype)
     for step, amp in enumerate((1.0, 4.0, 0.5)):   # step 2 runs far under the recorded amax
         x = (random_activations((*lead, K), torch.float32) * amp).to(dtype)
         g = (random_activations((*lead, N), torch.float32) * amp).to(dtype)
+        history = cpu.amax_history.clone()  # the scales of this step come from it
         x_d = to_dev(x).detach().clone().requires_grad_()
         y_d = dev(x_d)
         y_d.backward(to_dev(g))
@@ -501,7 +506,11 @@ def test_delayed_module_training_steps_match_cpu(K, N, lead, r, bias, wt, dtype)
         assert cpu.amax_history[1, 0].item() == g.float().abs().max().item()
         assert_gemm_close(y_d.detach().reshape(-1, N).cpu(), y_c.detach().reshape(-1, N), None,
                           f"y {what} step {step}")
-        assert_gemm_close(x_d.grad.reshape(-1, K).cpu(), x_c.grad.reshape(-1, K), None,
+        # dgrad runs with fast accumulation: its error is bounded through the GPU's own GEMM of
+        # the same (delayed-scale) operands, as in the current-scaling module test.
+        dx_floor = _dgrad_floor(g.reshape(-1, N), cpu.weight, cpu.weight_scale, N, None, dtype,
+                                history[1])
+        assert_gemm_close(x_d.grad.reshape(-1, K).cpu(), x_c.grad.reshape(-1, K), dx_floor,
                           f"dx {what} step {step}")
 
 
