@@ -299,11 +299,14 @@ def _operands(c):
     return w, s, w_t, b
 
 
-def _forward_floor(x2, w, s, N, r, b, dtype):
+def _forward_floor(x2, w, s, N, r, b, dtype, x_history=None):
     """(y, xa) of the GPU's own FP8 GEMM on the operands of the forward (x quantised as the CPU
-    op does), with fast accumulation, which the forward may use; (None, None) where it cannot
-    run."""
-    xq, sx = falqon.quantize(x2, E4M3)
+    op does: at its delayed scale where x_history, the amax history before the step, is given),
+    with fast accumulation, which the forward may use; (None, None) where it cannot run."""
+    if x_history is None:
+        xq, sx = falqon.quantize(x2, E4M3)
+    else:
+        xq, sx, _ = falqon.quantize_delayed(x2, E4M3, x_history)
     floor = scaled_mm_floor(xq, sx, w.t(), s, fast_accum=True)
     if floor is None:
         return None, None
@@ -504,10 +507,13 @@ def test_delayed_module_training_steps_match_cpu(K, N, lead, r, bias, wt, dtype)
         assert torch.equal(dev.amax_history.cpu(), cpu.amax_history), f"history, step {step}"
         assert cpu.amax_history[0, 0].item() == x.float().abs().max().item()
         assert cpu.amax_history[1, 0].item() == g.float().abs().max().item()
-        assert_gemm_close(y_d.detach().reshape(-1, N).cpu(), y_c.detach().reshape(-1, N), None,
+        b = None if cpu.bias is None else cpu.bias.to(dtype)
+        y_floor, _ = _forward_floor(x.reshape(-1, K), cpu.weight, cpu.weight_scale, N, r, b, dtype,
+                                    history[0])
+        assert_gemm_close(y_d.detach().reshape(-1, N).cpu(), y_c.detach().reshape(-1, N), y_floor,
                           f"y {what} step {step}")
-        # dgrad runs with fast accumulation: its error is bounded through the GPU's own GEMM of
-        # the same (delayed-scale) operands, as in the current-scaling module test.
+        # Both GEMMs run with fast accumulation: their error is bounded through the GPU's own
+        # GEMMs of the same (delayed-scale) operands, as in the current-scaling module test.
         dx_floor = _dgrad_floor(g.reshape(-1, N), cpu.weight, cpu.weight_scale, N, None, dtype,
                                 history[1])
         assert_gemm_close(x_d.grad.reshape(-1, K).cpu(), x_c.grad.reshape(-1, K), dx_floor,
