@@ -34,14 +34,23 @@ def run_quantize(dev):
             for view in (base.t(), base[:, ::3], base.flatten()[1:], base.flatten()[3:-2]):
                 falqon.quantize(view, out)  # non-contiguous and unaligned inputs
                 n += 1
+            # Delayed scaling: an empty history (the amax pass reads x) and a recorded one (it
+            # does not), short and long histories.
+            for history in (torch.zeros(1, device=dev), torch.rand(5, device=dev) + 0.5):
+                for size in (0, 1, 7, 33, 1000, 4099):
+                    falqon.quantize_delayed(torch.randn(size, device=dev, dtype=dtype), out,
+                                            history)
+                    n += 1
+                falqon.quantize_delayed(base[:, ::3], out, history)
+                n += 1
     return n
 
 
-def _melded(K, N, r, dev, wt):
+def _melded(K, N, r, dev, wt, history=0):
     """A MeldedLinear with a random FP8 weight [W; A; 0], made with the quantise kernel only (no
     meld_init: its SVD would take long under the sanitizer, and it has a group of its own)."""
     layer = falqon.MeldedLinear(K, N, rank=r, bias=True, transposed_copy=wt, device=dev,
-                                dtype=torch.bfloat16)
+                                dtype=torch.bfloat16, amax_history_len=history)
     full = torch.randn(N + ops.padded_rank(r), K, device=dev) * 0.02
     full[N + r:] = 0
     q, s = falqon.quantize(full, ops.E4M3)
@@ -55,10 +64,11 @@ def _melded(K, N, r, dev, wt):
 
 
 def _layers(dev):
-    """Small melded layers, rank 1 included, with and without the transposed copy."""
+    """Small melded layers, rank 1 included, with and without the transposed copy, and with
+    delayed scaling (a history of 2 calls)."""
     for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
-        for wt in (False, True):
-            yield _melded(K, N, r, dev, wt)
+        for wt, history in ((False, 0), (True, 0), (False, 2)):
+            yield _melded(K, N, r, dev, wt, history)
 
 
 def run_linear(dev):
@@ -86,8 +96,10 @@ def run_grad_input(dev):
             for gdt in (None, ops.E4M3):
                 for dtype in ACT:
                     g = torch.randn(rows, layer.out_features, device=dev, dtype=dtype)
+                    # A delayed-scaling layer's gradient history (row 1), as its backward uses.
+                    history = None if layer.amax_history_len == 0 else layer.amax_history[1]
                     falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
-                                                    layer.weight_t, gdt)
+                                                    layer.weight_t, gdt, history)
                     n += 1
     return n
 
