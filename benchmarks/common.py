@@ -34,6 +34,19 @@ class Skip(Exception):
     """A method that cannot run here; the message says why and goes into the results."""
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A switch the extension reads too (csrc/cuda/ops_cuda.cu env_flag): 1/true/yes/on or
+    0/false/no/off, `default` when unset or empty."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

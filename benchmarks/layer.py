@@ -7,7 +7,9 @@ Methods (a peer that cannot be imported or run is listed with the reason, never 
                     A and B trainable, B non-zero so that no shortcut applies)
   fp8_floor         the two FP8 GEMMs alone (torch._scaled_mm, pre-quantised operands, per-tensor
                     scales, bf16 out): x_q W'_q^T (M x (N + r16), fast accumulation) and, for the
-                    backward, g_q (E5M2) W_q (from a transposed copy made outside the timing)
+                    backward, g_q (E5M2) W_q (from a transposed copy made outside the timing), with
+                    fast accumulation where falqon's dgrad uses it (FALQON_FAST_ACCUM_DGRAD, on by
+                    default): the same GEMMs as falqon's
   falqon            falqon.MeldedLinear.from_linear on the CUDA ops (dx through a transpose of
                     the FP8 weight in the backward, or however the kernels do it by default)
   falqon_wt         the same with the persistent transposed copy (transposed_copy=True)
@@ -53,6 +55,8 @@ METHODS = ["bf16_lora", "fp8_floor", "falqon", "falqon_wt", "falqon_delayed", "f
 # the same kernels, the history only decides the scale).
 DELAYED_HISTORY = 16
 PASSES = ("fwd_bwd", "fwd")
+# The floor's dgrad GEMM accumulates as falqon's does (csrc/cuda/gemm.cu reads the same variable).
+FAST_ACCUM_DGRAD = common.env_flag("FALQON_FAST_ACCUM_DGRAD", True)
 DTYPE = torch.bfloat16
 
 
@@ -175,7 +179,9 @@ def build_fp8_floor(weight, r, ctx):
         xq, sx, gq, sg = operands(x, g)
         torch._scaled_mm(xq, w.t(), sx, s_w, out_dtype=DTYPE, use_fast_accum=True)
         # mat2 must be column-major: (K, N) contiguous, transposed, is W_q (N, K) column-major.
-        torch._scaled_mm(gq, w_rows_t.t(), sg, s_w, out_dtype=DTYPE, use_fast_accum=False)
+        # Fast accumulation as falqon's dgrad GEMM runs it (FALQON_FAST_ACCUM_DGRAD, default on).
+        torch._scaled_mm(gq, w_rows_t.t(), sg, s_w, out_dtype=DTYPE,
+                         use_fast_accum=FAST_ACCUM_DGRAD)
 
     return Bench(fwd, fwd_bwd, "operands quantised outside the timing")
 
