@@ -27,6 +27,10 @@ import falqon  # noqa: E402
 # are all named nvjet_sm90_*, the FP8 ones nvjet_sm90_q* (qqtst, qrtst, ...), and CUTLASS/xmma
 # FP8 kernels carry e4m3/e5m2/f8 in their names.
 GROUPS = [
+    # The backward's one read of g: its amax pass (current scaling) or its cast (delayed), with dB.
+    ("g pass + dB (fused)", re.compile(r"grad_quantize_product", re.I)),
+    ("dB split reduce", re.compile(r"grad_b_reduce", re.I)),
+    ("amax history record", re.compile(r"record_amax", re.I)),
     ("quantize: amax pass", re.compile(r"amax_kernel|amax", re.I)),
     ("quantize: cast pass", re.compile(
         r"scaled_map_kernel|quantize_kernel|quantiz|CastOp|cast_fp8|fp8_cast|scale_cast", re.I)),
@@ -43,10 +47,11 @@ def group_of(name: str) -> str:
     return next((g for g, pat in GROUPS if pat.search(name)), "other")
 
 
-def profile_shape(K: int, N: int, M: int, r: int, iters: int, amax_history_len: int = 0) -> dict:
+def profile_shape(K: int, N: int, M: int, r: int, iters: int, amax_history_len: int = 0,
+                  transposed_copy: bool = False) -> dict:
     layer = falqon.MeldedLinear.from_linear(
         torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16), rank=r,
-        amax_history_len=amax_history_len)
+        amax_history_len=amax_history_len, transposed_copy=transposed_copy)
     x = (torch.randn(M, K, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_(True)
     g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
 
@@ -75,6 +80,7 @@ def profile_shape(K: int, N: int, M: int, r: int, iters: int, amax_history_len: 
             names[grp][evt.name[:90]] += evt.device_time / iters
     busy = sum(kernels.values())
     return {"shape": [K, N], "M": M, "r": r, "amax_history_len": amax_history_len,
+            "transposed_copy": transposed_copy,
             "wall_us": wall_us, "gpu_busy_us": busy,
             "idle_us": wall_us - busy, "groups_us": dict(kernels),
             "kernels_us": {g: dict(c.most_common(6)) for g, c in names.items()}}
@@ -90,12 +96,15 @@ def main():
     parser.add_argument("--amax-history-len", type=int, default=0,
                         help="0: current scaling (default); H > 0: delayed scaling with H amaxes "
                              "(the warm-up iterations fill the history)")
+    parser.add_argument("--transposed-copy", action="store_true",
+                        help="keep the persistent transposed weight (no transpose in backward)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     records = []
     for spec in args.shapes.split(","):
         K, N = (int(v) for v in spec.lower().split("x"))
-        rec = profile_shape(K, N, args.M, args.r, args.iters, args.amax_history_len)
+        rec = profile_shape(K, N, args.M, args.r, args.iters, args.amax_history_len,
+                            args.transposed_copy)
         records.append(rec)
         print(f"\n{K}->{N}, M={args.M}, r={args.r}: wall {rec['wall_us']:.0f} us/iter, "
               f"GPU busy {rec['gpu_busy_us']:.0f}, idle {rec['idle_us']:.0f}")
@@ -103,7 +112,8 @@ def main():
             print(f"  {grp:22s} {us:8.1f} us")
             for name, kus in rec["kernels_us"][grp].items():
                 print(f"      {kus:8.1f}  {name}")
-    suffix = f"_delayed{args.amax_history_len}" if args.amax_history_len else ""
+    suffix = (f"_delayed{args.amax_history_len}" if args.amax_history_len else "") + (
+        "_wt" if args.transposed_copy else "")
     out = args.out or common.RESULTS_DIR / f"profile_layer_{common.device_tag('cuda')}{suffix}.json"
     common.write_json(out, common.run_metadata("cuda", __file__, sys.argv[1:]), records)
     print(f"\nwrote {out}")

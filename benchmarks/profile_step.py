@@ -66,6 +66,9 @@ LOSS_RE = re.compile(r"nll_loss|log_softmax|cross_entropy|NllLoss|LogSoftmax", r
 MELDED_FWD = "falqon::melded_linear"
 MELDED_DGRAD = "falqon::melded_linear_grad_input"
 MELDED_BWD = "GeneratedBackwardFor_falqon_melded_linear"  # torch.library autograd node names
+MELDED_BOTH = "falqon::melded_linear_backward"  # both gradients in one op (the CPU reference
+# runs its dx part through falqon::melded_linear_grad_input)
+FP8_GEMM_RE = re.compile(r"nvjet_sm\d+a?_q|e4m3|e5m2|f8f8|_f8_|fp8|qgmma", re.I)
 
 # What FALQON could take on beyond its linear layers, printed under the table with the measured
 # time of the group each idea would shrink.
@@ -172,6 +175,21 @@ def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool) -> 
         # The CPU reference does nothing else there but quantise (amax, divide, cast) and scale;
         # on the GPU, a kernel of another name (the xa copy, say) is "other".
         if not on_gpu or QUANT_RE.search(kernel):
+            return "quantise"
+        return "other"
+    if MELDED_BOTH in chain:
+        # On the GPU: the FP8 GEMM is dx's; the one read of g that quantises it (and folds in
+        # dB's products on the tensor cores) is quantise; the split reduce is dB. The CPU
+        # reference's own work here (outside its grad_input call) is dB's fp32 GEMM.
+        if not on_gpu:
+            return "dB"
+        if is_transpose:
+            return "transpose"
+        if is_gemm and FP8_GEMM_RE.search(kernel):
+            return "dgrad GEMMs"
+        if is_gemm or "grad_b_reduce" in kernel:
+            return "dB"
+        if QUANT_RE.search(kernel) or "grad_quantize_product" in kernel:
             return "quantise"
         return "other"
     if any(MELDED_BWD in n for n in chain):  # the node, or the engine's range around it

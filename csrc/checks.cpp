@@ -133,6 +133,37 @@ void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weig
   check_same_device("melded_linear_grad_input", weight, grad_output, "grad_output");
 }
 
+void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& amax) {
+  FALQON_CHECK(amax_history.dim() == 1 && amax_history.numel() >= 1 &&
+                  amax_history.scalar_type() == at::kFloat && amax_history.is_contiguous(),
+              "falqon.record_amax_: amax_history must be a contiguous 1-D float32 tensor of at "
+              "least one value, got ", amax_history.sizes(), " ", amax_history.scalar_type());
+  FALQON_CHECK(amax.numel() == 1 && amax.scalar_type() == at::kFloat,
+              "falqon.record_amax_: amax must be one float32 value, got ", amax.sizes(), " ",
+              amax.scalar_type());
+  FALQON_CHECK(amax.device() == amax_history.device(), "falqon.record_amax_: amax is on ",
+              amax.device(), " but amax_history is on ", amax_history.device());
+}
+
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& xa,
+                         const at::Tensor& weight, const at::Tensor& weight_scale,
+                         const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
+                         at::ScalarType grad_B_dtype) {
+  const int64_t N = grad_output.dim() ? grad_output.size(-1) : 0;
+  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, grad_dtype);
+  FALQON_CHECK(xa.dim() >= 1 && xa.size(-1) >= 1 && xa.scalar_type() == grad_output.scalar_type(),
+              "falqon.melded_linear_backward: xa must hold the rank's columns last, in the "
+              "gradient's dtype ", grad_output.scalar_type(), ", got ", xa.sizes(), " ",
+              xa.scalar_type());
+  const int64_t M = N ? grad_output.numel() / N : 0;
+  FALQON_CHECK(xa.numel() == M * xa.size(-1), "falqon.melded_linear_backward: xa has ",
+              xa.numel() / xa.size(-1), " rows, the gradient ", M);
+  check_same_device("melded_linear_backward", weight, xa, "xa");
+  check_melded_weight(weight, N, xa.size(-1), weight_t);
+  FALQON_CHECK(is_activation_dtype(grad_B_dtype), "falqon.melded_linear_backward: grad_B_dtype "
+              "must be float32, float16 or bfloat16, got ", grad_B_dtype);
+}
+
 void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::string& svd,
                           int64_t oversample, int64_t power_iters) {
   FALQON_CHECK(weight.dim() == 2, "falqon.meld_init: weight must be 2-D (out_features, "

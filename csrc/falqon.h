@@ -94,6 +94,15 @@ void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
 void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
                            const at::Tensor& weight_scale, int64_t out_features,
                            const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype);
+// record_amax_: a 1-D contiguous float32 history of at least one value and one float32 amax on
+// its device.
+void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& amax);
+// melded_linear_backward: the grad_input checks, xa (..., r) of the gradient's rows and dtype for
+// a melded weight of that rank, and an activation dtype for dB.
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& xa,
+                         const at::Tensor& weight, const at::Tensor& weight_scale,
+                         const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
+                         at::ScalarType grad_B_dtype);
 void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::string& svd,
                           int64_t oversample, int64_t power_iters);
 void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
@@ -131,6 +140,18 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
     const std::optional<at::Tensor>& amax_history);
+
+// Records amax as the newest value of a 1-D history, in place: history = [amax, history[:-1]].
+void record_amax_(at::Tensor& amax_history, const at::Tensor& amax);
+
+// The layer's backward for both gradients, (dx, dB, amax of g): dx as melded_linear_grad_input,
+// dB = fp32(g^T xa) * scaling (fp32 products and sums, the scaling multiplied once in fp32) rounded
+// once to grad_B_dtype (None: xa's dtype). amax_history: the gradient's H values, as there.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
+    const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
+    const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
+    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
+    std::optional<at::ScalarType> grad_B_dtype);
 
 // The quantisation error E = W - s0 fp8(W / s0) of a weight, in fp32.
 at::Tensor quantization_error(const at::Tensor& weight);

@@ -66,6 +66,17 @@ TORCH_LIBRARY(falqon, m) {
       "melded_linear_grad_input(Tensor grad_output, Tensor weight, Tensor weight_scale, "
       "Tensor? weight_t=None, ScalarType? grad_dtype=None, Tensor? amax_history=None) -> "
       "(Tensor, Tensor)");
+  // Delayed scaling's bookkeeping: amax becomes the newest value (index 0) of a 1-D float32
+  // history, the oldest value dropped, in place and on the device.
+  m.def("record_amax_(Tensor(a!) amax_history, Tensor amax) -> ()");
+  // Both gradients of the layer, (dx, dB, amax of g), reading g once for its quantisation and
+  // for dB = scaling * g^T xa (fp32 sums, rounded once to grad_B_dtype; None: xa's dtype). dx and
+  // amax_history as in melded_linear_grad_input. melded_linear's autograd uses it when both
+  // gradients are wanted.
+  m.def(
+      "melded_linear_backward(Tensor grad_output, Tensor xa, Tensor weight, Tensor weight_scale, "
+      "Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None, "
+      "Tensor? amax_history=None, ScalarType? grad_B_dtype=None) -> (Tensor, Tensor, Tensor)");
   // (W'_q, s) for a high-precision weight: A from the rank-r SVD of W's FP8 quantisation error.
   m.def(
       "meld_init(Tensor weight, int rank, str svd=\"randomized\", int oversample=16, "
@@ -83,6 +94,8 @@ TORCH_LIBRARY_IMPL(falqon, CPU, m) {
   m.impl("quantize_delayed", &falqon::ref::quantize_delayed);
   m.impl("melded_linear", &falqon::ref::melded_linear);
   m.impl("melded_linear_grad_input", &falqon::ref::melded_linear_grad_input);
+  m.impl("melded_linear_backward", &falqon::ref::melded_linear_backward);
+  m.impl("record_amax_", &falqon::ref::record_amax_);
   m.impl("meld_init", &falqon::ref::meld_init);
   m.impl("topk_update_", &falqon::ref::topk_update_);
 }

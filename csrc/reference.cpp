@@ -7,6 +7,7 @@
 #include "falqon.h"
 
 #include <ATen/core/Generator.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <vector>
@@ -131,6 +132,42 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
   at::Tensor dx = at::mm(gq.to(at::kFloat), w.to(at::kFloat));
   dx.mul_(sg * weight_scale.reshape({}));
   return {dx.to(grad_output.scalar_type()).view(with_last(leading_dims(grad_output), K)), g_amax};
+}
+
+void record_amax_(at::Tensor& amax_history, const at::Tensor& amax) {
+  check_record_amax_args(amax_history, amax);
+  const int64_t H = amax_history.numel();
+  amax_history.copy_(at::cat({amax.reshape({1}), amax_history.narrow(0, 0, H - 1)}));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
+    const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
+    const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
+    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
+    std::optional<at::ScalarType> grad_B_dtype) {
+  const at::ScalarType bdt = grad_B_dtype.value_or(xa.scalar_type());
+  check_backward_args(grad_output, xa, weight, weight_scale, weight_t,
+                      grad_dtype_or_default(grad_dtype), bdt);
+  if (amax_history.has_value()) {
+    check_amax_history("melded_linear_backward", grad_output, *amax_history);
+  }
+  // dx through the dispatcher, so that profiles (benchmarks/profile_step.py) see it as the
+  // grad_input op it is.
+  static const auto grad_input_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("falqon::melded_linear_grad_input", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, std::optional<at::ScalarType>,
+              const std::optional<at::Tensor>&)>();
+  auto [dx, g_amax] =
+      grad_input_op.call(grad_output, weight, weight_scale, weight_t, grad_dtype, amax_history);
+  const int64_t N = grad_output.size(-1), r = xa.size(-1);
+  // fp32 products of fp16/bf16 values are exact; the sums are fp32, then one rounding.
+  at::Tensor dB = at::mm(grad_output.reshape({-1, N}).to(at::kFloat).t(),
+                         xa.reshape({-1, r}).to(at::kFloat));
+  dB.mul_(static_cast<float>(scaling));
+  return {dx, dB.to(bdt), g_amax};
 }
 
 at::Tensor quantization_error(const at::Tensor& weight) {

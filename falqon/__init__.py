@@ -12,8 +12,8 @@ One layer: falqon.MeldedLinear.from_linear(nn.Linear(4096, 4096), rank=64, topk=
 from . import ops
 from ._extension import build_info
 from .modules import MeldedLinear, check_meldable
-from .ops import (meld_init, melded_linear, melded_linear_grad_input, quantize, quantize_delayed,
-                  topk_update_)
+from .ops import (meld_init, melded_linear, melded_linear_backward, melded_linear_grad_input,
+                  quantize, quantize_delayed, topk_update_)
 from .config import FalqonConfig, FalqonError
 from .convert import MeldSummary, meld, melded_layers, melded_summary
 from .training import attach
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FalqonCallback", "FalqonConfig", "FalqonError", "MeldSummary", "MeldedLinear", "attach",
     "build_info", "check_meldable", "export", "from_pretrained", "meld", "meld_init",
-    "melded_layers", "melded_linear", "melded_linear_grad_input", "melded_summary", "ops",
+    "melded_layers", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
+    "melded_summary", "ops",
     "quantize", "quantize_delayed", "save_pretrained", "topk_update_",
 ]
 

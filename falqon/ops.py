@@ -17,13 +17,15 @@ _load()
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The adapter's rows are padded with zeros to a multiple of this in the melded weight, so that the
 # FP8 GEMM's row count and the leading dimension of its bf16 output stay 16-byte aligned.
 ROW_ALIGN = 16
 
 __all__ = [
     "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "quantize_delayed",
-    "record_amax_", "melded_linear", "melded_linear_grad_input", "meld_init", "topk_update_",
+    "record_amax_", "melded_linear", "melded_linear_grad_input", "melded_linear_backward",
+    "meld_init", "topk_update_",
 ]
 
 
@@ -51,9 +53,10 @@ def quantize_delayed(input: Tensor, dtype: torch.dtype, amax_history: Tensor
 
 
 def record_amax_(history: Tensor, amax: Tensor) -> None:
-    """Record `amax` as the newest value (index 0) of a 1-D amax history, in place, dropping the
-    oldest: history = [amax, history[:-1]]. No host synchronisation."""
-    history.copy_(torch.cat([amax.reshape(1).to(history.dtype), history[:-1]]))
+    """Record `amax` (one float32 value) as the newest value (index 0) of a 1-D float32 amax
+    history, in place, dropping the oldest: history = [amax, history[:-1]]. One kernel on CUDA,
+    no host synchronisation."""
+    torch.ops.falqon.record_amax_.default(history, amax)
 
 
 def melded_linear(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: Tensor,
@@ -85,6 +88,20 @@ def melded_linear_grad_input(grad_output: Tensor, weight: Tensor, weight_scale: 
     dx, _ = torch.ops.falqon.melded_linear_grad_input.default(grad_output, weight, weight_scale,
                                                               weight_t, grad_dtype, amax_history)
     return dx
+
+
+def melded_linear_backward(grad_output: Tensor, xa: Tensor, weight: Tensor, weight_scale: Tensor,
+                           weight_t: Tensor | None = None, scaling: float = 1.0,
+                           grad_dtype: torch.dtype | None = None,
+                           amax_history: Tensor | None = None,
+                           grad_B_dtype: torch.dtype | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Both gradients of a melded layer: (dx, dB, amax of g). dx as `melded_linear_grad_input`;
+    dB = scaling * g^T xa with fp32 products and sums, rounded once to grad_B_dtype (xa's dtype
+    by default). On CUDA one kernel reads g for its quantisation and for dB together."""
+    return torch.ops.falqon.melded_linear_backward.default(
+        grad_output, xa, weight, weight_scale, weight_t, scaling, grad_dtype, amax_history,
+        grad_B_dtype)
 
 
 def meld_init(weight: Tensor, rank: int, svd: str = "randomized", oversample: int = 16,
@@ -159,6 +176,21 @@ def _grad_input_fake(grad_output, weight, weight_scale, weight_t=None, grad_dtyp
             grad_output.new_empty((), dtype=torch.float32))
 
 
+@torch.library.register_fake("falqon::melded_linear_backward")
+def _backward_fake(grad_output, xa, weight, weight_scale, weight_t=None, scaling=1.0,
+                   grad_dtype=None, amax_history=None, grad_B_dtype=None):
+    N, r = grad_output.shape[-1], xa.shape[-1]
+    _check_weight(weight, N)
+    return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])),
+            xa.new_empty((N, r), dtype=grad_B_dtype or xa.dtype),
+            grad_output.new_empty((), dtype=torch.float32))
+
+
+@torch.library.register_fake("falqon::record_amax_")
+def _record_amax_fake(amax_history, amax):
+    return None
+
+
 @torch.library.register_fake("falqon::meld_init")
 def _meld_init_fake(weight, rank, svd="randomized", oversample=16, power_iters=4, seed=0):
     rows = weight.shape[0] + padded_rank(rank)
@@ -202,7 +234,18 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
     out_features = weight.shape[0] - padded_rank(rank)
     history = ctx.amax_history
     grad_input = grad_B = grad_bias = None
-    if grad_y is not None:
+    if grad_y is not None and needs_input and needs_B:
+        # Both gradients in one op: on CUDA g is read once for its quantisation and for dB.
+        B_dtype = ctx.lora_B_dtype if ctx.lora_B_dtype in _ACTIVATION_DTYPES else torch.float32
+        grad_input, grad_B, g_amax = torch.ops.falqon.melded_linear_backward.default(
+            grad_y, xa, weight, weight_scale, weight_t, ctx.scaling, ctx.grad_dtype,
+            None if history is None else history[1], B_dtype)
+        grad_B = grad_B.to(ctx.lora_B_dtype)
+        if history is not None:
+            record_amax_(history[1], g_amax)
+        if needs_bias:
+            grad_bias = grad_y.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
+    elif grad_y is not None:
         g = grad_y.reshape(-1, out_features)
         if needs_input:
             # Delayed scaling: g's scale from row 1; g's own amax is recorded there for the next
@@ -213,7 +256,8 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
             if history is not None:
                 record_amax_(history[1], g_amax)
         if needs_B:
-            # dB = scaling * g^T (x A^T): a small product, kept in high precision (not FP8).
+            # dB = scaling * g^T (x A^T) alone (no input gradient): a small product, kept in high
+            # precision (not FP8), in the activation dtype.
             grad_B = torch.mm(g.t(), xa.reshape(-1, rank)).to(ctx.lora_B_dtype).mul_(ctx.scaling)
         if needs_bias:
             grad_bias = g.sum(0).to(ctx.bias_dtype)

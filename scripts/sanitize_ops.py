@@ -19,7 +19,7 @@ import torch
 import falqon
 from falqon import ops
 
-GROUPS = ("quantize", "linear", "grad_input", "meld_init", "topk")
+GROUPS = ("quantize", "linear", "grad_input", "backward", "meld_init", "topk")
 ACT = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -104,6 +104,28 @@ def run_grad_input(dev):
     return n
 
 
+def run_backward(dev):
+    """melded_linear_backward (the fused read of g for its quantisation and dB) at odd row counts,
+    every activation and dB dtype, ranks of one and several passes, current and delayed scaling;
+    and record_amax_ across its 256-value chunks."""
+    n = 0
+    layers = list(_layers(dev)) + [_melded(512, 256, 200, dev, False, 2)]
+    for layer in layers:
+        for rows in (0, 1, 3, 65, 300):
+            for dtype in ACT:
+                g = torch.randn(rows, layer.out_features, device=dev, dtype=dtype)
+                xa = torch.randn(rows, layer.rank, device=dev, dtype=dtype)
+                history = None if layer.amax_history_len == 0 else layer.amax_history[1]
+                for gdt, bdt in ((None, torch.float32), (ops.E4M3, dtype)):
+                    falqon.melded_linear_backward(g, xa, layer.weight, layer.weight_scale,
+                                                  layer.weight_t, 0.5, gdt, history, bdt)
+                    n += 1
+    for H in (1, 2, 255, 256, 257, 700):
+        falqon.ops.record_amax_(torch.rand(H, device=dev), torch.tensor(3.0, device=dev))
+        n += 1
+    return n
+
+
 def run_meld_init(dev):
     n = 0
     for N, K, r in ((16, 16, 1), (64, 48, 8), (128, 256, 16)):
@@ -144,6 +166,7 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(0)
     runners = {"quantize": run_quantize, "linear": run_linear, "grad_input": run_grad_input,
+               "backward": run_backward,
                "meld_init": run_meld_init, "topk": run_topk}
     for g in groups:
         calls = runners[g](args.device)

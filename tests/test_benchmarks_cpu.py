@@ -211,6 +211,19 @@ def test_classify_gpu_kernel_names():
     assert c("transpose_fp8_kernel(...)", dgrad, "backward", True) == "transpose"
     assert c("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", node, "backward", True) == "dB"
     assert c("void at::native::elementwise_kernel<...>", fwd, "forward", True) == "other"
+    # Both gradients in one op: the FP8 GEMM is dx's, the fused read of g quantise, its split
+    # reduce dB; the CPU reference's own GEMM there (outside its grad_input call) is dB's.
+    both = ["falqon::melded_linear_backward",
+            "GeneratedBackwardFor_falqon_melded_linear_defaultBackward"]
+    assert c("nvjet_sm90_qqtst_128x256_128x4_1x2_h_bz_coopA_TNN", both, "backward", True) == \
+        "dgrad GEMMs"
+    assert c("grad_quantize_product_kernel<c10::BFloat16, 4, false>", both, "backward",
+             True) == "quantise"
+    assert c("grad_b_reduce_kernel<float>", both, "backward", True) == "dB"
+    assert c("transpose_fp8_kernel(...)", both, "backward", True) == "transpose"
+    assert c("aten::mm", ["aten::mm"] + both, "backward", False) == "dB"
+    assert c("aten::mm", ["aten::mm", "falqon::melded_linear_grad_input"] + both, "backward",
+             False) == "dgrad GEMMs"
     assert c("sm90_xmma_gemm_e4m3", ["falqon::melded_linear", profile_step.RECOMPUTE] + node,
              "backward", True) == "recompute"
     assert c("pytorch_flash::flash_fwd_kernel<...>", ["aten::_flash_attention_forward"],

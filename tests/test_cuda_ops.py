@@ -24,7 +24,8 @@ import falqon
 from falqon import ops
 from falqon_testing import opcheck, rel_err
 from cuda_testing import (
-    DEVICE, E4M3, E5M2, EMULATED, FAST_ACCUM_DGRAD, LLAMA_7B, LLAMA_13B, assert_fp8_equal,
+    DEVICE, E4M3, E5M2, EMULATED, FAST_ACCUM_DGRAD, LLAMA_7B, LLAMA_13B, UNIT_ROUNDOFF,
+    assert_fp8_equal,
     assert_fp8_nearly_equal, assert_gemm_close, cuda_only, fp8_codes_sorted, gpu, melded_weight,
     random_activations, scaled_mm_floor, short, subset_rows, to_dev)
 
@@ -227,6 +228,18 @@ def test_quantize_delayed_recorded_over_steps_matches_cpu(out):
         assert torch.equal(h_d.cpu(), h_c), step
 
 
+@pytest.mark.parametrize("H", [1, 2, 16, 255, 256, 257, 1024, 1500])
+def test_record_amax_matches_cpu(H):
+    # One block shifts the history in chunks of 256 values: lengths around and past a chunk.
+    h_c = torch.rand(2, H)
+    h_d = to_dev(h_c).clone()
+    for step in range(3):
+        amax = torch.tensor(float(10 + step))
+        ops.record_amax_(h_d[1], to_dev(amax))
+        ops.record_amax_(h_c[1], amax)
+        assert torch.equal(h_d.cpu(), h_c), (H, step)
+
+
 @cuda_only
 def test_quantize_delayed_decides_on_the_device_in_a_cuda_graph():
     # Captured once with an empty history, the graph must follow the history's contents at replay
@@ -373,6 +386,76 @@ def test_melded_linear_grad_input_matches_cpu(c):
         dx_dv = dx_dv[rows]
     assert_gemm_close(dx_dv, dx_c.reshape(-1, K), _dgrad_floor(g2, w, s, N, gdt, dtype),
                       f"dx {_case_id(c)}")
+
+
+# ---- melded_linear_backward: g read once for its quantisation and dB -------------------------
+
+def _backward_cases():
+    # (K, N, lead, r, weight_t, dtype, grad_dtype, grad_B_dtype, history kind)
+    cases = [(K, N, (8192,), 64, i % 2 == 1, torch.bfloat16, None, torch.float32, "none")
+             for i, (K, N) in enumerate(LLAMA_7B + LLAMA_13B)]
+    # Ranks: one fragment, several, a padded width (48 -> 64), two passes over g (200 = 128 + 72).
+    cases += [(4096, 4096, (4, 512), r, False, torch.bfloat16, None, torch.float32, "none")
+              for r in (1, 8, 16, 48, 100, 128, 200)]
+    # Rows: 1, a few, odd, fewer than one split; fp16, fp32 (the two-step path), E4M3 gradients,
+    # dB in the activation dtype; delayed scaling with each kind of history.
+    cases += [(4096, 11008, (1,), 16, True, torch.bfloat16, None, torch.float32, "none"),
+              (11008, 4096, (3,), 64, False, torch.float16, E4M3, torch.float16, "none"),
+              (4096, 4096, (127,), 8, True, torch.bfloat16, None, torch.bfloat16, "none"),
+              (64, 32, (2, 3, 5), 8, False, torch.bfloat16, E4M3, torch.float32, "none"),
+              (4096, 4096, (2, 100), 64, False, torch.float32, None, torch.float32, "none"),
+              (16, 16, (), 1, True, torch.float16, None, torch.float32, "none"),
+              (64, 32, (0,), 8, False, torch.bfloat16, None, torch.float32, "none")]
+    cases += [(4096, 4096, (8192,), 64, True, torch.bfloat16, None, torch.float32, kind)
+              for kind in ("empty", "below", "above")]
+    cases += [(4096, 11008, (127,), 200, False, torch.float16, E4M3, torch.float32, "above"),
+              (11008, 4096, (2, 100), 64, False, torch.float32, None, torch.float32, "below")]
+    return _emulation_subset(cases, lambda c: math.prod(c[2]) <= 127)
+
+
+def _backward_id(c):
+    K, N, lead, r, wt, dtype, gdt, bdt, kind = c
+    return (f"{K}to{N}-lead{'x'.join(map(str, lead)) or 'none'}-r{r}-{short(dtype)}"
+            f"{'-wt' if wt else ''}{'-g' + short(gdt) if gdt else ''}-dB{short(bdt)}-{kind}")
+
+
+@pytest.mark.parametrize("c", _backward_cases(), ids=_backward_id)
+def test_melded_linear_backward_matches_grad_input_and_dB(c):
+    K, N, lead, r, wt, dtype, gdt, bdt, kind = c
+    w, s = melded_weight(K, N, r)
+    w_t = w[:N].t().contiguous() if wt else None
+    g = random_activations((*lead, N), dtype)
+    xa = random_activations((*lead, r), dtype)
+    own = g.float().abs().amax().item() if g.numel() else 1.0
+    history = None if kind == "none" else delayed_history(kind, own, H=5)
+    scaling = 0.5
+    args = (to_dev(w), to_dev(s), to_dev(w_t))
+    dx, dB, g_amax = ops.melded_linear_backward(to_dev(g), to_dev(xa), *args, scaling, gdt,
+                                                to_dev(history), bdt)
+    # dx and g's amax: those of melded_linear_grad_input on the device, bit for bit (the same
+    # FP8 gradient into the same GEMM; that op is checked against the CPU above).
+    dx_ref, amax_ref = torch.ops.falqon.melded_linear_grad_input(to_dev(g), *args, gdt,
+                                                                 to_dev(history))
+    assert dx.shape == (*lead, K) and dx.dtype == dtype and dx.is_contiguous()
+    assert torch.equal(dx, dx_ref), "dx"
+    assert torch.equal(g_amax, amax_ref), "g's amax"
+    # dB = scaling g^T xa: exact products, fp32 sums over M rows in some order (Higham's gamma_M
+    # of the sum of |terms|), one multiply by the scaling and one rounding to dB's dtype.
+    assert dB.shape == (N, r) and dB.dtype == bdt and dB.device == dx.device
+    g64, xa64 = to_dev(g).reshape(-1, N).double(), to_dev(xa).reshape(-1, r).double()
+    ref = scaling * (g64.t() @ xa64)
+    M = g64.shape[0]
+    u = 2.0 ** -24
+    gamma = M * u / (1 - M * u)
+    accumulation = gamma * scaling * (g64.abs().t() @ xa64.abs())
+    info = torch.finfo(bdt)
+    bound = (UNIT_ROUNDOFF[bdt] * (ref.abs() + accumulation) + accumulation
+             + 2 * u * ref.abs() + info.smallest_normal * info.eps / 2)  # (a subnormal's rounding)
+    err = (dB.double() - ref).abs()
+    assert bool((err <= bound).all()), (f"dB {_backward_id(c)}: worst excess "
+                                        f"{(err - bound).max().item():.3g}")
+    if M:
+        assert ref.abs().max() > 0 and dB.abs().max() > 0, "setup: a non-trivial dB"
 
 
 DELAYED_LINEAR_CASES = _emulation_subset(
@@ -765,6 +848,19 @@ def test_opcheck_melded_linear_grad_input():
     g = to_dev(torch.randn(40, N, dtype=torch.bfloat16))
     opcheck(torch.ops.falqon.melded_linear_grad_input.default,
             (g, to_dev(w), to_dev(s), to_dev(w[:N].t().contiguous()), E5M2))
+
+
+def test_opcheck_melded_linear_backward():
+    w, s = melded_weight(128, 64, 8)
+    w_t = w[:64].t().contiguous()
+    opcheck(torch.ops.falqon.melded_linear_backward.default,
+            (to_dev(random_activations((5, 64), torch.bfloat16)),
+             to_dev(random_activations((5, 8), torch.bfloat16)), to_dev(w), to_dev(s), None, 0.5,
+             None, None, torch.float32))
+    opcheck(torch.ops.falqon.melded_linear_backward.default,
+            (to_dev(random_activations((2, 3, 64), torch.float16)),
+             to_dev(random_activations((2, 3, 8), torch.float16)), to_dev(w), to_dev(s),
+             to_dev(w_t), 2.0, E4M3, to_dev(torch.rand(4) + 1)))
 
 
 def test_opcheck_meld_init():

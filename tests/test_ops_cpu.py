@@ -250,6 +250,22 @@ def test_record_amax_rolls_the_history():
     one = torch.zeros(1)
     ops.record_amax_(one, torch.tensor(5.0))
     assert one.tolist() == [5.0]
+    # A row of a (2, H) layer history, as the layers record into.
+    layer_history = torch.arange(8.0).reshape(2, 4)
+    ops.record_amax_(layer_history[1], torch.tensor(9.0))
+    assert layer_history.tolist() == [[0.0, 1.0, 2.0, 3.0], [9.0, 4.0, 5.0, 6.0]]
+
+
+def test_record_amax_rejects_bad_arguments():
+    for history, amax, match in ((torch.zeros(2, 3), torch.tensor(1.0), "1-D float32"),
+                                 (torch.zeros(0), torch.tensor(1.0), "at least one value"),
+                                 (torch.zeros(4, dtype=torch.float64), torch.tensor(1.0), "float32"),
+                                 (torch.zeros(8)[::2], torch.tensor(1.0), "contiguous"),
+                                 (torch.zeros(4), torch.tensor([1.0, 2.0]), "one float32 value"),
+                                 (torch.zeros(4), torch.tensor(1.0, dtype=torch.bfloat16),
+                                  "one float32 value")):
+        with pytest.raises(RuntimeError, match=match):
+            ops.record_amax_(history, amax)
 
 
 # ---- melded_linear forward ---------------------------------------------------------------------
@@ -463,6 +479,47 @@ def test_backward_without_input_grad_records_no_gradient_amax():
     assert B.grad.abs().sum() > 0 and not history.any()
 
 
+# ---- melded_linear_backward: both gradients in one op ------------------------------------------
+
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["none", "below", "above"])
+@pytest.mark.parametrize("B_dtype", [None, torch.float32])
+def test_melded_linear_backward_op_is_grad_input_and_dB(act_dtype, kind, B_dtype):
+    n, k, rank, scaling = 64, 96, 24, 0.75
+    _, layer = melded(n, k, rank)
+    g = (torch.randn(3, 7, n) * 3).to(act_dtype)
+    xa = torch.randn(3, 7, rank).to(act_dtype)
+    hist = None if kind == "none" else history_of(kind, g.float().abs().amax(), H=4)
+    dx, dB, g_amax = ops.melded_linear_backward(g, xa, layer.weight, layer.weight_scale, None,
+                                                scaling, None, hist, B_dtype)
+    # dx and g's amax are melded_linear_grad_input's, bit for bit.
+    dx_ref, amax_ref = torch.ops.falqon.melded_linear_grad_input(
+        g, layer.weight, layer.weight_scale, None, None, hist)
+    assert torch.equal(dx, dx_ref) and torch.equal(g_amax, amax_ref)
+    # dB = scaling g^T xa: exact products, fp32 sums over the 21 rows, one rounding.
+    out_dtype = B_dtype or act_dtype
+    assert dB.shape == (n, rank) and dB.dtype == out_dtype
+    g2, xa2 = g.reshape(-1, n).double(), xa.reshape(-1, rank).double()
+    ref = scaling * (g2.t() @ xa2)
+    bound = product_bound(g2.abs().t(), xa2.abs(), g2.shape[0], out_dtype, ref, scaling)
+    assert bool(((dB.double() - ref).abs() <= bound).all())
+
+
+def test_melded_linear_backward_op_rejects_bad_arguments():
+    _, layer = melded(32, 48, 8)
+    g, xa = torch.randn(5, 32), torch.randn(5, 8)
+    w, s = layer.weight, layer.weight_scale
+    for bad_xa, match in ((torch.randn(4, 8), "xa has 4 rows, the gradient 5"),
+                          (torch.randn(5, 8, dtype=torch.bfloat16), "xa must hold"),
+                          (torch.randn(5, 17), "rank 17")):
+        with pytest.raises(RuntimeError, match=match):
+            ops.melded_linear_backward(g, bad_xa, w, s)
+    with pytest.raises(RuntimeError, match="grad_B_dtype must be"):
+        ops.melded_linear_backward(g, xa, w, s, grad_B_dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="amax_history"):
+        ops.melded_linear_backward(g, xa, w, s, amax_history=torch.zeros(0))
+
+
 # ---- meld_init ---------------------------------------------------------------------------------
 
 def _exact_factor(w, rank):
@@ -626,6 +683,13 @@ def test_opcheck_every_op():
     opcheck(torch.ops.falqon.melded_linear_grad_input.default,
             (torch.randn(2, 4, 32, dtype=torch.bfloat16), layer.weight, layer.weight_scale, wt,
              E4M3))
+    opcheck(torch.ops.falqon.record_amax_.default, (torch.rand(5), torch.tensor(2.0)))
+    opcheck(torch.ops.falqon.melded_linear_backward.default,
+            (torch.randn(4, 32), torch.randn(4, 8), layer.weight, layer.weight_scale, wt, 0.5,
+             E4M3, torch.rand(3), torch.float32))
+    opcheck(torch.ops.falqon.melded_linear_backward.default,
+            (torch.randn(2, 4, 32, dtype=torch.bfloat16), torch.randn(2, 4, 8, dtype=torch.bfloat16),
+             layer.weight, layer.weight_scale))
     opcheck(torch.ops.falqon.meld_init.default, (lin.weight.detach(), 8, "randomized", 4, 2, 0))
     opcheck(torch.ops.falqon.meld_init.default, (lin.weight.detach(), 8, "exact", 16, 4, 0))
     opcheck(torch.ops.falqon.topk_update_.default,

@@ -69,14 +69,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_fp8(const at::Te
                                                                     at::ScalarType dtype,
                                                                     const at::Tensor& amax_history);
 
+// record_amax_ in one launch (arguments already checked).
+void record_amax_fp8(at::Tensor& amax_history, const at::Tensor& amax);
+
 // The two halves of the two-pass quantisation, so that several tensors can share one scale.
 // amax_partials: per-block maxima of |x| (as the uint32 bits of non-negative floats, in an int32
 // tensor; the bit order of non-negative floats is their numeric order and NaN sorts above Inf).
 at::Tensor amax_partials(const at::Tensor& x);
-// out[i] = fp8(clamp(x[i] / s)) with s = max(partials) / fmax (1 if 0); writes s to `scale`.
-// `x` contiguous, `out` a contiguous FP8 tensor (or view) of x.numel() elements.
+// out[i] = fp8(clamp(x[i] / s)) with s = max(partials) / fmax (1 if 0); writes s to `scale`
+// (and max(partials) to `amax`, a float32 scalar, where given). `x` contiguous, `out` a
+// contiguous FP8 tensor (or view) of x.numel() elements.
 void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const at::Tensor& out,
-                        const at::Tensor& scale);
+                        const at::Tensor& scale, const std::optional<at::Tensor>& amax = std::nullopt);
+// Delayed scaling's first pass over a contiguous x: the partial maxima the cast uses (every one
+// the history's amax once it holds a value, else x's own), and `amax` (float32 scalar) zeroed as
+// the target of the cast's atomic max of x's own amax.
+at::Tensor delayed_partials(const at::Tensor& x, const at::Tensor& amax_history,
+                            const at::Tensor& amax);
 // E = x - s0 * fp8_e4m3(x / s0) in fp32, s0 from the partials of x (the FP8 quantisation error).
 at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials);
 
@@ -91,7 +100,7 @@ void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Te
                     const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                     const at::Tensor& out, bool fast_accum);
 // Fast-accumulation choices of the two GEMMs, read once from FALQON_FAST_ACCUM_FWD (default 1)
-// and FALQON_FAST_ACCUM_DGRAD (default 0).
+// and FALQON_FAST_ACCUM_DGRAD (default 1).
 bool fast_accum_forward();
 bool fast_accum_dgrad();
 
@@ -107,6 +116,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& amax_history);
+// dx = gq W_q * sg * s (the dgrad FP8 GEMM) for a quantised gradient gq (M, N) whose rows are
+// those of grad_output; dx shaped as grad_output with K last.
+at::Tensor dgrad_fp8(const at::Tensor& grad_output, const at::Tensor& gq, const at::Tensor& sg,
+                     const at::Tensor& weight, const at::Tensor& weight_scale,
+                     const std::optional<at::Tensor>& weight_t);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
+    const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
+    const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
+    at::ScalarType grad_dtype, const std::optional<at::Tensor>& amax_history,
+    at::ScalarType grad_B_dtype);
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,

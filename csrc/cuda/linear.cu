@@ -50,17 +50,24 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
     const std::optional<at::Tensor>& amax_history) {
-  const int64_t N = grad_output.size(-1), K = weight.size(1);
+  const int64_t N = grad_output.size(-1);
   const at::Tensor g = grad_output.reshape({-1, N});
   const auto [gq, sg, g_amax] = amax_history.has_value()
                                     ? quantize_delayed_fp8(g, grad_dtype, *amax_history)
                                     : quantize_fp8(g, grad_dtype);
+  return {dgrad_fp8(grad_output, gq, sg, weight, weight_scale, weight_t), g_amax};
+}
+
+at::Tensor dgrad_fp8(const at::Tensor& grad_output, const at::Tensor& gq, const at::Tensor& sg,
+                     const at::Tensor& weight, const at::Tensor& weight_scale,
+                     const std::optional<at::Tensor>& weight_t) {
+  const int64_t N = grad_output.size(-1), K = weight.size(1);
   // cuBLASLt's FP8 GEMMs take only the "TN" layout, so dx = g W_q needs W_q^T with a contiguous
   // N: the persistent copy when the layer keeps one, else a transpose of rows [0, N) now.
   const at::Tensor wt = weight_t.has_value() ? *weight_t : transpose_fp8(weight.narrow(0, 0, N));
-  at::Tensor dx = at::empty({g.size(0), K}, grad_output.options());
-  scaled_gemm_tn(wt, weight_scale, gq, sg, std::nullopt, dx, fast_accum_dgrad());
-  return {dx.view(leading_dims_and(grad_output, K)), g_amax};
+  at::Tensor dx = at::empty({gq.numel() / N, K}, grad_output.options());
+  scaled_gemm_tn(wt, weight_scale, gq.reshape({-1, N}), sg, std::nullopt, dx, fast_accum_dgrad());
+  return dx.view(leading_dims_and(grad_output, K));
 }
 
 }  // namespace cuda

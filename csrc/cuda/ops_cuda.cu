@@ -132,6 +132,32 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_op(
                                       amax_history);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_op(
+    const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
+    const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
+    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
+    std::optional<at::ScalarType> grad_B_dtype) {
+  const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
+  const at::ScalarType bdt = grad_B_dtype.value_or(xa.scalar_type());
+  check_backward_args(grad_output, xa, weight, weight_scale, weight_t, gdt, bdt);
+  if (amax_history.has_value()) {
+    check_amax_history("melded_linear_backward", grad_output, *amax_history);
+  }
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (use_emulation(weight.device())) {
+    return ref::melded_linear_backward(grad_output, xa, weight, weight_scale, weight_t, scaling,
+                                       grad_dtype, amax_history, grad_B_dtype);
+  }
+  return melded_linear_backward_fp8(grad_output, xa, weight, weight_scale, weight_t, scaling, gdt,
+                                    amax_history, bdt);
+}
+
+void record_amax_op(at::Tensor& amax_history, const at::Tensor& amax) {
+  check_record_amax_args(amax_history, amax);
+  const c10::cuda::CUDAGuard guard(amax_history.device());
+  record_amax_fp8(amax_history, amax);  // no FP8 arithmetic: the same kernel on every GPU
+}
+
 std::tuple<at::Tensor, at::Tensor> meld_init_op(const at::Tensor& weight, int64_t rank,
                                                 const std::string& svd, int64_t oversample,
                                                 int64_t power_iters, int64_t seed) {
@@ -177,6 +203,8 @@ TORCH_LIBRARY_IMPL(falqon, CUDA, m) {
   m.impl("quantize_delayed", &falqon::cuda::quantize_delayed_op);
   m.impl("melded_linear", &falqon::cuda::melded_linear_op);
   m.impl("melded_linear_grad_input", &falqon::cuda::melded_linear_grad_input_op);
+  m.impl("melded_linear_backward", &falqon::cuda::melded_linear_backward_op);
+  m.impl("record_amax_", &falqon::cuda::record_amax_op);
   m.impl("meld_init", &falqon::cuda::meld_init_op);
   m.impl("topk_update_", &falqon::cuda::topk_update_op);
 }

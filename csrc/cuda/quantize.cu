@@ -242,6 +242,22 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (threadIdx.x == 0) atomicMax(amax_out, m);
 }
 
+// history = [amax, history[:-1]] in place, by one block: from the end in chunks of blockDim.x,
+// each chunk reading its values (one index lower) before any thread writes; a chunk writes only
+// indices that it or an earlier chunk has already read.
+__global__ void __launch_bounds__(256)
+    record_amax_kernel(float* __restrict__ history, int64_t count, const float* __restrict__ amax) {
+  for (int64_t end = count; end > 1; end -= blockDim.x) {
+    const int64_t i = end - 1 - threadIdx.x;
+    const bool active = i >= 1;
+    const float v = active ? history[i - 1] : 0.f;
+    __syncthreads();
+    if (active) history[i] = v;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) history[0] = *amax;
+}
+
 // ---- launchers --------------------------------------------------------------------------------
 
 // Calls f(std::integral_constant<bool, E4M3>).
@@ -428,13 +444,41 @@ at::Tensor amax_partials(const at::Tensor& x) {
 }
 
 void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const at::Tensor& out,
-                        const at::Tensor& scale) {
+                        const at::Tensor& scale, const std::optional<at::Tensor>& amax) {
   FALQON_CHECK(x.is_contiguous() && out.is_contiguous() && out.numel() == x.numel(),
               "falqon: cast_with_partials needs contiguous tensors of equal sizes");
   dispatch_fp8(out.scalar_type(), [&](auto e4m3) {
-    launch_scaled_map<CastOp<decltype(e4m3)::value>>(x, partials, out.data_ptr(),
-                                                     scale.data_ptr<float>(), nullptr);
+    launch_scaled_map<CastOp<decltype(e4m3)::value>>(
+        x, partials, out.data_ptr(), scale.data_ptr<float>(),
+        amax.has_value() ? amax->data_ptr<float>() : nullptr);
   });
+}
+
+void record_amax_fp8(at::Tensor& amax_history, const at::Tensor& amax) {
+  record_amax_kernel<<<1, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      amax_history.data_ptr<float>(), amax_history.numel(), amax.const_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor delayed_partials(const at::Tensor& x, const at::Tensor& amax_history,
+                            const at::Tensor& amax) {
+  FALQON_CHECK(x.is_contiguous(), "falqon: delayed_partials needs a contiguous tensor");
+  const at::Tensor history = amax_history.contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor partials;
+  FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_delayed_amax", [&] {
+    const auto* in = x.const_data_ptr<scalar_t>();
+    dispatch_vec<scalar_t, scalar_t>(in, in, [&](auto vec_c) {
+      constexpr int VEC = decltype(vec_c)::value;
+      const int grid = stream_grid(x.numel() / VEC, x.device());
+      partials = at::empty({grid}, x.options().dtype(at::kInt));
+      delayed_amax_kernel<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
+          in, x.numel(), history.const_data_ptr<float>(), history.numel(), as_bits(partials),
+          as_bits(amax));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return partials;
 }
 
 at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials) {

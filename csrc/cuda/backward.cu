@@ -1,0 +1,301 @@
+// melded_linear_backward on the FP8 path: both gradients of a melded layer with one read of the
+// gradient g for its quantisation and for dB = scaling * g^T xa.
+//
+// dB is small (N x r) but its GEMM reads all of g (M x N, 67-180 MB at the LLaMA-7B shapes), as
+// does g's quantisation; separately they read g two (delayed scaling) or three (current scaling)
+// times. grad_quantize_product_kernel reads a (64 x 128) tile of g once and
+//   - reduces its amax (current scaling: one partial per block, for the cast pass that follows),
+//     or casts it at the delayed scale and reduces its amax (delayed scaling, the only pass);
+//   - multiplies it by the matching (64 x r) rows of xa on the tensor cores (WMMA, bf16/fp16 in,
+//     fp32 accumulation), each warp owning 16 of the tile's 128 outputs.
+// The grid splits M so that ~2 blocks per SM stream g; each split writes its fp32 partial of dB
+// to a workspace, and grad_b_reduce_kernel sums the splits in a fixed order (deterministic, no
+// atomics), multiplies by the scaling and rounds once to dB's dtype. Ranks above 128 take
+// further product-only passes over g, 128 columns of xa each.
+#include <mma.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace falqon {
+namespace cuda {
+
+namespace {
+
+constexpr int kGradThreads = 256;                       // 8 warps
+constexpr int kTileN = 128;                             // outputs (columns of g) per block
+constexpr int kTileM = 64;                              // rows of g per step
+constexpr int kVecs = kTileM * kTileN / 8 / kGradThreads;  // 16-byte vectors per thread and step
+constexpr int kMaxFragments = 8;                        // 16-column fragments of xa per pass
+constexpr int kPassColumns = kMaxFragments * 16;
+
+enum GradMode : int { kAmaxMode = 0, kCastMode = 1, kProductOnly = 2 };
+
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct WmmaType<at::Half> {
+  using type = __half;
+};
+
+// One pass over g (M x N, contiguous, 16-byte aligned; N a multiple of 16) for the rank columns
+// [0, r) of xa (row stride ld_xa; r <= 16 * JF). Block (bx, by) covers outputs [128 bx, +128) and
+// rows [by * rows_per_split, +rows_per_split) and writes its fp32 product to
+// ws[by][n][0, 16 JF) (row stride ld_ws). mode: kAmaxMode writes max |g| of its tile to
+// partials[by * gridDim.x + bx]; kCastMode casts g into q at the scale of max(partials) and
+// atomically maxes g's amax into amax_out; kProductOnly does neither.
+template <typename T, int JF, bool kE4M3>
+__global__ void __launch_bounds__(kGradThreads, 2)
+    grad_quantize_product_kernel(const T* __restrict__ g, int64_t M, int64_t N,
+                                 const T* __restrict__ xa, int64_t ld_xa, int r, bool vec_xa,
+                                 int64_t rows_per_split, int mode, uint32_t* __restrict__ partials,
+                                 int num_partials, uint8_t* __restrict__ q,
+                                 float* __restrict__ scale_out, uint32_t* __restrict__ amax_out,
+                                 float* __restrict__ ws, int64_t ld_ws) {
+  namespace wmma = nvcuda::wmma;
+  using W = typename WmmaType<T>::type;
+  using P = Pack<T, 8>;
+  constexpr int kLdG = kTileN + 8;  // shared-memory row strides: multiples of 8 elements, and
+  constexpr int kLdX = JF * 16 + 8; // padded against bank conflicts of the fragment loads
+  __shared__ __align__(32) W gs[kTileM * kLdG];
+  __shared__ __align__(32) W xs[kTileM * kLdX];
+
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t m_end = min(M, m_begin + rows_per_split);
+  const int warp = threadIdx.x >> 5;
+
+  float scale = 1.f;
+  if (mode == kCastMode) {
+    scale = scale_from_amax(amax_from_partials(partials, num_partials), Fp8Format<kE4M3>::kMax);
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *scale_out = scale;
+  }
+  const Reciprocal d(scale);
+
+  // Thread t's vectors of a tile: index t + i * kGradThreads, 16 vectors per row of 128.
+  auto vec_row = [](int i) { return (threadIdx.x + i * kGradThreads) / (kTileN / 8); };
+  auto vec_col = [](int i) { return (threadIdx.x + i * kGradThreads) % (kTileN / 8) * 8; };
+  auto in_range = [&](int64_t m0, int i) { return m0 + vec_row(i) < m_end && n0 + vec_col(i) < N; };
+  auto load = [&](int64_t m0, P (&v)[kVecs]) {
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      if (in_range(m0, i)) {
+        v[i] = *reinterpret_cast<const P*>(g + (m0 + vec_row(i)) * N + n0 + vec_col(i));
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[i].v[k] = T(0.f);  // zeros outside g: they add nothing
+      }
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[JF];
+#pragma unroll
+  for (int j = 0; j < JF; ++j) wmma::fill_fragment(acc[j], 0.f);
+
+  uint32_t m_abs = 0;
+  P v[kVecs];
+  if (m_begin < m_end) load(m_begin, v);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileM) {
+    // The tile in registers: amax, cast, and into shared memory for the product.
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      if (mode != kProductOnly) m_abs = max_abs_bits(m_abs, v[i]);  // zeros outside g
+      if (mode == kCastMode && in_range(m0, i)) {
+        float x[8];
+        uint8_t y[8];
+        pack_to_floats(v[i], x);
+        CastOp<kE4M3>::apply(x, d, y);
+        store_pack<uint8_t, 8>(q, ((m0 + vec_row(i)) * N + n0 + vec_col(i)) / 8, y);
+      }
+      *reinterpret_cast<P*>(&gs[vec_row(i) * kLdG + vec_col(i)]) = v[i];
+    }
+    // xa's rows of the tile, zero beyond r and beyond the split.
+    if (vec_xa) {
+      for (int idx = threadIdx.x; idx < kTileM * JF * 2; idx += kGradThreads) {
+        const int row = idx / (JF * 2), col = idx % (JF * 2) * 8;
+        P p;
+        if (m0 + row < m_end && col < r) {
+          p = *reinterpret_cast<const P*>(xa + (m0 + row) * ld_xa + col);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) p.v[k] = T(0.f);
+        }
+        *reinterpret_cast<P*>(&xs[row * kLdX + col]) = p;
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < kTileM * JF * 16; idx += kGradThreads) {
+        const int row = idx / (JF * 16), col = idx % (JF * 16);
+        const T value = (m0 + row < m_end && col < r) ? xa[(m0 + row) * ld_xa + col] : T(0.f);
+        *reinterpret_cast<T*>(&xs[row * kLdX + col]) = value;
+      }
+    }
+    __syncthreads();
+    // The next tile's loads are in flight while the tensor cores work on this one.
+    if (m0 + kTileM < m_end) load(m0 + kTileM, v);
+    // dB[n][j] += sum_m g[m][n] xa[m][j]: A = the tile of g transposed (column-major in gs).
+#pragma unroll
+    for (int k = 0; k < kTileM / 16; ++k) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::col_major> a;
+      wmma::load_matrix_sync(a, gs + k * 16 * kLdG + warp * 16, kLdG);
+#pragma unroll
+      for (int j = 0; j < JF; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> b;
+        wmma::load_matrix_sync(b, xs + k * 16 * kLdX + j * 16, kLdX);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncthreads();  // gs and xs are rewritten by the next step
+  }
+
+  const int64_t n_warp = n0 + warp * 16;
+  if (n_warp < N) {  // N is a multiple of 16: a warp's 16 outputs are all in or all out
+    float* out = ws + (static_cast<int64_t>(blockIdx.y) * N + n_warp) * ld_ws;
+#pragma unroll
+    for (int j = 0; j < JF; ++j) wmma::store_matrix_sync(out + j * 16, acc[j], ld_ws, wmma::mem_row_major);
+  }
+  if (mode != kProductOnly) {
+    m_abs = block_max(m_abs);
+    if (threadIdx.x == 0) {
+      if (mode == kAmaxMode) {
+        partials[blockIdx.y * gridDim.x + blockIdx.x] = m_abs;
+      } else {
+        atomicMax(amax_out, m_abs);
+      }
+    }
+  }
+}
+
+// dB[n][j] = O(scaling * sum over splits of ws[split][n][j]), the splits summed in order.
+template <typename O>
+__global__ void __launch_bounds__(256)
+    grad_b_reduce_kernel(const float* __restrict__ ws, int splits, int64_t N, int64_t ld_ws, int r,
+                         float scaling, O* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N * r) return;
+  const int64_t n = i / r, j = i % r;
+  float sum = 0.f;
+  for (int s = 0; s < splits; ++s) sum = __fadd_rn(sum, ws[(s * N + n) * ld_ws + j]);
+  out[i] = static_cast<O>(__fmul_rn(sum, scaling));
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Fragments of 16 columns for a pass over `columns` columns of xa: 1, 2, 4 or 8.
+int fragments_for(int64_t columns) {
+  int f = 1;
+  while (f * 16 < columns) f *= 2;
+  return f;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
+    const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
+    const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
+    at::ScalarType grad_dtype, const std::optional<at::Tensor>& amax_history,
+    at::ScalarType grad_B_dtype) {
+  const int64_t N = grad_output.size(-1), r = xa.size(-1);
+  at::Tensor g = grad_output.reshape({-1, N});
+  const at::Tensor x = xa.reshape({-1, r}).contiguous();
+  const int64_t M = g.size(0);
+  const at::ScalarType dtype = g.scalar_type();
+  if (M == 0 || dtype == at::kFloat) {
+    // No rows, or fp32 activations (the tensor cores would round them): the two-step path,
+    // dB by an fp32 GEMM (cuBLAS, no TF32 unless the user allows it).
+    auto [dx, g_amax] =
+        melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, grad_dtype,
+                                     amax_history);
+    at::Tensor dB = at::mm(g.to(at::kFloat).t(), x.to(at::kFloat));
+    dB.mul_(static_cast<float>(scaling));
+    return {dx, dB.to(grad_B_dtype), g_amax};
+  }
+  g = g.contiguous();
+  if (pointer_alignment(g.data_ptr()) < 16) g = g.clone();  // the kernel loads 16-byte vectors
+
+  const auto opts = g.options();
+  at::Tensor gq = at::empty({M, N}, opts.dtype(grad_dtype));
+  at::Tensor scale = at::empty({}, opts.dtype(at::kFloat));
+  at::Tensor amax = at::empty({}, opts.dtype(at::kFloat));
+
+  const int n_tiles = static_cast<int>((N + kTileN - 1) / kTileN);
+  const int64_t m_tiles = (M + kTileM - 1) / kTileM;
+  const int64_t want_splits = std::clamp<int64_t>(2 * sm_count(g.device()) / n_tiles, 1, m_tiles);
+  const int64_t rows_per_split = (m_tiles + want_splits - 1) / want_splits * kTileM;
+  const int splits = static_cast<int>((M + rows_per_split - 1) / rows_per_split);
+  const int passes = static_cast<int>((r + kPassColumns - 1) / kPassColumns);
+  const int64_t ld_ws =
+      int64_t{kPassColumns} * (passes - 1) + 16 * fragments_for(r - int64_t{kPassColumns} * (passes - 1));
+  at::Tensor ws = at::empty({splits, N, ld_ws}, opts.dtype(at::kFloat));
+
+  const bool delayed = amax_history.has_value();
+  // Current scaling: the first pass writes one amax partial per block; delayed scaling: the
+  // partials come from the history (delayed_amax_kernel, which also zeroes `amax`).
+  at::Tensor partials = delayed ? delayed_partials(g, *amax_history, amax)
+                                : at::empty({int64_t{n_tiles} * splits}, opts.dtype(at::kInt));
+  auto* partial_bits = reinterpret_cast<uint32_t*>(partials.data_ptr());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(n_tiles, splits);
+  auto launch_all = [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    const T* gp = static_cast<const T*>(g.const_data_ptr());
+    const T* xp = static_cast<const T*>(x.const_data_ptr());
+    for (int pass = 0; pass < passes; ++pass) {
+      const int64_t col0 = int64_t{pass} * kPassColumns;
+      const int cols = static_cast<int>(std::min<int64_t>(kPassColumns, r - col0));
+      const int mode = pass > 0 ? kProductOnly : (delayed ? kCastMode : kAmaxMode);
+      const T* xp_pass = xp + col0;
+      const bool vec_xa = r % 8 == 0 && pointer_alignment(xp_pass) >= 16;
+      auto launch = [&](auto jf, auto e4m3) {
+        grad_quantize_product_kernel<T, decltype(jf)::value, decltype(e4m3)::value>
+            <<<grid, kGradThreads, 0, stream>>>(
+                gp, M, N, xp_pass, r, cols, vec_xa, rows_per_split, mode, partial_bits,
+                static_cast<int>(partials.numel()), static_cast<uint8_t*>(gq.data_ptr()),
+                scale.data_ptr<float>(), reinterpret_cast<uint32_t*>(amax.data_ptr()),
+                ws.data_ptr<float>() + col0, ld_ws);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      auto with_format = [&](auto jf) {
+        if (fp8_is_e4m3(grad_dtype)) {
+          launch(jf, std::true_type{});
+        } else {
+          launch(jf, std::false_type{});
+        }
+      };
+      switch (fragments_for(cols)) {
+        case 1: with_format(std::integral_constant<int, 1>{}); break;
+        case 2: with_format(std::integral_constant<int, 2>{}); break;
+        case 4: with_format(std::integral_constant<int, 4>{}); break;
+        default: with_format(std::integral_constant<int, 8>{}); break;
+      }
+    }
+  };
+  if (dtype == at::kHalf) {
+    launch_all(TypeTag<at::Half>{});
+  } else {
+    launch_all(TypeTag<at::BFloat16>{});
+  }
+  if (!delayed) cast_with_partials(g, partials, gq, scale, amax);
+
+  at::Tensor dB = at::empty({N, r}, opts.dtype(grad_B_dtype));
+  const int64_t outputs = N * r;
+  const int reduce_grid = static_cast<int>((outputs + 255) / 256);
+  FALQON_DISPATCH_ACTIVATION(grad_B_dtype, "falqon_grad_b_reduce", [&] {
+    grad_b_reduce_kernel<scalar_t><<<reduce_grid, 256, 0, stream>>>(
+        ws.const_data_ptr<float>(), splits, N, ld_ws, static_cast<int>(r),
+        static_cast<float>(scaling), dB.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dgrad_fp8(grad_output, gq, scale, weight, weight_scale, weight_t), dB, amax};
+}
+
+}  // namespace cuda
+}  // namespace falqon
