@@ -8,7 +8,8 @@
 //     or casts it at the delayed scale and reduces its amax (delayed scaling, the only pass);
 //   - multiplies it by the matching (64 x r) rows of xa on the tensor cores (WMMA, bf16/fp16 in,
 //     fp32 accumulation), each warp owning 16 of the tile's 128 outputs.
-// The grid splits M so that ~2 blocks per SM stream g; each split writes its fp32 partial of dB
+// Tiles stream through shared memory with cp.async, two or three buffers deep. The grid splits M
+// so that ~2 blocks per SM stream g; each split writes its fp32 partial of dB
 // to a workspace, and grad_b_reduce_kernel sums the splits in a fixed order (deterministic, no
 // atomics), multiplies by the scaling and rounds once to dB's dtype. Ranks above 128 take
 // further product-only passes over g, 128 columns of xa each.
@@ -44,31 +45,55 @@ struct WmmaType<at::Half> {
   using type = __half;
 };
 
+// 16 bytes global -> shared without passing through registers (sm_80+); src_bytes = 0 fills
+// zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, int src_bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+template <int JF>
+struct GradTile {
+  static constexpr int kLdG = kTileN + 8;   // shared-memory row strides: multiples of 8 elements,
+  static constexpr int kLdX = JF * 16 + 8;  // padded against bank conflicts of the fragment loads
+  static constexpr int kGElems = kTileM * kLdG;
+  static constexpr int kXElems = kTileM * kLdX;
+  static constexpr int kStageBytes = (kGElems + kXElems) * 2;
+};
+
 // One pass over g (M x N, contiguous, 16-byte aligned; N a multiple of 16) for the rank columns
 // [0, r) of xa (row stride ld_xa; r <= 16 * JF). Block (bx, by) covers outputs [128 bx, +128) and
-// rows [by * rows_per_split, +rows_per_split) and writes its fp32 product to
-// ws[by][n][0, 16 JF) (row stride ld_ws). mode: kAmaxMode writes max |g| of its tile to
-// partials[by * gridDim.x + bx]; kCastMode casts g into q at the scale of max(partials) and
-// atomically maxes g's amax into amax_out; kProductOnly does neither.
+// rows [by * rows_per_split, +rows_per_split), streamed through `stages` (2 or 3) shared-memory
+// buffers with cp.async, so that up to stages - 1 tiles are in flight while one is used; it
+// writes its fp32 product to ws[by][n][0, 16 JF) (row stride ld_ws). mode: kAmaxMode writes
+// max |g| of its tile to partials[by * gridDim.x + bx]; kCastMode casts g into q at the scale of
+// max(partials) and atomically maxes g's amax into amax_out; kProductOnly does neither.
 template <typename T, int JF, bool kE4M3>
 __global__ void __launch_bounds__(kGradThreads, 2)
     grad_quantize_product_kernel(const T* __restrict__ g, int64_t M, int64_t N,
                                  const T* __restrict__ xa, int64_t ld_xa, int r, bool vec_xa,
-                                 int64_t rows_per_split, int mode, uint32_t* __restrict__ partials,
-                                 int num_partials, uint8_t* __restrict__ q,
-                                 float* __restrict__ scale_out, uint32_t* __restrict__ amax_out,
-                                 float* __restrict__ ws, int64_t ld_ws) {
+                                 int64_t rows_per_split, int mode, int stages,
+                                 uint32_t* __restrict__ partials, int num_partials,
+                                 uint8_t* __restrict__ q, float* __restrict__ scale_out,
+                                 uint32_t* __restrict__ amax_out, float* __restrict__ ws,
+                                 int64_t ld_ws) {
   namespace wmma = nvcuda::wmma;
   using W = typename WmmaType<T>::type;
   using P = Pack<T, 8>;
-  constexpr int kLdG = kTileN + 8;  // shared-memory row strides: multiples of 8 elements, and
-  constexpr int kLdX = JF * 16 + 8; // padded against bank conflicts of the fragment loads
-  __shared__ __align__(32) W gs[kTileM * kLdG];
-  __shared__ __align__(32) W xs[kTileM * kLdX];
+  using Tile = GradTile<JF>;
+  extern __shared__ __align__(128) unsigned char grad_smem[];
+  W* gs = reinterpret_cast<W*>(grad_smem);    // [stages][kTileM][kLdG]
+  W* xs = gs + stages * Tile::kGElems;         // [stages][kTileM][kLdX]
 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t m_end = min(M, m_begin + rows_per_split);
+  const int64_t tiles = m_end > m_begin ? (m_end - m_begin + kTileM - 1) / kTileM : 0;
   const int warp = threadIdx.x >> 5;
 
   float scale = 1.f;
@@ -78,18 +103,34 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   }
   const Reciprocal d(scale);
 
-  // Thread t's vectors of a tile: index t + i * kGradThreads, 16 vectors per row of 128.
+  // Thread t's vectors of a tile of g: index t + i * kGradThreads, 16 vectors per row of 128.
   auto vec_row = [](int i) { return (threadIdx.x + i * kGradThreads) / (kTileN / 8); };
   auto vec_col = [](int i) { return (threadIdx.x + i * kGradThreads) % (kTileN / 8) * 8; };
   auto in_range = [&](int64_t m0, int i) { return m0 + vec_row(i) < m_end && n0 + vec_col(i) < N; };
-  auto load = [&](int64_t m0, P (&v)[kVecs]) {
+  // Starts the copies of tile t into buffer t % stages; zeros outside g and xa (they add nothing
+  // to the product or the amax).
+  auto issue = [&](int64_t t) {
+    const int64_t m0 = m_begin + t * kTileM;
+    W* gb = gs + (t % stages) * Tile::kGElems;
+    W* xb = xs + (t % stages) * Tile::kXElems;
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
-      if (in_range(m0, i)) {
-        v[i] = *reinterpret_cast<const P*>(g + (m0 + vec_row(i)) * N + n0 + vec_col(i));
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) v[i].v[k] = T(0.f);  // zeros outside g: they add nothing
+      const bool ok = in_range(m0, i);
+      cp_async16(gb + vec_row(i) * Tile::kLdG + vec_col(i),
+                 ok ? g + (m0 + vec_row(i)) * N + n0 + vec_col(i) : g, ok ? 16 : 0);
+    }
+    if (vec_xa) {
+      for (int idx = threadIdx.x; idx < kTileM * JF * 2; idx += kGradThreads) {
+        const int row = idx / (JF * 2), col = idx % (JF * 2) * 8;
+        const bool ok = m0 + row < m_end && col < r;
+        cp_async16(xb + row * Tile::kLdX + col, ok ? xa + (m0 + row) * ld_xa + col : xa,
+                   ok ? 16 : 0);
+      }
+    } else {  // a rank that is not a multiple of 8: element by element (visible after the sync)
+      for (int idx = threadIdx.x; idx < kTileM * JF * 16; idx += kGradThreads) {
+        const int row = idx / (JF * 16), col = idx % (JF * 16);
+        const T value = (m0 + row < m_end && col < r) ? xa[(m0 + row) * ld_xa + col] : T(0.f);
+        *reinterpret_cast<T*>(xb + row * Tile::kLdX + col) = value;
       }
     }
   };
@@ -99,59 +140,50 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   for (int j = 0; j < JF; ++j) wmma::fill_fragment(acc[j], 0.f);
 
   uint32_t m_abs = 0;
-  P v[kVecs];
-  if (m_begin < m_end) load(m_begin, v);
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileM) {
-    // The tile in registers: amax, cast, and into shared memory for the product.
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      if (mode != kProductOnly) m_abs = max_abs_bits(m_abs, v[i]);  // zeros outside g
-      if (mode == kCastMode && in_range(m0, i)) {
-        float x[8];
-        uint8_t y[8];
-        pack_to_floats(v[i], x);
-        CastOp<kE4M3>::apply(x, d, y);
-        store_pack<uint8_t, 8>(q, ((m0 + vec_row(i)) * N + n0 + vec_col(i)) / 8, y);
-      }
-      *reinterpret_cast<P*>(&gs[vec_row(i) * kLdG + vec_col(i)]) = v[i];
-    }
-    // xa's rows of the tile, zero beyond r and beyond the split.
-    if (vec_xa) {
-      for (int idx = threadIdx.x; idx < kTileM * JF * 2; idx += kGradThreads) {
-        const int row = idx / (JF * 2), col = idx % (JF * 2) * 8;
-        P p;
-        if (m0 + row < m_end && col < r) {
-          p = *reinterpret_cast<const P*>(xa + (m0 + row) * ld_xa + col);
-        } else {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) p.v[k] = T(0.f);
-        }
-        *reinterpret_cast<P*>(&xs[row * kLdX + col]) = p;
-      }
+  for (int s = 0; s < stages - 1; ++s) {
+    if (s < tiles) issue(s);
+    cp_async_commit();  // (an empty group where there is no tile: the waits below count groups)
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    if (stages == 3) {
+      cp_async_wait<1>();  // this thread's copies of tile t are done; tile t + 1 may still fly
     } else {
-      for (int idx = threadIdx.x; idx < kTileM * JF * 16; idx += kGradThreads) {
-        const int row = idx / (JF * 16), col = idx % (JF * 16);
-        const T value = (m0 + row < m_end && col < r) ? xa[(m0 + row) * ld_xa + col] : T(0.f);
-        *reinterpret_cast<T*>(&xs[row * kLdX + col]) = value;
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // everyone's copies of tile t are done, and everyone is done with t - 1
+    if (t + stages - 1 < tiles) issue(t + stages - 1);  // into the buffer of tile t - 1
+    cp_async_commit();
+    const W* gb = gs + (t % stages) * Tile::kGElems;
+    const W* xb = xs + (t % stages) * Tile::kXElems;
+    if (mode != kProductOnly) {
+      const int64_t m0 = m_begin + t * kTileM;
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        const P v = *reinterpret_cast<const P*>(gb + vec_row(i) * Tile::kLdG + vec_col(i));
+        m_abs = max_abs_bits(m_abs, v);  // (zeros outside g)
+        if (mode == kCastMode && in_range(m0, i)) {
+          float x[8];
+          uint8_t y[8];
+          pack_to_floats(v, x);
+          CastOp<kE4M3>::apply(x, d, y);
+          store_pack<uint8_t, 8>(q, ((m0 + vec_row(i)) * N + n0 + vec_col(i)) / 8, y);
+        }
       }
     }
-    __syncthreads();
-    // The next tile's loads are in flight while the tensor cores work on this one.
-    if (m0 + kTileM < m_end) load(m0 + kTileM, v);
     // dB[n][j] += sum_m g[m][n] xa[m][j]: A = the tile of g transposed (column-major in gs).
 #pragma unroll
     for (int k = 0; k < kTileM / 16; ++k) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::col_major> a;
-      wmma::load_matrix_sync(a, gs + k * 16 * kLdG + warp * 16, kLdG);
+      wmma::load_matrix_sync(a, gb + k * 16 * Tile::kLdG + warp * 16, Tile::kLdG);
 #pragma unroll
       for (int j = 0; j < JF; ++j) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> b;
-        wmma::load_matrix_sync(b, xs + k * 16 * kLdX + j * 16, kLdX);
+        wmma::load_matrix_sync(b, xb + k * 16 * Tile::kLdX + j * 16, Tile::kLdX);
         wmma::mma_sync(acc[j], a, b, acc[j]);
       }
     }
-    __syncthreads();  // gs and xs are rewritten by the next step
   }
+  cp_async_wait<0>();
 
   const int64_t n_warp = n0 + warp * 16;
   if (n_warp < N) {  // N is a multiple of 16: a warp's 16 outputs are all in or all out
@@ -255,9 +287,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
       const T* xp_pass = xp + col0;
       const bool vec_xa = r % 8 == 0 && pointer_alignment(xp_pass) >= 16;
       auto launch = [&](auto jf, auto e4m3) {
-        grad_quantize_product_kernel<T, decltype(jf)::value, decltype(e4m3)::value>
-            <<<grid, kGradThreads, 0, stream>>>(
-                gp, M, N, xp_pass, r, cols, vec_xa, rows_per_split, mode, partial_bits,
+        constexpr int JF = decltype(jf)::value;
+        auto kernel = grad_quantize_product_kernel<T, JF, decltype(e4m3)::value>;
+        // Three buffers where they fit in a block's shared memory (H100: 80 / 104 KB for
+        // r16 <= 64 / 128, two blocks per SM), else two (Ada's 99 KB).
+        const int per_block = static_cast<int>(
+            at::cuda::getDeviceProperties(g.device().index())->sharedMemPerBlockOptin);
+        const int stages = 3 * GradTile<JF>::kStageBytes <= per_block ? 3 : 2;
+        const int smem = stages * GradTile<JF>::kStageBytes;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            smem));
+        kernel<<<grid, kGradThreads, smem, stream>>>(
+                gp, M, N, xp_pass, r, cols, vec_xa, rows_per_split, mode, stages, partial_bits,
                 static_cast<int>(partials.numel()), static_cast<uint8_t*>(gq.data_ptr()),
                 scale.data_ptr<float>(), reinterpret_cast<uint32_t*>(amax.data_ptr()),
                 ws.data_ptr<float>() + col0, ld_ws);
