@@ -13,6 +13,8 @@
 // to a workspace, and grad_b_reduce_kernel sums the splits in a fixed order (deterministic, no
 // atomics), multiplies by the scaling and rounds once to dB's dtype. Ranks above 128 take
 // further product-only passes over g, 128 columns of xa each.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <mma.h>
 
 #include <algorithm>
@@ -34,16 +36,37 @@ constexpr int kPassColumns = kMaxFragments * 16;
 
 enum GradMode : int { kAmaxMode = 0, kCastMode = 1, kProductOnly = 2 };
 
+// The CUDA types of an activation dtype: one element (for WMMA) and two (for packed max).
 template <typename T>
 struct WmmaType;
 template <>
 struct WmmaType<at::BFloat16> {
   using type = __nv_bfloat16;
+  using pair = __nv_bfloat162;
 };
 template <>
 struct WmmaType<at::Half> {
   using type = __half;
+  using pair = __half2;
 };
+
+// max(m, |v|) for the 8 values of a vector, two per instruction, NaN-propagating (so that a NaN
+// in g reaches the amax, as abs_bits orders it in the reference).
+template <typename T>
+__device__ __forceinline__ typename WmmaType<T>::pair pack_abs_max(typename WmmaType<T>::pair m,
+                                                                  const Pack<T, 8>& v) {
+  using Pair = typename WmmaType<T>::pair;
+  const Pair* p = reinterpret_cast<const Pair*>(&v);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) m = __hmax2_nan(m, __habs2(p[k]));
+  return m;
+}
+
+// The max of a pair's two magnitudes as abs_bits orders them (NaN above Inf).
+template <typename Pair>
+__device__ __forceinline__ uint32_t pair_abs_bits(Pair m) {
+  return max(abs_bits(__low2float(m)), abs_bits(__high2float(m)));
+}
 
 // 16 bytes global -> shared without passing through registers (sm_80+); src_bytes = 0 fills
 // zeros and reads nothing.
@@ -103,10 +126,15 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   }
   const Reciprocal d(scale);
 
-  // Thread t's vectors of a tile of g: index t + i * kGradThreads, 16 vectors per row of 128.
-  auto vec_row = [](int i) { return (threadIdx.x + i * kGradThreads) / (kTileN / 8); };
-  auto vec_col = [](int i) { return (threadIdx.x + i * kGradThreads) % (kTileN / 8) * 8; };
-  auto in_range = [&](int64_t m0, int i) { return m0 + vec_row(i) < m_end && n0 + vec_col(i) < N; };
+  // Thread t's vectors of a tile of g: rows t / 16 + 16 i of the tile, columns 8 (t % 16) + [0, 8)
+  // (the same column in every row and tile).
+  constexpr int kRowStep = kGradThreads / (kTileN / 8);
+  const int col = static_cast<int>(threadIdx.x % (kTileN / 8)) * 8;
+  const int row0 = static_cast<int>(threadIdx.x / (kTileN / 8));
+  const bool col_ok = n0 + col < N;
+  auto vec_row = [&](int i) { return row0 + kRowStep * i; };
+  auto vec_col = [&](int) { return col; };
+  auto in_range = [&](int64_t m0, int i) { return col_ok && m0 + vec_row(i) < m_end; };
   // Starts the copies of tile t into buffer t % stages; zeros outside g and xa (they add nothing
   // to the product or the amax).
   auto issue = [&](int64_t t) {
@@ -139,7 +167,9 @@ __global__ void __launch_bounds__(kGradThreads, 2)
 #pragma unroll
   for (int j = 0; j < JF; ++j) wmma::fill_fragment(acc[j], 0.f);
 
-  uint32_t m_abs = 0;
+  using Pair = typename WmmaType<T>::pair;
+  Pair m_pair;
+  *reinterpret_cast<uint32_t*>(&m_pair) = 0u;  // +0, +0
   for (int s = 0; s < stages - 1; ++s) {
     if (s < tiles) issue(s);
     cp_async_commit();  // (an empty group where there is no tile: the waits below count groups)
@@ -160,7 +190,7 @@ __global__ void __launch_bounds__(kGradThreads, 2)
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const P v = *reinterpret_cast<const P*>(gb + vec_row(i) * Tile::kLdG + vec_col(i));
-        m_abs = max_abs_bits(m_abs, v);  // (zeros outside g)
+        m_pair = pack_abs_max<T>(m_pair, v);  // (zeros outside g)
         if (mode == kCastMode && in_range(m0, i)) {
           float x[8];
           uint8_t y[8];
@@ -192,7 +222,7 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     for (int j = 0; j < JF; ++j) wmma::store_matrix_sync(out + j * 16, acc[j], ld_ws, wmma::mem_row_major);
   }
   if (mode != kProductOnly) {
-    m_abs = block_max(m_abs);
+    const uint32_t m_abs = block_max(pair_abs_bits(m_pair));
     if (threadIdx.x == 0) {
       if (mode == kAmaxMode) {
         partials[blockIdx.y * gridDim.x + blockIdx.x] = m_abs;
