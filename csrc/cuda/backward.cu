@@ -96,13 +96,8 @@ struct GradTile {
 // writes its fp32 product to ws[by][n][0, 16 JF) (row stride ld_ws). mode: kAmaxMode writes
 // max |g| of its tile to partials[by * gridDim.x + bx]; kCastMode casts g into q at the scale of
 // max(partials) and atomically maxes g's amax into amax_out; kProductOnly does neither.
-// Blocks per SM the kernel is compiled for: three for rank widths up to 64 (85 registers; the
-// buffers then 2 x 53 KB), two for 128 (its 64 accumulator registers need the room).
-template <int JF>
-constexpr int grad_blocks_per_sm() { return JF <= 4 ? 3 : 2; }
-
 template <typename T, int JF, bool kE4M3>
-__global__ void __launch_bounds__(kGradThreads, grad_blocks_per_sm<JF>())
+__global__ void __launch_bounds__(kGradThreads, 2)
     grad_quantize_product_kernel(const T* __restrict__ g, int64_t M, int64_t N,
                                  const T* __restrict__ xa, int64_t ld_xa, int r, bool vec_xa,
                                  int64_t rows_per_split, int mode, int stages,
@@ -295,11 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
 
   const int n_tiles = static_cast<int>((N + kTileN - 1) / kTileN);
   const int64_t m_tiles = (M + kTileM - 1) / kTileM;
-  // Enough splits for one wave of the blocks an SM holds (as the first pass is compiled for).
-  const int first_fragments = fragments_for(std::min<int64_t>(r, kPassColumns));
-  const int blocks_per_sm = first_fragments <= 4 ? grad_blocks_per_sm<4>() : grad_blocks_per_sm<8>();
-  const int64_t want_splits =
-      std::clamp<int64_t>(int64_t{blocks_per_sm} * sm_count(g.device()) / n_tiles, 1, m_tiles);
+  const int64_t want_splits = std::clamp<int64_t>(2 * sm_count(g.device()) / n_tiles, 1, m_tiles);
   const int64_t rows_per_split = (m_tiles + want_splits - 1) / want_splits * kTileM;
   const int splits = static_cast<int>((M + rows_per_split - 1) / rows_per_split);
   const int passes = static_cast<int>((r + kPassColumns - 1) / kPassColumns);
@@ -332,13 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
         // r16 <= 64 / 128, two blocks per SM), else two (Ada's 99 KB).
         const int per_block = static_cast<int>(
             at::cuda::getDeviceProperties(g.device().index())->sharedMemPerBlockOptin);
-        const int blocks = grad_blocks_per_sm<JF>();
-        const int per_sm = static_cast<int>(
-            at::cuda::getDeviceProperties(g.device().index())->sharedMemPerMultiprocessor);
-        const int stages = (3 * GradTile<JF>::kStageBytes + 1024) * blocks <= per_sm &&
-                                   3 * GradTile<JF>::kStageBytes <= per_block
-                               ? 3
-                               : 2;
+        const int stages = 3 * GradTile<JF>::kStageBytes <= per_block ? 3 : 2;
         const int smem = stages * GradTile<JF>::kStageBytes;
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             smem));
