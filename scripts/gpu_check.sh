@@ -136,9 +136,10 @@ stage_sanitizer() {
   {
     echo "-- memcheck, every op"
     "$cs" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_ops.py &&
-    echo "-- racecheck, the quantise and top-k kernels" &&
+    echo "-- racecheck, the kernels that share memory between threads: quantise, the fused" \
+      "backward (cp.async buffers, WMMA) and top-k" &&
     "$cs" --tool racecheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_ops.py \
-      --ops quantize,topk
+      --ops quantize,backward,topk
   } >"$OUT/sanitizer.log" 2>&1
   local rc=$?
   grep -E "^(-- |sanitize_ops: done|========= (ERROR SUMMARY|RACECHECK SUMMARY))" "$OUT/sanitizer.log"
