@@ -153,6 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
     std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
     std::optional<at::ScalarType> grad_B_dtype);
 
+// dB = scaling * g^T xa for 2-D g (M, N) and xa (M, r): fp32 products and sums, the scaling
+// multiplied once in fp32, one rounding to `dtype` (the numerics melded_linear_backward defines).
+at::Tensor lora_grad_B(const at::Tensor& g, const at::Tensor& xa, double scaling,
+                       at::ScalarType dtype);
+
 // The quantisation error E = W - s0 fp8(W / s0) of a weight, in fp32.
 at::Tensor quantization_error(const at::Tensor& weight);
 

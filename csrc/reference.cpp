@@ -163,11 +163,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
   auto [dx, g_amax] =
       grad_input_op.call(grad_output, weight, weight_scale, weight_t, grad_dtype, amax_history);
   const int64_t N = grad_output.size(-1), r = xa.size(-1);
+  return {dx, lora_grad_B(grad_output.reshape({-1, N}), xa.reshape({-1, r}), scaling, bdt), g_amax};
+}
+
+at::Tensor lora_grad_B(const at::Tensor& g, const at::Tensor& xa, double scaling,
+                       at::ScalarType dtype) {
   // fp32 products of fp16/bf16 values are exact; the sums are fp32, then one rounding.
-  at::Tensor dB = at::mm(grad_output.reshape({-1, N}).to(at::kFloat).t(),
-                         xa.reshape({-1, r}).to(at::kFloat));
+  at::Tensor dB = at::mm(g.to(at::kFloat).t(), xa.to(at::kFloat));
   dB.mul_(static_cast<float>(scaling));
-  return {dx, dB.to(bdt), g_amax};
+  return dB.to(dtype);
 }
 
 at::Tensor quantization_error(const at::Tensor& weight) {

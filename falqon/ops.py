@@ -234,31 +234,28 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
     out_features = weight.shape[0] - padded_rank(rank)
     history = ctx.amax_history
     grad_input = grad_B = grad_bias = None
-    if grad_y is not None and needs_input and needs_B:
-        # Both gradients in one op: on CUDA g is read once for its quantisation and for dB.
-        B_dtype = ctx.lora_B_dtype if ctx.lora_B_dtype in _ACTIVATION_DTYPES else torch.float32
-        grad_input, grad_B, g_amax = torch.ops.falqon.melded_linear_backward.default(
-            grad_y, xa, weight, weight_scale, weight_t, ctx.scaling, ctx.grad_dtype,
-            None if history is None else history[1], B_dtype)
-        grad_B = grad_B.to(ctx.lora_B_dtype)
-        if history is not None:
-            record_amax_(history[1], g_amax)
-        if needs_bias:
-            grad_bias = grad_y.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
-    elif grad_y is not None:
+    if grad_y is not None:
         g = grad_y.reshape(-1, out_features)
-        if needs_input:
-            # Delayed scaling: g's scale from row 1; g's own amax is recorded there for the next
-            # calls. Without an input gradient g is never quantised and nothing is recorded.
+        if needs_input and needs_B:
+            # Both gradients in one op: on CUDA g is read once for its quantisation and for dB.
+            B_dtype = (ctx.lora_B_dtype if ctx.lora_B_dtype in _ACTIVATION_DTYPES
+                       else torch.float32)
+            grad_input, grad_B, g_amax = torch.ops.falqon.melded_linear_backward.default(
+                grad_y, xa, weight, weight_scale, weight_t, ctx.scaling, ctx.grad_dtype,
+                None if history is None else history[1], B_dtype)
+            grad_B = grad_B.to(ctx.lora_B_dtype)
+        elif needs_input:
             grad_input, g_amax = torch.ops.falqon.melded_linear_grad_input.default(
                 grad_y, weight, weight_scale, weight_t, ctx.grad_dtype,
                 None if history is None else history[1])
-            if history is not None:
-                record_amax_(history[1], g_amax)
-        if needs_B:
+        elif needs_B:
             # dB = scaling * g^T (x A^T) alone (no input gradient): a small product, kept in high
             # precision (not FP8), in the activation dtype.
             grad_B = torch.mm(g.t(), xa.reshape(-1, rank)).to(ctx.lora_B_dtype).mul_(ctx.scaling)
+        # Delayed scaling: g's scale came from row 1; its own amax is recorded there for the next
+        # calls. Without an input gradient g is never quantised and nothing is recorded.
+        if needs_input and history is not None:
+            record_amax_(history[1], g_amax)
         if needs_bias:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
     if grad_xa is not None and needs_input:

@@ -133,7 +133,6 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   const int row0 = static_cast<int>(threadIdx.x / (kTileN / 8));
   const bool col_ok = n0 + col < N;
   auto vec_row = [&](int i) { return row0 + kRowStep * i; };
-  auto vec_col = [&](int) { return col; };
   auto in_range = [&](int64_t m0, int i) { return col_ok && m0 + vec_row(i) < m_end; };
   // Starts the copies of tile t into buffer t % stages; zeros outside g and xa (they add nothing
   // to the product or the amax).
@@ -144,8 +143,8 @@ __global__ void __launch_bounds__(kGradThreads, 2)
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const bool ok = in_range(m0, i);
-      cp_async16(gb + vec_row(i) * Tile::kLdG + vec_col(i),
-                 ok ? g + (m0 + vec_row(i)) * N + n0 + vec_col(i) : g, ok ? 16 : 0);
+      cp_async16(gb + vec_row(i) * Tile::kLdG + col,
+                 ok ? g + (m0 + vec_row(i)) * N + n0 + col : g, ok ? 16 : 0);
     }
     if (vec_xa) {
       for (int idx = threadIdx.x; idx < kTileM * JF * 2; idx += kGradThreads) {
@@ -189,14 +188,14 @@ __global__ void __launch_bounds__(kGradThreads, 2)
       const int64_t m0 = m_begin + t * kTileM;
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
-        const P v = *reinterpret_cast<const P*>(gb + vec_row(i) * Tile::kLdG + vec_col(i));
+        const P v = *reinterpret_cast<const P*>(gb + vec_row(i) * Tile::kLdG + col);
         m_pair = pack_abs_max<T>(m_pair, v);  // (zeros outside g)
         if (mode == kCastMode && in_range(m0, i)) {
           float x[8];
           uint8_t y[8];
           pack_to_floats(v, x);
           CastOp<kE4M3>::apply(x, d, y);
-          store_pack<uint8_t, 8>(q, ((m0 + vec_row(i)) * N + n0 + vec_col(i)) / 8, y);
+          store_pack<uint8_t, 8>(q, ((m0 + vec_row(i)) * N + n0 + col) / 8, y);
         }
       }
     }
@@ -276,9 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
     auto [dx, g_amax] =
         melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, grad_dtype,
                                      amax_history);
-    at::Tensor dB = at::mm(g.to(at::kFloat).t(), x.to(at::kFloat));
-    dB.mul_(static_cast<float>(scaling));
-    return {dx, dB.to(grad_B_dtype), g_amax};
+    return {dx, ref::lora_grad_B(g, x, scaling, grad_B_dtype), g_amax};
   }
   g = g.contiguous();
   if (pointer_alignment(g.data_ptr()) < 16) g = g.clone();  // the kernel loads 16-byte vectors
