@@ -148,16 +148,16 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     }
     if (vec_xa) {
       for (int idx = threadIdx.x; idx < kTileM * JF * 2; idx += kGradThreads) {
-        const int row = idx / (JF * 2), col = idx % (JF * 2) * 8;
-        const bool ok = m0 + row < m_end && col < r;
-        cp_async16(xb + row * Tile::kLdX + col, ok ? xa + (m0 + row) * ld_xa + col : xa,
+        const int row = idx / (JF * 2), xcol = idx % (JF * 2) * 8;
+        const bool ok = m0 + row < m_end && xcol < r;
+        cp_async16(xb + row * Tile::kLdX + xcol, ok ? xa + (m0 + row) * ld_xa + xcol : xa,
                    ok ? 16 : 0);
       }
     } else {  // a rank that is not a multiple of 8: element by element (visible after the sync)
       for (int idx = threadIdx.x; idx < kTileM * JF * 16; idx += kGradThreads) {
-        const int row = idx / (JF * 16), col = idx % (JF * 16);
-        const T value = (m0 + row < m_end && col < r) ? xa[(m0 + row) * ld_xa + col] : T(0.f);
-        *reinterpret_cast<T*>(xb + row * Tile::kLdX + col) = value;
+        const int row = idx / (JF * 16), xcol = idx % (JF * 16);
+        const T value = (m0 + row < m_end && xcol < r) ? xa[(m0 + row) * ld_xa + xcol] : T(0.f);
+        *reinterpret_cast<T*>(xb + row * Tile::kLdX + xcol) = value;
       }
     }
   };

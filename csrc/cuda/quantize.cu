@@ -521,23 +521,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_fp8(const at::Te
                                                                     const at::Tensor& amax_history) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
-  const at::Tensor history = amax_history.contiguous();
   at::Tensor q = at::empty(input.sizes(), x.options().dtype(dtype));
   at::Tensor scale = new_scale(x);
   at::Tensor amax = new_scale(x);  // zeroed by delayed_amax_kernel, then the atomicMax target
-  const auto stream = at::cuda::getCurrentCUDAStream();
   // Launched whatever the size (an empty x too): the scale depends on the history, on the device.
+  const at::Tensor partials = delayed_partials(x, amax_history, amax);
+  const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_cast(x, q, [&](auto in, auto out, auto e4m3, auto vec) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
     constexpr int VEC = decltype(vec)::value;
-    const int grid = stream_grid(x.numel() / VEC, x.device());
-    const at::Tensor partials = at::empty({grid}, x.options().dtype(at::kInt));
-    delayed_amax_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(
-        in, x.numel(), history.const_data_ptr<float>(), history.numel(), as_bits(partials),
-        as_bits(amax));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value><<<grid, kThreads, 0, stream>>>(
-        in, x.numel(), as_bits(partials), grid, out, scale.data_ptr<float>(), as_bits(amax));
+    delayed_quantize_kernel<T, VEC, decltype(e4m3)::value>
+        <<<stream_grid(x.numel() / VEC, x.device()), kThreads, 0, stream>>>(
+            in, x.numel(), as_bits(partials), static_cast<int>(partials.numel()), out,
+            scale.data_ptr<float>(), as_bits(amax));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q, scale, amax};
