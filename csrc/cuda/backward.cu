@@ -6,8 +6,8 @@
 // times. grad_quantize_product_kernel reads a (64 x 128) tile of g once and
 //   - reduces its amax (current scaling: one partial per block, for the cast pass that follows),
 //     or casts it at the delayed scale and reduces its amax (delayed scaling, the only pass);
-//   - multiplies it by the matching (64 x r) rows of xa on the tensor cores (WMMA, bf16/fp16 in,
-//     fp32 accumulation), each warp owning 16 of the tile's 128 outputs.
+//   - multiplies it by the matching (64 x r) rows of xa on the tensor cores (mma.m16n8k16 fed by
+//     ldmatrix, bf16/fp16 in, fp32 accumulation), each warp owning 16 of the tile's 128 outputs.
 // Tiles stream through shared memory with cp.async, two or three buffers deep. The grid splits M
 // so that ~2 blocks per SM stream g; each split writes its fp32 partial of dB
 // to a workspace, and grad_b_reduce_kernel sums the splits in a fixed order (deterministic, no
@@ -15,7 +15,6 @@
 // further product-only passes over g, 128 columns of xa each.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -36,7 +35,7 @@ constexpr int kPassColumns = kMaxFragments * 16;
 
 enum GradMode : int { kAmaxMode = 0, kCastMode = 1, kProductOnly = 2 };
 
-// The CUDA types of an activation dtype: one element (for WMMA) and two (for packed max).
+// The CUDA types of an activation dtype: one element (for the mma) and two (for packed max).
 template <typename T>
 struct WmmaType;
 template <>
@@ -80,6 +79,36 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// Four 8 x 8 matrices of 16-bit elements from shared memory, each transposed on the way (ldmatrix
+// .trans): lane l gives the address of row l % 8 of matrix l / 8 (16 contiguous bytes) and
+// receives, in frag[i], elements (2 (l % 4) + {0, 1}, l / 4) of matrix i as stored. That is the
+// layout mma.m16n8k16 wants for A from a column-major tile and for B from a row-major one.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&frag)[4], const void* smem_row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
+               : "r"(addr));
+}
+
+// c += a (16 x 16, row-major) b (16 x 8, column-major), 16-bit inputs, fp32 accumulation.
+template <typename W>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<W, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
 template <int JF>
 struct GradTile {
   static constexpr int kLdG = kTileN + 8;   // shared-memory row strides: multiples of 8 elements,
@@ -105,7 +134,6 @@ __global__ void __launch_bounds__(kGradThreads, 2)
                                  uint8_t* __restrict__ q, float* __restrict__ scale_out,
                                  uint32_t* __restrict__ amax_out, float* __restrict__ ws,
                                  int64_t ld_ws) {
-  namespace wmma = nvcuda::wmma;
   using W = typename WmmaType<T>::type;
   using P = Pack<T, 8>;
   using Tile = GradTile<JF>;
@@ -162,9 +190,19 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     }
   };
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[JF];
+  // The warp's products: outputs n0 + 16 warp + [0, 16) (rows of the mma) times rank columns
+  // 8 f + [0, 8) in acc[f] (mma.m16n8k16's accumulator layout).
+  float acc[2 * JF][4];
 #pragma unroll
-  for (int j = 0; j < JF; ++j) wmma::fill_fragment(acc[j], 0.f);
+  for (int f = 0; f < 2 * JF; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.f;
+  // ldmatrix row addresses (lane l: row l % 8 of matrix l / 8). A = the tile of g transposed,
+  // 16 outputs x 16 rows of g: matrices (g rows 0-7 | 8-15) x (outputs 0-7 | 8-15) in the order
+  // a0..a3 of the mma. B = 16 rows of xa x 16 rank columns: (rows 0-7, cols 0-7), (rows 8-15,
+  // cols 0-7) for the first 8 columns, then the same for columns 8-15.
+  const int lane = static_cast<int>(threadIdx.x & 31), matrix = lane >> 3, matrix_row = lane & 7;
+  const int a_offset =
+      ((matrix >> 1) * 8 + matrix_row) * Tile::kLdG + warp * 16 + (matrix & 1) * 8;
+  const int b_offset = ((matrix & 1) * 8 + matrix_row) * Tile::kLdX + (matrix >> 1) * 8;
 
   using Pair = typename WmmaType<T>::pair;
   Pair m_pair;
@@ -202,13 +240,14 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     // dB[n][j] += sum_m g[m][n] xa[m][j]: A = the tile of g transposed (column-major in gs).
 #pragma unroll
     for (int k = 0; k < kTileM / 16; ++k) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::col_major> a;
-      wmma::load_matrix_sync(a, gb + k * 16 * Tile::kLdG + warp * 16, Tile::kLdG);
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, gb + k * 16 * Tile::kLdG + a_offset);
 #pragma unroll
       for (int j = 0; j < JF; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> b;
-        wmma::load_matrix_sync(b, xb + k * 16 * Tile::kLdX + j * 16, Tile::kLdX);
-        wmma::mma_sync(acc[j], a, b, acc[j]);
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, xb + k * 16 * Tile::kLdX + j * 16 + b_offset);
+        mma_16816<W>(acc[2 * j], a, b[0], b[1]);
+        mma_16816<W>(acc[2 * j + 1], a, b[2], b[3]);
       }
     }
   }
@@ -216,9 +255,14 @@ __global__ void __launch_bounds__(kGradThreads, 2)
 
   const int64_t n_warp = n0 + warp * 16;
   if (n_warp < N) {  // N is a multiple of 16: a warp's 16 outputs are all in or all out
-    float* out = ws + (static_cast<int64_t>(blockIdx.y) * N + n_warp) * ld_ws;
+    // Lane l holds outputs l / 4 and l / 4 + 8, columns 8 f + 2 (l % 4) + {0, 1}.
+    float* out = ws + (static_cast<int64_t>(blockIdx.y) * N + n_warp + lane / 4) * ld_ws +
+                 2 * (lane % 4);
 #pragma unroll
-    for (int j = 0; j < JF; ++j) wmma::store_matrix_sync(out + j * 16, acc[j], ld_ws, wmma::mem_row_major);
+    for (int f = 0; f < 2 * JF; ++f) {
+      *reinterpret_cast<float2*>(out + 8 * f) = make_float2(acc[f][0], acc[f][1]);
+      *reinterpret_cast<float2*>(out + 8 * ld_ws + 8 * f) = make_float2(acc[f][2], acc[f][3]);
+    }
   }
   if (mode != kProductOnly) {
     const uint32_t m_abs = block_max(pair_abs_bits(m_pair));
