@@ -160,6 +160,8 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   const int col = static_cast<int>(threadIdx.x % (kTileN / 8)) * 8;
   const int row0 = static_cast<int>(threadIdx.x / (kTileN / 8));
   const bool col_ok = n0 + col < N;
+  // Offset in q (and g) of this thread's first vector in the tile at row m0 = m_begin.
+  const int64_t thread_offset = (m_begin + row0) * N + n0 + col;
   auto vec_row = [&](int i) { return row0 + kRowStep * i; };
   auto in_range = [&](int64_t m0, int i) { return col_ok && m0 + vec_row(i) < m_end; };
   // Starts the copies of tile t into buffer t % stages; zeros outside g and xa (they add nothing
@@ -224,16 +226,15 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     const W* xb = xs + (t % stages) * Tile::kXElems;
     if (mode != kProductOnly) {
       const int64_t m0 = m_begin + t * kTileM;
+      uint8_t* q_tile = q + thread_offset + t * kTileM * N;
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const P v = *reinterpret_cast<const P*>(gb + vec_row(i) * Tile::kLdG + col);
         m_pair = pack_abs_max<T>(m_pair, v);  // (zeros outside g)
         if (mode == kCastMode && in_range(m0, i)) {
           float x[8];
-          uint8_t y[8];
           pack_to_floats(v, x);
-          CastOp<kE4M3>::apply(x, d, y);
-          store_pack<uint8_t, 8>(q, ((m0 + vec_row(i)) * N + n0 + col) / 8, y);
+          *reinterpret_cast<uint2*>(q_tile + i * kRowStep * N) = cast8_to_fp8<kE4M3>(x, d);
         }
       }
     }

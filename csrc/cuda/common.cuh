@@ -200,23 +200,17 @@ struct Fp8Format {
   static constexpr __nv_fp8_interpretation_t kKind = kE4M3 ? __NV_E4M3 : __NV_E5M2;
 };
 
-// clamp(v, -fmax, fmax) that keeps NaN (the reference's at::clamp does).
-template <bool kE4M3>
-__device__ __forceinline__ float clamp_fp8(float v) {
-  constexpr float fmax = Fp8Format<kE4M3>::kMax;
-  return v > fmax ? fmax : (v < -fmax ? -fmax : v);
-}
-
+// v cast to FP8, rounded to nearest even; __NV_SATFINITE saturates whatever lies beyond +-fmax
+// (+-Inf included) to +-fmax and keeps NaN a NaN: the reference's clamp-then-cast.
 template <bool kE4M3>
 __device__ __forceinline__ uint8_t float_to_fp8(float v) {
-  return __nv_cvt_float_to_fp8(clamp_fp8<kE4M3>(v), __NV_SATFINITE, Fp8Format<kE4M3>::kKind);
+  return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, Fp8Format<kE4M3>::kKind);
 }
 
 // Two values with one cvt instruction; a in the low byte.
 template <bool kE4M3>
 __device__ __forceinline__ uint16_t float2_to_fp8x2(float a, float b) {
-  return __nv_cvt_float2_to_fp8x2(make_float2(clamp_fp8<kE4M3>(a), clamp_fp8<kE4M3>(b)),
-                                  __NV_SATFINITE, Fp8Format<kE4M3>::kKind);
+  return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, Fp8Format<kE4M3>::kKind);
 }
 
 __device__ __forceinline__ float fp8_to_float(uint8_t b, __nv_fp8_interpretation_t kind) {
@@ -256,6 +250,20 @@ struct CastOp {
     if (V & 1) y[V - 1] = float_to_fp8<kE4M3>(d.div(x[V - 1]));
   }
 };
+
+// CastOp for the 8 values of a vector, returned as two 32-bit words (x[0] in the lowest byte):
+// one byte permute per word where CastOp's byte array costs a dozen moves and shifts.
+template <bool kE4M3>
+__device__ __forceinline__ uint2 cast8_to_fp8(const float (&x)[8], const Reciprocal& d) {
+  uint32_t w[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t lo = float2_to_fp8x2<kE4M3>(d.div(x[4 * h]), d.div(x[4 * h + 1]));
+    const uint32_t hi = float2_to_fp8x2<kE4M3>(d.div(x[4 * h + 2]), d.div(x[4 * h + 3]));
+    w[h] = __byte_perm(lo, hi, 0x5410);
+  }
+  return make_uint2(w[0], w[1]);
+}
 
 // The reference's quantization_error: x - float(fp8_e4m3(x / s)) * s, product and difference
 // rounded separately.
