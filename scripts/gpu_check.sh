@@ -137,7 +137,7 @@ stage_sanitizer() {
     echo "-- memcheck, every op"
     "$cs" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_ops.py &&
     echo "-- racecheck, the kernels that share memory between threads: quantise, the fused" \
-      "backward (cp.async buffers, WMMA) and top-k" &&
+      "backward (cp.async buffers, ldmatrix) and top-k" &&
     "$cs" --tool racecheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_ops.py \
       --ops quantize,backward,topk
   } >"$OUT/sanitizer.log" 2>&1
