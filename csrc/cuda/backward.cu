@@ -35,16 +35,16 @@ constexpr int kPassColumns = kMaxFragments * 16;
 
 enum GradMode : int { kAmaxMode = 0, kCastMode = 1, kProductOnly = 2 };
 
-// The CUDA types of an activation dtype: one element (for the mma) and two (for packed max).
+// The CUDA types of a 16-bit activation dtype: one element (for the mma) and two (packed max).
 template <typename T>
-struct WmmaType;
+struct HalfTypes;
 template <>
-struct WmmaType<at::BFloat16> {
+struct HalfTypes<at::BFloat16> {
   using type = __nv_bfloat16;
   using pair = __nv_bfloat162;
 };
 template <>
-struct WmmaType<at::Half> {
+struct HalfTypes<at::Half> {
   using type = __half;
   using pair = __half2;
 };
@@ -52,9 +52,9 @@ struct WmmaType<at::Half> {
 // max(m, |v|) for the 8 values of a vector, two per instruction, NaN-propagating (so that a NaN
 // in g reaches the amax, as abs_bits orders it in the reference).
 template <typename T>
-__device__ __forceinline__ typename WmmaType<T>::pair pack_abs_max(typename WmmaType<T>::pair m,
-                                                                  const Pack<T, 8>& v) {
-  using Pair = typename WmmaType<T>::pair;
+__device__ __forceinline__ typename HalfTypes<T>::pair pack_abs_max(typename HalfTypes<T>::pair m,
+                                                                    const Pack<T, 8>& v) {
+  using Pair = typename HalfTypes<T>::pair;
   const Pair* p = reinterpret_cast<const Pair*>(&v);
 #pragma unroll
   for (int k = 0; k < 4; ++k) m = __hmax2_nan(m, __habs2(p[k]));
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kGradThreads, 2)
                                  uint8_t* __restrict__ q, float* __restrict__ scale_out,
                                  uint32_t* __restrict__ amax_out, float* __restrict__ ws,
                                  int64_t ld_ws) {
-  using W = typename WmmaType<T>::type;
+  using W = typename HalfTypes<T>::type;
   using P = Pack<T, 8>;
   using Tile = GradTile<JF>;
   extern __shared__ __align__(128) unsigned char grad_smem[];
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kGradThreads, 2)
       ((matrix >> 1) * 8 + matrix_row) * Tile::kLdG + warp * 16 + (matrix & 1) * 8;
   const int b_offset = ((matrix & 1) * 8 + matrix_row) * Tile::kLdX + (matrix >> 1) * 8;
 
-  using Pair = typename WmmaType<T>::pair;
+  using Pair = typename HalfTypes<T>::pair;
   Pair m_pair;
   *reinterpret_cast<uint32_t*>(&m_pair) = 0u;  // +0, +0
   for (int s = 0; s < stages - 1; ++s) {
