@@ -45,7 +45,11 @@ FINAL_DIR = "final"
 FINGERPRINT = ("model", "data", "rank", "alpha", "topk", "warmup_topk", "warmup_steps",
                "keep_residual", "target_modules", "exclude_modules", "lr", "lr_warmup_steps",
                "schedule", "weight_decay", "steps", "batch_size", "grad_accum", "seq_len",
-               "template", "eval_size", "max_grad_norm", "seed", "dtype")
+               "template", "eval_size", "max_grad_norm", "seed", "dtype", "amax_history_len",
+               "transposed_copy")
+# Fingerprint options added after the first release: a run.json without them was made with
+# these values.
+LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False}
 
 
 def _positive(kind=int, minimum=1):
@@ -101,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps that fold --warmup-topk rows (default: 0)")
     g.add_argument("--keep-residual", action="store_true",
                    help="keep B's unapplied rows (default: zero B after each step)")
+    g.add_argument("--amax-history-len", type=_positive(int, 0), default=0, metavar="H",
+                   help="0 (default): current scaling, the paper's method; H > 0: delayed "
+                        "scaling from the largest amax of the last H calls (one pass over each "
+                        "activation and gradient instead of two)")
+    g.add_argument("--transposed-copy", action="store_true",
+                   help="keep a transposed FP8 copy of each weight for the input gradient "
+                        "(a faster backward for twice the FP8 weight memory)")
     g.add_argument("--target-modules", type=_names, default=None, metavar="NAMES",
                    help="comma-separated layer names to meld (default: every linear layer)")
     g.add_argument("--exclude-modules", type=_names, default=["lm_head"], metavar="NAMES",
@@ -343,9 +354,12 @@ def check_output_dir(out: pathlib.Path, resume: str | None) -> dict | None:
 
 def _compare_run(run: dict, opts: dict, out: pathlib.Path) -> None:
     before = run.get("options", {})
-    differ = [k for k in FINGERPRINT if before.get(k) != _jsonable(opts.get(k))]
+    def was(k):
+        return before.get(k, LATER_OPTION_DEFAULTS.get(k))
+
+    differ = [k for k in FINGERPRINT if was(k) != _jsonable(opts.get(k))]
     if differ:
-        detail = ", ".join(f"{k}: {before.get(k)!r} -> {_jsonable(opts.get(k))!r}"
+        detail = ", ".join(f"{k}: {was(k)!r} -> {_jsonable(opts.get(k))!r}"
                            for k in differ[:4])
         raise FalqonError(f"output directory {out} holds a different run ({detail}); resume it "
                           f"with its own options or choose another --output-dir")
@@ -551,7 +565,8 @@ def cmd_finetune(args) -> int:
             rank=args.rank, alpha=args.alpha, topk=args.topk, warmup_topk=args.warmup_topk,
             warmup_steps=args.warmup_steps, keep_residual=args.keep_residual,
             target_modules=args.target_modules, exclude_modules=args.exclude_modules,
-            seed=args.seed)
+            seed=args.seed, transposed_copy=args.transposed_copy,
+            amax_history_len=args.amax_history_len)
         try:
             meld(model, cfg, progress=not args.no_progress, verbose=True)
         except ValueError as exc:

@@ -2,6 +2,7 @@
 bench, info, and a one-line error that leaves files intact for each kind of bad input."""
 
 import json
+import pathlib
 import subprocess
 import sys
 import types
@@ -65,11 +66,15 @@ def test_finetune_end_to_end(inputs, tmp_path, capsys):
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
 
 
-def test_resume_is_bit_exact(inputs, tmp_path):
-    """Stop after step 3 and resume == 6 steps straight: weights, B and losses, bit for bit."""
+@pytest.mark.parametrize("variant", [["--keep-residual"],
+                                     ["--amax-history-len", "4", "--transposed-copy"]],
+                         ids=["keep_residual", "delayed_scaling_transposed_copy"])
+def test_resume_is_bit_exact(inputs, tmp_path, variant):
+    """Stop after step 3 and resume == 6 steps straight: weights, B and losses, bit for bit (with
+    delayed scaling: the amax histories too)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     opts = ["--steps", "6", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "2",
-            "--keep-residual"]
+            *variant]
     assert finetune(inputs, straight, *opts) == 0
     assert finetune(inputs, resumed, *opts, "--stop-after", "3") == 0
     assert not (resumed / "final").exists()
@@ -88,6 +93,27 @@ def test_resume_is_bit_exact(inputs, tmp_path):
                 (run / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(straight) == losses(resumed)
+    config = json.loads((resumed / "final" / "falqon_config.json").read_text())["config"]
+    delayed = "--amax-history-len" in variant
+    assert config["amax_history_len"] == (4 if delayed else 0)
+    assert config["transposed_copy"] == delayed
+    assert any(key.endswith(".amax_history") for key in a) == delayed
+
+
+def test_runs_saved_before_later_options_resume_with_their_defaults():
+    """A run.json (and its checkpoints) written before --amax-history-len and --transposed-copy
+    existed holds neither: it is the run with their defaults, and a resume that sets them
+    otherwise is refused like any other changed option."""
+    from falqon.cli import FINGERPRINT, LATER_OPTION_DEFAULTS, _compare_run
+    from falqon.config import FalqonError
+
+    opts = {**{k: 1 for k in FINGERPRINT}, **LATER_OPTION_DEFAULTS}
+    old_run = {"options": {k: v for k, v in opts.items() if k not in LATER_OPTION_DEFAULTS}}
+    _compare_run(old_run, opts, pathlib.Path("run"))
+    with pytest.raises(FalqonError, match=r"amax_history_len: 0 -> 16"):
+        _compare_run(old_run, {**opts, "amax_history_len": 16}, pathlib.Path("run"))
+    with pytest.raises(FalqonError, match=r"transposed_copy: False -> True"):
+        _compare_run(old_run, {**opts, "transposed_copy": True}, pathlib.Path("run"))
 
 
 def test_finetune_from_a_model_directory(inputs, tmp_path, capsys):
