@@ -2,6 +2,8 @@
 // with the same message whatever the device.
 #include "falqon.h"
 
+#include <limits>
+
 namespace falqon {
 
 namespace {
@@ -15,6 +17,13 @@ bool is_activation_dtype(at::ScalarType t) {
 void check_same_device(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
   FALQON_CHECK(t.device() == ref.device(), "falqon.", op, ": ", name, " is on ", t.device(),
               " but the weight is on ", ref.device());
+}
+
+void check_lora_B(const char* op, const at::Tensor& lora_B) {
+  FALQON_CHECK(lora_B.dim() == 2 && lora_B.size(1) >= 1,
+              "falqon.", op, ": lora_B must be (out_features, rank), got ", lora_B.sizes());
+  FALQON_CHECK(is_activation_dtype(lora_B.scalar_type()), "falqon.", op,
+              ": lora_B must be float32, float16 or bfloat16, got ", lora_B.scalar_type());
 }
 
 }  // namespace
@@ -64,7 +73,7 @@ void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale
 }
 
 void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t rank,
-                         const std::optional<at::Tensor>& weight_t) {
+                         const std::optional<at::Tensor>& weight_t, bool adapter) {
   FALQON_CHECK(weight.dim() == 2, "falqon: the melded weight must be 2-D, got ", weight.dim(), "-D");
   FALQON_CHECK(weight.scalar_type() == at::kFloat8_e4m3fn,
               "falqon: the melded weight must be torch.float8_e4m3fn, got ", weight.scalar_type());
@@ -86,11 +95,14 @@ void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t
   }
   if (weight_t.has_value()) {
     const auto& wt = *weight_t;
+    // The adapter mode's dgrad runs over every row of W' ([W; A; 0]), the proxy mode's over W's.
+    const int64_t cols = adapter ? weight.size(0) : out_features;
     FALQON_CHECK(wt.scalar_type() == at::kFloat8_e4m3fn && wt.dim() == 2 && wt.size(0) == K &&
-                    wt.size(1) == out_features && wt.is_contiguous(),
-                "falqon: weight_t must be the contiguous (in_features, out_features) = (", K, ", ",
-                out_features, ") float8_e4m3fn transpose of the weight rows, got ", wt.sizes(), " ",
-                wt.scalar_type());
+                    wt.size(1) == cols && wt.is_contiguous(),
+                "falqon: weight_t must be the contiguous (", K, ", ", cols,
+                ") float8_e4m3fn transpose of ",
+                adapter ? "every row of the melded weight (adapter mode)" : "the weight rows",
+                ", got ", wt.sizes(), " ", wt.scalar_type());
     check_same_device("melded_linear", weight, wt, "weight_t");
   }
 }
@@ -98,11 +110,9 @@ void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t
 void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
                               const at::Tensor& weight_scale, const at::Tensor& lora_B,
                               const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& weight_t) {
-  FALQON_CHECK(lora_B.dim() == 2 && lora_B.size(1) >= 1,
-              "falqon.melded_linear: lora_B must be (out_features, rank), got ", lora_B.sizes());
-  FALQON_CHECK(lora_B.is_floating_point(), "falqon.melded_linear: lora_B must be floating point");
-  check_melded_weight(weight, lora_B.size(0), lora_B.size(1), weight_t);
+                              const std::optional<at::Tensor>& weight_t, bool adapter) {
+  check_lora_B("melded_linear", lora_B);
+  check_melded_weight(weight, lora_B.size(0), lora_B.size(1), weight_t, adapter);
   check_weight_scale(weight, weight_scale);
   FALQON_CHECK(is_activation_dtype(input.scalar_type()),
               "falqon.melded_linear: input must be float32, float16 or bfloat16, got ",
@@ -122,13 +132,21 @@ void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
 
 void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
                            const at::Tensor& weight_scale, int64_t out_features,
-                           const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype) {
+                           const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
+                           const std::optional<at::Tensor>& lora_B) {
   FALQON_CHECK(is_fp8(grad_dtype), "falqon.melded_linear_grad_input: grad_dtype must be an FP8 "
               "dtype, got ", grad_dtype);
   FALQON_CHECK(is_activation_dtype(grad_output.scalar_type()),
               "falqon.melded_linear_grad_input: grad_output must be float32, float16 or bfloat16, "
               "got ", grad_output.scalar_type());
-  check_melded_weight(weight, out_features, /*rank=*/-1, weight_t);
+  if (lora_B.has_value()) {
+    check_lora_B("melded_linear_grad_input", *lora_B);
+    FALQON_CHECK(lora_B->size(0) == out_features, "falqon.melded_linear_grad_input: lora_B has ",
+                lora_B->size(0), " rows but the gradient has ", out_features, " features");
+    check_same_device("melded_linear_grad_input", weight, *lora_B, "lora_B");
+  }
+  check_melded_weight(weight, out_features, lora_B.has_value() ? lora_B->size(1) : -1, weight_t,
+                      lora_B.has_value());
   check_weight_scale(weight, weight_scale);
   check_same_device("melded_linear_grad_input", weight, grad_output, "grad_output");
 }
@@ -148,9 +166,12 @@ void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& am
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& xa,
                          const at::Tensor& weight, const at::Tensor& weight_scale,
                          const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-                         at::ScalarType grad_B_dtype) {
+                         at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B) {
   const int64_t N = grad_output.dim() ? grad_output.size(-1) : 0;
-  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, grad_dtype);
+  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, grad_dtype, lora_B);
+  FALQON_CHECK(!lora_B.has_value() || lora_B->size(1) == (xa.dim() ? xa.size(-1) : 0),
+              "falqon.melded_linear_backward: lora_B has rank ", lora_B.has_value() ? lora_B->size(1) : 0,
+              " but xa has ", xa.dim() ? xa.size(-1) : 0, " columns");
   FALQON_CHECK(xa.dim() >= 1 && xa.size(-1) >= 1 && xa.scalar_type() == grad_output.scalar_type(),
               "falqon.melded_linear_backward: xa must hold the rank's columns last, in the "
               "gradient's dtype ", grad_output.scalar_type(), ", got ", xa.sizes(), " ",
@@ -159,13 +180,16 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& xa,
   FALQON_CHECK(xa.numel() == M * xa.size(-1), "falqon.melded_linear_backward: xa has ",
               xa.numel() / xa.size(-1), " rows, the gradient ", M);
   check_same_device("melded_linear_backward", weight, xa, "xa");
-  check_melded_weight(weight, N, xa.size(-1), weight_t);
+  check_melded_weight(weight, N, xa.size(-1), weight_t, lora_B.has_value());
   FALQON_CHECK(is_activation_dtype(grad_B_dtype), "falqon.melded_linear_backward: grad_B_dtype "
               "must be float32, float16 or bfloat16, got ", grad_B_dtype);
 }
 
 void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::string& svd,
-                          int64_t oversample, int64_t power_iters) {
+                          int64_t oversample, int64_t power_iters, double adapter_row_norm) {
+  FALQON_CHECK(adapter_row_norm >= 0 && adapter_row_norm < std::numeric_limits<double>::infinity(),
+              "falqon.meld_init: adapter_row_norm must be a finite number >= 0 (0: A as the SVD "
+              "gives it)");
   FALQON_CHECK(weight.dim() == 2, "falqon.meld_init: weight must be 2-D (out_features, "
               "in_features), got ", weight.dim(), "-D");
   FALQON_CHECK(is_activation_dtype(weight.scalar_type()),

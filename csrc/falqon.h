@@ -7,6 +7,13 @@
 //   rows [N + r, N + r16)  zeros, r16 = r rounded up to a multiple of 16, so that the FP8 GEMM's
 //                          row count and its bf16 output's leading dimension stay 16-aligned
 //                          (cuBLASLt's FP8 kernels need 16-byte aligned leading dimensions).
+//
+// Two update modes share that layout (DESIGN.md, "the exact adapter mode"):
+//   proxy    the paper's: B never enters the forward, y = x W^T; dx = g W; a top-k row update
+//            folds B A into W after each optimizer step.
+//   adapter  B is a real LoRA-FA adapter in the forward, y = x W^T + scaling (x A^T) B^T, and
+//            dx = g W + scaling (g B) A, the latter from one FP8 GEMM over all rows of W' with
+//            the operand [g | scaling g B | 0]; W' never changes during training.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -84,16 +91,20 @@ void check_amax_history(const char* op, const at::Tensor& input, const at::Tenso
 void check_layer_amax_history(const at::Tensor& input,
                               const std::optional<at::Tensor>& amax_history);
 // A melded weight for `out_features` outputs and rank `rank` (rank < 0: any padded rank).
+// weight_t: the transposed copy, (in_features, out_features) of the weight rows, or in the
+// adapter mode (in_features, rows) of every row (the dgrad GEMM runs over A's rows too).
 void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t rank,
-                         const std::optional<at::Tensor>& weight_t);
+                         const std::optional<at::Tensor>& weight_t, bool adapter = false);
 void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale);
 void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
                               const at::Tensor& weight_scale, const at::Tensor& lora_B,
                               const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& weight_t);
+                              const std::optional<at::Tensor>& weight_t, bool adapter);
+// lora_B: the adapter mode's B (out_features, rank), which fixes the weight's row count.
 void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
                            const at::Tensor& weight_scale, int64_t out_features,
-                           const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype);
+                           const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
+                           const std::optional<at::Tensor>& lora_B);
 // record_amax_: a 1-D contiguous float32 history of at least one value and one float32 amax on
 // its device.
 void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& amax);
@@ -102,9 +113,9 @@ void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& am
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& xa,
                          const at::Tensor& weight, const at::Tensor& weight_scale,
                          const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-                         at::ScalarType grad_B_dtype);
+                         at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B);
 void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::string& svd,
-                          int64_t oversample, int64_t power_iters);
+                          int64_t oversample, int64_t power_iters, double adapter_row_norm);
 void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
                             const std::optional<at::Tensor>& weight_t, int64_t k);
 
@@ -127,19 +138,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor
 
 // Returns (y, xa, amax of x): y = x W^T * s_x * s + b as a view of the (..., N + r16) product
 // (row stride N + r16), xa = x A^T (contiguous). With amax_history (2, H), x's scale is the
-// delayed one of row 0 (quantize_delayed).
+// delayed one of row 0 (quantize_delayed). adapter: y = adapter_output(that y, xa, lora_B,
+// scaling), a new contiguous tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& weight_t, double scaling,
-    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history);
+    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
+    bool adapter);
+
+// The adapter mode's output for 2-D y_base (M, N) (any strides) and xa (M, r), in y_base's dtype
+// T, contiguous: T(fp32(y_base) + scaling * (fp32(xa) @ fp32(T(lora_B))^T)), the products and
+// their sum in fp32 (exact products of 16-bit values), B rounded to T first (PEFT's autocast
+// does the same), one rounding at the end.
+at::Tensor adapter_output(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& lora_B,
+                          double scaling);
+
+// The adapter mode's dgrad operand for 2-D g (M, N): [fp32(g) | u | 0] as an fp32 (M, rows)
+// tensor, u = fp32 product fp32(g) @ fp32(T(lora_B)) (T = g's dtype) times scaling, rounded
+// once to fp32; columns [N + r, rows) zero.
+at::Tensor adapter_grad_operand(const at::Tensor& g, const at::Tensor& lora_B, double scaling,
+                                int64_t rows);
 
 // (dx, amax of g): dx = fp8(g) W_q * s_g * s, W_q = rows [0, N) of the melded weight. With
 // amax_history (the gradient's H values), g's scale is the delayed one (quantize_delayed).
+// lora_B (the adapter mode): dx = fp8(G) W'_q * s_G * s over every row of the melded weight with
+// G = adapter_grad_operand(g, lora_B, scaling), quantised as one tensor (one scale; the amax
+// returned and recorded is G's).
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
-    const std::optional<at::Tensor>& amax_history);
+    const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
+    double scaling);
 
 // Records amax as the newest value of a 1-D history, in place: history = [amax, history[:-1]].
 void record_amax_(at::Tensor& amax_history, const at::Tensor& amax);
@@ -147,11 +177,12 @@ void record_amax_(at::Tensor& amax_history, const at::Tensor& amax);
 // The layer's backward for both gradients, (dx, dB, amax of g): dx as melded_linear_grad_input,
 // dB = fp32(g^T xa) * scaling (fp32 products and sums, the scaling multiplied once in fp32) rounded
 // once to grad_B_dtype (None: xa's dtype). amax_history: the gradient's H values, as there.
+// lora_B: the adapter mode, dx as melded_linear_grad_input's with lora_B.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
     const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
-    std::optional<at::ScalarType> grad_B_dtype);
+    std::optional<at::ScalarType> grad_B_dtype, const std::optional<at::Tensor>& lora_B);
 
 // dB = scaling * g^T xa for 2-D g (M, N) and xa (M, r): fp32 products and sums, the scaling
 // multiplied once in fp32, one rounding to `dtype` (the numerics melded_linear_backward defines).
@@ -170,12 +201,19 @@ at::Tensor svd_sketch(int64_t cols, int64_t width, int64_t seed, const at::Devic
 at::Tensor low_rank_factor(const at::Tensor& error, int64_t rank, const std::string& svd,
                            int64_t oversample, int64_t power_iters, int64_t seed);
 
+// The adapter mode's A: A times one factor, min(row_norm / rms_row_norm(A), amax(W) / amax(A)),
+// so that A's rows have the root-mean-square norm a LoRA A has (row_norm) without raising the
+// scale that W' shares with W (A's amax stays at most W's). row_norm <= 0: A unchanged.
+at::Tensor scale_adapter(const at::Tensor& A, const at::Tensor& weight_amax, double row_norm);
+
 // Quantises [W ; A ; 0] with one scale.
 std::tuple<at::Tensor, at::Tensor> stack_and_quantize(const at::Tensor& weight, const at::Tensor& A);
 
+// adapter_row_norm > 0: A = scale_adapter(A, amax(W), adapter_row_norm) before it is stacked.
 std::tuple<at::Tensor, at::Tensor> meld_init(const at::Tensor& weight, int64_t rank,
                                              const std::string& svd, int64_t oversample,
-                                             int64_t power_iters, int64_t seed);
+                                             int64_t power_iters, int64_t seed,
+                                             double adapter_row_norm);
 
 void topk_update_(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
                   int64_t k, double scaling, bool keep_residual);

@@ -52,35 +52,42 @@ TORCH_LIBRARY(falqon, m) {
   m.def("quantize_delayed(Tensor input, ScalarType dtype, Tensor amax_history) -> "
         "(Tensor, Tensor, Tensor)");
   // The melded layer's forward: (y, xa, amax of x) from one FP8 product against W' = [W; A; 0].
-  // y is a view of the (..., N + r16) product with row stride N + r16; xa = x A^T is kept for
-  // backward. lora_B only receives a gradient (it never enters the forward); scaling and
-  // grad_dtype are the backward's. amax_history (2, H), read only: delayed scaling of x (row 0)
-  // and of the gradient in backward (row 1); None: current scaling.
+  // xa = x A^T is kept for backward. amax_history (2, H), read only: delayed scaling of x (row 0)
+  // and of the gradient in backward (row 1); None: current scaling. grad_dtype is the backward's.
+  // adapter=False (the proxy mode): y is a view of the (..., N + r16) product with row stride
+  // N + r16; lora_B only receives a gradient (it never enters the forward).
+  // adapter=True: y = that + scaling * xa B^T, contiguous (B rounded to the activation dtype,
+  // fp32 sums, one rounding); weight_t, if given, is the transpose of every row of W'.
   m.def(
       "melded_linear(Tensor input, Tensor weight, Tensor weight_scale, Tensor lora_B, "
       "Tensor? bias=None, Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None, "
-      "Tensor? amax_history=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? amax_history=None, bool adapter=False) -> (Tensor, Tensor, Tensor)");
   // (dx, amax of g): dx = fp8(g) W_q * s_g * s through rows [0, N) of the melded weight (or its
   // transposed copy); amax_history (the gradient's H values): delayed scaling of g.
+  // lora_B (the adapter mode): dx = fp8(G) W'_q * s_G * s over every row of W' with the operand
+  // G = [g | scaling g B | 0] quantised as one tensor.
   m.def(
       "melded_linear_grad_input(Tensor grad_output, Tensor weight, Tensor weight_scale, "
-      "Tensor? weight_t=None, ScalarType? grad_dtype=None, Tensor? amax_history=None) -> "
-      "(Tensor, Tensor)");
+      "Tensor? weight_t=None, ScalarType? grad_dtype=None, Tensor? amax_history=None, "
+      "Tensor? lora_B=None, float scaling=1.0) -> (Tensor, Tensor)");
   // Delayed scaling's bookkeeping: amax becomes the newest value (index 0) of a 1-D float32
   // history, the oldest value dropped, in place and on the device.
   m.def("record_amax_(Tensor(a!) amax_history, Tensor amax) -> ()");
   // Both gradients of the layer, (dx, dB, amax of g), reading g once for its quantisation and
-  // for dB = scaling * g^T xa (fp32 sums, rounded once to grad_B_dtype; None: xa's dtype). dx and
-  // amax_history as in melded_linear_grad_input. melded_linear's autograd uses it when both
-  // gradients are wanted.
+  // for dB = scaling * g^T xa (fp32 sums, rounded once to grad_B_dtype; None: xa's dtype). dx,
+  // amax_history and lora_B (the adapter mode) as in melded_linear_grad_input. melded_linear's
+  // autograd uses it when both gradients are wanted.
   m.def(
       "melded_linear_backward(Tensor grad_output, Tensor xa, Tensor weight, Tensor weight_scale, "
       "Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None, "
-      "Tensor? amax_history=None, ScalarType? grad_B_dtype=None) -> (Tensor, Tensor, Tensor)");
-  // (W'_q, s) for a high-precision weight: A from the rank-r SVD of W's FP8 quantisation error.
+      "Tensor? amax_history=None, ScalarType? grad_B_dtype=None, Tensor? lora_B=None) -> "
+      "(Tensor, Tensor, Tensor)");
+  // (W'_q, s) for a high-precision weight: A from the rank-r SVD of W's FP8 quantisation error;
+  // adapter_row_norm > 0 rescales A (one factor) to that root-mean-square row norm, capped so
+  // that A's amax stays at most W's (the adapter mode: a LoRA-sized A).
   m.def(
       "meld_init(Tensor weight, int rank, str svd=\"randomized\", int oversample=16, "
-      "int power_iters=4, int seed=0) -> (Tensor, Tensor)");
+      "int power_iters=4, int seed=0, float adapter_row_norm=0.0) -> (Tensor, Tensor)");
   // The proxy update: the k rows of lora_B with the largest L1 norm are added into the FP8
   // weight, W'[T] = fp8(W'[T] + scaling B[T] A_q) in the scaled domain, saturating; then lora_B is
   // zeroed (keep_residual=False, the published policy) or only its applied rows are.

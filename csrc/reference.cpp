@@ -97,9 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& weight_t, double /*scaling: backward only*/,
-    std::optional<at::ScalarType> /*grad_dtype*/, const std::optional<at::Tensor>& amax_history) {
-  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t);
+    const std::optional<at::Tensor>& weight_t, double scaling,
+    std::optional<at::ScalarType> /*grad_dtype*/, const std::optional<at::Tensor>& amax_history,
+    bool adapter) {
+  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter);
   check_layer_amax_history(input, amax_history);
   const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
   const at::Tensor x = input.reshape({-1, K});
@@ -110,25 +111,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
   at::Tensor acc = at::mm(xq.to(at::kFloat), weight.to(at::kFloat).t());
   acc.mul_(sx * weight_scale.reshape({}));
   if (bias.has_value()) acc.narrow(1, 0, N).add_(bias->to(at::kFloat));
-  at::Tensor out = acc.to(input.scalar_type()).view(with_last(leading_dims(input), rows));
+  at::Tensor out = acc.to(input.scalar_type());
+  if (adapter) {
+    const at::Tensor xa = out.narrow(1, N, r);
+    const at::Tensor y = adapter_output(out.narrow(1, 0, N), xa, lora_B, scaling);
+    return {y.view(with_last(leading_dims(input), N)),
+            xa.contiguous().view(with_last(leading_dims(input), r)), x_amax};
+  }
+  out = out.view(with_last(leading_dims(input), rows));
   return {out.narrow(-1, 0, N), out.narrow(-1, N, r).contiguous(), x_amax};
+}
+
+at::Tensor adapter_output(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& lora_B,
+                          double scaling) {
+  const at::ScalarType dtype = y_base.scalar_type();
+  const at::Tensor b = lora_B.to(dtype).to(at::kFloat);
+  return at::addmm(y_base.to(at::kFloat), xa.to(at::kFloat), b.t(), /*beta=*/1, /*alpha=*/scaling)
+      .to(dtype);
+}
+
+at::Tensor adapter_grad_operand(const at::Tensor& g, const at::Tensor& lora_B, double scaling,
+                                int64_t rows) {
+  const int64_t M = g.size(0), N = g.size(1), r = lora_B.size(1);
+  const at::Tensor gf = g.to(at::kFloat);
+  at::Tensor u = at::mm(gf, lora_B.to(g.scalar_type()).to(at::kFloat));
+  u.mul_(static_cast<float>(scaling));
+  return at::cat({gf, u, at::zeros({M, rows - N - r}, gf.options())}, 1);
 }
 
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
-    const std::optional<at::Tensor>& amax_history) {
+    const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
+    double scaling) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   const int64_t N = grad_output.dim() ? grad_output.size(-1) : 0;
-  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, gdt);
+  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, gdt, lora_B);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_grad_input", grad_output, *amax_history);
   }
   const int64_t K = weight.size(1);
-  const at::Tensor g = grad_output.reshape({-1, N});
+  at::Tensor g = grad_output.reshape({-1, N});
+  // The adapter mode: one operand [g | scaling g B | 0] against every row of W'.
+  if (lora_B.has_value()) g = adapter_grad_operand(g, *lora_B, scaling, weight.size(0));
   auto [gq, sg, g_amax] = amax_history.has_value() ? quantize_delayed(g, gdt, *amax_history)
                                                    : quantize_with_amax(g, gdt);
-  const at::Tensor w = weight_t.has_value() ? weight_t->t() : weight.narrow(0, 0, N);
+  const at::Tensor w = weight_t.has_value() ? weight_t->t() : weight.narrow(0, 0, g.size(1));
   at::Tensor dx = at::mm(gq.to(at::kFloat), w.to(at::kFloat));
   dx.mul_(sg * weight_scale.reshape({}));
   return {dx.to(grad_output.scalar_type()).view(with_last(leading_dims(grad_output), K)), g_amax};
@@ -144,10 +172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
     const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
-    std::optional<at::ScalarType> grad_B_dtype) {
+    std::optional<at::ScalarType> grad_B_dtype, const std::optional<at::Tensor>& lora_B) {
   const at::ScalarType bdt = grad_B_dtype.value_or(xa.scalar_type());
   check_backward_args(grad_output, xa, weight, weight_scale, weight_t,
-                      grad_dtype_or_default(grad_dtype), bdt);
+                      grad_dtype_or_default(grad_dtype), bdt, lora_B);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_backward", grad_output, *amax_history);
   }
@@ -159,9 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, std::optional<at::ScalarType>,
-              const std::optional<at::Tensor>&)>();
-  auto [dx, g_amax] =
-      grad_input_op.call(grad_output, weight, weight_scale, weight_t, grad_dtype, amax_history);
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double)>();
+  auto [dx, g_amax] = grad_input_op.call(grad_output, weight, weight_scale, weight_t, grad_dtype,
+                                         amax_history, lora_B, scaling);
   const int64_t N = grad_output.size(-1), r = xa.size(-1);
   return {dx, lora_grad_B(grad_output.reshape({-1, N}), xa.reshape({-1, r}), scaling, bdt), g_amax};
 }
@@ -220,12 +248,28 @@ std::tuple<at::Tensor, at::Tensor> stack_and_quantize(const at::Tensor& weight, 
   return quantize(at::cat({weight.to(at::kFloat), A.to(at::kFloat), pad}, 0), at::kFloat8_e4m3fn);
 }
 
+at::Tensor scale_adapter(const at::Tensor& A, const at::Tensor& weight_amax, double row_norm) {
+  if (row_norm <= 0) return A;
+  const at::Tensor a = A.to(at::kFloat);
+  const at::Tensor rms = a.square().sum(1).mean().sqrt();
+  const at::Tensor a_amax = a.abs().amax();
+  // Both limits as fp32 device scalars; a zero A (a weight FP8 represents exactly) stays zero.
+  at::Tensor factor = at::minimum(at::scalar_tensor(row_norm, rms.options()) / rms,
+                                  weight_amax.to(at::kFloat).reshape({}) / a_amax);
+  factor = at::where(at::isfinite(factor), factor, at::ones_like(factor));
+  // The product can round one ulp above amax(W): clamp, so that W' keeps exactly W's scale.
+  const at::Tensor cap = weight_amax.to(at::kFloat).reshape({});
+  return at::minimum(at::maximum(a * factor, -cap), cap);
+}
+
 std::tuple<at::Tensor, at::Tensor> meld_init(const at::Tensor& weight, int64_t rank,
                                              const std::string& svd, int64_t oversample,
-                                             int64_t power_iters, int64_t seed) {
-  check_meld_init_args(weight, rank, svd, oversample, power_iters);
-  const at::Tensor A =
+                                             int64_t power_iters, int64_t seed,
+                                             double adapter_row_norm) {
+  check_meld_init_args(weight, rank, svd, oversample, power_iters, adapter_row_norm);
+  at::Tensor A =
       low_rank_factor(quantization_error(weight), rank, svd, oversample, power_iters, seed);
+  A = scale_adapter(A, amax_of(weight.to(at::kFloat)), adapter_row_norm);
   return stack_and_quantize(weight, A);
 }
 

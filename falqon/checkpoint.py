@@ -153,7 +153,8 @@ def from_pretrained(base_model: nn.Module, path) -> nn.Module:
     directory = pathlib.Path(path)
     meta = read_checkpoint_meta(directory)
     try:
-        config = FalqonConfig.from_dict(meta["config"])
+        # Checkpoints written before the adapter mode existed were all the proxy mode's.
+        config = FalqonConfig.from_dict({"update_mode": "proxy", **meta["config"]})
         layers_meta = meta["layers"]
     except (KeyError, TypeError, ValueError) as exc:
         raise FalqonError(f"{directory / CONFIG_FILE} is corrupt: {exc}") from None
@@ -206,8 +207,7 @@ def from_pretrained(base_model: nn.Module, path) -> nn.Module:
                 dst.view(torch.uint8).copy_(src.view(torch.uint8))
             else:
                 dst.copy_(src)
-        if layer.weight_t is not None:
-            layer.weight_t.copy_(layer.weight[:layer.out_features].t())
+        layer.refresh_weight_t()
     skipped = [tuple(s) for s in meta.get("skipped", [])]
     _finish(base_model, config, skipped, memory_before)
     state = proxy_state(base_model)

@@ -29,10 +29,12 @@ class MeldSummary:
     memory_after: int = 0
     rank: int = 0
     topk: int = 0
+    update_mode: str = "proxy"  # summaries saved before the adapter mode existed were proxy's
 
     def __str__(self) -> str:
+        how = "adapter mode" if self.update_mode == "adapter" else f"proxy mode, top-k {self.topk}"
         lines = [f"falqon: melded {len(self.melded)} of {len(self.melded) + len(self.skipped)} "
-                 f"linear layers (rank {self.rank}, top-k {self.topk})"]
+                 f"linear layers (rank {self.rank}, {how})"]
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.skipped:
             by_reason.setdefault(reason, []).append(name)
@@ -109,7 +111,7 @@ def _layer_kwargs(config: FalqonConfig) -> dict:
     return dict(rank=config.rank, alpha=config.alpha, topk=config.topk,
                 keep_residual=config.keep_residual, grad_dtype=config.grad_torch_dtype,
                 transposed_copy=config.transposed_copy,
-                amax_history_len=config.amax_history_len)
+                amax_history_len=config.amax_history_len, update_mode=config.update_mode)
 
 
 def empty_melded_like(linear: nn.Linear, config: FalqonConfig) -> MeldedLinear:
@@ -144,7 +146,8 @@ def _finish(model: nn.Module, config: FalqonConfig, skipped, memory_before: int)
         melded=[n for n, _ in layers], skipped=list(skipped),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         all_params=sum(p.numel() for p in params), memory_before=memory_before,
-        memory_after=model_memory(model), rank=config.rank, topk=config.topk)
+        memory_after=model_memory(model), rank=config.rank, topk=config.topk,
+        update_mode=config.update_mode)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, SUMMARY_ATTR, summary)
     return summary

@@ -8,6 +8,12 @@ from torch import Tensor, nn
 from . import ops
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+UPDATE_MODES = ("adapter", "proxy")
+# The adapter mode's A: rescaled at meld time to the root-mean-square row norm of a PEFT LoRA A
+# (kaiming_uniform_(a=sqrt(5)): each of the in_features entries uniform in +-1/sqrt(in_features),
+# variance 1/(3 in_features), so a row's expected squared norm is 1/3), so that an Adam step on
+# B moves the output as much as it would in LoRA and LoRA's learning rates carry over.
+ADAPTER_ROW_NORM = 3 ** -0.5
 
 
 def check_meldable(in_features: int, out_features: int, rank: int) -> str | None:
@@ -22,16 +28,27 @@ def check_meldable(in_features: int, out_features: int, rank: int) -> str | None
 
 
 class MeldedLinear(nn.Module):
-    """y = x W^T + b with W and the LoRA adapter A stacked into one FP8 E4M3 matrix.
+    """A linear layer whose frozen weight W and LoRA adapter A are one FP8 E4M3 matrix [W; A; 0],
+    so that one FP8 GEMM gives x W^T and x A^T together.
+
+    update_mode:
+      "adapter" (default): y = x W^T + b + scaling * (x A^T) B^T. B is a real LoRA adapter (A
+                    frozen: LoRA-FA with FALQON's A), trained in fp32 (lora_dtype) and never
+                    folded into the FP8 weights during training, so every step's update counts;
+                    W' never changes. A is rescaled at meld time to a LoRA A's row norm
+                    (ADAPTER_ROW_NORM) so that LoRA's learning rates carry over.
+      "proxy":      the paper's method: y = x W^T + b; B never enters the forward and after each
+                    optimizer step `proxy_update()` folds its `topk` largest rows into W'
+                    (updates under half an E4M3 step round away).
 
     Parameters and buffers:
       weight        (out_features + padded_rank(rank), in_features) float8_e4m3fn: [W; A; 0],
                     frozen; the model's weight is rows [0, out_features) times weight_scale.
       weight_scale  float32 scalar: the one per-tensor scale of `weight`.
-      lora_B        (out_features, rank), trainable: the proxy buffer. It gets the gradient
-                    scaling * g^T (x A^T) and never enters the forward; after each optimizer
-                    step `proxy_update()` folds its `topk` largest rows into `weight`.
-      weight_t      optional persistent transpose of the weight rows, for the input gradient.
+      lora_B        (out_features, rank), trainable. Its gradient is scaling * g^T (x A^T) in
+                    both modes.
+      weight_t      optional persistent transpose for the input gradient: of the weight rows
+                    (proxy mode) or of every row of `weight` (adapter mode).
       amax_history  with amax_history_len = H > 0: float32 (2, H), the amaxes of the last H
                     inputs (row 0) and output gradients (row 1), newest first, zeros at the
                     start; persistent (saved with the state dict). None with H = 0.
@@ -52,11 +69,16 @@ class MeldedLinear(nn.Module):
                  alpha: float | None = None, topk: int = 10, bias: bool = False,
                  keep_residual: bool = False, grad_dtype: torch.dtype = ops.E5M2,
                  transposed_copy: bool = False, device=None, dtype: torch.dtype | None = None,
-                 lora_dtype: torch.dtype = torch.float32, amax_history_len: int = 0):
+                 lora_dtype: torch.dtype = torch.float32, amax_history_len: int = 0,
+                 update_mode: str = "adapter"):
         super().__init__()
         problem = check_meldable(in_features, out_features, rank)
         if problem:
             raise ValueError(f"MeldedLinear: {problem}")
+        if update_mode not in UPDATE_MODES:
+            raise ValueError(f"MeldedLinear: update_mode must be one of {UPDATE_MODES}, got "
+                             f"{update_mode!r}")
+        self.update_mode = update_mode
         if topk < 0:
             raise ValueError(f"MeldedLinear: topk must be >= 0, got {topk}")
         if grad_dtype not in ops.FP8_MAX:
@@ -74,9 +96,10 @@ class MeldedLinear(nn.Module):
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones((), device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=lora_dtype))
+        t_cols = rows if update_mode == "adapter" else out_features
         self.register_buffer(
             "weight_t",
-            torch.zeros(in_features, out_features, device=device, dtype=ops.E4M3)
+            torch.zeros(in_features, t_cols, device=device, dtype=ops.E4M3)
             if transposed_copy else None)
         self.register_buffer(
             "amax_history",
@@ -92,10 +115,11 @@ class MeldedLinear(nn.Module):
                     grad_dtype: torch.dtype = ops.E5M2, transposed_copy: bool = False,
                     svd: str = "randomized", oversample: int = 16, power_iters: int = 4,
                     seed: int = 0, lora_dtype: torch.dtype = torch.float32,
-                    amax_history_len: int = 0) -> "MeldedLinear":
+                    amax_history_len: int = 0, update_mode: str = "adapter") -> "MeldedLinear":
         """Meld an nn.Linear: its weight is quantised to FP8 with the adapter A stacked under it
-        (A from the rank-r SVD of the weight's FP8 quantisation error); B starts at zero.
-        The original high-precision weight is not kept."""
+        (A from the rank-r SVD of the weight's FP8 quantisation error; in the adapter mode
+        rescaled to a LoRA A's row norm); B starts at zero. The original high-precision weight
+        is not kept."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MeldedLinear.from_linear takes an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -109,12 +133,14 @@ class MeldedLinear(nn.Module):
                      bias=linear.bias is not None, keep_residual=keep_residual,
                      grad_dtype=grad_dtype, transposed_copy=transposed_copy, device=w.device,
                      dtype=None if linear.bias is None else linear.bias.dtype,
-                     lora_dtype=lora_dtype, amax_history_len=amax_history_len)
-        melded, scale = ops.meld_init(w.detach(), rank, svd, oversample, power_iters, seed)
+                     lora_dtype=lora_dtype, amax_history_len=amax_history_len,
+                     update_mode=update_mode)
+        row_norm = ADAPTER_ROW_NORM if update_mode == "adapter" else 0.0
+        melded, scale = ops.meld_init(w.detach(), rank, svd, oversample, power_iters, seed,
+                                      row_norm)
         module.weight.data = melded
         module.weight_scale.copy_(scale)
-        if module.weight_t is not None:
-            module.weight_t.copy_(melded[:linear.out_features].t())
+        module.refresh_weight_t()
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()
         return module
@@ -135,7 +161,7 @@ class MeldedLinear(nn.Module):
         history = self.amax_history
         y, _, x_amax = torch.ops.falqon.melded_linear.default(
             x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t, self.scaling,
-            self.grad_dtype, history)
+            self.grad_dtype, history, self.update_mode == "adapter")
         if history is not None and self.training:
             ops.record_amax_(history[0], x_amax.detach())
         return y
@@ -147,10 +173,33 @@ class MeldedLinear(nn.Module):
 
     @torch.no_grad()
     def proxy_update(self, k: int | None = None) -> None:
-        """Fold the top-k rows of lora_B into the FP8 weight and reset lora_B per the policy.
-        Call after every optimizer step (falqon.attach does it for you)."""
+        """The proxy mode's update: fold the top-k rows of lora_B into the FP8 weight and reset
+        lora_B per the policy. Call after every optimizer step (falqon.attach does it for you).
+        The adapter mode has none (B is the adapter, trained like LoRA's)."""
+        if self.update_mode != "proxy":
+            raise ValueError("MeldedLinear.proxy_update: this layer is in the adapter mode, whose B "
+                             "is a trained adapter that is never folded during training (export "
+                             "merges it); the top-k proxy update needs update_mode='proxy'")
         ops.topk_update_(self.weight, self.lora_B, self.weight_t, self.topk if k is None else k,
                          self.scaling, self.keep_residual)
+
+    @torch.no_grad()
+    def refresh_weight_t(self) -> None:
+        """Rewrite the persistent transposed copy (if the layer keeps one) from `weight`: the
+        weight rows in the proxy mode, every row in the adapter mode."""
+        if self.weight_t is not None:
+            rows = self.weight.shape[0] if self.update_mode == "adapter" else self.out_features
+            self.weight_t.copy_(self.weight[:rows].t())
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The layer's effective weight, (out_features, in_features): W + scaling * B A in the
+        adapter mode (computed in fp32), W in the proxy mode (where B holds no pending update
+        once proxy_update ran)."""
+        w = self.dequantized_weight(torch.float32)
+        if self.update_mode == "adapter":
+            w = w.addmm_(self.lora_B.float(), self.adapter_A(torch.float32), alpha=self.scaling)
+        return w.to(dtype)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -182,8 +231,12 @@ class MeldedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        policy = "keep_residual" if self.keep_residual else "drop"
         delayed = f", amax_history_len={self.amax_history_len}" if self.amax_history_len else ""
+        if self.update_mode == "adapter":
+            mode = "update_mode=adapter"
+        else:
+            policy = "keep_residual" if self.keep_residual else "drop"
+            mode = f"update_mode=proxy, topk={self.topk}, policy={policy}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, alpha={self.alpha:g}, topk={self.topk}, policy={policy}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, {mode}, "
                 f"bias={self.bias is not None}{delayed}")

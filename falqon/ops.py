@@ -62,31 +62,41 @@ def record_amax_(history: Tensor, amax: Tensor) -> None:
 def melded_linear(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: Tensor,
                   bias: Tensor | None = None, weight_t: Tensor | None = None,
                   scaling: float = 1.0, grad_dtype: torch.dtype | None = None,
-                  amax_history: Tensor | None = None) -> Tensor:
-    """y = x W^T + b of a melded layer, from one FP8 GEMM against W' = [W; A; 0].
+                  amax_history: Tensor | None = None, adapter: bool = False) -> Tensor:
+    """y of a melded layer, from one FP8 GEMM against W' = [W; A; 0] (which also gives x A^T).
 
-    Autograd gives d input (an FP8 GEMM with the gradient in `grad_dtype`, E5M2 by default),
-    d lora_B = scaling * g^T (x A^T) in high precision, and d bias. lora_B never enters the
-    forward: it is the proxy buffer that `topk_update_` folds into the weight.
+    adapter=False (the paper's proxy mode): y = x W^T + b. lora_B never enters the forward: it
+    is the proxy buffer that `topk_update_` folds into the weight.
+    adapter=True (the exact adapter mode): y = x W^T + b + scaling * (x A^T) B^T, B rounded to
+    the activation dtype, fp32 sums, contiguous y; W' never changes.
+
+    Autograd gives d input (an FP8 GEMM with the gradient in `grad_dtype`, E5M2 by default; in
+    the adapter mode over every row of W' with the operand [g | scaling g B]), d lora_B =
+    scaling * g^T (x A^T) in high precision, and d bias.
 
     amax_history: None (current scaling: each tensor's own amax) or a float32 (2, H) tensor for
     delayed scaling, row 0 for x and row 1 for the gradient. The op reads row 0; the backward
     reads row 1 and records the gradient's amax into it (`record_amax_`). Recording x's amax
     into row 0 is the caller's: this wrapper drops it, MeldedLinear records it."""
     y, _, _ = torch.ops.falqon.melded_linear.default(input, weight, weight_scale, lora_B, bias,
-                                                     weight_t, scaling, grad_dtype, amax_history)
+                                                     weight_t, scaling, grad_dtype, amax_history,
+                                                     adapter)
     return y
 
 
 def melded_linear_grad_input(grad_output: Tensor, weight: Tensor, weight_scale: Tensor,
                              weight_t: Tensor | None = None,
                              grad_dtype: torch.dtype | None = None,
-                             amax_history: Tensor | None = None) -> Tensor:
+                             amax_history: Tensor | None = None,
+                             lora_B: Tensor | None = None, scaling: float = 1.0) -> Tensor:
     """dx = fp8(g) W_q * s_g * s through the weight rows of a melded weight; with amax_history
-    (the gradient's H values), g's scale is the delayed one. The op also returns g's amax:
+    (the gradient's H values), g's scale is the delayed one. With lora_B (the adapter mode),
+    dx = fp8(G) W'_q * s_G * s over every row of W', G = [g | scaling g B | 0] quantised as one
+    tensor. The op also returns the amax of what it quantised:
     torch.ops.falqon.melded_linear_grad_input(...) -> (dx, g_amax)."""
     dx, _ = torch.ops.falqon.melded_linear_grad_input.default(grad_output, weight, weight_scale,
-                                                              weight_t, grad_dtype, amax_history)
+                                                              weight_t, grad_dtype, amax_history,
+                                                              lora_B, scaling)
     return dx
 
 
@@ -94,22 +104,27 @@ def melded_linear_backward(grad_output: Tensor, xa: Tensor, weight: Tensor, weig
                            weight_t: Tensor | None = None, scaling: float = 1.0,
                            grad_dtype: torch.dtype | None = None,
                            amax_history: Tensor | None = None,
-                           grad_B_dtype: torch.dtype | None = None
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-    """Both gradients of a melded layer: (dx, dB, amax of g). dx as `melded_linear_grad_input`;
-    dB = scaling * g^T xa with fp32 products and sums, rounded once to grad_B_dtype (xa's dtype
-    by default). On CUDA one kernel reads g for its quantisation and for dB together."""
+                           grad_B_dtype: torch.dtype | None = None,
+                           lora_B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Both gradients of a melded layer: (dx, dB, amax of g). dx as `melded_linear_grad_input`
+    (lora_B: the adapter mode); dB = scaling * g^T xa with fp32 products and sums, rounded once
+    to grad_B_dtype (xa's dtype by default). On CUDA one kernel reads g for its quantisation and
+    for dB together."""
     return torch.ops.falqon.melded_linear_backward.default(
         grad_output, xa, weight, weight_scale, weight_t, scaling, grad_dtype, amax_history,
-        grad_B_dtype)
+        grad_B_dtype, lora_B)
 
 
 def meld_init(weight: Tensor, rank: int, svd: str = "randomized", oversample: int = 16,
-              power_iters: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+              power_iters: int = 4, seed: int = 0, adapter_row_norm: float = 0.0
+              ) -> tuple[Tensor, Tensor]:
     """(W'_q, s): the FP8 melded weight [W; A; 0] and its scale, A = sqrt(S_r) V_r^T from the
     rank-r SVD (`exact`, or `randomized` with the given oversampling and power iterations) of
-    W's FP8 quantisation error."""
-    return torch.ops.falqon.meld_init.default(weight, rank, svd, oversample, power_iters, seed)
+    W's FP8 quantisation error. adapter_row_norm > 0 (the adapter mode) multiplies A by one
+    factor so that its root-mean-square row norm is that value, capped so that A's amax stays at
+    most W's (W' keeps W's scale)."""
+    return torch.ops.falqon.meld_init.default(weight, rank, svd, oversample, power_iters, seed,
+                                              adapter_row_norm)
 
 
 def topk_update_(weight: Tensor, lora_B: Tensor, weight_t: Tensor | None, k: int, scaling: float,
@@ -152,9 +167,17 @@ def _check_layer_history(amax_history) -> None:
                              f"{amax_history.dtype}")
 
 
+def _check_adapter_B(lora_B, weight, out_features) -> None:
+    if lora_B is not None:
+        torch._check(lora_B.dim() == 2 and lora_B.shape[0] == out_features and
+                     weight.shape[0] == out_features + padded_rank(lora_B.shape[1]),
+                     lambda: f"falqon: lora_B {tuple(lora_B.shape)} does not fit a melded weight "
+                             f"of {weight.shape[0]} rows for {out_features} outputs")
+
+
 @torch.library.register_fake("falqon::melded_linear")
 def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t=None,
-                        scaling=1.0, grad_dtype=None, amax_history=None):
+                        scaling=1.0, grad_dtype=None, amax_history=None, adapter=False):
     out_features, rank = lora_B.shape
     _check_weight(weight, out_features)
     torch._check(input.shape[-1] == weight.shape[1],
@@ -162,25 +185,29 @@ def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t
                          f"dimension, the layer takes {weight.shape[1]}")
     _check_layer_history(amax_history)
     lead = input.shape[:-1]
+    amax = input.new_empty((), dtype=torch.float32)
+    if adapter:  # y is a new contiguous tensor (the adapter's GEMM writes it)
+        return input.new_empty((*lead, out_features)), input.new_empty((*lead, rank)), amax
     # y is a view of the whole (..., N + r16) product, as the real kernels return it.
     product = input.new_empty((*lead, weight.shape[0]))
-    return (product[..., :out_features], input.new_empty((*lead, rank)),
-            input.new_empty((), dtype=torch.float32))
+    return product[..., :out_features], input.new_empty((*lead, rank)), amax
 
 
 @torch.library.register_fake("falqon::melded_linear_grad_input")
 def _grad_input_fake(grad_output, weight, weight_scale, weight_t=None, grad_dtype=None,
-                     amax_history=None):
+                     amax_history=None, lora_B=None, scaling=1.0):
     _check_weight(weight, grad_output.shape[-1])
+    _check_adapter_B(lora_B, weight, grad_output.shape[-1])
     return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])),
             grad_output.new_empty((), dtype=torch.float32))
 
 
 @torch.library.register_fake("falqon::melded_linear_backward")
 def _backward_fake(grad_output, xa, weight, weight_scale, weight_t=None, scaling=1.0,
-                   grad_dtype=None, amax_history=None, grad_B_dtype=None):
+                   grad_dtype=None, amax_history=None, grad_B_dtype=None, lora_B=None):
     N, r = grad_output.shape[-1], xa.shape[-1]
     _check_weight(weight, N)
+    _check_adapter_B(lora_B, weight, N)
     return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])),
             xa.new_empty((N, r), dtype=grad_B_dtype or xa.dtype),
             grad_output.new_empty((), dtype=torch.float32))
@@ -192,7 +219,8 @@ def _record_amax_fake(amax_history, amax):
 
 
 @torch.library.register_fake("falqon::meld_init")
-def _meld_init_fake(weight, rank, svd="randomized", oversample=16, power_iters=4, seed=0):
+def _meld_init_fake(weight, rank, svd="randomized", oversample=16, power_iters=4, seed=0,
+                    adapter_row_norm=0.0):
     rows = weight.shape[0] + padded_rank(rank)
     return (weight.new_empty((rows, weight.shape[1]), dtype=E4M3),
             weight.new_empty((), dtype=torch.float32))
@@ -205,11 +233,20 @@ def _topk_update_fake(weight, lora_B, weight_t, k, scaling, keep_residual=False)
 
 # ---- autograd of melded_linear ------------------------------------------------------------------
 
+_MELDED_LINEAR_ARGS = 10  # the schema's arguments, for the dropped trailing defaults below
+
+
 def _melded_linear_setup_context(ctx, inputs, output):
-    input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype, amax_history = inputs
+    # The dispatcher drops trailing arguments equal to their defaults: pad them back.
+    defaults = (None, None, 1.0, None, None, False)
+    inputs = tuple(inputs) + defaults[len(inputs) - 4:]
+    (input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype, amax_history,
+     adapter) = inputs
     _, xa, x_amax = output
-    # x itself is not kept: dx needs only the FP8 weight, dB only x A^T (M x r).
-    ctx.save_for_backward(xa, weight, weight_scale, weight_t)
+    # x itself is not kept: dx needs only the FP8 weight (and, in the adapter mode, B), dB only
+    # x A^T (M x r).
+    ctx.adapter = bool(adapter)
+    ctx.save_for_backward(xa, weight, weight_scale, weight_t, lora_B if ctx.adapter else None)
     # The history is read and written by backward, and written between forward and backward (the
     # module records x's amax into row 0): held as an attribute, not a saved tensor, whose
     # version check would reject that legitimate in-place update.
@@ -225,10 +262,10 @@ def _melded_linear_setup_context(ctx, inputs, output):
 
 
 def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
-    xa, weight, weight_scale, weight_t = ctx.saved_tensors
+    xa, weight, weight_scale, weight_t, adapter_B = ctx.saved_tensors
     # The dispatcher drops trailing arguments equal to their defaults (bias=None, weight_t=None,
     # ...) before autograd sees them, so needs_input_grad can be shorter than the schema.
-    needs = tuple(ctx.needs_input_grad) + (False,) * 9
+    needs = tuple(ctx.needs_input_grad) + (False,) * _MELDED_LINEAR_ARGS
     needs_input, needs_B, needs_bias = needs[0], needs[3], needs[4]
     rank = xa.shape[-1]
     out_features = weight.shape[0] - padded_rank(rank)
@@ -242,12 +279,12 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
                        else torch.float32)
             grad_input, grad_B, g_amax = torch.ops.falqon.melded_linear_backward.default(
                 grad_y, xa, weight, weight_scale, weight_t, ctx.scaling, ctx.grad_dtype,
-                None if history is None else history[1], B_dtype)
+                None if history is None else history[1], B_dtype, adapter_B)
             grad_B = grad_B.to(ctx.lora_B_dtype)
         elif needs_input:
             grad_input, g_amax = torch.ops.falqon.melded_linear_grad_input.default(
                 grad_y, weight, weight_scale, weight_t, ctx.grad_dtype,
-                None if history is None else history[1])
+                None if history is None else history[1], adapter_B, ctx.scaling)
         elif needs_B:
             # dB = scaling * g^T (x A^T) alone (no input gradient): a small product, kept in high
             # precision (not FP8), in the activation dtype.
@@ -264,7 +301,7 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
             grad_xa.dtype)
         from_xa = grad_xa @ a_real
         grad_input = from_xa if grad_input is None else grad_input + from_xa
-    return grad_input, None, None, grad_B, grad_bias, None, None, None, None
+    return grad_input, None, None, grad_B, grad_bias, None, None, None, None, None
 
 
 torch.library.register_autograd("falqon::melded_linear", _melded_linear_backward,

@@ -2,6 +2,10 @@
 `falqon.attach(optimizer, model)` (an optimizer step post-hook) and `falqon.FalqonCallback`
 (a transformers TrainerCallback).
 
+Only the proxy mode (FalqonConfig(update_mode="proxy")) has a proxy update. In the adapter mode
+(the default) B is trained like a LoRA adapter and nothing runs after a step: attach and the
+callback are harmless there (they only count steps), so a training script serves both modes.
+
 What each optimizer step does to a melded layer (DESIGN.md, "Proxy update"): the optimizer has
 just written this step's update into lora_B (which was 0); its top-k rows are folded into the FP8
 weight and B is reset. The k of a step follows the config's warm-up (warmup_topk for the first
@@ -66,10 +70,14 @@ class ProxyUpdater:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  check_finite: bool = True):
-        self.layers = [layer for _, layer in melded_layers(model)]
-        if not self.layers:
+        melded = [layer for _, layer in melded_layers(model)]
+        if not melded:
             raise ValueError("falqon: the model has no MeldedLinear layers; call "
                              "falqon.meld(model, config) first")
+        # Only the proxy mode's layers have an update to run; the adapter mode's B is trained like
+        # LoRA's and needs nothing after a step (the counter still advances, for checkpoints).
+        self.layers = [layer for layer in melded if layer.update_mode == "proxy"]
+        self.all_layers = melded
         self.model = model
         self.config = melded_config(model)
         self.optimizer = optimizer
@@ -78,11 +86,11 @@ class ProxyUpdater:
         self._warned = False
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = sum(id(layer.lora_B) not in held for layer in self.layers)
+            missing = sum(id(layer.lora_B) not in held for layer in melded)
             if missing:
                 raise ValueError(
                     f"falqon.attach: the optimizer does not hold the lora_B of {missing} of "
-                    f"{len(self.layers)} melded layers; create it after falqon.meld, e.g. "
+                    f"{len(melded)} melded layers; create it after falqon.meld, e.g. "
                     f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
 
     def k_for(self, layer) -> int:
@@ -93,7 +101,7 @@ class ProxyUpdater:
     @torch.no_grad()
     def step(self) -> bool:
         """Fold this step's B into the weights; False (and nothing changed) if a B is not finite."""
-        if self.check_finite:
+        if self.check_finite and self.layers:
             finite = torch.stack([torch.isfinite(layer.lora_B).all() for layer in self.layers])
             if not bool(finite.all()):  # the one host read-back per step
                 self._discard(finite)

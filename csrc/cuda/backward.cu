@@ -124,14 +124,15 @@ struct GradTile {
 // buffers with cp.async, so that up to stages - 1 tiles are in flight while one is used; it
 // writes its fp32 product to ws[by][n][0, 16 JF) (row stride ld_ws). mode: kAmaxMode writes
 // max |g| of its tile to partials[by * gridDim.x + bx]; kCastMode casts g into q at the scale of
-// max(partials) and atomically maxes g's amax into amax_out; kProductOnly does neither.
+// max(partials) (row stride ld_q) and atomically maxes g's amax into amax_out; kProductOnly does
+// neither.
 template <typename T, int JF, bool kE4M3>
 __global__ void __launch_bounds__(kGradThreads, 2)
     grad_quantize_product_kernel(const T* __restrict__ g, int64_t M, int64_t N,
                                  const T* __restrict__ xa, int64_t ld_xa, int r, bool vec_xa,
                                  int64_t rows_per_split, int mode, int stages,
                                  uint32_t* __restrict__ partials, int num_partials,
-                                 uint8_t* __restrict__ q, float* __restrict__ scale_out,
+                                 uint8_t* __restrict__ q, int64_t ld_q, float* __restrict__ scale_out,
                                  uint32_t* __restrict__ amax_out, float* __restrict__ ws,
                                  int64_t ld_ws) {
   using W = typename HalfTypes<T>::type;
@@ -160,8 +161,9 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   const int col = static_cast<int>(threadIdx.x % (kTileN / 8)) * 8;
   const int row0 = static_cast<int>(threadIdx.x / (kTileN / 8));
   const bool col_ok = n0 + col < N;
-  // Offset in q (and g) of this thread's first vector in the tile at row m0 = m_begin.
-  const int64_t thread_offset = (m_begin + row0) * N + n0 + col;
+  // Offset in q (row stride ld_q: N, or N + r16 in the adapter mode's operand) of this thread's
+  // first vector in the tile at row m0 = m_begin.
+  const int64_t thread_offset = (m_begin + row0) * ld_q + n0 + col;
   auto vec_row = [&](int i) { return row0 + kRowStep * i; };
   auto in_range = [&](int64_t m0, int i) { return col_ok && m0 + vec_row(i) < m_end; };
   // Starts the copies of tile t into buffer t % stages; zeros outside g and xa (they add nothing
@@ -226,7 +228,7 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     const W* xb = xs + (t % stages) * Tile::kXElems;
     if (mode != kProductOnly) {
       const int64_t m0 = m_begin + t * kTileM;
-      uint8_t* q_tile = q + thread_offset + t * kTileM * N;
+      uint8_t* q_tile = q + thread_offset + t * kTileM * ld_q;
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const P v = *reinterpret_cast<const P*>(gb + vec_row(i) * Tile::kLdG + col);
@@ -234,7 +236,7 @@ __global__ void __launch_bounds__(kGradThreads, 2)
         if (mode == kCastMode && in_range(m0, i)) {
           float x[8];
           pack_to_floats(v, x);
-          *reinterpret_cast<uint2*>(q_tile + i * kRowStep * N) = cast8_to_fp8<kE4M3>(x, d);
+          *reinterpret_cast<uint2*>(q_tile + i * kRowStep * ld_q) = cast8_to_fp8<kE4M3>(x, d);
         }
       }
     }
@@ -290,11 +292,6 @@ __global__ void __launch_bounds__(256)
   out[i] = static_cast<O>(__fmul_rn(sum, scaling));
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
 // Fragments of 16 columns for a pass over `columns` columns of xa: 1, 2, 4 or 8.
 int fragments_for(int64_t columns) {
   int f = 1;
@@ -304,11 +301,22 @@ int fragments_for(int64_t columns) {
 
 }  // namespace
 
+// The adapter mode's u = scaling * g B (M x r, fp32): cuBLASLt reads g once, B rounded to g's
+// dtype (the reference's numerics: fp32 products and sums, scaled once).
+at::Tensor adapter_u(const at::Tensor& g, const at::Tensor& lora_B, double scaling) {
+  const at::Tensor b = lora_B.to(g.scalar_type()).contiguous();  // (N, r) = (k x m)
+  at::Tensor u = at::empty({g.size(0), lora_B.size(1)}, g.options().dtype(at::kFloat));
+  if (!matmul_16bit(b, /*a_is_k_by_m=*/true, g, std::nullopt, u, static_cast<float>(scaling))) {
+    u = at::mm(g.to(at::kFloat), b.to(at::kFloat)).mul_(static_cast<float>(scaling));
+  }
+  return u;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
     const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
     const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
     at::ScalarType grad_dtype, const std::optional<at::Tensor>& amax_history,
-    at::ScalarType grad_B_dtype) {
+    at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B) {
   const int64_t N = grad_output.size(-1), r = xa.size(-1);
   at::Tensor g = grad_output.reshape({-1, N});
   const at::Tensor x = xa.reshape({-1, r}).contiguous();
@@ -319,14 +327,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
     // dB by an fp32 GEMM (cuBLAS, no TF32 unless the user allows it).
     auto [dx, g_amax] =
         melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, grad_dtype,
-                                     amax_history);
+                                     amax_history, lora_B, scaling);
     return {dx, ref::lora_grad_B(g, x, scaling, grad_B_dtype), g_amax};
   }
   g = g.contiguous();
   if (pointer_alignment(g.data_ptr()) < 16) g = g.clone();  // the kernel loads 16-byte vectors
 
   const auto opts = g.options();
-  at::Tensor gq = at::empty({M, N}, opts.dtype(grad_dtype));
+  // The adapter mode quantises [g | scaling g B | 0] (every row of W') as one operand: u first,
+  // so that its amax joins g's before any cast.
+  const bool adapter = lora_B.has_value();
+  const int64_t ld_q = adapter ? weight.size(0) : N;
+  const at::Tensor u = adapter ? adapter_u(g, *lora_B, scaling) : at::Tensor();
+  const int64_t extra = adapter ? kAdapterPartials : 0;
+  at::Tensor gq = at::empty({M, ld_q}, opts.dtype(grad_dtype));
   at::Tensor scale = at::empty({}, opts.dtype(at::kFloat));
   at::Tensor amax = at::empty({}, opts.dtype(at::kFloat));
 
@@ -343,8 +357,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
   const bool delayed = amax_history.has_value();
   // Current scaling: the first pass writes one amax partial per block; delayed scaling: the
   // partials come from the history (delayed_amax_kernel, which also zeroes `amax`).
-  at::Tensor partials = delayed ? delayed_partials(g, *amax_history, amax)
-                                : at::empty({int64_t{n_tiles} * splits}, opts.dtype(at::kInt));
+  // The adapter mode's u adds its partials after g's (kAdapterPartials slots, read by every cast).
+  at::Tensor partials = delayed ? delayed_partials(g, *amax_history, amax, extra)
+                                : at::empty({int64_t{n_tiles} * splits + extra}, opts.dtype(at::kInt));
+  if (adapter) {
+    adapter_partials(u, partials, partials.numel() - extra,
+                     delayed ? amax_history : std::optional<at::Tensor>());
+  }
   auto* partial_bits = reinterpret_cast<uint32_t*>(partials.data_ptr());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(n_tiles, splits);
@@ -371,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
                                             smem));
         kernel<<<grid, kGradThreads, smem, stream>>>(
                 gp, M, N, xp_pass, r, cols, vec_xa, rows_per_split, mode, stages, partial_bits,
-                static_cast<int>(partials.numel()), static_cast<uint8_t*>(gq.data_ptr()),
+                static_cast<int>(partials.numel()), static_cast<uint8_t*>(gq.data_ptr()), ld_q,
                 scale.data_ptr<float>(), reinterpret_cast<uint32_t*>(amax.data_ptr()),
                 ws.data_ptr<float>() + col0, ld_ws);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -408,7 +427,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
         static_cast<float>(scaling), dB.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (!delayed) cast_with_partials(g, partials, gq, scale, amax);
+  if (adapter) {
+    // Current scaling: g and u cast at the one scale of all partials; delayed: g was cast by the
+    // fused pass, u now (its amax maxed into g's for the history).
+    adapter_cast(delayed ? std::optional<at::Tensor>() : std::optional<at::Tensor>(g), u, N,
+                 partials, gq, scale, amax);
+  } else if (!delayed) {
+    cast_with_partials(g, partials, gq, scale, amax);
+  }
   return {dgrad_fp8(grad_output, gq, scale, weight, weight_scale, weight_t), dB, amax};
 }
 

@@ -15,6 +15,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 #include <optional>
@@ -83,9 +84,27 @@ void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const a
                         const at::Tensor& scale, const std::optional<at::Tensor>& amax = std::nullopt);
 // Delayed scaling's first pass over a contiguous x: the partial maxima the cast uses (every one
 // the history's amax once it holds a value, else x's own), and `amax` (float32 scalar) zeroed as
-// the target of the cast's atomic max of x's own amax.
+// the target of the cast's atomic max of x's own amax. `extra` more slots at the end of the
+// returned partials are left for another part of the same operand (adapter_partials).
 at::Tensor delayed_partials(const at::Tensor& x, const at::Tensor& amax_history,
-                            const at::Tensor& amax);
+                            const at::Tensor& amax, int64_t extra = 0);
+
+// The adapter mode's dgrad operand [g | u | 0] (M x ld_q FP8, ld_q = N + r16), u = scaling g B
+// (M x r, fp32, contiguous) already scaled.
+// Slots of the partial maxima that adapter_partials writes.
+constexpr int64_t kAdapterPartials = 32;
+// Writes kAdapterPartials partial maxima of |u| into partials[offset, offset + kAdapterPartials)
+// (int32 bits, as amax_partials), or with amax_history (delayed scaling) the history's amax where
+// it holds one, u's own where it does not (delayed_partials' rule).
+void adapter_partials(const at::Tensor& u, const at::Tensor& partials, int64_t offset,
+                      const std::optional<at::Tensor>& amax_history);
+// Casts the operand at the scale of max(partials): with g (current scaling) g into columns
+// [0, N) of q and u (plus zero padding) into [N, ld_q), writing scale and amax = max(partials);
+// without g (delayed scaling, g already cast by the fused backward pass) u and its padding only,
+// atomically maxing u's own amax into amax (as float bits; zeroed by delayed_partials).
+void adapter_cast(const std::optional<at::Tensor>& g, const at::Tensor& u, int64_t N,
+                  const at::Tensor& partials, const at::Tensor& q, const at::Tensor& scale,
+                  const at::Tensor& amax);
 // E = x - s0 * fp8_e4m3(x / s0) in fp32, s0 from the partials of x (the FP8 quantisation error).
 at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials);
 
@@ -99,6 +118,13 @@ at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tenso
 void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                     const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                     const at::Tensor& out, bool fast_accum);
+// The adapter mode's 16-bit GEMMs through cuBLASLt (fp32 accumulation and epilogue): row-major
+// out (n x m) = alpha * b (n x k) a^T [+ c], for b and a row-major bf16/fp16 with contiguous rows
+// (any row strides): a is (m x k), or with a_is_k_by_m (k x m). c (n x m, any row stride) has
+// out's dtype; out is bf16, fp16 or fp32. Returns false, computing nothing, where cuBLASLt offers
+// no algorithm for the layouts (the caller then takes the reference formula).
+bool matmul_16bit(const at::Tensor& a, bool a_is_k_by_m, const at::Tensor& b,
+                  const std::optional<at::Tensor>& c, const at::Tensor& out, float alpha);
 // Fast-accumulation choices of the two GEMMs, read once from FALQON_FAST_ACCUM_FWD (default 1)
 // and FALQON_FAST_ACCUM_DGRAD (default 1).
 bool fast_accum_forward();
@@ -115,9 +141,10 @@ at::Tensor transpose_fp8(const at::Tensor& w);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& amax_history);
-// dx = gq W_q * sg * s (the dgrad FP8 GEMM) for a quantised gradient gq (M, N) whose rows are
-// those of grad_output; dx shaped as grad_output with K last.
+    const std::optional<at::Tensor>& amax_history, bool adapter, double scaling);
+// dx = gq W'_q[:C] * sg * s (the dgrad FP8 GEMM) for a quantised 2-D operand gq (M, C) whose rows
+// are those of grad_output: C = N (the proxy mode) or every row of W' (the adapter mode, whose
+// weight_t holds them all); dx shaped as grad_output with K last.
 at::Tensor dgrad_fp8(const at::Tensor& grad_output, const at::Tensor& gq, const at::Tensor& sg,
                      const at::Tensor& weight, const at::Tensor& weight_scale,
                      const std::optional<at::Tensor>& weight_t);
@@ -125,14 +152,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
     const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
     const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
     at::ScalarType grad_dtype, const std::optional<at::Tensor>& amax_history,
-    at::ScalarType grad_B_dtype);
+    at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B);
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-    const std::optional<at::Tensor>& amax_history);
+    const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
+    double scaling);
 std::tuple<at::Tensor, at::Tensor> meld_init_fp8(const at::Tensor& weight, int64_t rank,
                                                  const std::string& svd, int64_t oversample,
-                                                 int64_t power_iters, int64_t seed);
+                                                 int64_t power_iters, int64_t seed,
+                                                 double adapter_row_norm);
 void topk_update_fp8(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
                      int64_t k, double scaling, bool keep_residual);
 
@@ -143,6 +172,12 @@ void topk_update_fp8(at::Tensor& weight, at::Tensor& lora_B, const std::optional
 #ifdef __CUDACC__
 namespace falqon {
 namespace cuda {
+
+// A type carried as a value, for generic lambdas that dispatch on it.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
 
 // Threads of the elementwise kernels, and how many vectors each thread has in flight.
 constexpr int kThreads = 512;
@@ -192,6 +227,20 @@ __device__ __forceinline__ float amax_from_partials(const uint32_t* __restrict__
   uint32_t m = 0;
   for (int i = threadIdx.x; i < count; i += blockDim.x) m = max(m, partials[i]);
   return __uint_as_float(block_max(m));
+}
+
+// The amax a delayed scale uses, to every thread of the block: max(history) where it is > 0, else
+// 0 (nothing recorded yet; also for a history holding a NaN, where max(history) > 0 is false, as
+// in the reference). Each value maps to a key whose unsigned order is that decision's: NaN above
+// everything, a positive value (+Inf included) its own bits, zero and negative values 0.
+__device__ __forceinline__ float history_amax(const float* __restrict__ history, int64_t count) {
+  uint32_t key = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const float v = history[i];
+    key = max(key, isnan(v) ? 0xffffffffu : (v > 0.f ? __float_as_uint(v) : 0u));
+  }
+  key = block_max(key);
+  return key == 0xffffffffu ? 0.f : __uint_as_float(key);
 }
 
 template <bool kE4M3>

@@ -146,7 +146,151 @@ std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle,
   return plan;
 }
 
+// ---- 16-bit GEMMs of the adapter mode (bf16/fp16 operands, fp32 accumulation) ---------------
+
+// Everything a plan of lt_matmul depends on (zero-initialised, then filled: hashed as bytes).
+struct LtKey {
+  int device;
+  int64_t m, n, k, lda, ldb, ldc, ldd;
+  cudaDataType_t ab_type, cd_type;
+  bool trans_a, trans_b, has_c;
+  int align_a, align_b, align_c, align_d;
+
+  bool operator==(const LtKey& o) const { return std::memcmp(this, &o, sizeof(LtKey)) == 0; }
+};
+
+struct LtKeyHash {
+  size_t operator()(const LtKey& key) const {
+    const auto* p = reinterpret_cast<const unsigned char*>(&key);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof(LtKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+struct LtPlan : GemmPlan {
+  cublasLtMatrixLayout_t c = nullptr;
+  bool found = false;
+  ~LtPlan() {
+    if (c) cublasLtMatrixLayoutDestroy(c);
+  }
+};
+
+std::unique_ptr<LtPlan> make_lt_plan(const LtKey& key, cublasLtHandle_t handle,
+                                     const at::Device& device) {
+  auto plan = std::make_unique<LtPlan>();
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA,
+           cublasOperation_t{key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N});
+  set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB,
+           cublasOperation_t{key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N});
+  // Stored shapes (column-major): op(A) is m x k, op(B) is k x n.
+  FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->a, key.ab_type, key.trans_a ? key.k : key.m,
+                                                   key.trans_a ? key.m : key.k, key.lda));
+  FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->b, key.ab_type, key.trans_b ? key.n : key.k,
+                                                   key.trans_b ? key.k : key.n, key.ldb));
+  FALQON_CUBLASLT_CHECK(
+      cublasLtMatrixLayoutCreate(&plan->c, key.cd_type, key.m, key.n, key.has_c ? key.ldc : key.ldd));
+  FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->d, key.cd_type, key.m, key.n, key.ldd));
+  cublasLtMatmulPreference_t pref = nullptr;
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
+                        decltype(&cublasLtMatmulPreferenceDestroy)>
+      pref_owner(pref, &cublasLtMatmulPreferenceDestroy);
+  const uint64_t ws_limit = workspace_limit(device);
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_limit, sizeof(ws_limit)));
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key.align_a)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key.align_b)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key.align_c)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key.align_d)}};
+  for (const auto& [attr, value] : aligns) {
+    FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+      handle, plan->desc, plan->a, plan->b, plan->c, plan->d, pref, 1, &result, &found);
+  plan->found = status == CUBLAS_STATUS_SUCCESS && found > 0;
+  if (plan->found) {
+    plan->algo = result.algo;
+    plan->workspace = result.workspaceSize;
+  }
+  return plan;
+}
+
+// The leading dimension of a 2-D row-major tensor (its row stride; its columns contiguous).
+int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
+
 }  // namespace
+
+bool matmul_16bit(const at::Tensor& a, bool a_k_major, const at::Tensor& b,
+                  const std::optional<at::Tensor>& c, const at::Tensor& out, float alpha) {
+  // Row-major out (n x m) = alpha * b (n x k) op(a) + c. In cuBLASLt's column-major terms that is
+  // D (m x n) = alpha * op(A) B + C with A = a, B = b as stored: b row-major (n x k) is a
+  // column-major k x n matrix (op N); a row-major (m x k) is column-major k x m (op T), and a
+  // row-major (k x m) is column-major m x k (op N).
+  FALQON_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.stride(1) == 1 &&
+                  b.stride(1) == 1 && out.stride(1) == 1 && a.scalar_type() == b.scalar_type() &&
+                  (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
+              "falqon: matmul_16bit takes 2-D bf16/fp16 operands with contiguous rows");
+  const int64_t n = b.size(0), k = b.size(1);
+  const int64_t m = a_k_major ? a.size(1) : a.size(0);
+  FALQON_CHECK((a_k_major ? a.size(0) : a.size(1)) == k && out.size(0) == n && out.size(1) == m,
+              "falqon: matmul_16bit shapes do not match: a ", a.sizes(), ", b ", b.sizes(), ", out ",
+              out.sizes());
+  FALQON_CHECK(!c.has_value() || (c->dim() == 2 && c->size(0) == n && c->size(1) == m &&
+                                  c->stride(1) == 1 && c->scalar_type() == out.scalar_type()),
+              "falqon: matmul_16bit's C must be shaped and typed as its output");
+  if (m == 0 || n == 0) return true;
+  if (k == 0) {
+    if (c.has_value()) {
+      out.copy_(*c);
+    } else {
+      out.zero_();
+    }
+    return true;
+  }
+  const at::Device device = out.device();
+  LtKey key;
+  std::memset(&key, 0, sizeof(key));
+  key.device = device.index();
+  key.m = m;
+  key.n = n;
+  key.k = k;
+  key.lda = row_stride(a);
+  key.ldb = row_stride(b);
+  key.ldc = c.has_value() ? row_stride(*c) : 0;
+  key.ldd = row_stride(out);
+  key.ab_type = cuda_dtype(a.scalar_type());
+  key.cd_type = cuda_dtype(out.scalar_type());
+  key.trans_a = !a_k_major;
+  key.trans_b = false;
+  key.has_c = c.has_value();
+  key.align_a = pointer_alignment(a.const_data_ptr());
+  key.align_b = pointer_alignment(b.const_data_ptr());
+  key.align_c = c.has_value() ? pointer_alignment(c->const_data_ptr()) : 256;
+  key.align_d = pointer_alignment(out.data_ptr());
+  key.align_c = std::min(key.align_c, key.align_d);  // one preference covers both (see make_lt_plan)
+  key.align_d = key.align_c;
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  thread_local std::unordered_map<LtKey, std::unique_ptr<LtPlan>, LtKeyHash> plans;
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, make_lt_plan(key, handle, device)).first;
+  LtPlan& plan = *it->second;
+  if (!plan.found) return false;
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(plan.workspace)}, out.options().dtype(at::kByte));
+  const float beta = c.has_value() ? 1.f : 0.f;
+  const void* c_ptr = c.has_value() ? c->const_data_ptr() : out.data_ptr();
+  FALQON_CUBLASLT_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, a.const_data_ptr(), plan.a,
+                                       b.const_data_ptr(), plan.b, &beta, c_ptr, plan.c,
+                                       out.data_ptr(), plan.d, &plan.algo,
+                                       plan.workspace ? workspace.data_ptr() : nullptr,
+                                       plan.workspace, at::cuda::getCurrentCUDAStream()));
+  return true;
+}
 
 bool fast_accum_forward() {
   static const bool value = env_flag("FALQON_FAST_ACCUM_FWD", true);

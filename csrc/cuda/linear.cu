@@ -15,12 +15,28 @@ std::vector<int64_t> leading_dims_and(const at::Tensor& t, int64_t last) {
   return dims;
 }
 
+// The adapter mode's y = y_base + scaling * xa B^T (ref::adapter_output's numerics) as a new
+// contiguous (M, N) tensor: one cuBLASLt GEMM that reads the strided y_base as its C and writes
+// y, so the adapter costs one read and one write of y (and y leaves the op contiguous).
+at::Tensor adapter_output_fp8(const at::Tensor& y_base, const at::Tensor& xa,
+                              const at::Tensor& lora_B, double scaling) {
+  const at::ScalarType dtype = y_base.scalar_type();
+  if (dtype != at::kFloat) {
+    const at::Tensor b = lora_B.to(dtype).contiguous();  // (N, r)
+    at::Tensor y = at::empty(y_base.sizes(), y_base.options());
+    if (matmul_16bit(b, /*a_is_k_by_m=*/false, xa, y_base, y, static_cast<float>(scaling))) {
+      return y;
+    }
+  }
+  return ref::adapter_output(y_base, xa, lora_B, scaling);  // fp32 activations: ATen's GEMM
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& amax_history) {
+    const std::optional<at::Tensor>& amax_history, bool adapter, double scaling) {
   const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
   const at::Tensor x = input.reshape({-1, K});
   const auto [xq, sx, x_amax] =
@@ -42,6 +58,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     // the reference's order exactly (scaled product rounded to fp32, then + bias).
     product.narrow(1, 0, N).add_(bias->to(at::kFloat));
   }
+  if (adapter) {
+    const at::Tensor xa = product.narrow(1, N, r).contiguous();
+    return {adapter_output_fp8(product.narrow(1, 0, N), xa, lora_B, scaling)
+                .view(leading_dims_and(input, N)),
+            xa.view(leading_dims_and(input, r)), x_amax};
+  }
   product = product.view(leading_dims_and(input, rows));
   return {product.narrow(-1, 0, N), product.narrow(-1, N, r).contiguous(), x_amax};
 }
@@ -49,9 +71,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-    const std::optional<at::Tensor>& amax_history) {
+    const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
+    double scaling) {
   const int64_t N = grad_output.size(-1);
-  const at::Tensor g = grad_output.reshape({-1, N});
+  at::Tensor g = grad_output.reshape({-1, N});
+  // The adapter mode without dB (or with fp32 activations): the operand [g | scaling g B | 0]
+  // written out in fp32 and quantised as one tensor. melded_linear_backward_fp8 builds it without
+  // the copy when dB is wanted too.
+  if (lora_B.has_value()) g = ref::adapter_grad_operand(g, *lora_B, scaling, weight.size(0));
   const auto [gq, sg, g_amax] = amax_history.has_value()
                                     ? quantize_delayed_fp8(g, grad_dtype, *amax_history)
                                     : quantize_fp8(g, grad_dtype);
@@ -61,12 +88,12 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(
 at::Tensor dgrad_fp8(const at::Tensor& grad_output, const at::Tensor& gq, const at::Tensor& sg,
                      const at::Tensor& weight, const at::Tensor& weight_scale,
                      const std::optional<at::Tensor>& weight_t) {
-  const int64_t N = grad_output.size(-1), K = weight.size(1);
+  const int64_t C = gq.size(-1), K = weight.size(1);
   // cuBLASLt's FP8 GEMMs take only the "TN" layout, so dx = g W_q needs W_q^T with a contiguous
-  // N: the persistent copy when the layer keeps one, else a transpose of rows [0, N) now.
-  const at::Tensor wt = weight_t.has_value() ? *weight_t : transpose_fp8(weight.narrow(0, 0, N));
-  at::Tensor dx = at::empty({gq.numel() / N, K}, grad_output.options());
-  scaled_gemm_tn(wt, weight_scale, gq.reshape({-1, N}), sg, std::nullopt, dx, fast_accum_dgrad());
+  // C: the persistent copy when the layer keeps one, else a transpose of rows [0, C) now.
+  const at::Tensor wt = weight_t.has_value() ? *weight_t : transpose_fp8(weight.narrow(0, 0, C));
+  at::Tensor dx = at::empty({gq.numel() / C, K}, grad_output.options());
+  scaled_gemm_tn(wt, weight_scale, gq.reshape({-1, C}), sg, std::nullopt, dx, fast_accum_dgrad());
   return dx.view(leading_dims_and(grad_output, K));
 }
 

@@ -102,54 +102,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& weight_t, double scaling,
-    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history) {
-  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t);
+    std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
+    bool adapter) {
+  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter);
   check_layer_amax_history(input, amax_history);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
     return ref::melded_linear(input, weight, weight_scale, lora_B, bias, weight_t, scaling,
-                              grad_dtype, amax_history);
+                              grad_dtype, amax_history, adapter);
   }
-  return melded_linear_fp8(input, weight, weight_scale, lora_B, bias, amax_history);
+  return melded_linear_fp8(input, weight, weight_scale, lora_B, bias, amax_history, adapter,
+                           scaling);
 }
 
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_op(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
-    const std::optional<at::Tensor>& amax_history) {
+    const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
+    double scaling) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   check_grad_input_args(grad_output, weight, weight_scale, grad_output.dim() ? grad_output.size(-1) : 0,
-                        weight_t, gdt);
+                        weight_t, gdt, lora_B);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_grad_input", grad_output, *amax_history);
   }
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
     return ref::melded_linear_grad_input(grad_output, weight, weight_scale, weight_t, grad_dtype,
-                                         amax_history);
+                                         amax_history, lora_B, scaling);
   }
   return melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, gdt,
-                                      amax_history);
+                                      amax_history, lora_B, scaling);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_op(
     const at::Tensor& grad_output, const at::Tensor& xa, const at::Tensor& weight,
     const at::Tensor& weight_scale, const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
-    std::optional<at::ScalarType> grad_B_dtype) {
+    std::optional<at::ScalarType> grad_B_dtype, const std::optional<at::Tensor>& lora_B) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   const at::ScalarType bdt = grad_B_dtype.value_or(xa.scalar_type());
-  check_backward_args(grad_output, xa, weight, weight_scale, weight_t, gdt, bdt);
+  check_backward_args(grad_output, xa, weight, weight_scale, weight_t, gdt, bdt, lora_B);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_backward", grad_output, *amax_history);
   }
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
     return ref::melded_linear_backward(grad_output, xa, weight, weight_scale, weight_t, scaling,
-                                       grad_dtype, amax_history, grad_B_dtype);
+                                       grad_dtype, amax_history, grad_B_dtype, lora_B);
   }
   return melded_linear_backward_fp8(grad_output, xa, weight, weight_scale, weight_t, scaling, gdt,
-                                    amax_history, bdt);
+                                    amax_history, bdt, lora_B);
 }
 
 void record_amax_op(at::Tensor& amax_history, const at::Tensor& amax) {
@@ -160,13 +163,14 @@ void record_amax_op(at::Tensor& amax_history, const at::Tensor& amax) {
 
 std::tuple<at::Tensor, at::Tensor> meld_init_op(const at::Tensor& weight, int64_t rank,
                                                 const std::string& svd, int64_t oversample,
-                                                int64_t power_iters, int64_t seed) {
-  check_meld_init_args(weight, rank, svd, oversample, power_iters);
+                                                int64_t power_iters, int64_t seed,
+                                                double adapter_row_norm) {
+  check_meld_init_args(weight, rank, svd, oversample, power_iters, adapter_row_norm);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
-    return ref::meld_init(weight, rank, svd, oversample, power_iters, seed);
+    return ref::meld_init(weight, rank, svd, oversample, power_iters, seed, adapter_row_norm);
   }
-  return meld_init_fp8(weight, rank, svd, oversample, power_iters, seed);
+  return meld_init_fp8(weight, rank, svd, oversample, power_iters, seed, adapter_row_norm);
 }
 
 void topk_update_op(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,

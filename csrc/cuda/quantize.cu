@@ -184,19 +184,6 @@ __global__ void __launch_bounds__(kThreads, kFusedBlocksPerSm)
   tail_map<T, VEC, Op>(in, n, d, out);
 }
 
-// The amax a delayed scale uses, to every thread of the block: max(history) where it is > 0, else
-// 0 (nothing recorded yet; also for a history holding a NaN, where max(history) > 0 is false, as
-// in the reference). Each value maps to a key whose unsigned order is that decision's: NaN above
-// everything, a positive value (+Inf included) its own bits, zero and negative values 0.
-__device__ __forceinline__ float history_amax(const float* __restrict__ history, int64_t count) {
-  uint32_t key = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const float v = history[i];
-    key = max(key, isnan(v) ? 0xffffffffu : (v > 0.f ? __float_as_uint(v) : 0u));
-  }
-  key = block_max(key);
-  return key == 0xffffffffu ? 0.f : __uint_as_float(key);
-}
 
 // Delayed scaling, pass 1: the amax the cast uses, as one partial per block, and this call's amax
 // zeroed (the cast's atomicMax target). With a usable history every block writes the history's
@@ -461,7 +448,7 @@ void record_amax_fp8(at::Tensor& amax_history, const at::Tensor& amax) {
 }
 
 at::Tensor delayed_partials(const at::Tensor& x, const at::Tensor& amax_history,
-                            const at::Tensor& amax) {
+                            const at::Tensor& amax, int64_t extra) {
   FALQON_CHECK(x.is_contiguous(), "falqon: delayed_partials needs a contiguous tensor");
   const at::Tensor history = amax_history.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -471,7 +458,7 @@ at::Tensor delayed_partials(const at::Tensor& x, const at::Tensor& amax_history,
     dispatch_vec<scalar_t, scalar_t>(in, in, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       const int grid = stream_grid(x.numel() / VEC, x.device());
-      partials = at::empty({grid}, x.options().dtype(at::kInt));
+      partials = at::empty({grid + extra}, x.options().dtype(at::kInt));
       delayed_amax_kernel<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
           in, x.numel(), history.const_data_ptr<float>(), history.numel(), as_bits(partials),
           as_bits(amax));
