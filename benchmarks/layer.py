@@ -10,13 +10,23 @@ Methods (a peer that cannot be imported or run is listed with the reason, never 
                     backward, g_q (E5M2) W_q (from a transposed copy made outside the timing), with
                     fast accumulation where falqon's dgrad uses it (FALQON_FAST_ACCUM_DGRAD, on by
                     default): the same GEMMs as falqon's
-  falqon            falqon.MeldedLinear.from_linear on the CUDA ops (dx through a transpose of
-                    the FP8 weight in the backward, or however the kernels do it by default)
+  falqon            falqon.MeldedLinear.from_linear(update_mode="proxy"), the paper's method, on
+                    the CUDA ops (dx through a transpose of the FP8 weight in the backward, or
+                    however the kernels do it by default); B is not in its forward and the
+                    proxy update (after an optimizer step) is not timed here
   falqon_wt         the same with the persistent transposed copy (transposed_copy=True)
   falqon_delayed    falqon with delayed scaling (amax_history_len=16): x and g quantised in one
                     pass at the scale of the amaxes recorded by earlier calls (the warm-up calls
                     fill the history before the timing)
   falqon_delayed_wt the same with the persistent transposed copy
+  falqon_adapter    update_mode="adapter" (falqon's default): y = x W^T + scaling (x A^T) B^T
+                    with B a trained adapter (non-zero here, normal std 0.01, so that no
+                    shortcut applies); an extra 16-bit GEMM in the forward, an extra skinny GEMM
+                    (g B) and small kernels in the backward, dx from one FP8 GEMM over every row
+                    of W'; current scaling, no transposed copy
+  falqon_adapter_delayed_wt
+                    the adapter mode with delayed scaling (amax_history_len=16) and the
+                    persistent transposed copy (of every row of W'), like falqon_delayed_wt
   qlora_nf4         PEFT LoRA over a bitsandbytes Linear4bit (NF4, bf16 compute)
   fp8_lora_torchao  torchao float8 training (convert_to_float8_training, tensorwise dynamic
                     scaling) on the frozen base, compiled with torch.compile as torchao intends,
@@ -24,9 +34,10 @@ Methods (a peer that cannot be imported or run is listed with the reason, never 
 
     python benchmarks/layer.py --quick            # the three 7B shapes, M = 8192, r = 64
     python benchmarks/layer.py                    # the whole sweep: 7B + 13B, M 2048/8192/16384, r 16/64
+    python benchmarks/layer.py --quick --methods bf16_lora,fp8_floor,falqon,falqon_adapter
 
 Writes benchmarks/results/layer_<device>.json and prints a table last: each method's median ms,
-its speed-up over bf16_lora, and falqon's ratio to fp8_floor.
+its speed-up over bf16_lora, and each falqon method's ratio to fp8_floor.
 """
 
 from __future__ import annotations
@@ -50,10 +61,13 @@ SHAPES = {
     "13b": [(5120, 5120), (5120, 13824), (13824, 5120)],
 }
 METHODS = ["bf16_lora", "fp8_floor", "falqon", "falqon_wt", "falqon_delayed", "falqon_delayed_wt",
-           "qlora_nf4", "fp8_lora_torchao"]
+           "falqon_adapter", "falqon_adapter_delayed_wt", "qlora_nf4", "fp8_lora_torchao"]
+# The falqon methods: the table gives each one's ratio to fp8_floor.
+FALQON_METHODS = [m for m in METHODS if m.startswith("falqon")]
 # History length of the falqon_delayed methods (Transformer Engine's default is 1024; any H gives
 # the same kernels, the history only decides the scale).
 DELAYED_HISTORY = 16
+ADAPTER_B_STD = 0.01  # the adapter methods' B: non-zero, like a trained adapter's
 PASSES = ("fwd_bwd", "fwd")
 # The floor's dgrad GEMM accumulates as falqon's does (csrc/cuda/gemm.cu reads the same variable).
 FAST_ACCUM_DGRAD = common.env_flag("FALQON_FAST_ACCUM_DGRAD", True)
@@ -62,11 +76,13 @@ DTYPE = torch.bfloat16
 
 @dataclass
 class Bench:
-    """A method built for one (shape, r): its forward and its forward + backward on (x, g)."""
+    """A method built for one (shape, r): its forward and its forward + backward on (x, g), and
+    the module they call (None for the floor, which calls GEMMs alone)."""
 
     fwd: callable
     fwd_bwd: callable
     note: str = ""
+    module: nn.Module | None = None
 
 
 # ---- the methods --------------------------------------------------------------------------------
@@ -109,7 +125,7 @@ def _module_bench(layer: nn.Module) -> Bench:
             p.grad = None
         layer(x).backward(g)
 
-    return Bench(fwd, fwd_bwd)
+    return Bench(fwd, fwd_bwd, module=layer)
 
 
 def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
@@ -125,13 +141,20 @@ def build_bf16_lora(weight, r, ctx):
     return _module_bench(_peft_lora(_frozen_linear(weight), r))
 
 
-def build_falqon(weight, r, ctx, transposed_copy=False, amax_history_len=0):
+def build_falqon(weight, r, ctx, transposed_copy=False, amax_history_len=0,
+                 update_mode="proxy"):
+    """A melded layer of `weight`. Proxy mode: B stays zero (its forward ignores B). Adapter mode:
+    B drawn non-zero (ADAPTER_B_STD), as a trained adapter's, so that its GEMMs do real work."""
     import falqon
 
     layer = falqon.MeldedLinear.from_linear(_frozen_linear(weight), rank=r, topk=ctx.topk,
                                             transposed_copy=transposed_copy,
-                                            amax_history_len=amax_history_len)
-    if not amax_history_len:
+                                            amax_history_len=amax_history_len,
+                                            update_mode=update_mode)
+    if update_mode == "adapter":
+        with torch.no_grad():
+            layer.lora_B.normal_(std=ADAPTER_B_STD)
+    elif not amax_history_len:
         ctx.melded[r] = layer   # the floor uses the same FP8 operands
     return _module_bench(layer)
 
@@ -148,6 +171,15 @@ def build_falqon_delayed(weight, r, ctx):
 
 def build_falqon_delayed_wt(weight, r, ctx):
     return build_falqon(weight, r, ctx, transposed_copy=True, amax_history_len=DELAYED_HISTORY)
+
+
+def build_falqon_adapter(weight, r, ctx):
+    return build_falqon(weight, r, ctx, update_mode="adapter")
+
+
+def build_falqon_adapter_delayed_wt(weight, r, ctx):
+    return build_falqon(weight, r, ctx, transposed_copy=True, amax_history_len=DELAYED_HISTORY,
+                        update_mode="adapter")
 
 
 def build_fp8_floor(weight, r, ctx):
@@ -232,8 +264,9 @@ def build_fp8_lora_torchao(weight, r, ctx):
 BUILDERS = {
     "bf16_lora": build_bf16_lora, "fp8_floor": build_fp8_floor, "falqon": build_falqon,
     "falqon_wt": build_falqon_wt, "falqon_delayed": build_falqon_delayed,
-    "falqon_delayed_wt": build_falqon_delayed_wt, "qlora_nf4": build_qlora_nf4,
-    "fp8_lora_torchao": build_fp8_lora_torchao,
+    "falqon_delayed_wt": build_falqon_delayed_wt, "falqon_adapter": build_falqon_adapter,
+    "falqon_adapter_delayed_wt": build_falqon_adapter_delayed_wt,
+    "qlora_nf4": build_qlora_nf4, "fp8_lora_torchao": build_fp8_lora_torchao,
 }
 
 
@@ -364,7 +397,7 @@ def run(args) -> tuple[list[dict], dict]:
                         records.append(rec)
                         ms = ("skipped: " + rec["skipped"] if rec["ms"] is None
                               else f"{rec['ms']:.3f} ms")
-                        print(f"  {K:>5}->{N:<5} M={M:<5} r={r:<3} {m:<17} {pass_:<7} {ms}",
+                        print(f"  {K:>5}->{N:<5} M={M:<5} r={r:<3} {m:<25} {pass_:<7} {ms}",
                               flush=True)
                 del x, g
             del benches
@@ -375,26 +408,30 @@ def run(args) -> tuple[list[dict], dict]:
 
 
 def tables(records: list[dict], methods: list[str], reps: int) -> str:
-    """One table per pass: ms per method, speed-up over bf16_lora, falqon / fp8_floor."""
+    """One table per pass: ms per method, speed-up over bf16_lora, each falqon method's ratio to
+    fp8_floor ("<method>/floor")."""
     ok = {(tuple(r["shape"]), r["M"], r["r"], r["method"], r["pass"]): r["ms"]
           for r in records if r.get("ms") is not None}
     keys = list(dict.fromkeys((tuple(r["shape"]), r["M"], r["r"]) for r in records))  # in run order
     present = [m for m in methods if any(k[3] == m for k in ok)]
     speed = [m for m in present if m != "bf16_lora"]
+    # Without a falqon method or the floor, the one column ("falqon/floor") stays, all "-".
+    floored = [m for m in present if m in FALQON_METHODS] if "fp8_floor" in present else []
+    floored = floored or ["falqon"]
     out = []
     for pass_ in PASSES:
         title = ("fwd+bwd (input grad needed)" if pass_ == "fwd_bwd" else "forward alone")
         headers = ["K->N", "M", "r"] + [f"{m} ms" for m in present] + \
-                  [f"{m} x" for m in speed] + ["falqon/floor"]
+                  [f"{m} x" for m in speed] + [f"{m}/floor" for m in floored]
         rows = []
         for shape, M, r in keys:
             ms = {m: ok.get((shape, M, r, m, pass_)) for m in present}
             base = ms.get("bf16_lora")
             ups = [base / ms[m] if base and ms.get(m) else None for m in speed]
-            ratio = (ms["falqon"] / ms["fp8_floor"]
-                     if ms.get("falqon") and ms.get("fp8_floor") else None)
+            floor = ms.get("fp8_floor")
+            ratios = [ms[m] / floor if floor and ms.get(m) else None for m in floored]
             rows.append([f"{shape[0]}->{shape[1]}", M, r] + [ms[m] for m in present] + ups +
-                        [ratio])
+                        ratios)
         out.append(f"Layer {title}: median ms of {reps} calls; 'x' = speed-up over bf16_lora\n"
                    + common.format_table(headers, rows))
     return "\n\n".join(out)

@@ -24,25 +24,41 @@ peer whose torch.compile time is unbounded last:
                     the bf16 weight (no memory saving), re-quantises it on every call, and its
                     backward computes the frozen weight's gradient GEMM anyway (torchao 0.17/0.18
                     float8_linear.py).
-  falqon            falqon.meld(model, FalqonConfig(rank, topk=10)) + falqon.attach(opt, model):
-                    the proxy update runs after every optimizer step; its share of a step is
-                    timed on its own with CUDA events around attach's hook. lora_B is float32
+  falqon            falqon.meld(model, FalqonConfig(rank, topk=10, update_mode="proxy")) +
+                    falqon.attach(opt, model): the paper's method; the proxy update runs after
+                    every optimizer step, inside the timed step; its share of a step is timed on
+                    its own with CUDA events around attach's hook. lora_B is float32
                     (MeldedLinear's default); dB is computed in bf16. Eager, like the others.
   falqon_delayed_wt the same with FalqonConfig(transposed_copy=True, amax_history_len=16): a
                     persistent transposed FP8 weight copy for dgrad and delayed (previous-steps)
                     scaling of x and g, the fastest options of benchmarks/layer.py.
+  falqon_adapter    falqon.meld(model, FalqonConfig(rank, update_mode="adapter")), falqon's
+                    default mode: B is a LoRA-FA adapter in the forward (an extra 16-bit GEMM
+                    there, a skinny one and small kernels in the backward), trained by AdamW like
+                    LoRA's and never folded; no proxy update, nothing attached.
+  falqon_adapter_delayed_wt
+                    the adapter mode with transposed_copy=True and amax_history_len=16.
   fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
                     torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
                     fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
 
 Per method: seconds per step (median of --steps timed steps after --warmup), tokens/s and peak
-device memory (torch.cuda.max_memory_allocated, reset after the model is built). The falqon run
-also times falqon.meld of the whole model (a "meld" record). A method that cannot be imported or
-run is recorded as {"skipped": reason}, never dropped. Results go to
+device memory (torch.cuda.max_memory_allocated, reset after the model is built). The run's first
+falqon method also times falqon.meld of the whole model (a "meld" record). A method that cannot
+be imported or run is recorded as {"skipped": reason}, never dropped. Results go to
 benchmarks/results/model_<device>.json; the table is printed last.
+
+Loss sanity: every step trains on the same random batch at --lr (1e-4 by default, a LoRA-sized
+rate), so a method whose updates reach the model drives the loss down. Each record keeps the
+loss of its first step ("first_loss", before any update) and of its last ("final_loss", after
+"loss_steps" optimizer steps: --warmup, one step that sizes the timing, the timed steps; the
+same for every method unless --budget-s cuts the timed steps). The first warm-up step of a
+falqon method (one even with --warmup 0) checks that B was trained (and, in the proxy mode,
+folded in and reset).
 
     python benchmarks/model.py                         # full 32 layers, all methods (~5 min, H100)
     python benchmarks/model.py --quick                 # 8 layers, fewer steps
+    python benchmarks/model.py --methods bf16_lora,falqon,falqon_adapter   # a subset, in order
     python benchmarks/model.py --device cpu --model tiny --steps 2   # smoke test, no GPU
 """
 
@@ -72,10 +88,14 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 
 # Run in this order: torch.compile's unbounded compile time last, falqon before it (see above).
 METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt",
-           "fp8_lora_torchao")
-# falqon's options per method: the default, and the fastest (benchmarks/layer.py's names).
-FALQON_OPTIONS = {"falqon": {},
-                  "falqon_delayed_wt": {"transposed_copy": True, "amax_history_len": 16}}
+           "falqon_adapter", "falqon_adapter_delayed_wt", "fp8_lora_torchao")
+# FalqonConfig options per falqon method: each mode with current scaling, and with the fastest
+# options (benchmarks/layer.py's names).
+FASTEST = {"transposed_copy": True, "amax_history_len": 16}
+FALQON_OPTIONS = {"falqon": {"update_mode": "proxy"},
+                  "falqon_delayed_wt": {"update_mode": "proxy", **FASTEST},
+                  "falqon_adapter": {"update_mode": "adapter"},
+                  "falqon_adapter_delayed_wt": {"update_mode": "adapter", **FASTEST}}
 BASELINE = "bf16_lora"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -219,6 +239,11 @@ def setup_fp8_lora_torchao(model, args, info):
     return setup_fp8_lora_torchao_eager(model, args, info, compile_base=True)
 
 
+def is_proxy(method: str) -> bool:
+    """Whether `method` is a falqon method in the proxy mode (with an update after each step)."""
+    return FALQON_OPTIONS.get(method, {}).get("update_mode") == "proxy"
+
+
 def setup_falqon(model, args, info, options=None):
     import falqon
 
@@ -240,9 +265,11 @@ def setup_falqon(model, args, info, options=None):
     return model
 
 
-SETUP = {"falqon": setup_falqon,
-         "falqon_delayed_wt": lambda model, args, info: setup_falqon(
-             model, args, info, FALQON_OPTIONS["falqon_delayed_wt"]),
+def _falqon_setup(method: str):
+    return lambda model, args, info: setup_falqon(model, args, info, FALQON_OPTIONS[method])
+
+
+SETUP = {**{m: _falqon_setup(m) for m in FALQON_OPTIONS},
          "bf16_lora": setup_bf16_lora, "qlora_nf4": setup_qlora_nf4,
          "fp8_lora_torchao_eager": setup_fp8_lora_torchao_eager,
          "fp8_lora_torchao": setup_fp8_lora_torchao}
@@ -258,6 +285,10 @@ NOTES = {
     "falqon": "falqon.meld + falqon.attach (proxy update inside optimizer.step)",
     "falqon_delayed_wt": ("the same with FalqonConfig(transposed_copy=True, amax_history_len=16): "
                           "a transposed FP8 weight copy and delayed scaling"),
+    "falqon_adapter": ("falqon.meld with FalqonConfig(update_mode='adapter'): B a LoRA-FA adapter "
+                       "in the forward, trained by AdamW, never folded; no proxy update"),
+    "falqon_adapter_delayed_wt": ("the adapter mode with FalqonConfig(transposed_copy=True, "
+                                  "amax_history_len=16)"),
 }
 
 
@@ -329,9 +360,10 @@ def train_step(model, optimizer, batch, args) -> torch.Tensor:
     return loss.detach()
 
 
-def check_proxy_update_ran(layers, model, optimizer, batch, args) -> None:
-    """One step, checking that the optimizer wrote into lora_B and attach's hook folded it in and
-    reset B (the default drop policy zeroes every B)."""
+def checked_step(method, layers, model, optimizer, batch, args) -> torch.Tensor:
+    """One training step that checks that the optimizer wrote into lora_B and, in the proxy mode,
+    that attach's hook folded it in and reset B (the default drop policy zeroes every B); in the
+    adapter mode, that B kept its update (nothing folds it). Returns the step's loss."""
     with autocast_context(args):
         loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
@@ -339,14 +371,19 @@ def check_proxy_update_ran(layers, model, optimizer, batch, args) -> None:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     left = float(sum(l.lora_B.detach().abs().sum() for l in layers))
-    loss = float(loss.detach())
-    if not math.isfinite(grads) or not math.isfinite(loss):
-        raise RuntimeError(f"falqon: non-finite loss ({loss}) or lora_B gradient ({grads})")
+    value = float(loss.detach())
+    if not math.isfinite(grads) or not math.isfinite(value):
+        raise RuntimeError(f"{method}: non-finite loss ({value}) or lora_B gradient ({grads})")
     if not grads > 0:
-        raise RuntimeError("falqon: lora_B received no gradient")
-    if left != 0 and not any(l.keep_residual for l in layers):
-        raise RuntimeError("falqon: lora_B is not zero after optimizer.step(): attach's proxy "
-                           "update did not run")
+        raise RuntimeError(f"{method}: lora_B received no gradient")
+    if is_proxy(method):
+        if left != 0 and not any(l.keep_residual for l in layers):
+            raise RuntimeError(f"{method}: lora_B is not zero after optimizer.step(): attach's "
+                               f"proxy update did not run")
+    elif not left > 0:
+        raise RuntimeError(f"{method}: lora_B is zero after optimizer.step(): the adapter mode's "
+                           f"B did not keep its update")
+    return loss.detach()
 
 
 def prepare(method: str, args):
@@ -369,12 +406,37 @@ def attach_falqon(optimizer, model):
     return falqon.attach(optimizer, model)
 
 
-def run_method(method: str, args) -> tuple[dict, dict | None]:
-    """(model record, meld record or None) of one method on a freshly built model."""
+def pre_steps(method, model, optimizer, batch, info, args) -> tuple[torch.Tensor | None, int]:
+    """The untimed steps before the timing: --warmup of them, at least one for a falqon method,
+    whose first step is checked (checked_step). (The first step's loss or None, the count.)"""
+    first, count = None, max(args.warmup, 1 if method in FALQON_OPTIONS else 0)
+    for i in range(count):
+        if i == 0 and method in FALQON_OPTIONS:
+            loss = checked_step(method, info["melded_layers"], model, optimizer, batch, args)
+        else:
+            loss = train_step(model, optimizer, batch, args)
+        first = loss if first is None else first
+    return first, count
+
+
+def timed_steps(model, optimizer, batch, args, count: int) -> tuple[list[float], torch.Tensor]:
+    """(seconds of each of `count` steps, the last step's loss), by CUDA events on the GPU."""
+    stamps, loss = [], None
+    for _ in range(count):
+        start = Stamp(args.device).record()
+        loss = train_step(model, optimizer, batch, args)
+        stamps.append((start, Stamp(args.device).record()))
+    sync(args.device)
+    return [a.ms_to(b) / 1e3 for a, b in stamps], loss
+
+
+def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict | None]:
+    """(model record, meld record or None) of one method on a freshly built model. The meld
+    record comes from the run's first falqon method (meld_timed: one is recorded already)."""
     device = args.device
     model, optimizer, batch, info = prepare(method, args)
     timer = None
-    if method in FALQON_OPTIONS:
+    if is_proxy(method):
         timer = UpdateTimer(optimizer, device, lambda: attach_falqon(optimizer, model))
     gc.collect()
     if device.type == "cuda":
@@ -382,27 +444,19 @@ def run_method(method: str, args) -> tuple[dict, dict | None]:
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)
 
-    if method in FALQON_OPTIONS:
-        check_proxy_update_ran(info["melded_layers"], model, optimizer, batch, args)
-    for _ in range(args.warmup):
-        train_step(model, optimizer, batch, args)
+    first_loss, untimed = pre_steps(method, model, optimizer, batch, info, args)
     # One synchronised step sizes the timed loop to the per-method time budget.
     sync(device)
     t0 = time.perf_counter()
     loss = train_step(model, optimizer, batch, args)
     sync(device)
     estimate = time.perf_counter() - t0
+    first_loss = loss if first_loss is None else first_loss
     steps = max(min(args.steps, int(args.budget_s / max(estimate, 1e-9))), min(3, args.steps))
 
     if timer is not None:
         timer.pairs.clear()
-    stamps = []
-    for _ in range(steps):
-        start = Stamp(device).record()
-        loss = train_step(model, optimizer, batch, args)
-        stamps.append((start, Stamp(device).record()))
-    sync(device)
-    step_s = [a.ms_to(b) / 1e3 for a, b in stamps]
+    step_s, loss = timed_steps(model, optimizer, batch, args, steps)
     s_per_step = statistics.median(step_s)
     tokens = args.batch * args.seq
     record = {
@@ -412,21 +466,25 @@ def run_method(method: str, args) -> tuple[dict, dict | None]:
                      if device.type == "cuda" else None),
         "resident_gib": resident / 2**30 if device.type == "cuda" else None,
         "steps": steps, "step_s_min": min(step_s), "step_s_max": max(step_s),
-        "trainable_params": info["trainable_params"], "final_loss": float(loss),
+        "trainable_params": info["trainable_params"], "first_loss": float(first_loss),
+        # The last step's forward follows this many optimizer steps (the estimate's included).
+        "final_loss": float(loss), "loss_steps": untimed + steps, "lr": args.lr,
         "note": NOTES[method],
     }
     for key in ("bitsandbytes", "torchao"):
         if key in info:
             record[key] = info[key]
-    meld_record = None
     if method in FALQON_OPTIONS:
+        record["update_mode"] = FALQON_OPTIONS[method]["update_mode"]
+    if timer is not None:
         update_ms = [a.ms_to(b) for a, b in timer.pairs]
         record["update_ms"] = statistics.median(update_ms)
         record["update_share"] = record["update_ms"] / 1e3 / s_per_step
         timer.remove()
-    if method == "falqon":
+    meld_record = None
+    if method in FALQON_OPTIONS and not meld_timed:
         meld_record = {"kind": "meld", "model": record["model"], "seconds": info["meld_s"],
-                       "layers": len(info["melded_layers"]), "rank": args.rank}
+                       "layers": len(info["melded_layers"]), "rank": args.rank, "method": method}
     if not math.isfinite(record["final_loss"]):
         raise RuntimeError(f"{method}: the loss is not finite ({record['final_loss']})")
     return record, meld_record
@@ -456,14 +514,19 @@ def format_table(records: list[dict]) -> str:
             notes.append(f"falqon.meld of {r['model']} ({r['layers']} layers, rank {r['rank']}): "
                          f"{r['seconds']:.1f} s (target < 30 s for llama-7b)")
         elif "skipped" in r:
-            rows.append([r["method"], None, None, None, None, None])
+            rows.append([r["method"]] + [None] * 7)
             notes.append(f"{r['method']} skipped: {r['skipped']}")
         else:
             rows.append([r["method"], r["s_per_step"], round(r["tokens_per_s"]), r["peak_gib"],
                          r.get("update_ms"),
-                         base["s_per_step"] / r["s_per_step"] if base else None])
+                         base["s_per_step"] / r["s_per_step"] if base else None,
+                         r["first_loss"], r["final_loss"]])
     table = common.format_table(["method", "s/step", "tokens/s", "peak GiB", "update ms",
-                                 f"speed-up vs {BASELINE}"], rows)
+                                 f"speed-up vs {BASELINE}", "first loss", "final loss"], rows)
+    ran = next((r for r in records if r.get("kind") == "model" and "skipped" not in r), None)
+    if ran:
+        notes.append(f"loss: the same batch every step, AdamW lr {ran['lr']:g}; the final loss "
+                     f"is the forward's after {ran['loss_steps']} optimizer steps")
     return "\n".join([table] + notes)
 
 
@@ -559,7 +622,8 @@ def main(argv=None) -> list[dict]:
     for method in args.methods:
         t0 = time.perf_counter()
         try:
-            record, meld_record = run_method(method, args)
+            meld_timed = any(r["kind"] == "meld" for r in records)
+            record, meld_record = run_method(method, args, meld_timed)
         except Exception as exc:
             # A method that cannot run is listed with its reason (the traceback goes to stderr
             # for anything but a clean Skip), and the run goes on with the next one.

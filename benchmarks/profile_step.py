@@ -1,5 +1,7 @@
 """Where the time of one FALQON training step goes: the model of benchmarks/model.py, melded with
-falqon.meld and trained with falqon.attach, one step under torch.profiler.
+falqon.meld and trained with falqon.attach, one step under torch.profiler. --update-mode picks
+the mode: proxy (the default here, the paper's method: model.py's "falqon", what the committed
+profiles measured) or adapter (model.py's "falqon_adapter": no proxy update, nothing attached).
 
 Every GPU kernel of the profiled step (every CPU op's own time with --device cpu) is put in one
 group, from the op that launched it (its chain of enclosing ops) and the phase of the step:
@@ -8,6 +10,9 @@ group, from the op that launched it (its chain of enclosing ops) and the phase o
   dgrad GEMMs        the FP8 GEMM of falqon::melded_linear_grad_input
   quantise           per-tensor FP8 quantisation (amax, scale, cast) of activations and gradients
   dB                 dB = scaling * g^T xa (the bf16 GEMM and its cast/scale)
+  adapter GEMMs      (adapter mode only) the 16-bit GEMMs of B: the forward's y + scaling xa B^T
+                     and the backward's u = scaling g B (on the CPU reference, u's product is
+                     counted in dgrad GEMMs: it runs inside the dgrad op under the same name)
   transpose          FP8 weight transposes for the input gradient
   attention          scaled-dot-product attention, forward and backward
   norms/elementwise  RMSNorm, SiLU * up, rotary embedding, residual adds, casts
@@ -15,15 +20,17 @@ group, from the op that launched it (its chain of enclosing ops) and the phase o
   loss               log-softmax and NLL
   recompute          everything re-run by activation checkpointing during backward
   optimizer step     AdamW on the lora_B's
-  proxy update       falqon.attach's hook (top-k row update of every melded weight)
+  proxy update       (proxy mode only) falqon.attach's hook (top-k row update of every melded
+                     weight)
   other              the rest (embedding, gradient accumulation, copies, ...)
 
 The step is also timed without the profiler (CUDA events); the difference between that and the
 kernels' sum is time the GPU waited on the host ("GPU idle"). Prints the table and writes
-benchmarks/results/profile_<device>.json.
+benchmarks/results/profile_<device>.json (the adapter mode: profile_adapter_<device>.json).
 
     python benchmarks/profile_step.py                    # full 32-layer model, one step
     python benchmarks/profile_step.py --layers 8 --trace trace.json   # also a Chrome trace
+    python benchmarks/profile_step.py --update-mode adapter
     python benchmarks/profile_step.py --device cpu --model tiny --rank 8 --batch 2 --seq 32
 """
 
@@ -48,16 +55,32 @@ import model as mb  # noqa: E402  (benchmarks/model.py)
 TAG = "falqon_bench::"
 PHASES = ("forward", "backward", "optimizer", "proxy_update")
 RECOMPUTE = TAG + "recompute"
+UPDATE_MODES = ("proxy", "adapter")
+# model.py's method of each mode.
+METHOD_OF_MODE = {"proxy": "falqon", "adapter": "falqon_adapter"}
 
 CATEGORIES = ("fwd GEMMs", "dgrad GEMMs", "quantise", "dB", "transpose", "attention",
               "norms/elementwise", "lm_head GEMMs", "loss", "recompute", "optimizer step",
               "proxy update", "other")
+# The adapter mode has its B's GEMMs and no proxy update.
+ADAPTER_CATEGORIES = tuple(c for c in CATEGORIES[:4] + ("adapter GEMMs",) + CATEGORIES[4:]
+                           if c != "proxy update")
+
+
+def categories(adapter: bool) -> tuple[str, ...]:
+    return ADAPTER_CATEGORIES if adapter else CATEGORIES
+
+
+def phases(adapter: bool) -> tuple[str, ...]:
+    return tuple(p for p in PHASES if p != "proxy_update") if adapter else PHASES
 
 # Kernel names. cuBLAS/cuBLASLt GEMMs on Hopper are named sm90_xmma_gemm_*, nvjet_*, cutlass*
-# or *gemm*; falqon's own kernels are transpose_fp8_kernel and amax/scaled_map/fused_quantize.
+# or *gemm*; falqon's own kernels are transpose_fp8_kernel and amax/scaled_map/fused_quantize,
+# and in the adapter mode adapter_partials/adapter_cast (the dgrad operand [g | scaling g B]).
 TRANSPOSE_RE = re.compile(r"transpose", re.I)
 GEMM_RE = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|splitk|wgmma", re.I)
-QUANT_RE = re.compile(r"quant|amax|absmax|scaled_map|float8|fp8|e4m3|e5m2", re.I)
+QUANT_RE = re.compile(r"quant|amax|absmax|scaled_map|float8|fp8|e4m3|e5m2|adapter_partials|"
+                      r"adapter_cast", re.I)
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
             "aten::_scaled_mm", "aten::linear"}
 ATTENTION_RE = re.compile(r"scaled_dot_product|flash|efficient_attention|cudnn_attention|fmha|"
@@ -68,7 +91,9 @@ MELDED_DGRAD = "falqon::melded_linear_grad_input"
 MELDED_BWD = "GeneratedBackwardFor_falqon_melded_linear"  # torch.library autograd node names
 MELDED_BOTH = "falqon::melded_linear_backward"  # both gradients in one op (the CPU reference
 # runs its dx part through falqon::melded_linear_grad_input)
-FP8_GEMM_RE = re.compile(r"nvjet_sm\d+a?_q|e4m3|e5m2|f8f8|_f8_|fp8|qgmma", re.I)
+FP8_GEMM_RE = re.compile(r"nvjet_(sm\d+a?_)?q|e4m3|e5m2|f8f8|_f8_|fp8|qgmma", re.I)
+# The CPU reference's adapter product in the forward (ref::adapter_output); its FP8 GEMM is mm.
+CPU_ADAPTER_FWD_OP = "aten::addmm"
 
 # What FALQON could take on beyond its linear layers, printed under the table with the measured
 # time of the group each idea would shrink.
@@ -84,6 +109,9 @@ IDEAS = [
      "no transpose per backward, at the price of a second FP8 copy"),
     ("proxy update", "one batched top-k update over all layers (grouped launch) instead of one "
      "per layer"),
+    ("adapter GEMMs", "form u = scaling g B in the fused pass that already reads g for dB (the "
+     "16-bit GEMM reads g again), and add scaling xa B^T in the FP8 GEMM's epilogue instead of "
+     "a second GEMM that reads and writes y"),
 ]
 
 
@@ -155,9 +183,19 @@ def chain_names(event) -> list[str]:
     return names
 
 
-def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool) -> str:
+def _adapter_gemm(kernel: str, op: str, on_gpu: bool, forward: bool) -> bool:
+    """Whether a GEMM under a melded op is one of the adapter mode's B products, not an FP8 one:
+    on the GPU by its kernel's name, on the CPU (forward only) by the reference's op."""
+    if on_gpu:
+        return not FP8_GEMM_RE.search(kernel)
+    return forward and op == CPU_ADAPTER_FWD_OP
+
+
+def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool,
+             adapter: bool = False) -> str:
     """The group of one unit of device time: a kernel (on_gpu) or a CPU op's own time, given the
-    names of the op that ran it and its enclosing ops (innermost first) and the step's phase."""
+    names of the op that ran it and its enclosing ops (innermost first) and the step's phase.
+    adapter: the model is in the adapter mode (its non-FP8 GEMMs under melded ops are B's)."""
     if phase == "proxy_update":
         return "proxy update"
     if phase == "optimizer":
@@ -171,6 +209,8 @@ def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool) -> 
         if is_transpose:
             return "transpose"
         if is_gemm:
+            if adapter and _adapter_gemm(kernel, op, on_gpu, MELDED_DGRAD not in chain):
+                return "adapter GEMMs"
             return "dgrad GEMMs" if MELDED_DGRAD in chain else "fwd GEMMs"
         # The CPU reference does nothing else there but quantise (amax, divide, cast) and scale;
         # on the GPU, a kernel of another name (the xa copy, say) is "other".
@@ -180,13 +220,16 @@ def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool) -> 
     if MELDED_BOTH in chain:
         # On the GPU: the FP8 GEMM is dx's; the one read of g that quantises it (and folds in
         # dB's products on the tensor cores) is quantise; the split reduce is dB. The CPU
-        # reference's own work here (outside its grad_input call) is dB's fp32 GEMM.
+        # reference's own work here (outside its grad_input call) is dB's fp32 GEMM. In the
+        # adapter mode, the cuBLASLt GEMM launched by the op itself (no aten op) is u = g B.
         if not on_gpu:
             return "dB"
         if is_transpose:
             return "transpose"
         if is_gemm and FP8_GEMM_RE.search(kernel):
             return "dgrad GEMMs"
+        if adapter and is_gemm and op not in GEMM_OPS:
+            return "adapter GEMMs"
         if is_gemm or "grad_b_reduce" in kernel:
             return "dB"
         if QUANT_RE.search(kernel) or "grad_quantize_product" in kernel:
@@ -242,11 +285,13 @@ def units(events, on_gpu: bool):
             yield e.name, e.self_cpu_time_total, e
 
 
-def breakdown(events, on_gpu: bool, steps: int) -> dict:
+def breakdown(events, on_gpu: bool, steps: int, adapter: bool = False) -> dict:
+    """Per category (categories(adapter)): ms per step, share and kernel (op) count, and the
+    details that the table prints under it."""
     ranges = phase_ranges(events)
-    if {r[0] for r in ranges} != set(PHASES):
+    if {r[0] for r in ranges} != set(phases(adapter)):
         raise RuntimeError(f"profile: phase ranges found {sorted({r[0] for r in ranges})}, "
-                           f"expected {list(PHASES)}")
+                           f"expected {list(phases(adapter))}")
     totals = collections.Counter()
     counts = collections.Counter()
     kernels = collections.defaultdict(collections.Counter)  # category -> kernel -> us
@@ -255,7 +300,7 @@ def breakdown(events, on_gpu: bool, steps: int) -> dict:
     for name, us, event in units(events, on_gpu):
         chain = chain_names(event)
         phase = phase_of(event.time_range.start, ranges)
-        cat = classify(name, chain, phase, on_gpu)
+        cat = classify(name, chain, phase, on_gpu, adapter)
         totals[cat] += us
         counts[cat] += 1
         kernels[cat][name] += us
@@ -263,7 +308,7 @@ def breakdown(events, on_gpu: bool, steps: int) -> dict:
             # What the re-run forward spent it on: classify with the ops inside the recompute
             # range only (outside it are the backward nodes whose unpacking triggered it).
             inner = chain[:chain.index(RECOMPUTE)]
-            recompute[classify(name, inner, "forward", on_gpu)] += us
+            recompute[classify(name, inner, "forward", on_gpu, adapter)] += us
         if cat == "quantise":
             quantise_units[phase] += 1
     per = 1e-3 / steps  # us summed over the profiled steps -> ms per step
@@ -272,12 +317,12 @@ def breakdown(events, on_gpu: bool, steps: int) -> dict:
         # plot_results.py reads only layer/model/meld records and passes these over.
         "records": [{"kind": "profile", "group": c, "ms": totals[c] * per,
                      "share": totals[c] / total if total else 0.0,
-                     "count": counts[c] // steps} for c in CATEGORIES],
+                     "count": counts[c] // steps} for c in categories(adapter)],
         "sum_ms": total * per,
         "recompute_breakdown_ms": {c: v * per for c, v in recompute.most_common()},
         "quantise_units_per_step": {str(k): v // steps for k, v in quantise_units.items()},
         "top_kernels": {c: [{"name": n[:160], "ms": v * per} for n, v in kernels[c].most_common(5)]
-                        for c in CATEGORIES if kernels[c]},
+                        for c in categories(adapter) if kernels[c]},
     }
 
 
@@ -291,9 +336,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1, help="profiled steps, averaged (default 1)")
     p.add_argument("--timed-steps", type=int, default=3,
                    help="steps timed with CUDA events and no profiler (default 3)")
+    p.add_argument("--update-mode", choices=UPDATE_MODES, default="proxy",
+                   help="proxy (default here: the paper's method, what the committed profiles "
+                        "measured) or adapter (falqon's default mode)")
     p.add_argument("--trace", type=pathlib.Path, help="also write a Chrome trace here")
     p.add_argument("--out", type=pathlib.Path,
-                   help="results JSON (default benchmarks/results/profile_<device>.json)")
+                   help="results JSON (default benchmarks/results/profile_<device>.json, "
+                        "profile_adapter_<device>.json in the adapter mode)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.timed_steps < 1:
         p.error("--steps and --timed-steps must be >= 1, --warmup >= 0")
@@ -316,7 +365,8 @@ def format_table(result: dict) -> str:
     lines.append("what FALQON could take on beyond the linear layers:")
     ms = {r["group"]: r["ms"] for r in result["records"]}
     for group, idea in IDEAS:
-        lines.append(f"  [{group}: {ms[group]:.2f} ms] {idea}")
+        if group in ms:  # the mode's own groups only
+            lines.append(f"  [{group}: {ms[group]:.2f} ms] {idea}")
     return "\n".join(lines)
 
 
@@ -324,15 +374,18 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device, on_gpu = args.device, args.device.type == "cuda"
-    args.out = args.out or mb.default_out("profile", args)
+    adapter = args.update_mode == "adapter"
+    args.out = args.out or mb.default_out("profile_adapter" if adapter else "profile", args)
     meta = mb.results_meta(device, __file__, argv)
-    print(f"profiling one falqon step of {mb.model_name(args.model, args.layers)} on "
-          f"{meta['device']}", flush=True)
-    model, optimizer, batch, info = mb.prepare("falqon", args)
+    print(f"profiling one falqon step ({args.update_mode} mode) of "
+          f"{mb.model_name(args.model, args.layers)} on {meta['device']}", flush=True)
+    model, optimizer, batch, info = mb.prepare(METHOD_OF_MODE[args.update_mode], args)
     layers = mark_recompute(model)
-    update_range = ProfiledRange(TAG + "proxy_update")
-    bracket = mb.AttachBracket(optimizer, lambda: mb.attach_falqon(optimizer, model),
-                               update_range.open, update_range.close)
+    bracket = None
+    if not adapter:  # the adapter mode has no proxy update: nothing to attach
+        update_range = ProfiledRange(TAG + "proxy_update")
+        bracket = mb.AttachBracket(optimizer, lambda: mb.attach_falqon(optimizer, model),
+                                   update_range.open, update_range.close)
     for _ in range(args.warmup):
         mb.train_step(model, optimizer, batch, args)
     stamps = []
@@ -350,13 +403,15 @@ def main(argv=None) -> dict:
         mb.sync(device)
     t0 = time.perf_counter()
     events = prof.events()
-    result = breakdown(events, on_gpu, args.steps)
+    result = breakdown(events, on_gpu, args.steps, adapter)
     print(f"(profile parsed in {time.perf_counter() - t0:.0f} s)", flush=True)
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
-    bracket.remove()
-    result.update(on_gpu=on_gpu, step_ms=step_ms, idle_ms=max(step_ms - result["sum_ms"], 0.0),
-                  meld_s=info["meld_s"], checkpointed_modules=layers)
+    if bracket is not None:
+        bracket.remove()
+    result.update(update_mode=args.update_mode, on_gpu=on_gpu, step_ms=step_ms,
+                  idle_ms=max(step_ms - result["sum_ms"], 0.0), meld_s=info["meld_s"],
+                  checkpointed_modules=layers)
     config = {**mb.model_config(args), "warmup": args.warmup, "profiled_steps": args.steps,
               "timed_steps": args.timed_steps}
     records = result.pop("records")

@@ -106,7 +106,8 @@ def test_plot_and_readme_table(synthetic_results, tmp_path):
     assert "Profiled GPU" not in block and block.count("### ") == 1
     s_b, s_f = steps["bf16_lora"], steps["falqon"]
     assert (f"| falqon | {s_f:.3f} | {8192 / s_f:.0f} | {model[1]['peak_gib']:.1f} | "
-            f"{model[1]['update_ms']:.1f} | {s_b / s_f:.2f}x |") in block
+            f"{model[1]['update_ms']:.1f} | {s_b / s_f:.2f}x | - |") in block  # no loss recorded
+    assert "Loss:" not in block and "falqon_adapter" not in block
     assert f"| bf16_lora | {s_b:.3f} |" in block and "| fp8_lora_torchao | skipped |" in block
     assert "not run: fp8_lora_torchao (llama-7b): torchao is not importable" in block
     assert "not run: qlora_nf4 (layer 4096 -> 4096): no bitsandbytes here" in block
@@ -115,6 +116,58 @@ def test_plot_and_readme_table(synthetic_results, tmp_path):
     # Idempotent: a second run rewrites the same block.
     plot_results.main(["--results-dir", str(results), "--readme", str(readme)])
     assert readme.read_text() == text
+
+
+def test_table_with_adapter_methods(tmp_path):
+    """The adapter methods take their columns after the proxy ones; the model table shows each
+    method's loss (first -> final) and how it was taken."""
+    results = tmp_path / "results"
+    results.mkdir()
+    methods = ("fp8_floor", "falqon_adapter", "bf16_lora", "falqon_adapter_delayed_wt", "falqon")
+    layer = {(s, m): _ms() for s in SHAPES for m in methods}
+    _write(results / "layer.json", "2026-11-30 10:00 UTC",
+           [_layer(s, m, v) for (s, m), v in layer.items()])
+    losses = {"bf16_lora": (10.4, 6.68), "falqon": (10.4, 11.19), "falqon_adapter": (10.4, 6.9)}
+    model = [{"kind": "model", "model": "llama-7b", "tokens": 8192, "method": m,
+              "s_per_step": _ms(), "tokens_per_s": 1.0, "peak_gib": 1.0, "first_loss": a,
+              "final_loss": b, "loss_steps": 13, "lr": 1e-4} for m, (a, b) in losses.items()]
+    _write(results / "model.json", "2026-11-30 11:00 UTC", model)
+    readme = tmp_path / "README.md"
+    readme.write_text(plot_results.BEGIN + plot_results.END)
+    plot_results.main(["--results-dir", str(results), "--readme", str(readme)])
+    block = readme.read_text()
+    assert ("| shape (K -> N) | bf16_lora | falqon | falqon_adapter | falqon_adapter_delayed_wt | "
+            "fp8_floor |") in block
+    base, ada = layer[(SHAPES[1], "bf16_lora")], layer[(SHAPES[1], "falqon_adapter")]
+    assert f"| {ada:.2f} ({base / ada:.2f}x) |" in block
+    lines = block.splitlines()
+    rows = {m: next(l for l in lines if l.startswith(f"| {m} | ")) for m in losses}
+    cells = {m: [c.strip() for c in row.split("|")[1:-1]] for m, row in rows.items()}
+    assert cells["falqon_adapter"][4] == "-" and cells["falqon_adapter"][6] == "10.40 -> 6.90"
+    assert cells["falqon"][6] == "10.40 -> 11.19" and cells["bf16_lora"][6] == "10.40 -> 6.68"
+    assert [lines.index(rows[m]) for m in ("bf16_lora", "falqon", "falqon_adapter")] == \
+        sorted(lines.index(rows[m]) for m in losses)
+    assert ("Loss: training loss on one random batch repeated every step (AdamW, lr 0.0001, "
+            "after 13 optimizer steps)") in block
+    assert "proxy update ms" in block and "speedup.png" in block
+
+
+def test_committed_results_render(tmp_path):
+    """The committed results (benchmarks/results/*.json, made before the adapter mode) render:
+    every method of every layer and model file gets its row or column."""
+    readme = tmp_path / "README.md"
+    readme.write_text(plot_results.BEGIN + plot_results.END)
+    results = REPO / "benchmarks" / "results"
+    plot_results.main(["--results-dir", str(results), "--readme", str(readme),
+                       "--png", str(tmp_path / "speedup.png")])
+    block = readme.read_text()
+    records, _ = plot_results.load_records(results)
+    methods = {r["method"] for r in records if r["kind"] in ("layer", "model")}
+    assert methods and all(f" {m} |" in block for m in methods), methods - set(block.split())
+    assert (tmp_path / "speedup.png").is_file()
+    for r in records:
+        if r["kind"] == "model" and "final_loss" in r:  # files before first_loss: final alone
+            assert f"| {r['final_loss']:.2f} |" in block or f"-> {r['final_loss']:.2f} |" in block
 
 
 def test_table_goes_to_snippet_without_markers(synthetic_results, tmp_path):
@@ -179,11 +232,19 @@ def test_model_benchmark_cpu(tmp_path, one_thread):
     assert by_method["bf16_lora"]["trainable_params"] == 2 * per_layer
     melds = [r for r in records if r["kind"] == "meld"]
     if HAS_MELD:
-        fal = by_method["falqon"]
-        assert "skipped" not in fal, fal.get("skipped")
-        assert 0 < fal["update_ms"] < 1e3 * fal["s_per_step"]
-        assert fal["trainable_params"] == 2 * 8 * (4 * 64 + 2 * 176 + 64)  # the lora_B's
+        for m, options in bench_model.FALQON_OPTIONS.items():
+            fal = by_method[m]
+            assert "skipped" not in fal, fal.get("skipped")
+            assert fal["update_mode"] == options["update_mode"]
+            assert fal["trainable_params"] == 2 * 8 * (4 * 64 + 2 * 176 + 64)  # the lora_B's
+            if options["update_mode"] == "proxy":  # the proxy update, timed inside the step
+                assert 0 < fal["update_ms"] < 1e3 * fal["s_per_step"]
+            else:
+                assert "update_ms" not in fal
+        # One meld record, from the first falqon method run.
         assert len(melds) == 1 and melds[0]["seconds"] > 0 and melds[0]["layers"] == 14
+        assert melds[0]["method"] == "falqon"
+        check_losses(by_method)
     else:
         assert "falqon.meld" in by_method["falqon"]["skipped"] and not melds
 
@@ -192,6 +253,42 @@ def test_model_benchmark_cpu(tmp_path, one_thread):
     readme.write_text(plot_results.BEGIN + plot_results.END)
     plot_results.main(["--results-dir", str(out.parent), "--readme", str(readme)])
     assert "| bf16_lora | " in readme.read_text()
+    assert "(AdamW, lr 0.0001, after 3 optimizer steps)" in readme.read_text()
+
+
+def check_losses(by_method: dict) -> None:
+    """The loss sanity of model.py's records (one repeated batch, lr 1e-4, every method the same
+    number of steps): LoRA's and the adapter mode's losses fall; the proxy mode's updates round
+    away in the E4M3 weights, so its loss moves far less (on this tiny model, not at all)."""
+    ran = {m: r for m, r in by_method.items() if "skipped" not in r}
+    assert {r["loss_steps"] for r in ran.values()} == {3}  # 1 warm-up + 1 sizing + 2 timed
+    assert all(r["lr"] == 1e-4 for r in ran.values())
+    drop = {m: r["first_loss"] - r["final_loss"] for m, r in ran.items()}
+    for m in ("bf16_lora", "falqon_adapter", "falqon_adapter_delayed_wt"):
+        assert drop[m] > 1e-4, (m, drop)
+    for m in ("falqon", "falqon_delayed_wt"):
+        assert abs(drop[m]) < 0.1 * drop["falqon_adapter"], (m, drop)
+
+
+@requires_meld
+@pytest.mark.slow
+def test_model_benchmark_method_subset(tmp_path, one_thread):
+    """--methods runs only the methods named, in that order; the meld record comes from the first
+    falqon method (here the adapter mode's), and --lr reaches the optimizer and the records."""
+    out = tmp_path / "model.json"
+    records = bench_model.main(TINY + ["--warmup", "0", "--steps", "1", "--lr", "3e-4",
+                                       "--methods", "falqon_adapter,bf16_lora", "--out", str(out)])
+    assert [r["method"] for r in records if r["kind"] == "model"] == ["falqon_adapter",
+                                                                      "bf16_lora"]
+    melds = [r for r in records if r["kind"] == "meld"]
+    assert len(melds) == 1 and melds[0]["method"] == "falqon_adapter"
+    by_method = {r["method"]: r for r in records if r["kind"] == "model"}
+    assert all("skipped" not in r and r["lr"] == 3e-4 for r in by_method.values())
+    # --warmup 0: the adapter's checked step still runs (2 updates before the last forward); the
+    # first loss of bf16_lora is its sizing step's.
+    assert by_method["falqon_adapter"]["loss_steps"] == 2
+    assert by_method["bf16_lora"]["loss_steps"] == 1
+    assert json.loads(out.read_text())["config"]["optimizer"] == "AdamW(lr=0.0003)"
 
 
 # ---- profile_step.py ---------------------------------------------------------------------------
@@ -238,6 +335,36 @@ def test_classify_gpu_kernel_names():
         "optimizer step"
 
 
+def test_classify_adapter_mode_kernels():
+    """In the adapter mode the melded ops' non-FP8 GEMMs are B's (forward xa B^T, backward
+    u = g B); its operand kernels are quantise. The proxy mode's groups stay as they were."""
+    c = profile_step.classify
+    fwd = ["falqon::melded_linear", "falqon_bench::forward"]
+    both = ["falqon::melded_linear_backward",
+            "GeneratedBackwardFor_falqon_melded_linear_defaultBackward"]
+    bf16 = "nvjet_sm90_tst_128x64_64x4_1x2_h_bz_coopA_NNT"
+    fp8 = "nvjet_sm90_qqtst_128x256_128x4_1x2_h_bz_coopA_TNN"
+    assert c(bf16, fwd, "forward", True, adapter=True) == "adapter GEMMs"
+    assert c(fp8, fwd, "forward", True, adapter=True) == "fwd GEMMs"
+    assert c(bf16, fwd, "forward", True) == "fwd GEMMs"  # proxy: unchanged
+    assert c(bf16, both, "backward", True, adapter=True) == "adapter GEMMs"
+    assert c("nvjet_qqtst_128x256_64x4_2x1_v_bz_coopB_TNT", both, "backward", True,
+             adapter=True) == "dgrad GEMMs"
+    assert c(bf16, ["aten::mm"] + both, "backward", True, adapter=True) == "dB"  # fp32 path
+    assert c(bf16, both, "backward", True) == "dB"
+    for kernel in ("void falqon::cuda::(anonymous namespace)::adapter_partials_kernel(float co",
+                   "void falqon::cuda::(anonymous namespace)::adapter_cast_kernel<c10::BFloat16,"):
+        assert c(kernel, both, "backward", True, adapter=True) == "quantise"
+    # The CPU reference: the forward's adapter product is its addmm, the FP8 product its mm.
+    assert c("aten::addmm", ["aten::addmm"] + fwd, "forward", False, adapter=True) == \
+        "adapter GEMMs"
+    assert c("aten::mm", ["aten::mm"] + fwd, "forward", False, adapter=True) == "fwd GEMMs"
+    assert c(bf16, fwd + [profile_step.RECOMPUTE], "backward", True, adapter=True) == "recompute"
+    assert profile_step.categories(True) == profile_step.ADAPTER_CATEGORIES
+    assert "adapter GEMMs" not in profile_step.CATEGORIES
+    assert "proxy update" not in profile_step.ADAPTER_CATEGORIES
+
+
 def test_gpu_units_skip_annotation_mirrors():
     from types import SimpleNamespace as NS
 
@@ -276,3 +403,24 @@ def test_profile_step_cpu(tmp_path, one_thread):
     assert cats["fwd GEMMs"]["count"] == 14 and cats["dgrad GEMMs"]["count"] == 14
     assert result["recompute_breakdown_ms"].get("fwd GEMMs", 0) > 0
     assert result["checkpointed_modules"] >= 2 and result["step_ms"] > 0
+    assert result["update_mode"] == "proxy" and saved["update_mode"] == "proxy"
+
+
+@requires_meld
+@pytest.mark.slow
+def test_profile_step_adapter_cpu(tmp_path, one_thread):
+    """--update-mode adapter: model.py's falqon_adapter, no proxy update (no phase, no group) and
+    the adapter's GEMMs in their own group, one per projection outside the recompute."""
+    out = tmp_path / "profile_adapter_cpu.json"
+    result = profile_step.main(TINY + ["--warmup", "1", "--timed-steps", "1", "--update-mode",
+                                       "adapter", "--out", str(out)])
+    assert json.loads(out.read_text())["update_mode"] == "adapter"
+    cats = {c["group"]: c for c in result["records"]}
+    assert list(cats) == list(profile_step.ADAPTER_CATEGORIES)
+    assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
+    assert cats["adapter GEMMs"]["count"] == 14 and cats["adapter GEMMs"]["ms"] > 0
+    assert cats["fwd GEMMs"]["count"] == 14 and cats["dgrad GEMMs"]["count"] == 28  # with u's
+    assert result["recompute_breakdown_ms"].get("adapter GEMMs", 0) > 0
+    assert "proxy update" not in profile_step.format_table(result)
+    assert "adapter GEMMs: " in profile_step.format_table(result)
+    assert profile_step.parse_args(["--device", "cpu"]).update_mode == "proxy"
