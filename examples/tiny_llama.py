@@ -29,12 +29,13 @@ def text_corpus() -> bytes:
     return b"\n".join(p.read_bytes() for p in sorted(root.glob("*.py")))
 
 
-def meld_linear_layers(model: nn.Module, rank: int, topk: int) -> list:
+def meld_linear_layers(model: nn.Module, rank: int, topk: int, update_mode: str) -> list:
     melded = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name != "lm_head":
-                layer = falqon.MeldedLinear.from_linear(child, rank=rank, topk=topk)
+                layer = falqon.MeldedLinear.from_linear(child, rank=rank, topk=topk,
+                                                        update_mode=update_mode)
                 setattr(parent, name, layer)
                 melded.append(layer)
     for p in model.parameters():
@@ -50,10 +51,14 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--topk", type=int, default=10)
-    # Large: the backbone is random, and FP8 weights round away updates under half a step.
-    parser.add_argument("--lr", type=float, default=5e-2)
+    parser.add_argument("--update-mode", choices=("adapter", "proxy"), default="adapter")
+    parser.add_argument("--topk", type=int, default=10, help="proxy mode: rows folded per step")
+    # The adapter mode trains B like LoRA (a LoRA learning rate, a little high for a random
+    # backbone); the proxy mode needs a large one: FP8 weights round away updates under half a step.
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: 2e-3 (adapter mode), 5e-2 (proxy mode)")
     args = parser.parse_args()
+    lr = args.lr if args.lr is not None else {"adapter": 2e-3, "proxy": 5e-2}[args.update_mode]
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,12 +69,12 @@ def main():
                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                          max_position_embeddings=args.seq)
     model = LlamaForCausalLM(config).to(device, dtype)
-    layers = meld_linear_layers(model, args.rank, args.topk)
+    layers = meld_linear_layers(model, args.rank, args.topk, args.update_mode)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"melded {len(layers)} linear layers on {device}; {trainable:,} trainable parameters")
 
     tokens = torch.frombuffer(bytearray(text_corpus()), dtype=torch.uint8).long()
-    opt = torch.optim.AdamW([l.lora_B for l in layers], lr=args.lr)
+    opt = torch.optim.AdamW([l.lora_B for l in layers], lr=lr)
     start = time.time()
     for step in range(1, args.steps + 1):
         offsets = torch.randint(0, len(tokens) - args.seq - 1, (args.batch,))
@@ -78,8 +83,9 @@ def main():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        for layer in layers:
-            layer.proxy_update()
+        if args.update_mode == "proxy":
+            for layer in layers:
+                layer.proxy_update()
         if step == 1 or step % 5 == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss.item():.4f}  ({time.time() - start:.1f} s)")
 

@@ -46,11 +46,12 @@ def run_quantize(dev):
     return n
 
 
-def _melded(K, N, r, dev, wt, history=0):
+def _melded(K, N, r, dev, wt, history=0, mode="proxy"):
     """A MeldedLinear with a random FP8 weight [W; A; 0], made with the quantise kernel only (no
-    meld_init: its SVD would take long under the sanitizer, and it has a group of its own)."""
+    meld_init: its SVD would take long under the sanitizer, and it has a group of its own); in the
+    adapter mode with a non-zero B."""
     layer = falqon.MeldedLinear(K, N, rank=r, bias=True, transposed_copy=wt, device=dev,
-                                dtype=torch.bfloat16, amax_history_len=history)
+                                dtype=torch.bfloat16, amax_history_len=history, update_mode=mode)
     full = torch.randn(N + ops.padded_rank(r), K, device=dev) * 0.02
     full[N + r:] = 0
     q, s = falqon.quantize(full, ops.E4M3)
@@ -58,17 +59,24 @@ def _melded(K, N, r, dev, wt, history=0):
         layer.weight.data = q
         layer.weight_scale.copy_(s)
         layer.bias.normal_()
-        if wt:
-            layer.weight_t.copy_(q[:N].t())
+        layer.refresh_weight_t()
+        if mode == "adapter":
+            layer.lora_B.normal_(std=0.05)
     return layer
 
 
-def _layers(dev):
+def _layers(dev, modes=("proxy", "adapter")):
     """Small melded layers, rank 1 included, with and without the transposed copy, and with
-    delayed scaling (a history of 2 calls)."""
-    for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
-        for wt, history in ((False, 0), (True, 0), (False, 2)):
-            yield _melded(K, N, r, dev, wt, history)
+    delayed scaling (a history of 2 calls), in each update mode."""
+    for mode in modes:
+        for K, N, r in ((16, 16, 1), (64, 32, 8), (256, 128, 16)):
+            for wt, history in ((False, 0), (True, 0), (False, 2)):
+                yield _melded(K, N, r, dev, wt, history, mode)
+
+
+def _adapter_B(layer):
+    """The adapter mode's B for the gradient ops (None in the proxy mode)."""
+    return layer.lora_B.detach() if layer.update_mode == "adapter" else None
 
 
 def run_linear(dev):
@@ -84,7 +92,7 @@ def run_linear(dev):
         x = torch.randn(5, K, device=dev)
         torch.ops.falqon.melded_linear(x, layer.weight, layer.weight_scale,
                                        layer.lora_B.detach().float(), None, layer.weight_t, 1.0,
-                                       None)
+                                       None, None, layer.update_mode == "adapter")
         n += 1
     return n
 
@@ -99,7 +107,8 @@ def run_grad_input(dev):
                     # A delayed-scaling layer's gradient history (row 1), as its backward uses.
                     history = None if layer.amax_history_len == 0 else layer.amax_history[1]
                     falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
-                                                    layer.weight_t, gdt, history)
+                                                    layer.weight_t, gdt, history,
+                                                    _adapter_B(layer), 0.5)
                     n += 1
     return n
 
@@ -109,7 +118,8 @@ def run_backward(dev):
     every activation and dB dtype, ranks of one and several passes, current and delayed scaling;
     and record_amax_ across its 256-value chunks."""
     n = 0
-    layers = list(_layers(dev)) + [_melded(512, 256, 200, dev, False, 2)]
+    layers = list(_layers(dev)) + [_melded(512, 256, 200, dev, False, 2),
+                                   _melded(512, 256, 200, dev, True, 0, "adapter")]
     for layer in layers:
         for rows in (0, 1, 3, 65, 300):
             for dtype in ACT:
@@ -118,7 +128,8 @@ def run_backward(dev):
                 history = None if layer.amax_history_len == 0 else layer.amax_history[1]
                 for gdt, bdt in ((None, torch.float32), (ops.E4M3, dtype)):
                     falqon.melded_linear_backward(g, xa, layer.weight, layer.weight_scale,
-                                                  layer.weight_t, 0.5, gdt, history, bdt)
+                                                  layer.weight_t, 0.5, gdt, history, bdt,
+                                                  _adapter_B(layer))
                     n += 1
     for H in (1, 2, 255, 256, 257, 700):
         falqon.ops.record_amax_(torch.rand(H, device=dev), torch.tensor(3.0, device=dev))
@@ -131,14 +142,16 @@ def run_meld_init(dev):
     for N, K, r in ((16, 16, 1), (64, 48, 8), (128, 256, 16)):
         for svd in ("randomized", "exact"):
             for dtype in ACT:
-                falqon.meld_init(torch.randn(N, K, device=dev, dtype=dtype) * 0.02, r, svd=svd)
-                n += 1
+                for row_norm in (0.0, 3 ** -0.5):  # the proxy mode's A, the adapter mode's
+                    falqon.meld_init(torch.randn(N, K, device=dev, dtype=dtype) * 0.02, r,
+                                     svd=svd, adapter_row_norm=row_norm)
+                    n += 1
     return n
 
 
 def run_topk(dev):
     n = 0
-    for layer in _layers(dev):
+    for layer in _layers(dev, modes=("proxy",)):  # the proxy mode's update
         N = layer.out_features
         for keep in (False, True):
             for k in (0, 3, N, N + 5):

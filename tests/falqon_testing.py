@@ -66,3 +66,24 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def adapter_operand(g2: torch.Tensor, B: torch.Tensor, scaling: float, rows: int) -> torch.Tensor:
+    """The adapter mode's dgrad operand G = [g | scaling g B | 0] (M, rows) in the ops' fp32
+    arithmetic: B rounded to g's dtype, fp32 products and sums, scaled once (csrc/reference.cpp,
+    adapter_grad_operand)."""
+    u = (g2.float() @ B.to(g2.dtype).float()) * scaling
+    pad = torch.zeros(g2.shape[0], rows - g2.shape[1] - B.shape[1])
+    return torch.cat([g2.float(), u, pad], 1)
+
+
+def adapter_operand_q(g2, B, scaling, rows, grad_dtype, history=None):
+    """(G_q, scale, amax of G): the adapter operand quantised as one tensor by the CPU ops, at its
+    own amax (current scaling) or at the delayed scale of `history`."""
+    import falqon
+
+    G = adapter_operand(g2, B, scaling, rows)
+    if history is None:
+        q, scale = falqon.quantize(G, grad_dtype)
+        return q, scale, G.abs().amax()
+    return falqon.quantize_delayed(G, grad_dtype, history)

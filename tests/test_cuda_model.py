@@ -1,6 +1,7 @@
 """Melded layers in a model on the GPU: torch.compile(fullgraph=True) of a melded LLaMA decoder
-layer, and a whole training step (forward, backward, Adam, proxy update) captured in a CUDA graph.
-Both prove that no op synchronises with the host or breaks the graph.
+layer (both update modes), and a whole training step (forward, backward, Adam, and the proxy
+update in the proxy mode) captured in a CUDA graph. Both prove that no op synchronises with the
+host or breaks the graph.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ pytestmark = [pytest.mark.gpu, gpu]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def melded_decoder_layer(rank: int = 16):
+def melded_decoder_layer(rank: int = 16, update_mode: str = "proxy"):
     """A transformers LlamaDecoderLayer (hidden 256, GQA 8/4 heads, MLP 704) in bf16 on the device,
-    all seven projections melded, and its rotary embedding."""
+    all seven projections melded (in the adapter mode with a non-zero B, as after training), and
+    its rotary embedding."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -40,7 +42,10 @@ def melded_decoder_layer(rank: int = 16):
         for name in PROJECTIONS:
             if hasattr(parent, name):
                 m = falqon.MeldedLinear.from_linear(getattr(parent, name), rank=rank,
-                                                    alpha=4 * rank)
+                                                    alpha=4 * rank, update_mode=update_mode)
+                if update_mode == "adapter":
+                    with torch.no_grad():
+                        m.lora_B.normal_(std=0.02)
                 setattr(parent, name, m)
                 melded[name] = m
     assert len(melded) == 7
@@ -51,9 +56,10 @@ def melded_decoder_layer(rank: int = 16):
     return layer, melded, LlamaRotaryEmbedding(config).to(DEVICE)
 
 
-def test_compiled_decoder_layer_matches_eager():
+@pytest.mark.parametrize("update_mode", ["proxy", "adapter"])
+def test_compiled_decoder_layer_matches_eager(update_mode):
     torch._dynamo.reset()
-    layer, melded, rotary = melded_decoder_layer()
+    layer, melded, rotary = melded_decoder_layer(update_mode=update_mode)
     batch, seq = 2, 64
     x = torch.randn(batch, seq, 256, device=DEVICE, dtype=torch.bfloat16)
     position_ids = torch.arange(seq, device=DEVICE).expand(batch, seq)
@@ -97,10 +103,35 @@ class MeldedMLP(nn.Module):
         for lin in lins:
             nn.init.normal_(lin.weight, std=0.05)
         # alpha = 8 r: updates large enough to move FP8 weights (checked below).
-        self.l1 = falqon.MeldedLinear.from_linear(lins[0], rank=16, alpha=128, topk=16)
+        self.l1 = falqon.MeldedLinear.from_linear(lins[0], rank=16, alpha=128, topk=16,
+                                                  update_mode="proxy")
         self.l2 = falqon.MeldedLinear.from_linear(lins[1], rank=8, alpha=64, topk=32,
-                                                  keep_residual=True, transposed_copy=True)
+                                                  keep_residual=True, transposed_copy=True,
+                                                  update_mode="proxy")
         self.l3 = falqon.MeldedLinear.from_linear(lins[2], rank=16, alpha=128, topk=8,
+                                                  grad_dtype=torch.float8_e4m3fn,
+                                                  update_mode="proxy")
+
+    def forward(self, x):
+        return self.l3(torch.nn.functional.gelu(self.l2(torch.nn.functional.gelu(self.l1(x)))))
+
+    def melded(self):
+        return [self.l1, self.l2, self.l3]
+
+
+class AdapterMLP(nn.Module):
+    """Three melded layers in the adapter mode: current and delayed scaling, with and without the
+    transposed copy (of every row of W'), both gradient formats."""
+
+    def __init__(self):
+        super().__init__()
+        lins = [nn.Linear(256, 512), nn.Linear(512, 512), nn.Linear(512, 256)]
+        for lin in lins:
+            nn.init.normal_(lin.weight, std=0.05)
+        self.l1 = falqon.MeldedLinear.from_linear(lins[0], rank=16, alpha=32)
+        self.l2 = falqon.MeldedLinear.from_linear(lins[1], rank=8, transposed_copy=True,
+                                                  amax_history_len=4)
+        self.l3 = falqon.MeldedLinear.from_linear(lins[2], rank=16,
                                                   grad_dtype=torch.float8_e4m3fn)
 
     def forward(self, x):
@@ -120,24 +151,20 @@ def _training(model):
         loss.backward()
         opt.step()
         for m in model.melded():
-            m.proxy_update()
+            if m.update_mode == "proxy":
+                m.proxy_update()
         return loss
 
     return opt, step
 
 
-@cuda_only
-def test_training_step_in_cuda_graph_matches_eager():
+def _graph_and_eager_runs(build, x, target, warmup=3, replays=5):
+    """(graph model, its optimizer, replayed losses, eager model, its optimizer, eager losses, the
+    initial state dict): warm-up steps on a side stream, one step captured and replayed, and the
+    same steps eagerly from the same initial state."""
     torch.manual_seed(0)
-    base = MeldedMLP().cuda()
-    initial = copy.deepcopy(base.state_dict())
-    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
-    target = torch.randn(512, 256, device="cuda")
-    warmup, replays = 3, 5
-
-    # Captured: warm-up steps on a side stream (they create the optimizer state), then one step
-    # captured and replayed. Capture only records, so warm-up + replays = the number of steps.
-    graph_model = base
+    graph_model = build().cuda()
+    initial = copy.deepcopy(graph_model.state_dict())
     graph_opt, graph_step = _training(graph_model)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -153,14 +180,39 @@ def test_training_step_in_cuda_graph_matches_eager():
     for _ in range(replays):
         graph.replay()
         losses.append(static_loss.clone())
-    torch.cuda.synchronize()
-
-    # Eager: the same steps from the same initial state.
-    eager_model = MeldedMLP().cuda()
+    eager_model = build().cuda()
     eager_model.load_state_dict(initial)
     eager_opt, eager_step = _training(eager_model)
     eager_losses = [eager_step(x, target).detach() for _ in range(warmup + replays)]
     torch.cuda.synchronize()
+    return (graph_model, graph_opt, torch.stack(losses), eager_model, eager_opt,
+            torch.stack(eager_losses[warmup:]), initial)
+
+
+@cuda_only
+def test_adapter_training_step_in_cuda_graph_matches_eager():
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn(512, 256, device="cuda")
+    g_model, g_opt, g_losses, e_model, e_opt, e_losses, initial = _graph_and_eager_runs(
+        AdapterMLP, x, target)
+    for name, g, e in zip(("l1", "l2", "l3"), g_model.melded(), e_model.melded()):
+        # W' never changes in the adapter mode; B is trained like LoRA's.
+        assert torch.equal(g.weight.view(torch.uint8), initial[f"{name}.weight"].view(torch.uint8))
+        assert g.lora_B.abs().sum() > 0, name
+        assert rel_err(g.lora_B, e.lora_B) < 1e-3, name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert rel_err(g_opt.state[g.lora_B][key], e_opt.state[e.lora_B][key]) < 1e-3
+    assert torch.equal(g_model.l2.amax_history, e_model.l2.amax_history)
+    assert torch.allclose(g_losses, e_losses, rtol=1e-3)
+    assert e_losses[-1] < e_losses[0], "the adapter trains"
+
+
+@cuda_only
+def test_training_step_in_cuda_graph_matches_eager():
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn(512, 256, device="cuda")
+    graph_model, graph_opt, losses, eager_model, eager_opt, eager_losses, initial = \
+        _graph_and_eager_runs(MeldedMLP, x, target)
 
     changed = 0
     for name, g, e in zip(("l1", "l2", "l3"), graph_model.melded(), eager_model.melded()):
@@ -178,4 +230,4 @@ def test_training_step_in_cuda_graph_matches_eager():
     assert changed > 0, "the proxy updates moved no weight: the comparison would prove nothing"
     # keep_residual leaves the unapplied rows of l2's B; the drop policy zeroes l1's and l3's.
     assert not graph_model.l1.lora_B.any() and graph_model.l2.lora_B.any()
-    assert torch.allclose(torch.stack(losses), torch.stack(eager_losses[warmup:]), rtol=1e-3)
+    assert torch.allclose(losses, eager_losses, rtol=1e-3)

@@ -532,10 +532,11 @@ def test_melded_module_autograd_matches_cpu(K, N, lead, r, bias, wt, dtype):
     # The module melded on the CPU, then copied to the device: the same FP8 weights on both.
     lin = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
     torch.nn.init.normal_(lin.weight, std=0.02)
-    cpu = falqon.MeldedLinear.from_linear(lin, rank=r, alpha=2 * r, transposed_copy=wt)
+    cpu = falqon.MeldedLinear.from_linear(lin, rank=r, alpha=2 * r, transposed_copy=wt,
+                                          update_mode="proxy")
     dev = copy.deepcopy(cpu).to(DEVICE)
     with torch.no_grad():
-        dev.lora_B.normal_()   # B never enters the forward; its value must not matter
+        dev.lora_B.normal_()   # the proxy mode: B never enters the forward; its value must not matter
     x = random_activations((*lead, K), dtype)
     g = random_activations((*lead, N), dtype)
     x_d = to_dev(x).requires_grad_()
@@ -574,7 +575,8 @@ def test_delayed_module_training_steps_match_cpu(K, N, lead, r, bias, wt, dtype)
     # CPU module's.
     lin = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
     torch.nn.init.normal_(lin.weight, std=0.02)
-    cpu = falqon.MeldedLinear.from_linear(lin, rank=r, transposed_copy=wt, amax_history_len=2)
+    cpu = falqon.MeldedLinear.from_linear(lin, rank=r, transposed_copy=wt, amax_history_len=2,
+                                          update_mode="proxy")
     dev = copy.deepcopy(cpu).to(DEVICE)
     what = f"{K}to{N} r{r} {short(dtype)}"
     for step, amp in enumerate((1.0, 4.0, 0.5)):   # step 2 runs far under the recorded amax

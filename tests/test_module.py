@@ -1,5 +1,5 @@
 """MeldedLinear: construction, errors, dtype moves, state dicts, training with the proxy update,
-and torch.compile."""
+and torch.compile (the adapter mode's own tests: test_adapter_cpu.py)."""
 
 import pytest
 import torch
@@ -82,23 +82,27 @@ def test_dtype_moves_keep_fp8_weight_and_fp32_scale():
     assert layer.weight.dtype == ops.E4M3 and torch.equal(layer.weight_scale, scale)
 
 
-def test_state_dict_round_trip():
-    _, layer = make(rank=16, transposed_copy=True)
+@pytest.mark.parametrize("mode", ["adapter", "proxy"])
+def test_state_dict_round_trip(mode):
+    _, layer = make(rank=16, transposed_copy=True, update_mode=mode)
     with torch.no_grad():
         layer.lora_B.normal_()
-    layer.proxy_update(k=5)
-    fresh = falqon.MeldedLinear(64, 48, rank=16, bias=True, transposed_copy=True)
+    if mode == "proxy":
+        layer.proxy_update(k=5)
+    fresh = falqon.MeldedLinear(64, 48, rank=16, bias=True, transposed_copy=True, update_mode=mode)
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(7, 64)
     assert torch.equal(fresh(x), layer(x))
-    assert torch.equal(fp8_bytes(fresh.weight_t), fp8_bytes(layer.weight[:48].t().contiguous()))
+    # The transposed copy: of the weight rows (proxy), of every row of W' (adapter).
+    rows = 48 if mode == "proxy" else layer.weight.shape[0]
+    assert torch.equal(fp8_bytes(fresh.weight_t), fp8_bytes(layer.weight[:rows].t().contiguous()))
 
 
 def test_training_with_the_proxy_update_fits_a_target():
     # A melded layer can learn a low-rank change of its weight through B and the row updates:
     # regress onto W + delta with delta in A's row space, so a rank-r adapter can represent it.
     torch.manual_seed(0)
-    lin, layer = make(k=64, n=64, rank=16, bias=False, topk=8, alpha=16)
+    lin, layer = make(k=64, n=64, rank=16, bias=False, topk=8, alpha=16, update_mode="proxy")
     with torch.no_grad():
         delta = 0.2 * torch.randn(64, 16) @ layer.adapter_A()
         target = nn.Linear(64, 64, bias=False)
@@ -154,7 +158,7 @@ def test_torch_compile_fullgraph_matches_eager():
 # ---- delayed scaling (amax_history_len > 0) ------------------------------------------------------
 
 def test_delayed_scaling_records_x_and_g_amaxes():
-    _, layer = make(k=64, n=48, rank=8, amax_history_len=3)
+    _, layer = make(k=64, n=48, rank=8, amax_history_len=3, update_mode="proxy")
     assert layer.amax_history.shape == (2, 3) and layer.amax_history.dtype == torch.float32
     assert not layer.amax_history.any() and layer.amax_history_len == 3
     assert "amax_history" in layer.state_dict()

@@ -1,5 +1,7 @@
 """falqon.attach and FalqonCallback: one proxy update per real optimizer step, whatever the loop
-does around it (gradient accumulation, clipping, autocast, checkpointing, skipped steps)."""
+does around it (gradient accumulation, clipping, autocast, checkpointing, skipped steps). The
+proxy update is the proxy mode's: these models are melded with update_mode="proxy" unless a
+test says otherwise (the adapter mode has nothing to run after a step)."""
 
 import copy
 import warnings
@@ -14,11 +16,12 @@ from falqon.training import enable_gradient_checkpointing, proxy_state
 from workflow_testing import tiny_causal_lm
 
 
-def small_model(rank=4, **cfg):
+def small_model(rank=4, update_mode="proxy", **cfg):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(),
                           nn.Linear(48, 32))
-    return falqon.meld(model, FalqonConfig(rank=rank, exclude_modules=None, **cfg),
+    return falqon.meld(model, FalqonConfig(rank=rank, exclude_modules=None,
+                                           update_mode=update_mode, **cfg),
                        progress=False, verbose=False)
 
 
@@ -167,10 +170,14 @@ def test_attach_errors():
         falqon.attach(object(), model)
 
 
+@pytest.mark.parametrize("mode", ["adapter", "proxy"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant, mode):
     model = tiny_causal_lm("llama")
-    falqon.meld(model, FalqonConfig(rank=4), progress=False, verbose=False)
+    falqon.meld(model, FalqonConfig(rank=4, update_mode=mode), progress=False, verbose=False)
+    with torch.no_grad():  # a trained adapter, so that B's path through the forward counts
+        for p in b_params(model):
+            p.normal_(std=0.05)
     model.train()
     twin = copy.deepcopy(model)
     enable_gradient_checkpointing(twin, reentrant=reentrant)
@@ -185,10 +192,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_adapter_mode_steps_fold_nothing_and_keep_B():
+    model = small_model(update_mode="adapter")
+    start = weights(model)
+    trained = train(copy.deepcopy(model), batches(3), hook=True, steps=3)
+    assert proxy_state(trained).step == 3, "attach counts the steps (checkpoints carry them)"
+    assert all(torch.equal(a, b) for a, b in zip(weights(trained), start)), "W' never changes"
+    assert all(torch.count_nonzero(b) > 0 for b in b_params(trained)), "B is the adapter"
+
+
 def test_trainer_callback_with_gradient_accumulation(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny_causal_lm("llama")
-    falqon.meld(model, FalqonConfig(rank=4, topk=4), progress=False, verbose=False)
+    falqon.meld(model, FalqonConfig(rank=4, topk=4, update_mode="proxy"), progress=False,
+                verbose=False)
     before = weights(model)
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (12, 16)).tolist()]
     args = transformers.TrainingArguments(

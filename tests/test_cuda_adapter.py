@@ -1,0 +1,207 @@
+"""The adapter mode's CUDA path against the CPU reference and float64 formulas: the forward's
+adapter GEMM (y = y_base + scaling xa B^T into a contiguous y), the backward's operand
+G = [g | scaling g B | 0] (u from a cuBLASLt GEMM, its partials joining g's, one cast) and the dgrad
+over every row of W', in both scalings, at the LLaMA-7B shapes.
+
+Why these comparisons hold:
+- Forward: the device's y_base and xa are the proxy forward's (the same FP8 GEMM, deterministic),
+  checked against the CPU in test_cuda_ops.py. The adapter term is checked here against float64
+  from those same device tensors: fp32 sums of r exact products (gamma_r) and one rounding.
+- Backward: u = scaling g B is an fp32 sum whose order differs between cuBLASLt and the CPU; with
+  g and B on a coarse grid (small integers times powers of two) every partial sum is exact in
+  fp32, so u, hence G's FP8 image and its scale, are the same on both, and dx differs from the
+  CPU's only by the GEMM's accumulation (the tolerances of cuda_testing.gemm_tolerance, widened by
+  the GPU's own FP8 GEMM of the same operands). With ordinary random g and B, dx is checked
+  against the unquantised float64 formula within the gradient format's noise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import falqon
+from falqon import ops
+from falqon_testing import adapter_operand, adapter_operand_q, rel_err
+from cuda_testing import (DEVICE, DRY_RUN, E4M3, E5M2, FAST_ACCUM_DGRAD, LLAMA_7B, UNIT_ROUNDOFF,
+                          assert_gemm_close, gpu, melded_weight, random_activations,
+                          scaled_mm_floor, short, subset_rows, to_dev)
+
+pytestmark = [pytest.mark.gpu, gpu]
+
+RANKS = {4096: 64, 11008: 16}
+
+
+def grid_values(shape, lo, hi, step, amax_row=True):
+    """Integers in [lo, hi] times `step` (exact in bf16 and in every fp32 partial sum of the sizes
+    here), with the largest magnitude in row 0 (cuda_testing.subset_rows relies on it)."""
+    t = torch.randint(lo, hi + 1, shape).float() * step
+    if amax_row and t.numel():
+        t.view(-1, shape[-1])[0, 0] = (hi + 2) * step
+    return t
+
+
+def adapter_B(N, r, scale=1.0):
+    """A trained-looking B on the exact grid: integers in [-8, 8] times 2^-6 (times `scale`)."""
+    return grid_values((N, r), -8, 8, scale * 2.0 ** -6, amax_row=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=short)
+@pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)
+def test_adapter_forward_matches_the_proxy_forward_plus_the_adapter(K, N, dtype):
+    r = RANKS[N] if N in RANKS else 64
+    w, s = melded_weight(K, N, r)
+    x = random_activations((4, 1024, K), dtype)
+    B = torch.randn(N, r) * 0.02
+    b = torch.randn(N).to(dtype)
+    scaling = 2.0
+    args = (to_dev(x), to_dev(w), to_dev(s), to_dev(B), to_dev(b), None, scaling, None, None)
+    y0, xa0, amax0 = torch.ops.falqon.melded_linear(*args, False)
+    y, xa, amax = torch.ops.falqon.melded_linear(*args, True)
+    assert y.shape == (4, 1024, N) and y.dtype == dtype and y.is_contiguous()
+    assert torch.equal(xa, xa0) and torch.equal(amax, amax0)
+    # In float64 from the device's own y_base and xa (rows subset: the check runs on the CPU).
+    rows = subset_rows(4096)
+    yb = y0.reshape(-1, N)[rows.to(y0.device) if rows is not None else slice(None)].cpu().double()
+    xa2 = xa0.reshape(-1, r)[rows.to(y0.device) if rows is not None else slice(None)].cpu().double()
+    y2 = y.reshape(-1, N)[rows.to(y.device) if rows is not None else slice(None)].cpu().double()
+    Bt = B.to(dtype).double()
+    ref = yb + scaling * (xa2 @ Bt.t())
+    u = 2.0 ** -24
+    gamma = r * u / (1 - r * u)
+    terms = scaling * (xa2.abs() @ Bt.abs().t())
+    bound = UNIT_ROUNDOFF[dtype] * ref.abs() + (gamma + 2 * u) * terms + 2 * u * ref.abs()
+    err = (y2 - ref).abs()
+    assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3g}"
+    assert (y2 != yb).any(), "setup: the adapter changes the output"
+
+
+def _exact_operands(K, N, r, lead, dtype):
+    w, s = melded_weight(K, N, r)
+    g = grid_values((*lead, N), -8, 8, 0.125).to(dtype)
+    B = adapter_B(N, r)
+    return w, s, g, B
+
+
+def _adapter_dgrad_floor(G_q, sG, w, s, dtype):
+    """dx of the GPU's own FP8 GEMM over every row of W' (the operand the op uses), or None."""
+    floor = scaled_mm_floor(G_q, sG, w.t().contiguous().t(), s, fast_accum=FAST_ACCUM_DGRAD)
+    return None if floor is None else floor.to(dtype)
+
+
+def _check_dx(dx_d, g, w, s, B, scaling, gdt, dtype, history, what):
+    """dx of the device against the CPU's: the CPU ops' quantised operand (all of it, so its scale
+    is the whole operand's) times every row of W' in fp32, as csrc/reference.cpp computes dx, on
+    all rows or, for large M, on subset_rows; the bounds widened by the GPU's own FP8 GEMM of the
+    same operand. Returns the CPU operand's amax."""
+    K, N = w.shape[1], g.shape[-1]
+    G_q, sG, amax = adapter_operand_q(g.reshape(-1, N), B, scaling, w.shape[0], gdt, history)
+    rows = subset_rows(G_q.shape[0])
+    out = dx_d.reshape(-1, K).cpu()
+    if rows is not None:
+        G_q, out = G_q[rows], out[rows]
+    dx_c = ((G_q.float() @ w.float()) * (sG * s)).to(dtype)
+    assert_gemm_close(out, dx_c, _adapter_dgrad_floor(G_q, sG, w, s, dtype), what)
+    return amax
+
+
+BACKWARD_CASES = [
+    (4096, 4096, (8192,), 64, torch.bfloat16, None),
+    (4096, 11008, (4, 512), 16, torch.bfloat16, E4M3),
+    (11008, 4096, (2, 1024), 64, torch.float16, None),
+    (4096, 4096, (127,), 8, torch.bfloat16, None),
+    (64, 32, (3,), 4, torch.bfloat16, None),
+    (4096, 4096, (97,), 64, torch.float32, None),
+]
+
+
+def _case_id(c):
+    K, N, lead, r, dtype, gdt = c
+    return f"{K}to{N}-M{'x'.join(map(str, lead))}-r{r}-{short(dtype)}{'-g' + short(gdt) if gdt else ''}"
+
+
+@pytest.mark.parametrize("history_kind", ["none", "empty", "below", "above"])
+@pytest.mark.parametrize("c", BACKWARD_CASES, ids=_case_id)
+def test_adapter_backward_matches_cpu(c, history_kind):
+    K, N, lead, r, dtype, gdt = c
+    w, s, g, B = _exact_operands(K, N, r, lead, dtype)
+    scaling = 0.5
+    gdt_eff = gdt or E5M2
+    own = adapter_operand(g.reshape(-1, N), B, scaling, w.shape[0]).abs().amax().item()
+    history = {"none": None, "empty": torch.zeros(5),
+               "below": torch.tensor([own / 2, 0.0, own / 4, 0.0, 0.0]),
+               "above": torch.tensor([0.0, own * 3, own, 0.0, own])}[history_kind]
+    xa = random_activations((*lead, r), dtype)
+    dx_d, dB_d, amax_d = ops.melded_linear_backward(
+        to_dev(g), to_dev(xa), to_dev(w), to_dev(s), None, scaling, gdt, to_dev(history),
+        torch.float32, to_dev(B))
+    what = f"{_case_id(c)} {history_kind}"
+    amax_c = _check_dx(dx_d, g, w, s, B, scaling, gdt_eff, dtype, history, f"dx {what}")
+    assert amax_d.item() == amax_c.item(), f"the operand's amax, exactly ({what})"
+    # The same through the grad-input-only op (the generic path: the operand written out).
+    dx_only, amax_only = torch.ops.falqon.melded_linear_grad_input(
+        to_dev(g), to_dev(w), to_dev(s), None, gdt, to_dev(history), to_dev(B), scaling)
+    assert torch.equal(amax_only.cpu(), amax_d.cpu())
+    _check_dx(dx_only, g, w, s, B, scaling, gdt_eff, dtype, history, f"dx (grad_input) {what}")
+    # dB is the proxy mode's formula: the same op without B gives it bit for bit.
+    _, dB_proxy, _ = ops.melded_linear_backward(
+        to_dev(g), to_dev(xa), to_dev(w), to_dev(s), None, scaling, gdt, to_dev(history),
+        torch.float32)
+    assert torch.equal(dB_d, dB_proxy), "dB"
+
+
+@pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)
+def test_adapter_transposed_copy_gives_the_same_dx(K, N):
+    r = 64
+    w, s, g, B = _exact_operands(K, N, r, (2048,), torch.bfloat16)
+    xa = random_activations((2048, r), torch.bfloat16)
+    wt = w.t().contiguous()  # every row of W'
+    outs = [ops.melded_linear_backward(to_dev(g), to_dev(xa), to_dev(w), to_dev(s), to_dev(t), 1.0,
+                                       None, None, None, to_dev(B)) for t in (None, wt)]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)
+def test_adapter_module_step_matches_lora_fa(K, N):
+    # Realistic values (not the exact grid): the module's y, dx and dB against LoRA-FA's float64
+    # formula with the layer's own W, A and B, within the FP8 noise of x (E4M3) and g (E5M2).
+    lin = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    layer = falqon.MeldedLinear.from_linear(lin, rank=16, alpha=32).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.05)
+    x = random_activations((512, K), torch.bfloat16).to(DEVICE).requires_grad_()
+    g = random_activations((512, N), torch.bfloat16).to(DEVICE)
+    y = layer(x)
+    y.backward(g)
+    W = layer.dequantized_weight(torch.float64).cpu()
+    A = layer.adapter_A(torch.float64).cpu()
+    Bd = layer.lora_B.detach().double().cpu()
+    xd, gd = x.detach().double().cpu(), g.double().cpu()
+    y_ref = xd @ W.t() + layer.scaling * (xd @ A.t()) @ Bd.t()
+    dx_ref = gd @ (W + layer.scaling * Bd @ A)
+    dB_ref = layer.scaling * gd.t() @ (xd @ A.t())
+    assert rel_err(y.detach().cpu().double(), y_ref) < 0.05
+    assert rel_err(x.grad.cpu().double(), dx_ref) < 0.08
+    assert rel_err(layer.lora_B.grad.cpu().double(), dB_ref) < 0.05
+    # The adapter's share of the output is visible above that noise.
+    assert rel_err(y_ref, xd @ W.t()) > 0.1
+
+
+@pytest.mark.skipif(DRY_RUN, reason="the opcheck of the device's kernels")
+def test_opcheck_adapter_ops_on_the_device():
+    from falqon_testing import opcheck
+    w, s = melded_weight(256, 128, 16)
+    B = (torch.randn(128, 16) * 0.05).to(DEVICE).requires_grad_()
+    x = torch.randn(64, 256, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    wt = w.t().contiguous().to(DEVICE)
+    opcheck(torch.ops.falqon.melded_linear.default,
+            (x, to_dev(w), to_dev(s), B, None, wt, 2.0, None, None, True))
+    opcheck(torch.ops.falqon.melded_linear.default,
+            (x, to_dev(w), to_dev(s), B, None, None, 2.0, E4M3,
+             torch.rand(2, 3, device=DEVICE) + 1, True))
+    opcheck(torch.ops.falqon.melded_linear_backward.default,
+            (torch.randn(64, 128, dtype=torch.bfloat16, device=DEVICE),
+             torch.randn(64, 16, dtype=torch.bfloat16, device=DEVICE), to_dev(w), to_dev(s), wt,
+             0.5, None, torch.rand(3, device=DEVICE), torch.float32, B.detach()))
