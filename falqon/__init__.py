@@ -5,6 +5,8 @@
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     falqon.attach(optimizer, model)          # or Trainer(..., callbacks=[falqon.FalqonCallback()])
     ...train as usual...; falqon.save_pretrained(model, "out"); falqon.export(model, "out-fp8")
+    (the FP8 base + a PEFT LoRA adapter; format="bf16" or "fp8" merges the adapter instead, and
+    falqon.merge(model, precision) gives the merged model in memory)
 
 One layer: falqon.MeldedLinear.from_linear(nn.Linear(4096, 4096), rank=64, topk=10).
 """
@@ -19,13 +21,14 @@ from .convert import MeldSummary, meld, melded_layers, melded_summary
 from .training import attach
 from .checkpoint import from_pretrained, save_pretrained
 from .export import export
+from .merge import MergeReport, merge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FalqonCallback", "FalqonConfig", "FalqonError", "MeldSummary", "MeldedLinear", "attach",
-    "build_info", "check_meldable", "export", "from_pretrained", "meld", "meld_init",
-    "melded_layers", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
+    "FalqonCallback", "FalqonConfig", "FalqonError", "MeldSummary", "MeldedLinear", "MergeReport",
+    "attach", "build_info", "check_meldable", "export", "from_pretrained", "meld", "meld_init",
+    "melded_layers", "merge", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
     "melded_summary", "ops",
     "quantize", "quantize_delayed", "save_pretrained", "topk_update_",
 ]

@@ -1,5 +1,7 @@
 """falqon.export: a compressed-tensors float-quantized checkpoint that transformers loads on CPU,
-holding exactly the trained FP8 weights and scales."""
+holding exactly the trained FP8 weights and scales (the proxy mode's "fp8" export, and the FP8 base
+of the adapter mode's "fp8+lora"); bad input refused. The adapter mode's formats and falqon.merge
+are tested in tests/test_adapter_deploy.py."""
 
 import copy
 import json
@@ -9,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import falqon
-from falqon import FalqonConfig
+from falqon import FalqonConfig, FalqonError
 from falqon.data import byte_tokenizer
 from falqon_testing import rel_err
 from workflow_testing import tiny_causal_lm
@@ -18,10 +20,10 @@ transformers = pytest.importorskip("transformers")
 compressed_tensors = pytest.importorskip("compressed_tensors")
 
 
-def trained(dtype=torch.float32, arch="llama", **model_kw):
+def trained(dtype=torch.float32, arch="llama", update_mode="proxy", **model_kw):
     model = tiny_causal_lm(arch, **model_kw).to(dtype)
-    falqon.meld(model, FalqonConfig(rank=4, topk=4, exclude_modules=["lm_head", "layers.1.mlp."
-                                                                       "down_proj"]),
+    falqon.meld(model, FalqonConfig(rank=4, topk=4, update_mode=update_mode,
+                                    exclude_modules=["lm_head", "layers.1.mlp.down_proj"]),
                 progress=False, verbose=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
     falqon.attach(opt, model)
@@ -38,8 +40,9 @@ def load(path):
 
 
 @pytest.mark.parametrize("arch, activations, tol", [
-    # The same FP8 weights and the same dynamic per-tensor FP8 activation quantisation as the
-    # training forward: only float32 summation order differs. (Qwen2: q/k/v carry a bias.)
+    # The proxy mode's export: the same FP8 weights (they hold every update) and the same
+    # dynamic per-tensor FP8 activation quantisation as the training forward: only float32
+    # summation order differs. (Qwen2: q/k/v carry a bias.)
     ("llama", "tensor", 1e-4),
     ("qwen2", "tensor", 1e-4),
     # Per-token activation scales (or none) round activations differently from the per-tensor
@@ -57,9 +60,15 @@ def test_export_loads_in_transformers_and_matches(tmp_path, arch, activations, t
     assert rel_err(out, ref) < tol
 
 
-def test_export_holds_the_trained_fp8_bytes_and_a_valid_config(tmp_path):
-    model = trained()
+@pytest.mark.parametrize("mode", ["proxy", "adapter"])
+def test_export_holds_the_trained_fp8_bytes_and_a_valid_config(tmp_path, mode):
+    """The proxy mode's default "fp8" and the adapter mode's default "fp8+lora" both write the
+    trained FP8 weight rows as they are (in the adapter mode W never changed)."""
+    model = trained(update_mode=mode)
     falqon.export(model, tmp_path)
+    info = json.loads((tmp_path / "falqon_export.json").read_text())
+    assert info["format"] == ("fp8" if mode == "proxy" else "fp8+lora")
+    assert (tmp_path / "adapter").is_dir() == (mode == "adapter")
     config = json.loads((tmp_path / "config.json").read_text())
     q = config["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "float-quantized"
@@ -105,12 +114,26 @@ def test_export_bf16_model_with_tied_embeddings(tmp_path):
     assert err < 2 * noise + 1e-3, (err, noise)
 
 
-def test_export_errors(tmp_path):
-    with pytest.raises(ValueError, match="no MeldedLinear layers"):
+@pytest.mark.parametrize("mode", ["proxy", "adapter"])
+def test_export_errors(tmp_path, mode):
+    with pytest.raises(FalqonError, match="no MeldedLinear layers"):
         falqon.export(tiny_causal_lm("llama"), tmp_path)
+    model = trained(update_mode=mode)
     with pytest.raises(ValueError, match="activations must be one of"):
-        falqon.export(trained(), tmp_path, activations="channel")
+        falqon.export(model, tmp_path, activations="channel")
+    with pytest.raises(FalqonError, match=r"format must be one of \('fp8\+lora', 'fp8', 'bf16'\), "
+                                          r"got 'fp16'"):
+        falqon.export(model, tmp_path, format="fp16")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FalqonError, match="exists and is not a directory"):
+        falqon.export(model, tmp_path / "file")
     seq = torch.nn.Sequential(torch.nn.Linear(32, 32))
-    falqon.meld(seq, FalqonConfig(rank=4, exclude_modules=None), progress=False, verbose=False)
-    with pytest.raises(ValueError, match="needs a transformers model"):
+    falqon.meld(seq, FalqonConfig(rank=4, exclude_modules=None, update_mode=mode),
+                progress=False, verbose=False)
+    with pytest.raises(FalqonError, match="needs a transformers model"):
         falqon.export(seq, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing written
+    if mode == "proxy":  # B is no adapter of the proxy mode's forward
+        with pytest.raises(FalqonError, match=r"'fp8\+lora' needs update_mode='adapter'"):
+            falqon.export(model, tmp_path / "out", format="fp8+lora")
+        assert not (tmp_path / "out").exists()
