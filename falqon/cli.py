@@ -46,10 +46,19 @@ FINGERPRINT = ("model", "data", "rank", "alpha", "topk", "warmup_topk", "warmup_
                "keep_residual", "target_modules", "exclude_modules", "lr", "lr_warmup_steps",
                "schedule", "weight_decay", "steps", "batch_size", "grad_accum", "seq_len",
                "template", "eval_size", "max_grad_norm", "seed", "dtype", "amax_history_len",
-               "transposed_copy")
+               "transposed_copy", "update_mode")
 # Fingerprint options added after the first release: a run.json without them was made with
-# these values.
-LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False}
+# these values (every run before --update-mode existed used the proxy update).
+LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False, "update_mode": "proxy"}
+# Options of the proxy update only; given with --update-mode adapter they are refused.
+PROXY_ONLY = ("topk", "warmup_topk", "warmup_steps", "keep_residual")
+# Default peak learning rates. Adapter mode: PEFT LoRA's usual 2e-4 for a pretrained --model (A
+# has a LoRA A's row norm, so LoRA's learning rates carry over); 2e-3 for the random weights of a
+# --model-config, which have far to go in a short demonstration run. Proxy mode: 2e-4 for a
+# --model, 3e-2 for random weights, whose small values have FP8 steps that swallow smaller
+# updates.
+DEFAULT_LR = {("adapter", "model"): 2e-4, ("adapter", "config"): 2e-3,
+              ("proxy", "model"): 2e-4, ("proxy", "config"): 3e-2}
 
 
 def _positive(kind=int, minimum=1):
@@ -94,17 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output-dir", metavar="DIR",
                    help="run directory (default: runs/finetune-<date>-<time>)")
     g = f.add_argument_group("FALQON")
+    g.add_argument("--update-mode", choices=("adapter", "proxy"), default="adapter",
+                   help="adapter (default): B is a LoRA adapter in the forward, trained in fp32 "
+                        "and never folded during training (a probe matched bf16 LoRA: DESIGN.md); "
+                        "proxy: the paper's top-k proxy update of the FP8 weights (the options "
+                        "marked 'proxy mode' below are for it only and refused with adapter)")
     g.add_argument("--rank", type=_positive(), default=16, help="adapter rank (default: 16)")
     g.add_argument("--alpha", type=_positive(float, 1e-12), default=None,
                    help="LoRA alpha (default: rank, i.e. scaling 1)")
     g.add_argument("--topk", type=_positive(int, 0), default=10,
-                   help="rows of B folded into each FP8 weight per step (default: 10)")
+                   help="proxy mode: rows of B folded into each FP8 weight per step (default: 10)")
     g.add_argument("--warmup-topk", type=_positive(int, 0), default=None,
-                   help="rows folded during the first --warmup-steps steps (default: rank)")
+                   help="proxy mode: rows folded during the first --warmup-steps steps "
+                        "(default: rank)")
     g.add_argument("--warmup-steps", type=_positive(int, 0), default=0,
-                   help="steps that fold --warmup-topk rows (default: 0)")
+                   help="proxy mode: steps that fold --warmup-topk rows (default: 0)")
     g.add_argument("--keep-residual", action="store_true",
-                   help="keep B's unapplied rows (default: zero B after each step)")
+                   help="proxy mode: keep B's unapplied rows (default: zero B after each step)")
     g.add_argument("--amax-history-len", type=_positive(int, 0), default=0, metavar="H",
                    help="0 (default): current scaling, the paper's method; H > 0: delayed "
                         "scaling from the largest amax of the last H calls (one pass over each "
@@ -118,9 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated layer names never melded (default: lm_head)")
     t = f.add_argument_group("training")
     t.add_argument("--lr", type=_positive(float, 1e-12), default=None,
-                   help="peak learning rate of AdamW (default: 2e-4 for a --model, 3e-2 for a "
-                        "model built from a config: the FP8 rounding of its small random weights "
-                        "swallows smaller steps)")
+                   help="peak learning rate of AdamW. Adapter mode: 2e-4 for a --model (PEFT "
+                        "LoRA's usual value: A is scaled to a LoRA A's row norm, so LoRA's "
+                        "learning rates carry over), 2e-3 for a model built from a config "
+                        "(random weights, far from any data). Proxy mode: 2e-4 for a --model, "
+                        "3e-2 for a model built from a config (the FP8 rounding of its small "
+                        "random weights swallows smaller steps)")
     t.add_argument("--lr-warmup-steps", type=_positive(int, 0), default=None,
                    help="linear learning-rate warm-up (default: 5%% of --steps)")
     t.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
@@ -437,13 +455,30 @@ def _explicit_options(argv) -> set[str]:
 
 
 def _inherit(args, run: dict, explicit: set[str]) -> bool:
-    """On --resume, options not given now are the run's own; True if the model is."""
+    """On --resume, options not given now are the run's own (for an option its run.json
+    predates, the value every run had then: LATER_OPTION_DEFAULTS); True if the model is."""
     for key in FINGERPRINT:
-        if key not in ("model", "data") and key not in explicit and key in run["options"]:
+        if key in ("model", "data") or key in explicit:
+            continue
+        if key in run["options"]:
             setattr(args, key, run["options"][key])
+        elif key in LATER_OPTION_DEFAULTS:
+            setattr(args, key, LATER_OPTION_DEFAULTS[key])
     if "data" not in explicit:
         args.data = run.get("data_path")
     return "model" not in explicit and "model_config" not in explicit
+
+
+def _check_update_mode(args, explicit: set[str]) -> None:
+    """Refuse the proxy update's options when the run is in the adapter mode (they would be
+    silently meaningless there)."""
+    given = [k for k in PROXY_ONLY if k in explicit]
+    if args.update_mode == "adapter" and given:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")
+        raise FalqonError(f"{names} only {verb} to the proxy update: pass --update-mode proxy, or "
+                          f"leave {pronoun} out (the adapter mode never folds B into the FP8 "
+                          f"weights during training)")
 
 
 def _resolve_inputs(args, run: dict | None, inherit_model: bool):
@@ -483,7 +518,9 @@ def cmd_finetune(args) -> int:
         raise FalqonError("--resume needs the run's --output-dir")
     out = pathlib.Path(args.output_dir or time.strftime("runs/finetune-%Y%m%d-%H%M%S"))
     run = check_output_dir(out, args.resume)
-    inherit_model = run is not None and _inherit(args, run, _explicit_options(args.argv))
+    explicit = _explicit_options(args.argv)
+    inherit_model = run is not None and _inherit(args, run, explicit)
+    _check_update_mode(args, explicit)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     args.dtype = str(dtype).removeprefix("torch.")
@@ -494,8 +531,9 @@ def cmd_finetune(args) -> int:
 
     # Everything that can fail on the user's input is checked before anything is written.
     records, data_id, config, model_path, model_id = _resolve_inputs(args, run, inherit_model)
-    if args.lr is None:  # random weights need larger steps to move (see --lr's help)
-        args.lr = 3e-2 if model_id.startswith("config:") else 2e-4
+    if args.lr is None:  # see --lr's help
+        source = "config" if model_id.startswith("config:") else "model"
+        args.lr = DEFAULT_LR[(args.update_mode, source)]
     if args.lr_warmup_steps is None:
         args.lr_warmup_steps = args.steps // 20
     if args.eval_size is None:
@@ -566,7 +604,7 @@ def cmd_finetune(args) -> int:
             warmup_steps=args.warmup_steps, keep_residual=args.keep_residual,
             target_modules=args.target_modules, exclude_modules=args.exclude_modules,
             seed=args.seed, transposed_copy=args.transposed_copy,
-            amax_history_len=args.amax_history_len)
+            amax_history_len=args.amax_history_len, update_mode=args.update_mode)
         try:
             meld(model, cfg, progress=not args.no_progress, verbose=True)
         except ValueError as exc:
@@ -628,7 +666,7 @@ def cmd_finetune(args) -> int:
             total += loss_sum.detach()
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        optimizer.step()  # falqon's hook folds this step's B into the FP8 weights
+        optimizer.step()  # proxy mode: falqon's hook folds this step's B into the FP8 weights
         optimizer.zero_grad(set_to_none=True)
         loss = float(total) / labelled
         done = step + 1
@@ -658,7 +696,9 @@ def cmd_finetune(args) -> int:
     metrics.close()
     plotted = not args.no_plot and plot_losses(
         rows, out / PLOT_FILE,
-        f"FALQON {model_id.split(':')[1]}: rank {args.rank}, top-k {args.topk}, lr {args.lr:g}")
+        f"FALQON {model_id.split(':')[1]}: rank {args.rank}, "
+        f"{'adapter mode' if args.update_mode == 'adapter' else f'proxy mode, top-k {args.topk}'}"
+        f", lr {args.lr:g}")
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     report = [f"falqon: steps {start}->{stop} in {elapsed:.1f}s "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import hashlib
 import json
@@ -287,10 +288,42 @@ def evaluate(model, examples: list, pad: int, batch: int, device, dtype) -> floa
     return total.item() / max(count, 1)
 
 
+MERGE_PRECISIONS = ("fp8", "bf16")
+
+
+def merged_eval_losses(model, examples: list, pad: int, batch: int, device, dtype) -> dict:
+    """The held-out loss of the trained adapter-mode model after falqon.merge (on a copy, so the
+    model itself is untouched) into each of MERGE_PRECISIONS: "eval_loss_merged_fp8" (W + scaling
+    B A re-quantised to E4M3 at a fresh scale, what an FP8 export holds), "eval_loss_merged_bf16"
+    (the merged weight in the model's dtype: bf16 on GPUs, float32 on the CPU), and
+    "merged_eval_s" (the seconds both took); "merged_fp8_update_share" is the signed share of the
+    adapter's update scaling B A that the FP8 weights keep (falqon.merge's report, where it gives
+    one). Without falqon.merge: "merged_eval_skipped"."""
+    import falqon
+
+    if not hasattr(falqon, "merge"):
+        return {"merged_eval_skipped": "this falqon has no merge()"}
+    clock = D.Stopwatch()
+    out = {}
+    for precision in MERGE_PRECISIONS:
+        merged = falqon.merge(copy.deepcopy(model), precision=precision)
+        merged.to(dtype)  # a no-op unless the merge chose another dtype than the frozen base's
+        value = evaluate(merged, examples, pad, batch, device, dtype)
+        out[f"eval_loss_merged_{precision}"] = value if math.isfinite(value) else None
+        share = getattr(getattr(merged, "falqon_merge_report", None), "signed_share", None)
+        if precision == "fp8" and share is not None and math.isfinite(share):
+            out["merged_fp8_update_share"] = share
+        del merged
+    out["merged_eval_s"] = clock()
+    return out
+
+
 def finetune(method: Method, task: TaskData, ckpt: str, device: torch.device, lr: float,
              steps: int, batch: int, settings: RunSettings, eval_points: int,
-             logfile=None) -> tuple[dict, dict]:
-    """One run: (record, curve). A run that raises is recorded with its error, not re-raised."""
+             logfile=None, merged_evals: bool = False) -> tuple[dict, dict]:
+    """One run: (record, curve). A run that raises is recorded with its error, not re-raised.
+    With `merged_evals`, an adapter-mode falqon run also records the held-out loss of its model
+    merged into FP8 and into bf16 (merged_eval_losses)."""
     wall = D.Stopwatch()
     record = {"kind": "accuracy", "task": task.name, "method": method.name,
               "metric": "eval_loss", "value": None, "lr": lr, "steps": steps, "batch": batch,
@@ -336,6 +369,9 @@ def finetune(method: Method, task: TaskData, ckpt: str, device: torch.device, lr
         record["s_per_step"] = train_s / steps
         if setup.meter is not None:
             record.update(setup.meter.summary())
+        if merged_evals and method.adapter:
+            record.update(merged_eval_losses(setup.model, task.eval, task.pad, 2 * batch, device,
+                                             settings.dtype))
         del setup
     except Exception as exc:  # noqa: BLE001 (one broken method must not end the stage)
         record["error"] = f"{type(exc).__name__}: {exc}"

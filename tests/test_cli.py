@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 # On the CPU everywhere (the reference ops), so that bit-exactness holds on a GPU machine too;
 # tests/test_cli_gpu.py runs the CLI on the GPU.
-TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--topk", "4", "--lr", "0.05",
+TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--lr", "0.05",
             "--no-progress", "--device", "cpu"]
+PROXY = ["--update-mode", "proxy", "--topk", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +67,14 @@ def test_finetune_end_to_end(inputs, tmp_path, capsys):
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
 
 
-@pytest.mark.parametrize("variant", [["--keep-residual"],
+@pytest.mark.parametrize("variant", [[*PROXY, "--warmup-steps", "2", "--keep-residual"],
                                      ["--amax-history-len", "4", "--transposed-copy"]],
-                         ids=["keep_residual", "delayed_scaling_transposed_copy"])
+                         ids=["proxy_keep_residual", "adapter_delayed_scaling_transposed_copy"])
 def test_resume_is_bit_exact(inputs, tmp_path, variant):
     """Stop after step 3 and resume == 6 steps straight: weights, B and losses, bit for bit (with
-    delayed scaling: the amax histories too)."""
+    delayed scaling: the amax histories too), in the proxy mode and in the adapter mode."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    opts = ["--steps", "6", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "2",
-            *variant]
+    opts = ["--steps", "6", "--eval-every", "0", "--save-every", "0", *variant]
     assert finetune(inputs, straight, *opts) == 0
     assert finetune(inputs, resumed, *opts, "--stop-after", "3") == 0
     assert not (resumed / "final").exists()
@@ -97,16 +97,22 @@ def test_resume_is_bit_exact(inputs, tmp_path, variant):
     delayed = "--amax-history-len" in variant
     assert config["amax_history_len"] == (4 if delayed else 0)
     assert config["transposed_copy"] == delayed
+    assert config["update_mode"] == ("adapter" if delayed else "proxy")
     assert any(key.endswith(".amax_history") for key in a) == delayed
+    if delayed:  # the adapter mode trained B (it is never folded, so it is not zero)
+        assert all(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))
+    else:  # the proxy options reached the run's config
+        assert config["keep_residual"] and config["topk"] == 4 and config["warmup_steps"] == 2
 
 
 def test_runs_saved_before_later_options_resume_with_their_defaults():
-    """A run.json (and its checkpoints) written before --amax-history-len and --transposed-copy
-    existed holds neither: it is the run with their defaults, and a resume that sets them
-    otherwise is refused like any other changed option."""
+    """A run.json (and its checkpoints) written before --amax-history-len, --transposed-copy and
+    --update-mode existed holds none of them: it is the run with their values of then (the proxy
+    update), and a resume that sets them otherwise is refused like any other changed option."""
     from falqon.cli import FINGERPRINT, LATER_OPTION_DEFAULTS, _compare_run
     from falqon.config import FalqonError
 
+    assert LATER_OPTION_DEFAULTS["update_mode"] == "proxy" and "update_mode" in FINGERPRINT
     opts = {**{k: 1 for k in FINGERPRINT}, **LATER_OPTION_DEFAULTS}
     old_run = {"options": {k: v for k, v in opts.items() if k not in LATER_OPTION_DEFAULTS}}
     _compare_run(old_run, opts, pathlib.Path("run"))
@@ -114,6 +120,67 @@ def test_runs_saved_before_later_options_resume_with_their_defaults():
         _compare_run(old_run, {**opts, "amax_history_len": 16}, pathlib.Path("run"))
     with pytest.raises(FalqonError, match=r"transposed_copy: False -> True"):
         _compare_run(old_run, {**opts, "transposed_copy": True}, pathlib.Path("run"))
+    with pytest.raises(FalqonError, match=r"update_mode: 'proxy' -> 'adapter'"):
+        _compare_run(old_run, {**opts, "update_mode": "adapter"}, pathlib.Path("run"))
+
+
+def test_a_run_from_before_update_mode_resumes_in_the_proxy_mode(inputs, tmp_path, capsys):
+    """A proxy run whose run.json lacks update_mode (as every run.json written before the option
+    existed) resumes, with no option given, as the proxy run it was: not in today's default
+    adapter mode, and not refused as a changed run."""
+    out = tmp_path / "run"
+    assert finetune(inputs, out, *PROXY, "--steps", "4", "--stop-after", "2", "--save-every",
+                    "2", "--no-plot") == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["update_mode"] == "proxy"
+    del run["options"]["update_mode"]
+    (out / "run.json").write_text(json.dumps(run))
+    checkpoint = out / "checkpoints" / "step-0000002"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["options"]["update_mode"]  # the checkpoint's copy of the options, as then
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    meta = json.loads((checkpoint / "falqon_config.json").read_text())
+    del meta["config"]["update_mode"]  # and its FalqonConfig, as then
+    (checkpoint / "falqon_config.json").write_text(json.dumps(meta))
+    assert main(["finetune", "--output-dir", str(out), "--resume", "--no-progress", "--no-plot",
+                 "--device", "cpu"]) == 0
+    config = json.loads((out / "final" / "falqon_config.json").read_text())["config"]
+    assert config["update_mode"] == "proxy" and config["topk"] == 4
+    capsys.readouterr()
+    # Asking for the adapter mode on resume is a different run.
+    assert main(["finetune", "--output-dir", str(out), "--resume", "--update-mode", "adapter",
+                 "--no-progress", "--device", "cpu"]) == 2
+    one_error_line(capsys, "update_mode: 'proxy' -> 'adapter'")
+
+
+def test_update_mode_is_in_the_fingerprint_and_proxy_options_need_it(inputs, tmp_path, capsys):
+    """--update-mode is recorded in run.json; the proxy update's options are refused, in one
+    line and before anything is written, when the run is in the adapter mode (the default, or a
+    resumed adapter run); a resume with another --update-mode is a different run."""
+    out = tmp_path / "run"
+    assert finetune(inputs, out, "--steps", "2", "--stop-after", "1", "--save-every", "1",
+                    "--no-plot") == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["update_mode"] == "adapter"
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    for option, message in ((["--topk", "4"], "--topk only applies to the proxy update"),
+                            (["--keep-residual", "--warmup-steps", "2"],
+                             "--warmup-steps, --keep-residual only apply to the proxy update"),
+                            (["--warmup-topk", "3", "--update-mode", "adapter"],
+                             "--warmup-topk only applies")):
+        assert finetune(inputs, tmp_path / "fresh", *option) == 2
+        one_error_line(capsys, message)
+        assert snapshot(tmp_path) == before
+    # Resuming the adapter run: a proxy option is refused the same way ...
+    assert main(["finetune", "--output-dir", str(out), "--resume", "--topk", "3",
+                 "--no-progress", "--device", "cpu"]) == 2
+    one_error_line(capsys, "--topk only applies to the proxy update")
+    # ... and switching the mode is a different run.
+    assert main(["finetune", "--output-dir", str(out), "--resume", "--update-mode", "proxy",
+                 "--no-progress", "--device", "cpu"]) == 2
+    one_error_line(capsys, "update_mode: 'adapter' -> 'proxy'")
+    assert snapshot(tmp_path) == before
 
 
 def test_finetune_from_a_model_directory(inputs, tmp_path, capsys):
@@ -132,7 +199,8 @@ def test_finetune_from_a_model_directory(inputs, tmp_path, capsys):
     assert "has no tokenizer; using the byte-level tokenizer" in capsys.readouterr().err
     run = json.loads((out / "run.json").read_text())
     assert run["options"]["model"] == f"path:{model_dir.resolve()}"
-    assert run["options"]["lr"] == 2e-4  # the default for a (presumably pretrained) model
+    # PEFT LoRA's usual learning rate: the default for a (presumably pretrained) model.
+    assert run["options"]["lr"] == 2e-4 and run["options"]["update_mode"] == "adapter"
     assert not (out / "base-model").exists()  # the user's directory is the base
     # Resume from a named checkpoint of the run.
     assert main(["finetune", "--output-dir", str(out), "--resume",
@@ -162,6 +230,8 @@ def test_default_model_and_stdlib_data(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["options"]["model"] == "config:tiny-llama"
     assert run["options"]["data"].startswith("stdlib:python-")
+    # The adapter mode by default, at its default learning rate for random weights.
+    assert run["options"]["update_mode"] == "adapter" and run["options"]["lr"] == 2e-3
     assert run["template"] == "short"
     config = json.loads((out / "base-model" / "config.json").read_text())
     assert (config["hidden_size"], config["model_type"]) == (256, "llama")

@@ -1,6 +1,8 @@
 """CPU tests of the accuracy study (studies/): stochastic rounding to E4M3, the stochastic row
-update, the update-mass meter, the data pipeline, and the whole study end to end on a tiny model
-(hidden 64, 2 layers), a tiny corpus (the standard library's email package) and a few steps."""
+update, the update-mass meter, the data pipeline, the whole study end to end on a tiny model
+(hidden 64, 2 layers), a tiny corpus (the standard library's email package) and a few steps
+(falqon_adapter and its merged evaluations included), each falqon method's update mode, and the
+report's verdict (issue 12's bars) on made-up and on the committed H100 results."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import email
 import json
 import math
 import pathlib
+import types
 
 import pytest
 import torch
@@ -17,8 +20,10 @@ import falqon
 from falqon_testing import DATA_DIR, data_file
 from studies import data as D
 from studies import report as R
-from studies.methods import (E4M3_MAX, UpdateMassMeter, e4m3_spacing, stochastic_round_e4m3,
-                             stochastic_topk_update_)
+from studies.methods import (DEFAULT_METHODS, E4M3_MAX, FAMILIES, LR_GRIDS, METHODS,
+                             RunSettings, UpdateMassMeter, build, e4m3_spacing, resolve_methods,
+                             stochastic_round_e4m3, stochastic_topk_update_)
+from studies.train import evaluate
 
 E4M3 = torch.float8_e4m3fn
 
@@ -72,9 +77,11 @@ def test_stochastic_rounding_never_exceeds_448():
 # ---- the stochastic row update ------------------------------------------------------------------
 
 def _layer(keep_residual: bool, transposed_copy: bool = False) -> falqon.MeldedLinear:
+    """A proxy-mode layer (the stochastic update and the meter are the proxy mode's)."""
     layer = falqon.MeldedLinear.from_linear(nn.Linear(64, 48, bias=False), rank=16, topk=5,
                                             alpha=32.0, keep_residual=keep_residual,
-                                            transposed_copy=transposed_copy, svd="exact")
+                                            transposed_copy=transposed_copy, svd="exact",
+                                            update_mode="proxy")
     # Updates of about one FP8 step, so that both rounding directions happen.
     layer.lora_B.data = torch.randn(48, 16) * 3.0
     return layer
@@ -243,8 +250,9 @@ def test_study_records_every_method_on_both_tasks(study):
     acc = {(r["task"], r["method"]): r for r in doc["records"] if r["kind"] == "accuracy"}
     has_api = all(hasattr(falqon, n) for n in ("FalqonConfig", "meld", "attach"))
     for task in ("gsm8k", "roleplay"):
-        for method in ("lora_bf16", "full_bf16", "falqon", "falqon_keep", "falqon_sr",
-                       "falqon_k1", "falqon_k50", "falqon_kr", "qlora_nf4", "lora_fp8_torchao"):
+        for method in ("lora_bf16", "falqon_adapter", "full_bf16", "falqon", "falqon_keep",
+                       "falqon_sr", "falqon_k1", "falqon_k50", "falqon_kr", "qlora_nf4",
+                       "lora_fp8_torchao"):
             r = acc[(task, method)]
             assert r["metric"] == "eval_loss" and "error" not in r, r
             if method in ("qlora_nf4", "lora_fp8_torchao"):
@@ -256,25 +264,132 @@ def test_study_records_every_method_on_both_tasks(study):
                 curve = doc["curves"][f"{task}/{method}"]
                 assert len(curve["train_loss"]) == 3 and [s for s, _ in curve["eval"]] == [2, 3]
                 assert curve["eval"][-1][1] == r["value"]
-            if method.startswith("falqon") and has_api:
+            if METHODS[method].proxy and has_api:
                 assert 0 < r["update_mass_fraction"] <= 2 and r["mass_samples"] == 3
                 assert 0 < r["selected_mass_fraction"] <= 1
+            else:  # the meter is the proxy mode's only
+                assert "update_mass_fraction" not in r
+            merged = {k for k in r if k.startswith(("eval_loss_merged", "merged_"))}
+            if method != "falqon_adapter":
+                assert not merged, r
+            elif hasattr(falqon, "merge"):
+                # Merging changes the weights by one rounding (bf16) or one re-quantisation (FP8)
+                # of a model 3 steps away from its FP8 base: the loss moves, but not far.
+                for precision in ("fp8", "bf16"):
+                    value = r[f"eval_loss_merged_{precision}"]
+                    assert abs(value / r["value"] - 1) < 0.05, (precision, value, r["value"])
+                assert r["merged_eval_s"] > 0
+                # The FP8 weights keep about all of a large (lr 1e-2 and up) update of a tiny
+                # model; a merge that dropped B A would give 0.
+                assert 0.5 < r["merged_fp8_update_share"] < 1.5
+            else:
+                assert merged == {"merged_eval_skipped"} and "merge" in r["merged_eval_skipped"]
     # The same eval set for every method of a task.
     for task in ("gsm8k", "roleplay"):
         assert len({r["eval_examples"] for (t, _), r in acc.items() if t == task and
                     r["value"] is not None}) == 1
+    # Pilot runs are not merged (one evaluation each).
+    assert not any("eval_loss_merged_fp8" in r or "merged_eval_skipped" in r
+                   for r in doc["records"] if r["kind"] == "pilot")
 
 
 def test_study_pilot_picks_a_learning_rate_per_family(study):
     _, doc = study
     choices = {r["family"]: r for r in doc["records"] if r["kind"] == "lr_choice"}
-    assert set(choices) >= {"lora", "falqon"}  # the others were given with --lr
+    assert set(choices) >= {"lora", "falqon", "falqon_adapter"}  # the others were given with --lr
     pilots = [r for r in doc["records"] if r["kind"] == "pilot" and r["family"] == "lora"]
     finished = {r["lr"]: r["value"] for r in pilots if r["value"] is not None}
     assert len(finished) >= 3 and choices["lora"]["lr"] == min(finished, key=finished.get)
     lrs = {r["method"]: r["lr"] for r in doc["records"] if r["kind"] == "accuracy"}
     assert lrs["lora_bf16"] == lrs["qlora_nf4"] == choices["lora"]["lr"]
     assert lrs["full_bf16"] == 1e-4
+    # falqon_adapter: its own family and pilot, starting from LoRA's grid.
+    adapter = {r["lr"]: r["value"] for r in doc["records"] if r["kind"] == "pilot"
+               and r["family"] == "falqon_adapter"}
+    assert all(r["method"] == "falqon_adapter" for r in doc["records"]
+               if r["kind"] == "pilot" and r["family"] == "falqon_adapter")
+    assert {3e-4, 1e-3, 3e-3} <= set(adapter)
+    assert lrs["falqon_adapter"] == choices["falqon_adapter"]["lr"] == min(adapter,
+                                                                           key=adapter.get)
+
+
+def test_methods_meld_in_their_update_mode(study):
+    """falqon_adapter melds in the adapter mode with no hook and no meter; every other falqon
+    method passes update_mode="proxy" (the default is now the adapter mode)."""
+    tmp, _ = study
+    ckpt = str(tmp / "run" / "pretrained")
+    settings = RunSettings(rank=4, alpha=4.0, dtype=torch.float32, falqon_warmup_steps=1,
+                           mass_every=1)
+    a_norm = {}
+    for method in METHODS.values():
+        if method.kind != "falqon":
+            continue
+        setup = build(method, ckpt, torch.device("cpu"), 1e-3, settings)
+        layers = [m for m in setup.model.modules() if isinstance(m, falqon.MeldedLinear)]
+        assert {m.update_mode for m in layers} == {method.update_mode}, method.name
+        assert (setup.meter is None and setup.handle is None) == (method.name == "falqon_adapter")
+        if method.proxy:
+            assert {m.topk for m in layers} == {{"r": 4, "all": 1 << 30}.get(method.topk,
+                                                                            method.topk)}
+        a_norm[method.name] = layers[0].adapter_A().norm(dim=1).square().mean().sqrt().item()
+        if setup.handle is not None:
+            setup.handle.remove()
+    # The adapter mode's A is scaled up towards a LoRA A's row norm, 1/sqrt(3) (capped at W's
+    # amax, which binds on this tiny model): LoRA's learning rates carry over.
+    assert a_norm["falqon"] * 2 < a_norm["falqon_adapter"] <= 1.01 * 3 ** -0.5
+
+
+def test_issue12_method_set():
+    assert [m.name for m in resolve_methods(["issue12"])] == [
+        "lora_bf16", "falqon_adapter", "falqon", "qlora_nf4", "lora_fp8_torchao"]
+    assert [m.name for m in resolve_methods(["falqon_adapter", "issue12"])][:2] == [
+        "falqon_adapter", "lora_bf16"]
+    assert DEFAULT_METHODS[:2] == ("lora_bf16", "falqon_adapter")
+    assert FAMILIES["falqon_adapter"] == "falqon_adapter"
+    assert LR_GRIDS["falqon_adapter"] == LR_GRIDS["lora"]
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_methods(["issue13"])
+
+
+def test_merged_eval_losses_merge_a_copy_at_each_precision(monkeypatch):
+    """merged_eval_losses calls falqon.merge on a copy of the model, once per precision, and
+    evaluates what it returns; without falqon.merge it says so."""
+    from studies.train import merged_eval_losses
+
+    torch.manual_seed(0)
+    model = _TinyLM()
+    examples = [D.Example([1, 2, 3, 4, 5, 6], [-100, -100, 3, 4, 5, 6]),
+                D.Example([7, 8, 9], [-100, 8, 9])]
+    calls = []
+
+    def fake_merge(m, precision):
+        assert m is not model
+        calls.append(precision)
+        with torch.no_grad():  # a merge that changes the model: the loss must change with it
+            m.head.weight.mul_(2.0 if precision == "fp8" else 1.0)
+        return m
+
+    monkeypatch.setattr(falqon, "merge", fake_merge, raising=False)
+    out = merged_eval_losses(model, examples, 0, 2, torch.device("cpu"), torch.float32)
+    base = evaluate(model, examples, 0, 2, torch.device("cpu"), torch.float32)
+    assert calls == ["fp8", "bf16"] and set(out) == {"eval_loss_merged_fp8",
+                                                     "eval_loss_merged_bf16", "merged_eval_s"}
+    assert out["eval_loss_merged_bf16"] == pytest.approx(base, rel=1e-6)
+    assert out["eval_loss_merged_fp8"] != pytest.approx(base, rel=1e-3)  # the copy was changed
+    monkeypatch.delattr(falqon, "merge")
+    assert merged_eval_losses(model, examples, 0, 2, torch.device("cpu"), torch.float32) == {
+        "merged_eval_skipped": "this falqon has no merge()"}
+
+
+class _TinyLM(nn.Module):
+    """A causal LM stand-in for evaluate(): embedding -> head, returning .logits."""
+
+    def __init__(self, vocab=16, hidden=8):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, hidden), nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, use_cache=False):
+        return types.SimpleNamespace(logits=self.head(self.emb(input_ids)))
 
 
 def test_study_writes_plots_and_fills_the_write_up(study):
@@ -336,3 +451,56 @@ def test_merge_keeps_the_latest_record_per_key_and_flags_mixed_checkpoints():
     assert vals == {"falqon": 1.95, "lora_bf16": 1.9} and "warning" in doc
     assert R.device_slug(doc["device"]) == "h100" and doc["command"] == "a && b"
     assert "+2.63%" in R.results_table(doc) and "NOT within" in R.verdict(doc)
+
+
+def _acc(task, method, value, **extra):
+    return {"kind": "accuracy", "task": task, "method": method, "metric": "eval_loss",
+            "value": value, "lr": extra.pop("lr", 0.01), **extra}
+
+
+def test_verdict_states_issue12_bars_and_the_fp8_merge_cost():
+    doc = {"records": [
+        {"kind": "lr_choice", "family": "lora", "method": "lora_bf16", "lr": 0.01, "source": "p"},
+        {"kind": "lr_choice", "family": "falqon_adapter", "method": "falqon_adapter", "lr": 0.003,
+         "source": "p"},
+        _acc("gsm8k", "lora_bf16", 2.0),
+        _acc("gsm8k", "falqon_adapter", 2.01, lr=0.003, eval_loss_merged_fp8=2.1,
+             eval_loss_merged_bf16=2.0102, merged_fp8_update_share=0.4213),
+        _acc("gsm8k", "falqon", 2.3, lr=0.9),
+        _acc("roleplay", "lora_bf16", 3.0),
+        _acc("roleplay", "falqon_adapter", None, skipped="stage time budget: 3 s left of 230 s"),
+    ], "curves": {}}
+    lines = R.verdict(doc).splitlines()
+    assert lines == [
+        "- gsm8k: `falqon_adapter` 2.0100 vs lora_bf16 2.0000: +0.50%, within 1% (issue 12's "
+        "bar). Merged into FP8 2.1000 (+4.48% vs unmerged, +5.00% vs lora_bf16; the FP8 "
+        "weights keep 42.1% of the adapter's update); merged into bf16 2.0102 (+0.01% vs "
+        "unmerged, +0.51% vs lora_bf16).",
+        "- gsm8k: best proxy-mode falqon setting `falqon` 2.3000 vs lora_bf16 2.0000: +15.00%, "
+        "NOT within 2%.",
+        "- roleplay: `falqon_adapter` skipped (stage time budget: 3 s left of 230 s).",
+        "- roleplay: proxy mode not measured (needs lora_bf16 and a proxy falqon run).",
+        "- learning rate: `falqon_adapter`'s pilot picked 0.003, lora's 0.01: 0.3x, within 3x, "
+        "i.e. one step of the pilot grid (issue 12's bar)."]
+    doc["records"][3]["value"] = 2.03  # +1.5%
+    doc["records"][1]["lr"] = 0.1      # 10x lora's: three grid steps
+    lines = R.verdict(doc).splitlines()
+    assert "+1.50%, NOT within 1%" in lines[0] and "10x, NOT within 3x" in lines[-1]
+    doc["records"][1]["lr"] = 0.03     # the next grid point above lora's
+    assert "3x, within 3x" in R.verdict(doc).splitlines()[-1]
+    table = R.results_table(doc)
+    assert "| falqon_adapter, merged into FP8 | 2.1000 | +5.00% | 0.003 | - | - | - | - | - | - |" \
+        in table.splitlines()
+    assert "| falqon_adapter, merged into bf16 | 2.0102 | +0.51% |" in table
+
+
+def test_report_renders_the_results_without_falqon_adapter():
+    """The committed H100 results predate falqon_adapter: the write-up still renders, and says
+    the method was not run."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    doc = json.loads((repo / "benchmarks" / "results" / "accuracy_h100.json").read_text())
+    text = R.fill_doc((repo / "docs" / "accuracy.md").read_text(), doc)
+    verdict = text.split("<!-- accuracy:verdict:begin -->")[1].split("<!-- accuracy:verdict:end")[0]
+    assert verdict.count("`falqon_adapter` not run.") == 2
+    assert "NOT within 2%" in verdict and "no pilot for falqon_adapter" in verdict
+    assert "| lora_bf16 | 1.8885 | +0.00% |" in text and "| falqon_adapter" not in text
