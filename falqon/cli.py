@@ -29,6 +29,7 @@ import time
 import torch
 
 from .config import FalqonConfig, FalqonError
+from .export import FORMATS as EXPORT_FORMATS
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 PRESETS = {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
@@ -179,15 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=_positive(), default=None, metavar="N",
                    help="save and stop after step N (the schedule stays that of --steps)")
     t.add_argument("--export", metavar="DIR", help="also export the result (see falqon export)")
+    t.add_argument("--export-format", choices=EXPORT_FORMATS, default=None,
+                   help="the --export's format (see falqon export --format)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-plot", action="store_true", help="no loss plot")
     f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser(
-        "export", help="export a fine-tuned run as an FP8 compressed-tensors checkpoint",
-        description="Write the trained FP8 weights and their scales as a Hugging Face checkpoint "
-                    "in compressed-tensors' float-quantized format (vLLM and transformers load it "
-                    "directly; no post-training quantisation).")
+        "export", help="export a fine-tuned run: FP8 base + PEFT LoRA adapter, merged FP8 or bf16",
+        description="Write a fine-tuned run as a Hugging Face checkpoint. fp8+lora (the adapter "
+                    "mode's default): the FP8 base exactly as trained, in compressed-tensors' "
+                    "float-quantized format, plus a PEFT LoRA adapter in OUTPUT/adapter (PEFT's "
+                    "PeftModel.from_pretrained and vLLM's --enable-lora load it). fp8 (the proxy "
+                    "mode's default, and its only FP8 format): the weights as FP8 with their "
+                    "scales; in the adapter mode W + scaling B A re-quantised (the share of the "
+                    "update the rounding keeps is printed). bf16: the merged weights in the "
+                    "model's dtype, a plain checkpoint any stack loads.")
     e.add_argument("source", help="a finetune run directory, or a checkpoint directory in one")
     e.add_argument("output", help="directory to write (must not exist or be empty)")
     e.add_argument("--base-model", metavar="PATH",
@@ -195,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--activations", choices=("tensor", "token", "none"), default="tensor",
                    help="FP8 dynamic activation quantisation per tensor (as in training), per "
                         "token, or none (weight-only)")
+    e.add_argument("--format", choices=EXPORT_FORMATS, default=None,
+                   help="fp8+lora, fp8 or bf16 (default: fp8+lora for adapter-mode runs, fp8 for "
+                        "proxy-mode runs)")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser(
@@ -716,10 +727,8 @@ def cmd_finetune(args) -> int:
     print(f"falqon: model saved to {out / FINAL_DIR}" +
           (f", loss plot {out / PLOT_FILE}" if plotted else ""))
     if args.export:
-        from .export import export
-
-        export(model, args.export, tokenizer=tokenizer)
-        print(f"falqon: exported to {args.export}")
+        _export_and_report(model, pathlib.Path(args.export), tokenizer, "tensor",
+                           args.export_format)
     return 0
 
 
@@ -760,7 +769,11 @@ def cmd_export(args) -> int:
     out = pathlib.Path(args.output)
     _check_export_dir(out)
     checkpoint, run = _find_run(pathlib.Path(args.source))
-    read_checkpoint_meta(checkpoint)
+    meta = read_checkpoint_meta(checkpoint)
+    # A format the run cannot have is refused before the model is loaded.
+    from .export import resolve_format
+
+    fmt = resolve_format(meta.get("config", {}).get("update_mode", "proxy"), args.format)
     base = args.base_model or (run or {}).get("base_model")
     if not base:
         raise FalqonError(f"{checkpoint} is not inside a falqon run: pass --base-model")
@@ -768,11 +781,26 @@ def cmd_export(args) -> int:
     model, tokenizer = load_base_model(pathlib.Path(base), torch.device("cpu"),
                                        getattr(torch, dtype_name))
     model = from_pretrained(model, checkpoint)
-    export(model, out, tokenizer=tokenizer,
-           activations=None if args.activations == "none" else args.activations)
-    print(f"falqon: exported {checkpoint} to {out} (FP8 weights with per-tensor scales, "
-          f"compressed-tensors float-quantized)")
+    _export_and_report(model, out, tokenizer, args.activations, fmt)
     return 0
+
+
+def _export_and_report(model, out: pathlib.Path, tokenizer, activations: str, fmt) -> None:
+    """falqon.export in `fmt` (None: the model's default), then a line saying what was written
+    and how to load it."""
+    from .convert import melded_layers
+    from .export import export, resolve_format, update_mode_of
+
+    fmt = resolve_format(update_mode_of(model, melded_layers(model)), fmt)
+    export(model, out, tokenizer=tokenizer,
+           activations=None if activations == "none" else activations, format=fmt)
+    what = {"fp8+lora": f"the FP8 base (compressed-tensors float-quantized) and a PEFT LoRA "
+                        f"adapter in {out / 'adapter'}: PeftModel.from_pretrained("
+                        f"AutoModelForCausalLM.from_pretrained('{out}'), '{out / 'adapter'}'), "
+                        f"or vllm serve {out} --enable-lora --lora-modules NAME={out / 'adapter'}",
+            "fp8": "FP8 weights with per-tensor scales, compressed-tensors float-quantized",
+            "bf16": "the merged weights in the model's dtype (a plain checkpoint)"}[fmt]
+    print(f"falqon: exported to {out} ({fmt}: {what})")
 
 
 # ---- bench --------------------------------------------------------------------------------------

@@ -65,6 +65,29 @@ def test_finetune_end_to_end(inputs, tmp_path, capsys):
                                                                      "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    # The adapter mode's default format: the FP8 base plus a PEFT LoRA adapter.
+    for d in (exp, tmp_path / "again"):
+        assert json.loads((d / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert "fp8+lora" in capsys.readouterr().out
+
+
+def test_export_formats(inputs, tmp_path, capsys):
+    adapter_run, proxy_run = tmp_path / "adapter", tmp_path / "proxy"
+    assert finetune(inputs, adapter_run, "--steps", "2", "--eval-every", "0") == 0
+    assert finetune(inputs, proxy_run, "--steps", "2", "--eval-every", "0", *PROXY) == 0
+    assert main(["export", str(adapter_run), str(tmp_path / "bf16"), "--format", "bf16"]) == 0
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization_config" not in config and not (tmp_path / "bf16" / "adapter").exists()
+    assert main(["export", str(adapter_run), str(tmp_path / "fp8"), "--format", "fp8"]) == 0
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert not (tmp_path / "fp8" / "adapter").exists()
+    assert main(["export", str(proxy_run), str(tmp_path / "proxy-fp8")]) == 0
+    assert not (tmp_path / "proxy-fp8" / "adapter").exists()
+    capsys.readouterr()
+    assert main(["export", str(proxy_run), str(tmp_path / "x"), "--format", "fp8+lora"]) == 2
+    one_error_line(capsys, "needs update_mode='adapter'")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir()), \
+        "refused before anything was written"
 
 
 @pytest.mark.parametrize("variant", [[*PROXY, "--warmup-steps", "2", "--keep-residual"],
