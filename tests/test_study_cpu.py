@@ -480,14 +480,20 @@ def test_verdict_states_issue12_bars_and_the_fp8_merge_cost():
         "NOT within 2%.",
         "- roleplay: `falqon_adapter` skipped (stage time budget: 3 s left of 230 s).",
         "- roleplay: proxy mode not measured (needs lora_bf16 and a proxy falqon run).",
-        "- learning rate: `falqon_adapter`'s pilot picked 0.003, lora's 0.01: 0.3x, within 3x, "
-        "i.e. one step of the pilot grid (issue 12's bar)."]
+        "- learning rate: `falqon_adapter`'s pilot picked 0.003, lora's 0.01: 0.3x, NOT within "
+        "3x (issue 12's bar)."]
     doc["records"][3]["value"] = 2.03  # +1.5%
     doc["records"][1]["lr"] = 0.1      # 10x lora's: three grid steps
     lines = R.verdict(doc).splitlines()
     assert "+1.50%, NOT within 1%" in lines[0] and "10x, NOT within 3x" in lines[-1]
-    doc["records"][1]["lr"] = 0.03     # the next grid point above lora's
+    doc["records"][1]["lr"] = 0.03     # 3x lora's: the bar, strictly
     assert "3x, within 3x" in R.verdict(doc).splitlines()[-1]
+    # A pick at the edge of what its pilot tried says so.
+    doc["records"] += [{"kind": "pilot", "family": "falqon_adapter", "lr": lr, "value": v}
+                       for lr, v in ((0.003, 2.5), (0.01, 2.4), (0.03, 2.3))]
+    assert R.verdict(doc).splitlines()[-1].endswith(
+        "(issue 12's bar); 0.03 is the largest learning rate its pilot tried, so its best may "
+        "lie beyond.")
     table = R.results_table(doc)
     assert "| falqon_adapter, merged into FP8 | 2.1000 | +5.00% | 0.003 | - | - | - | - | - | - |" \
         in table.splitlines()
