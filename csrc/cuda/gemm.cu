@@ -9,6 +9,7 @@
 //   dgrad:   a = W_q^T (K x N),      b = fp8(g) (M x N) -> (M, K),      ldo = K
 #include <cublasLt.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -99,6 +100,36 @@ size_t workspace_limit(const at::Device& device) {
   return prop->major >= 9 ? (size_t{32} << 20) : (size_t{4} << 20);
 }
 
+// cuBLASLt's best algorithm for a plan's descriptor and layouts (C laid out as `c`), within the
+// device's workspace limit and the pointer alignments of A, B, C and D (bytes): stored in the
+// plan; false, with nothing stored, where the heuristic offers none.
+bool find_algorithm(cublasLtHandle_t handle, GemmPlan& plan, cublasLtMatrixLayout_t c,
+                    const std::array<int, 4>& align, const at::Device& device) {
+  cublasLtMatmulPreference_t pref = nullptr;
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
+                        decltype(&cublasLtMatmulPreferenceDestroy)>
+      pref_owner(pref, &cublasLtMatmulPreferenceDestroy);
+  const uint64_t ws_limit = workspace_limit(device);
+  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_limit, sizeof(ws_limit)));
+  const cublasLtMatmulPreferenceAttributes_t attrs[] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t value = static_cast<uint32_t>(align[i]);
+    FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attrs[i], &value, sizeof(value)));
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, c,
+                                                               plan.d, pref, 1, &result, &found);
+  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  plan.algo = result.algo;
+  plan.workspace = result.workspaceSize;
+  return true;
+}
+
 std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle, const void* a_scale,
                                     const void* b_scale, const void* bias, const at::Device& device) {
   auto plan = std::make_unique<GemmPlan>();
@@ -118,31 +149,11 @@ std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle,
   FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->b, key.b_type, key.k, key.n, key.k));
   FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->d, key.d_type, key.m, key.n, key.ldo));
 
-  cublasLtMatmulPreference_t pref = nullptr;
-  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
-                        decltype(&cublasLtMatmulPreferenceDestroy)>
-      pref_owner(pref, &cublasLtMatmulPreferenceDestroy);
-  const uint64_t ws_limit = workspace_limit(device);
-  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_limit, sizeof(ws_limit)));
-  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key.align_a)},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key.align_b)},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key.align_d)},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key.align_d)}};
-  for (const auto& [attr, value] : aligns) {
-    FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
-  }
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  FALQON_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->d,
-                                                       plan->d, pref, 1, &result, &found));
-  FALQON_CHECK(found > 0, "falqon: cuBLASLt has no FP8 GEMM algorithm for m=", key.m, " n=", key.n,
+  const bool found = find_algorithm(handle, *plan, plan->d,
+                                    {key.align_a, key.align_b, key.align_d, key.align_d}, device);
+  FALQON_CHECK(found, "falqon: cuBLASLt has no FP8 GEMM algorithm for m=", key.m, " n=", key.n,
               " k=", key.k, " (", key.bias ? "with" : "without", " bias, alignments A ", key.align_a,
               " B ", key.align_b, " D ", key.align_d, ")");
-  plan->algo = result.algo;
-  plan->workspace = result.workspaceSize;
   return plan;
 }
 
@@ -192,31 +203,8 @@ std::unique_ptr<LtPlan> make_lt_plan(const LtKey& key, cublasLtHandle_t handle,
   FALQON_CUBLASLT_CHECK(
       cublasLtMatrixLayoutCreate(&plan->c, key.cd_type, key.m, key.n, key.has_c ? key.ldc : key.ldd));
   FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->d, key.cd_type, key.m, key.n, key.ldd));
-  cublasLtMatmulPreference_t pref = nullptr;
-  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
-                        decltype(&cublasLtMatmulPreferenceDestroy)>
-      pref_owner(pref, &cublasLtMatmulPreferenceDestroy);
-  const uint64_t ws_limit = workspace_limit(device);
-  FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_limit, sizeof(ws_limit)));
-  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key.align_a)},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key.align_b)},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key.align_c)},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key.align_d)}};
-  for (const auto& [attr, value] : aligns) {
-    FALQON_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
-  }
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle, plan->desc, plan->a, plan->b, plan->c, plan->d, pref, 1, &result, &found);
-  plan->found = status == CUBLAS_STATUS_SUCCESS && found > 0;
-  if (plan->found) {
-    plan->algo = result.algo;
-    plan->workspace = result.workspaceSize;
-  }
+  plan->found = find_algorithm(handle, *plan, plan->c,
+                               {key.align_a, key.align_b, key.align_c, key.align_d}, device);
   return plan;
 }
 
