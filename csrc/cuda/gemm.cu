@@ -59,12 +59,14 @@ struct GemmKey {
   bool operator==(const GemmKey& o) const { return std::memcmp(this, &o, sizeof(GemmKey)) == 0; }
 };
 
-struct GemmKeyHash {
-  size_t operator()(const GemmKey& key) const {
-    // FNV-1a over the bytes; GemmKey is zero-initialised before it is filled, padding included.
+// FNV-1a over a plan key's bytes: every key is zero-initialised before it is filled, padding
+// included, and compared with memcmp.
+template <typename Key>
+struct BytewiseHash {
+  size_t operator()(const Key& key) const {
     const auto* p = reinterpret_cast<const unsigned char*>(&key);
     uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < sizeof(GemmKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    for (size_t i = 0; i < sizeof(Key); ++i) h = (h ^ p[i]) * 1099511628211ull;
     return static_cast<size_t>(h);
   }
 };
@@ -170,15 +172,6 @@ struct LtKey {
   bool operator==(const LtKey& o) const { return std::memcmp(this, &o, sizeof(LtKey)) == 0; }
 };
 
-struct LtKeyHash {
-  size_t operator()(const LtKey& key) const {
-    const auto* p = reinterpret_cast<const unsigned char*>(&key);
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < sizeof(LtKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
-    return static_cast<size_t>(h);
-  }
-};
-
 struct LtPlan : GemmPlan {
   cublasLtMatrixLayout_t c = nullptr;
   bool found = false;
@@ -263,7 +256,7 @@ bool matmul_16bit(const at::Tensor& a, bool a_k_major, const at::Tensor& b,
   key.align_c = std::min(key.align_c, key.align_d);  // one preference covers both (see make_lt_plan)
   key.align_d = key.align_c;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  thread_local std::unordered_map<LtKey, std::unique_ptr<LtPlan>, LtKeyHash> plans;
+  thread_local std::unordered_map<LtKey, std::unique_ptr<LtPlan>, BytewiseHash<LtKey>> plans;
   auto it = plans.find(key);
   if (it == plans.end()) it = plans.emplace(key, make_lt_plan(key, handle, device)).first;
   LtPlan& plan = *it->second;
@@ -346,7 +339,7 @@ void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Te
   const void* bias_ptr = bias.has_value() ? bias->const_data_ptr() : nullptr;
   // Per thread (autograd runs backward on its own threads): no locking, and the per-call pointer
   // attributes below never race with another call.
-  thread_local std::unordered_map<GemmKey, std::unique_ptr<GemmPlan>, GemmKeyHash> plans;
+  thread_local std::unordered_map<GemmKey, std::unique_ptr<GemmPlan>, BytewiseHash<GemmKey>> plans;
   auto it = plans.find(key);
   if (it == plans.end()) {
     it = plans.emplace(key, make_plan(key, handle, a_scale_ptr, b_scale_ptr, bias_ptr, device)).first;
