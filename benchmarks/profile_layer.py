@@ -130,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(the warm-up iterations fill the history)")
     parser.add_argument("--transposed-copy", action="store_true",
                         help="keep the persistent transposed weight (no transpose in backward)")
-    parser.add_argument("--update-mode", choices=("proxy", "adapter"), default="proxy",
+    parser.add_argument("--update-mode", choices=falqon.config.UPDATE_MODES, default="proxy",
                         help="proxy (default here: the paper's method, what the committed "
                              "profiles measured) or adapter (falqon's default mode)")
     parser.add_argument("--out", default=None)

@@ -55,8 +55,7 @@ import model as mb  # noqa: E402  (benchmarks/model.py)
 TAG = "falqon_bench::"
 PHASES = ("forward", "backward", "optimizer", "proxy_update")
 RECOMPUTE = TAG + "recompute"
-UPDATE_MODES = ("proxy", "adapter")
-# model.py's method of each mode.
+# model.py's method of each update mode.
 METHOD_OF_MODE = {"proxy": "falqon", "adapter": "falqon_adapter"}
 
 CATEGORIES = ("fwd GEMMs", "dgrad GEMMs", "quantise", "dB", "transpose", "attention",
@@ -336,7 +335,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1, help="profiled steps, averaged (default 1)")
     p.add_argument("--timed-steps", type=int, default=3,
                    help="steps timed with CUDA events and no profiler (default 3)")
-    p.add_argument("--update-mode", choices=UPDATE_MODES, default="proxy",
+    p.add_argument("--update-mode", choices=tuple(METHOD_OF_MODE), default="proxy",
                    help="proxy (default here: the paper's method, what the committed profiles "
                         "measured) or adapter (falqon's default mode)")
     p.add_argument("--trace", type=pathlib.Path, help="also write a Chrome trace here")

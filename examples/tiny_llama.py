@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--update-mode", choices=("adapter", "proxy"), default="adapter")
+    parser.add_argument("--update-mode", choices=falqon.config.UPDATE_MODES, default="adapter")
     parser.add_argument("--topk", type=int, default=10, help="proxy mode: rows folded per step")
     # The adapter mode trains B like LoRA (a LoRA learning rate, a little high for a random
     # backbone); the proxy mode needs a large one: FP8 weights round away updates under half a step.

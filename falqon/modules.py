@@ -6,9 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .config import UPDATE_MODES
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-UPDATE_MODES = ("adapter", "proxy")
 # The adapter mode's A: rescaled at meld time to the root-mean-square row norm of a PEFT LoRA A
 # (kaiming_uniform_(a=sqrt(5)): each of the in_features entries uniform in +-1/sqrt(in_features),
 # variance 1/(3 in_features), so a row's expected squared norm is 1/3), so that an Adam step on
