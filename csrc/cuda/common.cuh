@@ -89,8 +89,9 @@ void cast_with_partials(const at::Tensor& x, const at::Tensor& partials, const a
 at::Tensor delayed_partials(const at::Tensor& x, const at::Tensor& amax_history,
                             const at::Tensor& amax, int64_t extra = 0);
 
-// The adapter mode's dgrad operand [g | u | 0] (M x ld_q FP8, ld_q = N + r16), u = scaling g B
-// (M x r, fp32, contiguous) already scaled.
+// ---- adapter.cu: the adapter mode's dgrad operand [g | u | 0] (M x ld_q FP8, ld_q = N + r16),
+// with u = scaling g B (M x r, fp32, contiguous, the scaling already applied) -------------------
+
 // Slots of the partial maxima that adapter_partials writes.
 constexpr int64_t kAdapterPartials = 32;
 // Writes kAdapterPartials partial maxima of |u| into partials[offset, offset + kAdapterPartials)
