@@ -189,8 +189,10 @@ def read_checkpoint_meta(path) -> dict:
 def _parse_meta(meta: dict, directory: pathlib.Path) -> tuple[FalqonConfig, dict, str]:
     """(config, layers' JSON, weights layout) of a checkpoint's JSON."""
     try:
-        # Checkpoints written before the adapter mode existed were all the proxy mode's.
-        config = FalqonConfig.from_dict({"update_mode": "proxy", **meta["config"]})
+        # Checkpoints written before the adapter mode existed were all the proxy mode's, and those
+        # written before adapter_gain existed trained the adapter with gain 1.
+        config = FalqonConfig.from_dict({"update_mode": "proxy", "adapter_gain": 1.0,
+                                         **meta["config"]})
         layers_meta = dict(meta["layers"])
         for info in layers_meta.values():
             for key in ("in_features", "out_features", "rank"):
@@ -242,7 +244,10 @@ def _check_module(base_model: nn.Module, name: str, info: dict, config: FalqonCo
         for what, ours, theirs in (("rank", module.rank, info["rank"]),
                                    ("amax_history_len", module.amax_history_len,
                                     config.amax_history_len),
-                                   ("update_mode", module.update_mode, config.update_mode)):
+                                   ("update_mode", module.update_mode, config.update_mode),
+                                   ("adapter_gain", module.adapter_gain,
+                                    config.adapter_gain if config.update_mode == "adapter"
+                                    else 1.0)):
             if ours != theirs:
                 raise FalqonError(f"layer {name} has {what} {ours}, the checkpoint {theirs}")
     return module

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .config import UPDATE_MODES, FalqonConfig, FalqonError
+from .config import ADAPTER_GAIN, UPDATE_MODES, FalqonConfig, FalqonError
 from .export import FORMATS as EXPORT_FORMATS
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -47,14 +47,17 @@ FINGERPRINT = ("model", "data", "rank", "alpha", "topk", "warmup_topk", "warmup_
                "keep_residual", "target_modules", "exclude_modules", "lr", "lr_warmup_steps",
                "schedule", "weight_decay", "steps", "batch_size", "grad_accum", "seq_len",
                "template", "eval_size", "max_grad_norm", "seed", "dtype", "amax_history_len",
-               "transposed_copy", "update_mode")
+               "transposed_copy", "update_mode", "adapter_gain")
 # Fingerprint options added after the first release: a run.json without them was made with
 # these values (every run before --update-mode existed used the proxy update).
-LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False, "update_mode": "proxy"}
+# Runs from before --adapter-gain trained the adapter with gain 1.
+LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False, "update_mode": "proxy",
+                         "adapter_gain": 1.0}
 # Options of the proxy update only; given with --update-mode adapter they are refused.
 PROXY_ONLY = ("topk", "warmup_topk", "warmup_steps", "keep_residual")
 # Default peak learning rates. Adapter mode: PEFT LoRA's usual 2e-4 for a pretrained --model (A
-# has a LoRA A's row norm, so LoRA's learning rates carry over); 2e-3 for the random weights of a
+# has a LoRA A's row norm and the adapter gain stands in for a trained A's growth, so LoRA's
+# learning rates carry over); 2e-3 for the random weights of a
 # --model-config, which have far to go in a short demonstration run. Proxy mode: 2e-4 for a
 # --model, 3e-2 for random weights, whose small values have FP8 steps that swallow smaller
 # updates.
@@ -113,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=_positive(), default=16, help="adapter rank (default: 16)")
     g.add_argument("--alpha", type=_positive(float, 1e-12), default=None,
                    help="LoRA alpha (default: rank, i.e. scaling 1)")
+    g.add_argument("--adapter-gain", type=_positive(float, 1e-12), default=ADAPTER_GAIN,
+                   help="adapter mode: a further factor on the adapter's output, scaling = gain * "
+                        f"alpha / rank (default: {ADAPTER_GAIN:g}, which stands in for the growth "
+                        "of a trained LoRA A, A being frozen here, so that LoRA's learning rates "
+                        "carry over; exports fold it into B)")
     g.add_argument("--topk", type=_positive(int, 0), default=10,
                    help="proxy mode: rows of B folded into each FP8 weight per step (default: 10)")
     g.add_argument("--warmup-topk", type=_positive(int, 0), default=None,
@@ -484,6 +492,9 @@ def _inherit(args, run: dict, explicit: set[str]) -> bool:
 def _check_update_mode(args, explicit: set[str]) -> None:
     """Refuse the proxy update's options when the run is in the adapter mode (they would be
     silently meaningless there)."""
+    if args.update_mode == "proxy" and "adapter_gain" in explicit:
+        raise FalqonError("--adapter-gain only applies to the adapter mode: leave it out with "
+                          "--update-mode proxy (the proxy update folds B A unscaled by it)")
     given = [k for k in PROXY_ONLY if k in explicit]
     if args.update_mode == "adapter" and given:
         names = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -616,7 +627,8 @@ def cmd_finetune(args) -> int:
             warmup_steps=args.warmup_steps, keep_residual=args.keep_residual,
             target_modules=args.target_modules, exclude_modules=args.exclude_modules,
             seed=args.seed, transposed_copy=args.transposed_copy,
-            amax_history_len=args.amax_history_len, update_mode=args.update_mode)
+            amax_history_len=args.amax_history_len, update_mode=args.update_mode,
+            adapter_gain=args.adapter_gain)
         try:
             meld(model, cfg, progress=not args.no_progress, verbose=True)
         except ValueError as exc:

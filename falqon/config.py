@@ -18,6 +18,12 @@ class FalqonError(ValueError):
 GRAD_DTYPES = {"e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
 SVD_METHODS = ("randomized", "exact")
 UPDATE_MODES = ("adapter", "proxy")
+# The adapter mode's output gain (FalqonConfig.adapter_gain). A is frozen in the adapter mode, while
+# LoRA's A grows from its small initial values as it trains; with A at a LoRA A's initial row norm
+# and gain 1, the accuracy study's pilot needed ~10x LoRA's learning rate for the same loss at
+# every point of its grid (docs/accuracy.md). Multiplying the adapter's output by 10 gives a
+# LoRA user's learning rates back (an Adam step on B moves the output in proportion to it).
+ADAPTER_GAIN = 10.0
 
 
 @dataclass
@@ -35,6 +41,10 @@ class FalqonConfig:
                      held-out loss: updates under half an E4M3 step round away.
     rank             rank r of the adapter melded under each weight.
     alpha            LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank.
+    adapter_gain     adapter mode: a further factor on the adapter's output, scaling =
+                     adapter_gain * alpha / rank (ADAPTER_GAIN, 10, by default: A is frozen, so it
+                     stands in for the growth of a trained LoRA A; see ADAPTER_GAIN). Exports fold
+                     it into B, so a PEFT adapter keeps lora_alpha = alpha. Ignored in the proxy mode.
     topk             proxy mode: rows of B folded into the FP8 weight after each optimizer step.
     warmup_topk      proxy mode: rows folded during the first `warmup_steps` steps. None: the
                      layer's rank (what the published code does).
@@ -73,6 +83,7 @@ class FalqonConfig:
     transposed_copy: bool = False
     amax_history_len: int = 0
     update_mode: str = "adapter"
+    adapter_gain: float = ADAPTER_GAIN
 
     def __post_init__(self):
         self.target_modules = _normalise_names("target_modules", self.target_modules)
@@ -90,6 +101,7 @@ class FalqonConfig:
                 raise ValueError(f"FalqonConfig: alpha must be a positive number or None, got "
                                  f"{self.alpha!r}")
             self.alpha = float(self.alpha)
+        self.adapter_gain = check_adapter_gain("FalqonConfig", self.adapter_gain)
         for name in ("keep_residual", "transposed_copy"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FalqonConfig: {name} must be True or False, got "
@@ -107,7 +119,10 @@ class FalqonConfig:
 
     @property
     def scaling(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
+        """What the adapter's output is multiplied by: alpha / rank, times adapter_gain in the
+        adapter mode."""
+        gain = self.adapter_gain if self.update_mode == "adapter" else 1.0
+        return gain * (self.rank if self.alpha is None else self.alpha) / self.rank
 
     @property
     def grad_torch_dtype(self) -> torch.dtype:
@@ -156,6 +171,14 @@ class FalqonConfig:
         return cls.from_dict(json.loads(text))
 
 
+def check_adapter_gain(who: str, value) -> float:
+    """`value` as a float if it is a positive finite number, else ValueError naming `who`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < float(value) < float("inf"):
+        raise ValueError(f"{who}: adapter_gain must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def _check_int(name: str, value, minimum: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"FalqonConfig: {name} must be an integer, got {value!r}")
@@ -190,4 +213,4 @@ def _matches(spec, name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
-__all__ = ["FalqonConfig", "FalqonError", "GRAD_DTYPES", "SVD_METHODS", "UPDATE_MODES"]
+__all__ = ["ADAPTER_GAIN", "FalqonConfig", "FalqonError", "GRAD_DTYPES", "SVD_METHODS", "UPDATE_MODES"]

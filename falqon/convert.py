@@ -111,7 +111,8 @@ def _layer_kwargs(config: FalqonConfig) -> dict:
     return dict(rank=config.rank, alpha=config.alpha, topk=config.topk,
                 keep_residual=config.keep_residual, grad_dtype=config.grad_torch_dtype,
                 transposed_copy=config.transposed_copy,
-                amax_history_len=config.amax_history_len, update_mode=config.update_mode)
+                amax_history_len=config.amax_history_len, update_mode=config.update_mode,
+                adapter_gain=config.adapter_gain)
 
 
 def empty_melded_like(linear: nn.Linear, config: FalqonConfig) -> MeldedLinear:

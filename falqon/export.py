@@ -197,12 +197,13 @@ def adapter_config(model: nn.Module, layers, base_model_name_or_path: str) -> di
 @torch.no_grad()
 def adapter_state_dict(layers) -> dict[str, torch.Tensor]:
     """PEFT's tensors of the melded layers' adapters, float32: base_model.model.<name>.lora_A.weight
-    = A (rank x in_features) and .lora_B.weight = B (out_features x rank)."""
+    = A (rank x in_features) and .lora_B.weight = adapter_gain * B (out_features x rank): PEFT
+    scales by lora_alpha / r alone, so the gain goes into B."""
     out = {}
     for name, layer in layers:
         out[f"base_model.model.{name}.lora_A.weight"] = layer.adapter_A(torch.float32).cpu()
         out[f"base_model.model.{name}.lora_B.weight"] = \
-            layer.lora_B.detach().to(torch.float32).contiguous().cpu()
+            layer.lora_B.detach().to(torch.float32).mul(layer.adapter_gain).contiguous().cpu()
     return out
 
 

@@ -6,13 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .config import UPDATE_MODES
+from .config import ADAPTER_GAIN, UPDATE_MODES, check_adapter_gain
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The adapter mode's A: rescaled at meld time to the root-mean-square row norm of a PEFT LoRA A
 # (kaiming_uniform_(a=sqrt(5)): each of the in_features entries uniform in +-1/sqrt(in_features),
 # variance 1/(3 in_features), so a row's expected squared norm is 1/3), so that an Adam step on
-# B moves the output as much as it would in LoRA and LoRA's learning rates carry over.
+# B moves the output as much as it would in a fresh LoRA; the adapter gain (config.ADAPTER_GAIN)
+# stands in for the growth of LoRA's trained A. Larger A values would hit the cap at amax(W).
 ADAPTER_ROW_NORM = 3 ** -0.5
 
 
@@ -36,7 +37,8 @@ class MeldedLinear(nn.Module):
                     frozen: LoRA-FA with FALQON's A), trained in fp32 (lora_dtype) and never
                     folded into the FP8 weights during training, so every step's update counts;
                     W' never changes. A is rescaled at meld time to a LoRA A's row norm
-                    (ADAPTER_ROW_NORM) so that LoRA's learning rates carry over.
+                    (ADAPTER_ROW_NORM) and scaling = adapter_gain * alpha / rank (adapter_gain:
+                    config.ADAPTER_GAIN by default) so that LoRA's learning rates carry over.
       "proxy":      the paper's method: y = x W^T + b; B never enters the forward and after each
                     optimizer step `proxy_update()` folds its `topk` largest rows into W'
                     (updates under half an E4M3 step round away).
@@ -70,7 +72,7 @@ class MeldedLinear(nn.Module):
                  keep_residual: bool = False, grad_dtype: torch.dtype = ops.E5M2,
                  transposed_copy: bool = False, device=None, dtype: torch.dtype | None = None,
                  lora_dtype: torch.dtype = torch.float32, amax_history_len: int = 0,
-                 update_mode: str = "adapter"):
+                 update_mode: str = "adapter", adapter_gain: float = ADAPTER_GAIN):
         super().__init__()
         problem = check_meldable(in_features, out_features, rank)
         if problem:
@@ -89,7 +91,10 @@ class MeldedLinear(nn.Module):
                              f"{amax_history_len!r}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha = float(rank if alpha is None else alpha)
-        self.scaling = self.alpha / rank
+        # The adapter mode's output gain (ADAPTER_GAIN); the proxy mode folds B A unscaled by it.
+        self.adapter_gain = (check_adapter_gain("MeldedLinear", adapter_gain)
+                             if update_mode == "adapter" else 1.0)
+        self.scaling = self.adapter_gain * self.alpha / rank
         self.topk, self.keep_residual, self.grad_dtype = topk, keep_residual, grad_dtype
         rows = out_features + ops.padded_rank(rank)
         self.weight = nn.Parameter(torch.zeros(rows, in_features, device=device, dtype=ops.E4M3),
@@ -115,7 +120,8 @@ class MeldedLinear(nn.Module):
                     grad_dtype: torch.dtype = ops.E5M2, transposed_copy: bool = False,
                     svd: str = "randomized", oversample: int = 16, power_iters: int = 4,
                     seed: int = 0, lora_dtype: torch.dtype = torch.float32,
-                    amax_history_len: int = 0, update_mode: str = "adapter") -> "MeldedLinear":
+                    amax_history_len: int = 0, update_mode: str = "adapter",
+                    adapter_gain: float = ADAPTER_GAIN) -> "MeldedLinear":
         """Meld an nn.Linear: its weight is quantised to FP8 with the adapter A stacked under it
         (A from the rank-r SVD of the weight's FP8 quantisation error; in the adapter mode
         rescaled to a LoRA A's row norm); B starts at zero. The original high-precision weight
@@ -134,7 +140,7 @@ class MeldedLinear(nn.Module):
                      grad_dtype=grad_dtype, transposed_copy=transposed_copy, device=w.device,
                      dtype=None if linear.bias is None else linear.bias.dtype,
                      lora_dtype=lora_dtype, amax_history_len=amax_history_len,
-                     update_mode=update_mode)
+                     update_mode=update_mode, adapter_gain=adapter_gain)
         row_norm = ADAPTER_ROW_NORM if update_mode == "adapter" else 0.0
         melded, scale = ops.meld_init(w.detach(), rank, svd, oversample, power_iters, seed,
                                       row_norm)

@@ -20,6 +20,8 @@ from torch import nn
 
 import falqon
 from falqon import ops
+from falqon import FalqonConfig, MeldedLinear
+from falqon.config import ADAPTER_GAIN
 from falqon.modules import ADAPTER_ROW_NORM
 from falqon_testing import adapter_operand, fp8_bytes, opcheck, rel_err
 from test_ops_cpu import (E4M3, E5M2, UNIT_ROUNDOFF, product_bound, quantize_delayed_formula,
@@ -288,6 +290,39 @@ def test_meld_init_caps_A_at_the_weights_amax():
         ops.meld_init(w, 8, adapter_row_norm=-1.0)
     with pytest.raises(RuntimeError, match="adapter_row_norm must be a finite number"):
         ops.meld_init(w, 8, adapter_row_norm=float("inf"))
+
+
+# ---- the adapter gain ---------------------------------------------------------------------------
+
+def test_adapter_gain_multiplies_the_adapters_output_and_only_in_the_adapter_mode():
+    assert FalqonConfig().adapter_gain == ADAPTER_GAIN == 10.0
+    assert FalqonConfig(rank=8, alpha=16).scaling == 20.0
+    assert FalqonConfig(rank=8, alpha=16, adapter_gain=1).scaling == 2.0
+    assert FalqonConfig(rank=8, alpha=16, update_mode="proxy").scaling == 2.0
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    layers = {g: MeldedLinear.from_linear(linear, rank=8, alpha=16, adapter_gain=g, svd="exact")
+              for g in (1.0, 3.0)}
+    assert layers[3.0].scaling == 3 * layers[1.0].scaling == 6.0
+    B = torch.randn(48, 8)
+    x = torch.randn(5, 64)
+    base = layers[1.0](x).detach()  # B = 0: the gain changes nothing yet
+    assert torch.equal(layers[3.0](x), base)
+    for layer in layers.values():
+        layer.lora_B.data.copy_(B)
+    delta = {g: (layer(x) - base).double() for g, layer in layers.items()}
+    torch.testing.assert_close(delta[3.0], 3 * delta[1.0], rtol=1e-5, atol=1e-5)
+    proxy = MeldedLinear.from_linear(linear, rank=8, alpha=16, update_mode="proxy",
+                                     adapter_gain=3.0)
+    assert proxy.adapter_gain == 1.0 and proxy.scaling == 2.0  # the proxy mode ignores it
+
+
+@pytest.mark.parametrize("gain", [0, -1.0, float("inf"), float("nan"), True, "2"])
+def test_adapter_gain_must_be_a_positive_finite_number(gain):
+    with pytest.raises(ValueError, match="adapter_gain must be a positive finite number"):
+        FalqonConfig(adapter_gain=gain)
+    with pytest.raises(ValueError, match="adapter_gain must be a positive finite number"):
+        MeldedLinear(64, 48, rank=8, adapter_gain=gain)
 
 
 # ---- opcheck and torch.compile -----------------------------------------------------------------

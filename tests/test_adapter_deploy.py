@@ -24,6 +24,7 @@ from torch import nn
 
 import falqon
 from falqon import FalqonConfig, FalqonError, MeldedLinear
+from falqon.config import ADAPTER_GAIN
 from falqon.data import byte_tokenizer
 from falqon_testing import rel_err
 from workflow_testing import tiny_causal_lm
@@ -39,9 +40,12 @@ EXCLUDED = "model.layers.1.mlp.down_proj"
 VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def trained(update_mode="adapter", arch="llama", dtype=torch.float32, steps=2, lr=0.1,
+def trained(update_mode="adapter", arch="llama", dtype=torch.float32, steps=2, lr=None,
             **model_kw):
-    """A tiny melded model after `steps` AdamW steps (B far from zero), in eval mode."""
+    """A tiny melded model after `steps` AdamW steps (B far from zero), in eval mode. lr: 0.1
+    over the adapter gain (the same update of the output in both modes) by default."""
+    if lr is None:
+        lr = 0.1 / (ADAPTER_GAIN if update_mode == "adapter" else 1.0)
     model = tiny_causal_lm(arch, **model_kw).to(dtype)
     falqon.meld(model, FalqonConfig(rank=4, alpha=8, topk=4, update_mode=update_mode,
                                     exclude_modules=["lm_head", EXCLUDED]),
@@ -141,7 +145,7 @@ def test_merge_report_measures_what_the_fp8_rounding_keeps():
     smallest_step = layer.weight_scale * 2.0 ** -9  # E4M3's subnormal step, in W's units
     noise = torch.randn_like(layer.lora_B)
     cases = {}
-    for size in (0.0, 1e-7, 1.0):
+    for size in (0.0, 1e-8, 1.0):
         layer.lora_B.copy_(noise * size)
         update = layer.scaling * layer.lora_B @ layer.adapter_A()
         merged = falqon.merge(copy.deepcopy(model), "fp8")
@@ -161,7 +165,7 @@ def test_merge_report_measures_what_the_fp8_rounding_keeps():
     assert torch.equal(weight, w)
     # An update under half of every step rounds away: the merged FP8 bytes are W's (the fresh
     # scale moves a few float32 ulps, which is all that sum|dW| sees).
-    report, update, _ = cases[1e-7]
+    report, update, _ = cases[1e-8]
     assert update.abs().max() < smallest_step / 2
     q, _ = falqon.quantize(layer.dequantized_weight() + update)
     assert torch.equal(q.view(torch.uint8), layer.weight[:layer.out_features].view(torch.uint8))
@@ -212,8 +216,11 @@ def test_fp8_lora_export_loads_in_peft_and_matches(tmp_path, arch, dtype):
     assert wrapped.keys() == melded.keys()  # the skipped layer with a target's name is excluded
     for name, layer in melded.items():
         assert torch.equal(wrapped[name].lora_A["default"].weight, layer.adapter_A())
-        assert torch.equal(wrapped[name].lora_B["default"].weight, layer.lora_B.detach())
-        assert wrapped[name].scaling["default"] == layer.scaling == 2.0
+        # PEFT scales by lora_alpha / r only: the adapter gain is folded into B.
+        assert torch.equal(wrapped[name].lora_B["default"].weight,
+                           layer.lora_B.detach() * layer.adapter_gain)
+        assert wrapped[name].scaling["default"] * layer.adapter_gain == layer.scaling
+        assert wrapped[name].scaling["default"] == 2.0
     x = tokens()
     err = rel_err(logits(loaded, x), logits(model, x))
     assert err < ACTIVATION_ROUNDING, err
@@ -250,7 +257,8 @@ def test_fp8_lora_adapter_has_the_layout_vllm_loads(tmp_path):
     # no bias; scaling = lora_alpha / r (no rsLoRA).
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["r"] == 4 and config["lora_alpha"] == 8
-    assert config["lora_alpha"] / config["r"] == model.falqon_config.scaling
+    assert config["lora_alpha"] / config["r"] * model.falqon_config.adapter_gain == \
+        model.falqon_config.scaling
     assert config["modules_to_save"] is None and config["use_dora"] is False
     assert config["bias"] == "none" and config["use_rslora"] is False
     assert config["target_modules"] == sorted(VLLM_LLAMA_MODULES)

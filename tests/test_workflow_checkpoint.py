@@ -298,6 +298,9 @@ def test_version_1_checkpoints_still_load(tmp_path, mode):
                         f"{name}.lora_B": layer.lora_B.detach()})
     save_file(tensors, str(tmp_path / MODEL_FILE))
     config = model.falqon_config.to_dict()
+    del config["adapter_gain"]  # version 1 predates it: those adapters were trained with gain 1
+    for _, layer in layers:
+        layer.adapter_gain, layer.scaling = 1.0, layer.alpha / layer.rank
     if mode == "proxy":
         del config["update_mode"]
     meta = {"format": "falqon-checkpoint", "format_version": 1, "config": config,
@@ -311,6 +314,8 @@ def test_version_1_checkpoints_still_load(tmp_path, mode):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
     loaded = falqon.from_pretrained(tiny_causal_lm("llama"), tmp_path)
     assert loaded.falqon_config.update_mode == mode and proxy_state(loaded).step == 2
+    assert loaded.falqon_config.adapter_gain == 1.0
+    assert {m.scaling for _, m in falqon.melded_layers(loaded)} == {1.0}
     for (name, a), b in zip(fp8_bytes(model).items(), fp8_bytes(loaded).values()):
         assert torch.equal(a, b), name
     x = torch.randint(0, 272, (2, 10))

@@ -15,9 +15,12 @@ def test_defaults_follow_the_contract():
     assert cfg.keep_residual is False and cfg.transposed_copy is False
     assert cfg.target_modules is None and cfg.exclude_modules == ("lm_head",)
     assert (cfg.svd, cfg.seed, cfg.grad_dtype) == ("randomized", 0, "e5m2")
-    assert cfg.scaling == 1.0 and cfg.grad_torch_dtype == torch.float8_e5m2
+    # alpha / rank, times the adapter gain (10) in the adapter mode, the default.
+    assert cfg.update_mode == "adapter" and cfg.adapter_gain == 10.0
+    assert cfg.scaling == 10.0 and cfg.grad_torch_dtype == torch.float8_e5m2
     assert cfg.amax_history_len == 0, "current scaling (the paper's method) by default"
-    assert FalqonConfig(rank=8, alpha=32).scaling == 4.0
+    assert FalqonConfig(rank=8, alpha=32).scaling == 40.0
+    assert FalqonConfig(rank=8, alpha=32, update_mode="proxy").scaling == 4.0
 
 
 def test_json_round_trip():
