@@ -31,6 +31,7 @@ import torch
 from . import data as D
 from . import report as R
 from .methods import (DEFAULT_METHODS, FAMILIES, LR_GRIDS, METHOD_SETS, METHODS, RunSettings,
+                      lr_neighbour,
                       resolve_methods, skip_reason)
 from .train import PRESETS, PretrainSettings, TaskData, finetune, load_pretrained, log, pretrain
 
@@ -39,11 +40,10 @@ DATA_DIR = pathlib.Path(os.environ.get("FALQON_DATA_DIR", REPO.parent / "shared"
 TASK_FILES = {"gsm8k": "gsm8k_train.json", "roleplay": "gpteacher_roleplay.json"}
 STAGES = ("pretrain", "pilot", "gsm8k", "roleplay", "report")
 # Seconds per stage, whole stage included (corpus, model loading, evals), sized for issue 12's five
-# methods (--methods issue12) in two calls of under 9.5 minutes: pretrain + pilot (the lora and
-# falqon_adapter pilots), then gsm8k + roleplay + report. The whole study (every method, every
-# pilot) needs more: e.g. --budget pretrain=420,pilot=230,gsm8k=250,roleplay=270 over three calls
-# still skips the last k variants (docs/accuracy.md).
-DEFAULT_BUDGETS = {"pretrain": 300, "pilot": 150, "gsm8k": 200, "roleplay": 230, "report": 60}
+# methods (--methods issue12): the lora and falqon_adapter pilots on both tasks (~9 s a run on an
+# H200, 4-6 runs per family and task) take ~200 s, so the study needs three calls of under 9.5
+# minutes (studies/run_gpu.sh). The whole study (every method, every pilot) needs more still.
+DEFAULT_BUDGETS = {"pretrain": 300, "pilot": 300, "gsm8k": 200, "roleplay": 230, "report": 60}
 PILOT_EXTENSIONS = 2  # grid points added past an edge that wins
 
 
@@ -93,7 +93,9 @@ def parse_args(argv=None):
                                   if k != "all") + " (default: all, priority order)")
     g.add_argument("--steps", type=int, default=200)
     g.add_argument("--pilot-steps", type=int, default=100)
-    g.add_argument("--pilot-task", choices=sorted(TASK_FILES), default="gsm8k")
+    g.add_argument("--pilot-task", choices=["each", *sorted(TASK_FILES)], default="each",
+                   help="the task the learning rates are tuned on: each (default) tunes every "
+                        "family on each fine-tuning task's own training split, for that task")
     g.add_argument("--batch", type=int, default=16)
     g.add_argument("--rank", type=int, default=16)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
@@ -323,55 +325,66 @@ class Study:
         self.add(record, curve if kind == "accuracy" else None, f"{task.name}/{method.name}")
         return record
 
+    def pilot_tasks(self) -> list[str]:
+        a = self.args
+        return sorted(TASK_FILES) if a.pilot_task == "each" else [a.pilot_task]
+
     def stage_pilot(self, budget: Budget):
         a = self.args
         record, _, tok = load_pretrained(self.ckpt)
         self.fingerprint = record["fingerprint"]
-        task = self.task_data(a.pilot_task, tok, pilot=True)
-        families = list(dict.fromkeys(m.family for m in a.method_list))
-        for fam in families:
-            if fam in a.lr_overrides:
-                continue
-            method = METHODS[FAMILIES[fam]]
-            grid = list(LR_GRIDS[fam])
-            ratio = grid[1] / grid[0]
-            results: dict[float, float] = {}
-            extensions = 0
-            while True:
-                for lr in grid:
-                    if lr in results:
-                        continue
-                    r = self.run(method, task, lr, a.pilot_steps, budget, kind="pilot",
-                                 extra={"family": fam})
-                    results[lr] = r["value"] if r.get("value") is not None else float("inf")
-                    if r.get("skipped") and "budget" in r["skipped"]:
-                        break
-                done = [lr for lr in grid if lr in results]
-                if not done or len(done) < len(grid) or extensions >= PILOT_EXTENSIONS:
-                    break
-                best = min(done, key=lambda lr: results[lr])
-                if best == grid[-1] and results[best] < float("inf"):
-                    grid.append(grid[-1] * ratio)
-                elif best == grid[0] and results[best] < float("inf"):
-                    grid.insert(0, grid[0] / ratio)
-                else:
-                    break
-                extensions += 1
-            finite = {lr: v for lr, v in results.items() if v < float("inf")}
-            if finite:
-                best = min(finite, key=finite.get)
-                source = (f"pilot on {a.pilot_task}, {a.pilot_steps} steps, "
-                          f"{len(finite)} lrs" + ("" if len(finite) == len(grid) else
-                                                  f" of {len(grid)} (budget)"))
-            else:
-                best = LR_GRIDS[fam][len(LR_GRIDS[fam]) // 2]
-                source = "grid middle: no pilot run finished"
-            self.add({"kind": "lr_choice", "family": fam, "method": method.name, "lr": best,
-                      "source": source})
-            self.log(f"pilot: {fam} -> lr {best:g} ({source})")
+        families = [f for f in dict.fromkeys(m.family for m in a.method_list)
+                    if f not in a.lr_overrides]
+        for task_name in self.pilot_tasks():
+            task = self.task_data(task_name, tok, pilot=True)
+            for fam in families:
+                results, grid = self.pilot_grid(fam, task, budget)
+                self.choose_lr(fam, task_name, results, grid)
 
-    def learning_rates(self) -> dict:
-        lrs = {r["family"]: r["lr"] for r in self.state["records"] if r.get("kind") == "lr_choice"}
+    def pilot_grid(self, fam: str, task: TaskData, budget: Budget):
+        """Run the family's pilot over its grid on `task`, extending it by a 1-2-5 neighbour while
+        an edge wins (PILOT_EXTENSIONS at most): ({lr: validation loss}, the grid)."""
+        method = METHODS[FAMILIES[fam]]
+        grid = list(LR_GRIDS[fam])
+        results: dict[float, float] = {}
+        for _ in range(PILOT_EXTENSIONS + 1):
+            for lr in grid:
+                if lr in results:
+                    continue
+                r = self.run(method, task, lr, self.args.pilot_steps, budget, kind="pilot",
+                             extra={"family": fam})
+                results[lr] = r["value"] if r.get("value") is not None else float("inf")
+                if r.get("skipped") and "budget" in r["skipped"]:
+                    return results, grid
+            best = min(grid, key=lambda lr: results[lr])
+            if results[best] == float("inf") or best not in (grid[0], grid[-1]):
+                break
+            if best == grid[-1]:
+                grid.append(lr_neighbour(best, up=True))
+            else:
+                grid.insert(0, lr_neighbour(best, up=False))
+        return results, grid
+
+    def choose_lr(self, fam: str, task_name: str, results: dict, grid: list) -> None:
+        finite = {lr: v for lr, v in results.items() if v < float("inf")}
+        if finite:
+            best = min(finite, key=finite.get)
+            source = (f"pilot on {task_name}, {self.args.pilot_steps} steps, "
+                      f"{len(finite)} lrs" + ("" if len(finite) == len(grid) else
+                                              f" of {len(grid)} (budget)"))
+        else:
+            best = LR_GRIDS[fam][len(LR_GRIDS[fam]) // 2]
+            source = "grid middle: no pilot run finished"
+        self.add({"kind": "lr_choice", "family": fam, "task": task_name,
+                  "method": METHODS[FAMILIES[fam]].name, "lr": best, "source": source})
+        self.log(f"pilot: {task_name}/{fam} -> lr {best:g} ({source})")
+
+    def learning_rates(self, task_name: str) -> dict:
+        """Each family's learning rate for `task_name`: --lr, else the pilot's on that task,
+        else (a pilot of one task, --pilot-task TASK) the pilot's on its task."""
+        choices = [r for r in self.state["records"] if r.get("kind") == "lr_choice"]
+        lrs = {r["family"]: r["lr"] for r in choices if r.get("task", "gsm8k") != task_name}
+        lrs.update({r["family"]: r["lr"] for r in choices if r.get("task", "gsm8k") == task_name})
         lrs.update(self.args.lr_overrides)
         missing = sorted({m.family for m in self.args.method_list} - set(lrs))
         if missing:
@@ -383,7 +396,7 @@ class Study:
     def stage_task(self, task_name: str, budget: Budget):
         record, _, tok = load_pretrained(self.ckpt)
         self.fingerprint = record["fingerprint"]
-        lrs = self.learning_rates()
+        lrs = self.learning_rates(task_name)
         task = self.task_data(task_name, tok, pilot=False)
         self.log(f"{task_name}: {len(task.train)} training / {len(task.eval)} held-out examples")
         for method in self.args.method_list:

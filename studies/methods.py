@@ -29,6 +29,7 @@ projections of every decoder layer (q, k, v, o, gate, up, down) at the same rank
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,15 +96,27 @@ METHOD_SETS = {"all": DEFAULT_METHODS, "issue12": ISSUE12_METHODS}
 FAMILIES = {"full": "full_bf16", "lora": "lora_bf16", "falqon_adapter": "falqon_adapter",
             "falqon": "falqon", "falqon_keep": "falqon_keep",
             "falqon_sr": "falqon_sr"}  # family -> pilot method
-# Pilot learning rates. The adapter mode's A is rescaled to a PEFT LoRA A's row norm, so its grid
-# is LoRA's. In the proxy mode, FP8 E4M3 weights round away updates under half a step (6.25% of
-# the value), and the update is B A with A built from W's small quantisation error, so the proxy
-# methods need far larger Adam learning rates than LoRA; the pilot extends a grid whose best
-# value sits on an edge.
-LR_GRIDS = {"full": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3),
-            "falqon_adapter": (3e-4, 1e-3, 3e-3),
-            "falqon": (1e-2, 3e-2, 1e-1), "falqon_keep": (3e-3, 1e-2, 3e-2),
-            "falqon_sr": (3e-3, 1e-2, 3e-2)}
+# Pilot learning rates, on the 1-2-5 sequence (neighbours 2x or 2.5x apart, so that two
+# methods whose best rates are "within 3x" can be told apart from two a grid step apart). The
+# adapter mode's A is rescaled to a PEFT LoRA A's row norm and its output multiplied by the
+# adapter gain (falqon.config.ADAPTER_GAIN), so its grid is LoRA's. In the proxy mode, FP8 E4M3
+# weights round away updates under half a step (6.25% of the value), and the update is B A with A
+# built from W's small quantisation error, so the proxy methods need far larger Adam learning
+# rates than LoRA; the pilot extends a grid whose best value sits on an edge.
+LR_GRIDS = {"full": (5e-5, 1e-4, 2e-4), "lora": (2e-3, 5e-3, 1e-2, 2e-2),
+            "falqon_adapter": (2e-3, 5e-3, 1e-2, 2e-2),
+            "falqon": (2e-2, 5e-2, 1e-1), "falqon_keep": (5e-3, 1e-2, 2e-2),
+            "falqon_sr": (5e-3, 1e-2, 2e-2)}
+
+
+def lr_neighbour(lr: float, up: bool) -> float:
+    """The next learning rate above (up) or below `lr` on the 1-2-5 sequence."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10 ** exponent, 6)
+    steps = (1.0, 2.0, 5.0)
+    i = min(range(3), key=lambda j: abs(steps[j] - mantissa))
+    j = i + (1 if up else -1)
+    return steps[j % 3] * 10.0 ** (exponent + j // 3)
 
 
 def resolve_methods(names) -> list[Method]:

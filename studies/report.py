@@ -3,7 +3,7 @@
 benchmarks/results/accuracy_<device>.json:
   {"device", "torch", "date", "command", "settings", "records": [...], "curves": {...}}
   records: {"kind": "pretrain", ...}; {"kind": "pilot", "task", "family", "method", "lr",
-  "metric": "val_loss", "value", ...}; {"kind": "lr_choice", "family", "lr", "source"};
+  "metric": "val_loss", "value", ...}; {"kind": "lr_choice", "family", "task", "lr", "source"};
   {"kind": "accuracy", "task", "method", "metric": "eval_loss", "value", "lr", "steps",
   "wall_s", "train_s", "update_mass_fraction" (proxy-mode falqon), "eval_loss_merged_fp8",
   "eval_loss_merged_bf16", "merged_eval_s", "merged_fp8_update_share" (falqon_adapter: the
@@ -130,28 +130,36 @@ def settings_list(doc: dict) -> str:
         f"- Fine-tuning: {s['steps']} steps, batch {s['batch']}, seq {s['seq']}, rank "
         f"{s['rank']}, alpha {s['alpha']:g}, the seven projections of every layer, for every "
         f"method; held out: a seeded {100 * s['eval_fraction']:.0f}% of each data set.",
-        f"- Pilot: {s['pilot_steps']} steps on {s['pilot_task']}; starting grids: " +
+        f"- Pilot: {s['pilot_steps']} steps on "
+        f"{'each task' if s['pilot_task'] == 'each' else s['pilot_task']}; starting grids: " +
         "; ".join(f"{fam} {', '.join(_lr(v) for v in grid)}" for fam, grid in
                   s["lr_grids"].items()) + ".",
         f"- proxy-mode falqon update mass sampled every {s['mass_every']} optimizer steps.",
         "- Stage budgets (s): " + ", ".join(f"{k} {v:g}" for k, v in s["budgets"].items()) + "."])
 
 
+def _choices(doc: dict) -> dict:
+    """{(task, family): lr_choice record}; records from before per-task pilots were GSM8K's."""
+    return {(r.get("task", "gsm8k"), r["family"]): r for r in doc["records"]
+            if r.get("kind") == "lr_choice"}
+
+
 def pilot_table(doc: dict) -> str:
     pilots = [r for r in doc["records"] if r.get("kind") == "pilot"]
-    choices = {r["family"]: r for r in doc["records"] if r.get("kind") == "lr_choice"}
+    choices = _choices(doc)
     if not pilots and not choices:
         return "_No pilot yet._"
-    fams = list(dict.fromkeys([r["family"] for r in pilots] + list(choices)))
-    lines = ["| family (pilot method) | learning rate: validation loss | picked |",
-             "| --- | --- | --- |"]
-    for fam in fams:
-        runs = sorted((r for r in pilots if r["family"] == fam), key=lambda r: r["lr"])
-        method = runs[0]["method"] if runs else "-"
+    keys = list(dict.fromkeys([(r["task"], r["family"]) for r in pilots] + list(choices)))
+    lines = ["| task | family (pilot method) | learning rate: validation loss | picked |",
+             "| --- | --- | --- | --- |"]
+    for task, fam in keys:
+        runs = sorted((r for r in pilots if (r["task"], r["family"]) == (task, fam)),
+                      key=lambda r: r["lr"])
+        method = runs[0].get("method", "-") if runs else "-"
         tried = ", ".join(f"{_lr(r['lr'])}: {_outcome(r)}" for r in runs) or "-"
-        c = choices.get(fam)
+        c = choices.get((task, fam))
         picked = f"{_lr(c['lr'])} ({c['source']})" if c else "-"
-        lines.append(f"| {fam} ({method}) | {tried} | {picked} |")
+        lines.append(f"| {task} | {fam} ({method}) | {tried} | {picked} |")
     return "\n".join(lines)
 
 
@@ -287,31 +295,37 @@ def _proxy_verdict(task: str, acc: dict) -> str:
 
 
 def _lr_verdict(doc: dict) -> str:
-    choices = {r["family"]: r for r in doc["records"] if r.get("kind") == "lr_choice"}
-    ours, lora = choices.get(ADAPTER), choices.get("lora")
+    choices = _choices(doc)
+    tasks = list(dict.fromkeys(t for t, f in choices if f in (ADAPTER, "lora")))
+    if not tasks:
+        return f"- learning rate: not compared (no pilot for {ADAPTER} and lora)."
+    return "\n".join(_lr_verdict_on(doc, t, choices.get((t, ADAPTER)), choices.get((t, "lora")))
+                     for t in tasks)
+
+
+def _lr_verdict_on(doc: dict, task: str, ours: dict | None, lora: dict | None) -> str:
     if not ours or not lora:
         missing = " and ".join(f for f, c in ((ADAPTER, ours), ("lora", lora)) if not c)
-        return f"- learning rate: not compared (no pilot for {missing})."
+        return f"- learning rate ({task}): not compared (no pilot for {missing})."
     ratio = ours["lr"] / lora["lr"]
     apart = max(ratio, 1 / ratio)
     ok = "within" if apart <= LR_RATIO_BAR * (1 + 1e-9) else "NOT within"
-    return (f"- learning rate: `{ADAPTER}`'s pilot picked {_lr(ours['lr'])}, lora's "
+    return (f"- learning rate ({task} pilot): `{ADAPTER}` picked {_lr(ours['lr'])}, lora "
             f"{_lr(lora['lr'])}: {ratio:.3g}x, {ok} {LR_RATIO_BAR:g}x (issue 12's bar)"
-            f"{_edge_note(doc, ADAPTER)}.")
+            f"{_edge_note(doc, task, ADAPTER)}.")
 
 
-def _edge_note(doc: dict, family: str) -> str:
+def _edge_note(doc: dict, task: str, family: str) -> str:
     """A note when a family's picked learning rate is the largest or smallest its pilot tried:
     the pilot's extensions ran out, so the optimum may lie beyond it."""
     tried = sorted(r["lr"] for r in doc["records"]
                    if r.get("kind") == "pilot" and r.get("family") == family
-                   and r.get("value") is not None)
-    picked = [r["lr"] for r in doc["records"]
-              if r.get("kind") == "lr_choice" and r.get("family") == family]
-    if len(tried) < 2 or not picked or picked[-1] not in (tried[0], tried[-1]):
+                   and r.get("task") == task and r.get("value") is not None)
+    picked = _choices(doc).get((task, family))
+    if len(tried) < 2 or not picked or picked["lr"] not in (tried[0], tried[-1]):
         return ""
-    side = "largest" if picked[-1] == tried[-1] else "smallest"
-    return (f"; {_lr(picked[-1])} is the {side} learning rate its pilot tried, so its best "
+    side = "largest" if picked["lr"] == tried[-1] else "smallest"
+    return (f"; {_lr(picked['lr'])} is the {side} learning rate its pilot tried, so its best "
             f"may lie beyond")
 
 

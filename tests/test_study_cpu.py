@@ -20,7 +20,7 @@ import falqon
 from falqon_testing import DATA_DIR, data_file
 from studies import data as D
 from studies import report as R
-from studies.methods import (DEFAULT_METHODS, E4M3_MAX, FAMILIES, LR_GRIDS, METHODS,
+from studies.methods import (DEFAULT_METHODS, E4M3_MAX, FAMILIES, LR_GRIDS, METHODS, lr_neighbour,
                              RunSettings, UpdateMassMeter, build, e4m3_spacing, resolve_methods,
                              stochastic_round_e4m3, stochastic_topk_update_)
 from studies.train import evaluate
@@ -293,24 +293,33 @@ def test_study_records_every_method_on_both_tasks(study):
                    for r in doc["records"] if r["kind"] == "pilot")
 
 
-def test_study_pilot_picks_a_learning_rate_per_family(study):
+def test_study_pilot_picks_a_learning_rate_per_family_and_task(study):
     _, doc = study
-    choices = {r["family"]: r for r in doc["records"] if r["kind"] == "lr_choice"}
-    assert set(choices) >= {"lora", "falqon", "falqon_adapter"}  # the others were given with --lr
-    pilots = [r for r in doc["records"] if r["kind"] == "pilot" and r["family"] == "lora"]
-    finished = {r["lr"]: r["value"] for r in pilots if r["value"] is not None}
-    assert len(finished) >= 3 and choices["lora"]["lr"] == min(finished, key=finished.get)
-    lrs = {r["method"]: r["lr"] for r in doc["records"] if r["kind"] == "accuracy"}
-    assert lrs["lora_bf16"] == lrs["qlora_nf4"] == choices["lora"]["lr"]
-    assert lrs["full_bf16"] == 1e-4
-    # falqon_adapter: its own family and pilot, starting from LoRA's grid.
-    adapter = {r["lr"]: r["value"] for r in doc["records"] if r["kind"] == "pilot"
-               and r["family"] == "falqon_adapter"}
+    choices = {(r["task"], r["family"]): r for r in doc["records"] if r["kind"] == "lr_choice"}
+    for task in ("gsm8k", "roleplay"):
+        # The others were given with --lr, which holds for every task.
+        assert {f for t, f in choices if t == task} == {"lora", "falqon", "falqon_adapter"}
+        for fam in ("lora", "falqon_adapter"):
+            pilots = {r["lr"]: r["value"] for r in doc["records"] if r["kind"] == "pilot"
+                      and r["family"] == fam and r["task"] == task and r["value"] is not None}
+            assert set(LR_GRIDS[fam]) <= set(pilots), (task, fam)  # the whole 1-2-5 grid
+            assert choices[(task, fam)]["lr"] == min(pilots, key=pilots.get)
+        lrs = {r["method"]: r["lr"] for r in doc["records"]
+               if r["kind"] == "accuracy" and r["task"] == task}
+        assert lrs["lora_bf16"] == lrs["qlora_nf4"] == choices[(task, "lora")]["lr"]
+        assert lrs["falqon_adapter"] == choices[(task, "falqon_adapter")]["lr"]
+        assert lrs["full_bf16"] == 1e-4
     assert all(r["method"] == "falqon_adapter" for r in doc["records"]
                if r["kind"] == "pilot" and r["family"] == "falqon_adapter")
-    assert {3e-4, 1e-3, 3e-3} <= set(adapter)
-    assert lrs["falqon_adapter"] == choices["falqon_adapter"]["lr"] == min(adapter,
-                                                                           key=adapter.get)
+
+
+def test_learning_rates_step_along_the_1_2_5_sequence():
+    assert [lr_neighbour(x, up=True) for x in (1e-3, 2e-3, 5e-3, 5e-5)] == \
+        pytest.approx([2e-3, 5e-3, 1e-2, 1e-4])
+    assert [lr_neighbour(x, up=False) for x in (1e-3, 2e-3, 5e-3)] == \
+        pytest.approx([5e-4, 1e-3, 2e-3])
+    for grid in LR_GRIDS.values():  # every grid is on the sequence, in order
+        assert all(lr_neighbour(a, up=True) == pytest.approx(b) for a, b in zip(grid, grid[1:]))
 
 
 def test_methods_meld_in_their_update_mode(study):
@@ -460,9 +469,10 @@ def _acc(task, method, value, **extra):
 
 def test_verdict_states_issue12_bars_and_the_fp8_merge_cost():
     doc = {"records": [
-        {"kind": "lr_choice", "family": "lora", "method": "lora_bf16", "lr": 0.01, "source": "p"},
-        {"kind": "lr_choice", "family": "falqon_adapter", "method": "falqon_adapter", "lr": 0.003,
-         "source": "p"},
+        {"kind": "lr_choice", "family": "lora", "task": "gsm8k", "method": "lora_bf16",
+         "lr": 0.01, "source": "p"},
+        {"kind": "lr_choice", "family": "falqon_adapter", "task": "gsm8k",
+         "method": "falqon_adapter", "lr": 0.003, "source": "p"},
         _acc("gsm8k", "lora_bf16", 2.0),
         _acc("gsm8k", "falqon_adapter", 2.01, lr=0.003, eval_loss_merged_fp8=2.1,
              eval_loss_merged_bf16=2.0102, merged_fp8_update_share=0.4213),
@@ -480,8 +490,8 @@ def test_verdict_states_issue12_bars_and_the_fp8_merge_cost():
         "NOT within 2%.",
         "- roleplay: `falqon_adapter` skipped (stage time budget: 3 s left of 230 s).",
         "- roleplay: proxy mode not measured (needs lora_bf16 and a proxy falqon run).",
-        "- learning rate: `falqon_adapter`'s pilot picked 0.003, lora's 0.01: 0.3x, NOT within "
-        "3x (issue 12's bar)."]
+        "- learning rate (gsm8k pilot): `falqon_adapter` picked 0.003, lora 0.01: 0.3x, NOT "
+        "within 3x (issue 12's bar)."]
     doc["records"][3]["value"] = 2.03  # +1.5%
     doc["records"][1]["lr"] = 0.1      # 10x lora's: three grid steps
     lines = R.verdict(doc).splitlines()
@@ -489,11 +499,21 @@ def test_verdict_states_issue12_bars_and_the_fp8_merge_cost():
     doc["records"][1]["lr"] = 0.03     # 3x lora's: the bar, strictly
     assert "3x, within 3x" in R.verdict(doc).splitlines()[-1]
     # A pick at the edge of what its pilot tried says so.
-    doc["records"] += [{"kind": "pilot", "family": "falqon_adapter", "lr": lr, "value": v}
+    doc["records"] += [{"kind": "pilot", "family": "falqon_adapter", "task": "gsm8k", "lr": lr,
+                        "value": v}
                        for lr, v in ((0.003, 2.5), (0.01, 2.4), (0.03, 2.3))]
     assert R.verdict(doc).splitlines()[-1].endswith(
         "(issue 12's bar); 0.03 is the largest learning rate its pilot tried, so its best may "
         "lie beyond.")
+    # Per-task pilots: one line per task.
+    doc["records"] += [
+        {"kind": "lr_choice", "family": "lora", "task": "roleplay", "lr": 0.005, "source": "p"},
+        {"kind": "lr_choice", "family": "falqon_adapter", "task": "roleplay", "lr": 0.01,
+         "source": "p"}]
+    lr_lines = [x for x in R.verdict(doc).splitlines() if x.startswith("- learning rate")]
+    assert len(lr_lines) == 2 and lr_lines[1].startswith(
+        "- learning rate (roleplay pilot): `falqon_adapter` picked 0.01, lora 0.005: 2x, within 3x")
+    assert "| roleplay | lora (-) | - | 0.005 (p) |" in R.pilot_table(doc).splitlines()
     table = R.results_table(doc)
     assert "| falqon_adapter, merged into FP8 | 2.1000 | +5.00% | 0.003 | - | - | - | - | - | - |" \
         in table.splitlines()
