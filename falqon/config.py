@@ -32,12 +32,13 @@ class FalqonConfig:
 
     update_mode      "adapter" (default): B is a real LoRA adapter in the forward,
                      y = x W^T + scaling (x A^T) B^T, trained in fp32 and never folded into the
-                     FP8 weights during training; A is rescaled to a LoRA A's row norm so that
-                     LoRA's learning rates carry over. On the accuracy study (docs/accuracy.md,
-                     H200) it ends 5.2% below bf16 LoRA's held-out loss on GSM8K and 3.1% above
-                     on role-play. "proxy": the paper's top-k proxy update (B never enters the
+                     FP8 weights during training; A is rescaled to a LoRA A's row norm and the
+                     output multiplied by adapter_gain so that LoRA's learning rates carry over.
+                     On the accuracy study (docs/accuracy.md, H200) it ends 3.2% below bf16
+                     LoRA's held-out loss on GSM8K and 1.15% above on role-play, at LoRA's
+                     learning rates. "proxy": the paper's top-k proxy update (B never enters the
                      forward; its topk largest rows are folded into the E4M3 weights after each
-                     optimizer step), which the study measured 8.6-18% above bf16 LoRA's
+                     optimizer step), which the study measured 12.6-18% above bf16 LoRA's
                      held-out loss: updates under half an E4M3 step round away.
     rank             rank r of the adapter melded under each weight.
     alpha            LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank.
