@@ -2,6 +2,7 @@
 // with the same message whatever the device.
 #include "falqon.h"
 
+#include <cmath>
 #include <limits>
 
 namespace falqon {
@@ -107,10 +108,18 @@ void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t
   }
 }
 
+void check_scaling(const char* op, double scaling) {
+  FALQON_CHECK(std::isfinite(scaling) && scaling > 0 &&
+                  scaling <= std::numeric_limits<float>::max(),
+              "falqon.", op, ": scaling (alpha / rank) must be a finite number > 0, got ", scaling);
+}
+
 void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
                               const at::Tensor& weight_scale, const at::Tensor& lora_B,
                               const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& weight_t, bool adapter) {
+                              const std::optional<at::Tensor>& weight_t, bool adapter,
+                              double scaling) {
+  check_scaling("melded_linear", scaling);
   check_lora_B("melded_linear", lora_B);
   check_melded_weight(weight, lora_B.size(0), lora_B.size(1), weight_t, adapter);
   check_weight_scale(weight, weight_scale);
@@ -133,7 +142,9 @@ void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
 void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
                            const at::Tensor& weight_scale, int64_t out_features,
                            const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-                           const std::optional<at::Tensor>& lora_B) {
+                           const std::optional<at::Tensor>& lora_B, double scaling,
+                           std::optional<int64_t> rank) {
+  check_scaling("melded_linear_grad_input", scaling);
   FALQON_CHECK(is_fp8(grad_dtype), "falqon.melded_linear_grad_input: grad_dtype must be an FP8 "
               "dtype, got ", grad_dtype);
   FALQON_CHECK(is_activation_dtype(grad_output.scalar_type()),
@@ -145,8 +156,18 @@ void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weig
                 lora_B->size(0), " rows but the gradient has ", out_features, " features");
     check_same_device("melded_linear_grad_input", weight, *lora_B, "lora_B");
   }
-  check_melded_weight(weight, out_features, lora_B.has_value() ? lora_B->size(1) : -1, weight_t,
-                      lora_B.has_value());
+  int64_t r = lora_B.has_value() ? lora_B->size(1) : -1;
+  if (rank.has_value()) {
+    FALQON_CHECK(r < 0 || r == *rank, "falqon.melded_linear_grad_input: lora_B has rank ", r,
+                " but rank is ", *rank);
+    FALQON_CHECK(*rank >= 1, "falqon.melded_linear_grad_input: rank must be >= 1, got ", *rank);
+    r = *rank;
+  }
+  FALQON_CHECK(r >= 1 || weight_t.has_value(), "falqon.melded_linear_grad_input: pass the "
+              "adapter's rank (or lora_B, or weight_t): a melded weight of ", weight.dim() == 2 ?
+              weight.size(0) : 0, " rows fits several (out_features, rank) pairs, and the "
+              "gradient's ", out_features, " features alone do not say which rows are W");
+  check_melded_weight(weight, out_features, r, weight_t, lora_B.has_value());
   check_weight_scale(weight, weight_scale);
   check_same_device("melded_linear_grad_input", weight, grad_output, "grad_output");
 }
@@ -166,16 +187,20 @@ void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& am
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& xa,
                          const at::Tensor& weight, const at::Tensor& weight_scale,
                          const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-                         at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B) {
+                         at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B,
+                         double scaling) {
+  check_scaling("melded_linear_backward", scaling);
   const int64_t N = grad_output.dim() ? grad_output.size(-1) : 0;
-  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, grad_dtype, lora_B);
-  FALQON_CHECK(!lora_B.has_value() || lora_B->size(1) == (xa.dim() ? xa.size(-1) : 0),
-              "falqon.melded_linear_backward: lora_B has rank ", lora_B.has_value() ? lora_B->size(1) : 0,
-              " but xa has ", xa.dim() ? xa.size(-1) : 0, " columns");
+  FALQON_CHECK(!lora_B.has_value() || lora_B->dim() != 2 ||
+                  lora_B->size(1) == (xa.dim() ? xa.size(-1) : 0),
+              "falqon.melded_linear_backward: lora_B has rank ", lora_B.has_value() && lora_B->dim() == 2
+                  ? lora_B->size(1) : 0, " but xa has ", xa.dim() ? xa.size(-1) : 0, " columns");
   FALQON_CHECK(xa.dim() >= 1 && xa.size(-1) >= 1 && xa.scalar_type() == grad_output.scalar_type(),
               "falqon.melded_linear_backward: xa must hold the rank's columns last, in the "
               "gradient's dtype ", grad_output.scalar_type(), ", got ", xa.sizes(), " ",
               xa.scalar_type());
+  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, grad_dtype, lora_B,
+                        scaling, xa.size(-1));
   const int64_t M = N ? grad_output.numel() / N : 0;
   FALQON_CHECK(xa.numel() == M * xa.size(-1), "falqon.melded_linear_backward: xa has ",
               xa.numel() / xa.size(-1), " rows, the gradient ", M);
@@ -207,7 +232,8 @@ void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::str
 }
 
 void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& weight_t, int64_t k) {
+                            const std::optional<at::Tensor>& weight_t, int64_t k, double scaling) {
+  check_scaling("topk_update_", scaling);
   FALQON_CHECK(lora_B.dim() == 2 && lora_B.is_floating_point(),
               "falqon.topk_update_: lora_B must be a floating (out_features, rank) matrix, got ",
               lora_B.sizes());

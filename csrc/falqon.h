@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdio>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -37,6 +38,11 @@ inline void append(std::string& s, const char* v) { s += v; }
 inline void append(std::string& s, const std::string& v) { s += v; }
 inline void append(std::string& s, char v) { s += v; }
 inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+inline void append(std::string& s, double v) {  // "%g": 0.5, 1e+30, inf, nan
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  s += buf;
+}
 template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
 inline void append(std::string& s, T v) { s += std::to_string(v); }
 inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
@@ -96,15 +102,23 @@ void check_layer_amax_history(const at::Tensor& input,
 void check_melded_weight(const at::Tensor& weight, int64_t out_features, int64_t rank,
                          const std::optional<at::Tensor>& weight_t, bool adapter = false);
 void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale);
+// The adapter's scaling (alpha / rank) of every op that takes one: finite and > 0, as
+// FalqonConfig's and MeldedLinear's alpha.
+void check_scaling(const char* op, double scaling);
 void check_melded_linear_args(const at::Tensor& input, const at::Tensor& weight,
                               const at::Tensor& weight_scale, const at::Tensor& lora_B,
                               const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& weight_t, bool adapter);
-// lora_B: the adapter mode's B (out_features, rank), which fixes the weight's row count.
+                              const std::optional<at::Tensor>& weight_t, bool adapter,
+                              double scaling);
+// lora_B: the adapter mode's B (out_features, rank), which fixes the weight's row count; rank
+// (the proxy mode's) does the same. One of lora_B, rank and weight_t is required: a melded
+// weight of R rows fits several (out_features, rank) pairs, so the gradient's width alone does
+// not say which rows are W.
 void check_grad_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
                            const at::Tensor& weight_scale, int64_t out_features,
                            const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-                           const std::optional<at::Tensor>& lora_B);
+                           const std::optional<at::Tensor>& lora_B, double scaling,
+                           std::optional<int64_t> rank);
 // record_amax_: a 1-D contiguous float32 history of at least one value and one float32 amax on
 // its device.
 void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& amax);
@@ -113,11 +127,12 @@ void check_record_amax_args(const at::Tensor& amax_history, const at::Tensor& am
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& xa,
                          const at::Tensor& weight, const at::Tensor& weight_scale,
                          const std::optional<at::Tensor>& weight_t, at::ScalarType grad_dtype,
-                         at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B);
+                         at::ScalarType grad_B_dtype, const std::optional<at::Tensor>& lora_B,
+                         double scaling);
 void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::string& svd,
                           int64_t oversample, int64_t power_iters, double adapter_row_norm);
 void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& weight_t, int64_t k);
+                            const std::optional<at::Tensor>& weight_t, int64_t k, double scaling);
 
 // ---- reference implementation (any device) ----------------------------------------------------
 namespace ref {
@@ -128,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarT
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_with_amax(const at::Tensor& input,
                                                                   at::ScalarType dtype);
 
-// Delayed scaling: the amax used is max(amax_history) where that is > 0, else (nothing recorded
-// yet, or a NaN recorded) the input's own amax; scale = amax / fmax (1 where 0);
+// Delayed scaling: the amax used is max(amax_history) where that is finite and > 0, else (nothing
+// recorded yet, or a NaN or Inf in the history) the input's own amax; scale = amax / fmax (1 where 0);
 // q = fp8(clamp(x / scale, -fmax, fmax)), so values above the recorded amax saturate. Returns
 // (q, scale, the input's own amax) so that the caller can record it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
@@ -169,9 +184,11 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
     const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
-    double scaling);
+    double scaling, std::optional<int64_t> rank);
 
-// Records amax as the newest value of a 1-D history, in place: history = [amax, history[:-1]].
+// Records amax as the newest value of a 1-D history, in place: history = [amax, history[:-1]];
+// a NaN or Inf amax is not recorded (the history is left as it is), so that one non-finite
+// tensor cannot poison the scales of the next H calls.
 void record_amax_(at::Tensor& amax_history, const at::Tensor& amax);
 
 // The layer's backward for both gradients, (dx, dB, amax of g): dx as melded_linear_grad_input,

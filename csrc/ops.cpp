@@ -63,15 +63,17 @@ TORCH_LIBRARY(falqon, m) {
       "Tensor? bias=None, Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None, "
       "Tensor? amax_history=None, bool adapter=False) -> (Tensor, Tensor, Tensor)");
   // (dx, amax of g): dx = fp8(g) W_q * s_g * s through rows [0, N) of the melded weight (or its
-  // transposed copy); amax_history (the gradient's H values): delayed scaling of g.
+  // transposed copy); amax_history (the gradient's H values): delayed scaling of g. rank: the
+  // adapter's, which fixes N + r16 rows (required unless lora_B or weight_t fixes them).
   // lora_B (the adapter mode): dx = fp8(G) W'_q * s_G * s over every row of W' with the operand
   // G = [g | scaling g B | 0] quantised as one tensor.
   m.def(
       "melded_linear_grad_input(Tensor grad_output, Tensor weight, Tensor weight_scale, "
       "Tensor? weight_t=None, ScalarType? grad_dtype=None, Tensor? amax_history=None, "
-      "Tensor? lora_B=None, float scaling=1.0) -> (Tensor, Tensor)");
+      "Tensor? lora_B=None, float scaling=1.0, int? rank=None) -> (Tensor, Tensor)");
   // Delayed scaling's bookkeeping: amax becomes the newest value (index 0) of a 1-D float32
-  // history, the oldest value dropped, in place and on the device.
+  // history, the oldest value dropped, in place and on the device; a NaN or Inf amax is not
+  // recorded (the history is left as it was).
   m.def("record_amax_(Tensor(a!) amax_history, Tensor amax) -> ()");
   // Both gradients of the layer, (dx, dB, amax of g), reading g once for its quantisation and
   // for dB = scaling * g^T xa (fp32 sums, rounded once to grad_B_dtype; None: xa's dtype). dx,

@@ -86,10 +86,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor
   check_amax_history("quantize_delayed", input, amax_history);
   const at::Tensor x = input.to(at::kFloat).contiguous();
   at::Tensor amax = amax_of(x);
-  // max(history) > 0 is false for an empty (all-zero) history and for one holding a NaN: then the
-  // input's own amax is used (the first call equals current scaling).
+  // An empty (all-zero) history, or one holding a NaN or Inf (record_amax_ never writes one, a
+  // user may have), has nothing usable: then the input's own amax is used (the first call equals
+  // current scaling). max() propagates a NaN, so one test covers both.
   const at::Tensor recorded = amax_history.max();
-  const at::Tensor used = at::where(recorded > 0, recorded, amax);
+  const at::Tensor used = at::where(recorded > 0 & recorded.isfinite(), recorded, amax);
   at::Tensor scale = scale_from_amax(used, fp8_max(dtype));
   return {cast_at_scale(x, scale, dtype).view(input.sizes()), scale, amax};
 }
@@ -100,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
     const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> /*grad_dtype*/, const std::optional<at::Tensor>& amax_history,
     bool adapter) {
-  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter);
+  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter, scaling);
   check_layer_amax_history(input, amax_history);
   const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
   const at::Tensor x = input.reshape({-1, K});
@@ -143,10 +144,10 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
     const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
-    double scaling) {
+    double scaling, std::optional<int64_t> rank) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   const int64_t N = grad_output.dim() ? grad_output.size(-1) : 0;
-  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, gdt, lora_B);
+  check_grad_input_args(grad_output, weight, weight_scale, N, weight_t, gdt, lora_B, scaling, rank);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_grad_input", grad_output, *amax_history);
   }
@@ -165,7 +166,10 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input(
 void record_amax_(at::Tensor& amax_history, const at::Tensor& amax) {
   check_record_amax_args(amax_history, amax);
   const int64_t H = amax_history.numel();
-  amax_history.copy_(at::cat({amax.reshape({1}), amax_history.narrow(0, 0, H - 1)}));
+  const at::Tensor a = amax.reshape({1}).to(at::kFloat);
+  const at::Tensor shifted = at::cat({a, amax_history.narrow(0, 0, H - 1)});
+  // A NaN or Inf amax is not recorded: decided on the device, no host synchronisation.
+  amax_history.copy_(at::where(a.isfinite(), shifted, amax_history));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
@@ -175,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
     std::optional<at::ScalarType> grad_B_dtype, const std::optional<at::Tensor>& lora_B) {
   const at::ScalarType bdt = grad_B_dtype.value_or(xa.scalar_type());
   check_backward_args(grad_output, xa, weight, weight_scale, weight_t,
-                      grad_dtype_or_default(grad_dtype), bdt, lora_B);
+                      grad_dtype_or_default(grad_dtype), bdt, lora_B, scaling);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_backward", grad_output, *amax_history);
   }
@@ -187,9 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward(
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, std::optional<at::ScalarType>,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double)>();
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+              std::optional<int64_t>)>();
   auto [dx, g_amax] = grad_input_op.call(grad_output, weight, weight_scale, weight_t, grad_dtype,
-                                         amax_history, lora_B, scaling);
+                                         amax_history, lora_B, scaling, xa.size(-1));
   const int64_t N = grad_output.size(-1), r = xa.size(-1);
   return {dx, lora_grad_B(grad_output.reshape({-1, N}), xa.reshape({-1, r}), scaling, bdt), g_amax};
 }
@@ -275,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> meld_init(const at::Tensor& weight, int64_t r
 
 void topk_update_(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
                   int64_t k, double scaling, bool keep_residual) {
-  check_topk_update_args(weight, lora_B, weight_t, k);
+  check_topk_update_args(weight, lora_B, weight_t, k, scaling);
   const int64_t N = lora_B.size(0), r = lora_B.size(1);
   k = std::min(k, N);
   if (k == 0) {

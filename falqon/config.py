@@ -10,6 +10,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .validation import check_adapter_gain, check_int, check_layer_options
+
+
 class FalqonError(ValueError):
     """A problem with the user's input (a file, a model, an option): `falqon` CLI prints its
     message as one line."""
@@ -41,7 +44,8 @@ class FalqonConfig:
                      optimizer step), which the study measured 12.6-18% above bf16 LoRA's
                      held-out loss: updates under half an E4M3 step round away.
     rank             rank r of the adapter melded under each weight.
-    alpha            LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank.
+    alpha            LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank; else a
+                     finite number > 0.
     adapter_gain     adapter mode: a further factor on the adapter's output, scaling =
                      adapter_gain * alpha / rank (ADAPTER_GAIN, 10, by default: A is frozen, so it
                      stands in for the growth of a trained LoRA A; see ADAPTER_GAIN). Exports fold
@@ -89,19 +93,13 @@ class FalqonConfig:
     def __post_init__(self):
         self.target_modules = _normalise_names("target_modules", self.target_modules)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
-        _check_int("rank", self.rank, 1)
-        _check_int("topk", self.topk, 0)
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_int("seed", self.seed, None)
-        _check_int("amax_history_len", self.amax_history_len, 0)
+        # rank, alpha, topk, amax_history_len: the rules MeldedLinear applies (falqon.validation)
+        self.alpha = check_layer_options("FalqonConfig", self.rank, self.alpha, self.topk,
+                                         self.amax_history_len)
+        check_int("FalqonConfig", "warmup_steps", self.warmup_steps, 0)
+        check_int("FalqonConfig", "seed", self.seed, None)
         if self.warmup_topk is not None:
-            _check_int("warmup_topk", self.warmup_topk, 0)
-        if self.alpha is not None:
-            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or \
-                    not self.alpha > 0:
-                raise ValueError(f"FalqonConfig: alpha must be a positive number or None, got "
-                                 f"{self.alpha!r}")
-            self.alpha = float(self.alpha)
+            check_int("FalqonConfig", "warmup_topk", self.warmup_topk, 0)
         self.adapter_gain = check_adapter_gain("FalqonConfig", self.adapter_gain)
         for name in ("keep_residual", "transposed_copy"):
             if not isinstance(getattr(self, name), bool):
@@ -172,21 +170,6 @@ class FalqonConfig:
         return cls.from_dict(json.loads(text))
 
 
-def check_adapter_gain(who: str, value) -> float:
-    """`value` as a float if it is a positive finite number, else ValueError naming `who`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not 0 < float(value) < float("inf"):
-        raise ValueError(f"{who}: adapter_gain must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"FalqonConfig: {name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"FalqonConfig: {name} must be >= {minimum}, got {value}")
-
-
 def _normalise_names(what: str, value):
     """None, a regex string, or a tuple of module names."""
     if value is None:
@@ -214,4 +197,5 @@ def _matches(spec, name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
-__all__ = ["ADAPTER_GAIN", "FalqonConfig", "FalqonError", "GRAD_DTYPES", "SVD_METHODS", "UPDATE_MODES"]
+__all__ = ["ADAPTER_GAIN", "FalqonConfig", "FalqonError", "GRAD_DTYPES", "SVD_METHODS",
+           "UPDATE_MODES"]

@@ -86,13 +86,49 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+CONV1D_REASON = ("transformers Conv1D (GPT-2's layers, weight stored transposed) is not supported: "
+                 "only nn.Linear layers are melded")
+
+
+def shared_linears(model: nn.Module) -> dict[str, str]:
+    """{name: reason} of the nn.Linear layers that one module swap cannot meld: a module reachable
+    under several names (a swap at one place would leave the others unmelded) or a weight tied
+    to another parameter (tied embeddings: melding would untie it, and transformers could not
+    re-tie an FP8 lm_head on load)."""
+    places: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear):
+            places.setdefault(id(module), (module, []))[1].append(name)
+    param_names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(name)
+    reasons = {}
+    for module, names in places.values():
+        own = {f"{n}.weight" if n else "weight" for n in names}
+        tied = [n for n in param_names.get(id(module.weight), []) if n not in own]
+        if len(names) > 1:
+            reasons[names[0]] = (f"the same nn.Linear is also used as {', '.join(names[1:])}: "
+                                 f"shared layers are not melded")
+        elif tied:
+            reasons[names[0]] = (f"its weight is tied to {tied[0]} (tie_word_embeddings): tied "
+                                 f"weights are not melded")
+    return reasons
+
+
 def plan(model: nn.Module, config: FalqonConfig) -> tuple[list[str], list[tuple[str, str]]]:
-    """(names to meld, [(name, reason)] skipped) over the model's nn.Linear layers."""
+    """(names to meld, [(name, reason)] skipped) over the model's nn.Linear layers (and its
+    transformers Conv1D layers, which are skipped with the reason)."""
     todo, skipped = [], []
+    shared = shared_linears(model)
     for name, module in model.named_modules():
+        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            skipped.append((name, config.wants(name) or CONV1D_REASON))
+            continue
         if not isinstance(module, nn.Linear):
             continue
-        reason = config.wants(name)
+        reason = config.wants(name) if name else None  # a bare nn.Linear is its own target
+        if reason is None:
+            reason = shared.get(name)
         if reason is None:
             reason = check_meldable(module.in_features, module.out_features, config.rank)
         if reason is None and module.weight.dtype not in (torch.float32, torch.float16,
@@ -105,6 +141,20 @@ def plan(model: nn.Module, config: FalqonConfig) -> tuple[list[str], list[tuple[
         else:
             skipped.append((name, reason))
     return todo, skipped
+
+
+def check_finite(model: nn.Module, names: list[str]) -> None:
+    """Raise, naming the layers, where a weight to be melded holds a NaN or Inf (before anything
+    is changed: its SVD would fail, or its FP8 copy would be all NaN)."""
+    bad = []
+    for name in names:
+        count = int((~torch.isfinite(model.get_submodule(name).weight.detach())).sum())
+        if count:
+            bad.append(f"{name or 'the layer'} ({count} values)")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"falqon.meld: non-finite (NaN or Inf) weights in {', '.join(bad[:3])}"
+                         f"{more}; the model was not changed")
 
 
 def _layer_kwargs(config: FalqonConfig) -> dict:
@@ -161,7 +211,14 @@ def meld(model: nn.Module, config: FalqonConfig | None = None, progress: bool = 
     Each layer is melded on its own device (its weight quantised to FP8 with the adapter A from
     the SVD of the quantisation error stacked under it), the original weight is dropped, every
     parameter but the lora_B's is frozen, and the config and a summary (falqon.melded_summary)
-    are recorded on the model. Returns the model."""
+    are recorded on the model. Returns the model; a bare nn.Linear cannot be swapped in place:
+    it is melded into a new MeldedLinear, which is returned.
+
+    All or nothing: every layer is checked (dtype, device, shape, finite weights) before the
+    first is replaced, so an error leaves the model as it was. Layers that one swap cannot meld
+    are skipped with the reason in the summary: an nn.Linear reachable under several names, a
+    weight tied to another parameter (tie_word_embeddings with lm_head targeted), transformers'
+    Conv1D (GPT-2)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"falqon.meld takes an nn.Module, got {type(model).__name__}")
     config = FalqonConfig() if config is None else config
@@ -173,12 +230,17 @@ def meld(model: nn.Module, config: FalqonConfig | None = None, progress: bool = 
     memory_before = model_memory(model)
     todo, skipped = plan(model, config)
     if not todo:
-        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:3]) or "it has no nn.Linear layers"
+        reasons = "; ".join(f"{n or 'the layer'}: {r}" for n, r in skipped[:3]) or \
+            "it has no nn.Linear layers"
         raise ValueError(f"falqon.meld: no layer can be melded ({reasons})")
+    check_finite(model, todo)
     from tqdm.auto import tqdm
 
     kwargs = dict(_layer_kwargs(config), svd=config.svd, seed=config.seed)
-    for name in tqdm(todo, desc="falqon meld", unit="layer", disable=not progress):
+    if todo == [""]:  # a bare nn.Linear: the new layer is the model
+        model = MeldedLinear.from_linear(model, **kwargs)
+        todo = []
+    for name in tqdm(todo, desc="falqon meld", unit="layer", disable=not progress or not todo):
         linear = model.get_submodule(name)
         _replace(model, name, MeldedLinear.from_linear(linear, **kwargs))
         del linear  # the high-precision weight goes with it (unless something else holds it)

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .config import ADAPTER_GAIN, UPDATE_MODES, check_adapter_gain
+from .config import ADAPTER_GAIN, UPDATE_MODES
+from .validation import check_adapter_gain, check_int, check_layer_options, check_lora_dtype
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The adapter mode's A: rescaled at meld time to the root-mean-square row norm of a PEFT LoRA A
@@ -74,6 +75,11 @@ class MeldedLinear(nn.Module):
                  lora_dtype: torch.dtype = torch.float32, amax_history_len: int = 0,
                  update_mode: str = "adapter", adapter_gain: float = ADAPTER_GAIN):
         super().__init__()
+        # The rules FalqonConfig applies (falqon.validation), before anything is allocated.
+        alpha = check_layer_options("MeldedLinear", rank, alpha, topk, amax_history_len)
+        check_lora_dtype("MeldedLinear", lora_dtype)
+        check_int("MeldedLinear", "in_features", in_features, 1)
+        check_int("MeldedLinear", "out_features", out_features, 1)
         problem = check_meldable(in_features, out_features, rank)
         if problem:
             raise ValueError(f"MeldedLinear: {problem}")
@@ -81,14 +87,8 @@ class MeldedLinear(nn.Module):
             raise ValueError(f"MeldedLinear: update_mode must be one of {UPDATE_MODES}, got "
                              f"{update_mode!r}")
         self.update_mode = update_mode
-        if topk < 0:
-            raise ValueError(f"MeldedLinear: topk must be >= 0, got {topk}")
         if grad_dtype not in ops.FP8_MAX:
             raise ValueError(f"MeldedLinear: grad_dtype must be an FP8 dtype, got {grad_dtype}")
-        if isinstance(amax_history_len, bool) or not isinstance(amax_history_len, int) or \
-                amax_history_len < 0:
-            raise ValueError(f"MeldedLinear: amax_history_len must be an integer >= 0, got "
-                             f"{amax_history_len!r}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha = float(rank if alpha is None else alpha)
         # The adapter mode's output gain (ADAPTER_GAIN); the proxy mode folds B A unscaled by it.
@@ -152,9 +152,10 @@ class MeldedLinear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"MeldedLinear({self.in_features} -> {self.out_features}) got an "
-                             f"input with {x.shape[-1]} features in its last dimension")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = "a 0-d input" if x.dim() == 0 else \
+                f"an input with {x.shape[-1]} features in its last dimension"
+            raise ValueError(f"MeldedLinear({self.in_features} -> {self.out_features}) got {got}")
         if x.device != self.weight.device:
             raise ValueError(f"MeldedLinear: input is on {x.device}, the layer on "
                              f"{self.weight.device}")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._extension import load as _load
+from .validation import scaling_ok
 
 _load()
 
@@ -88,15 +89,18 @@ def melded_linear_grad_input(grad_output: Tensor, weight: Tensor, weight_scale: 
                              weight_t: Tensor | None = None,
                              grad_dtype: torch.dtype | None = None,
                              amax_history: Tensor | None = None,
-                             lora_B: Tensor | None = None, scaling: float = 1.0) -> Tensor:
+                             lora_B: Tensor | None = None, scaling: float = 1.0,
+                             rank: int | None = None) -> Tensor:
     """dx = fp8(g) W_q * s_g * s through the weight rows of a melded weight; with amax_history
     (the gradient's H values), g's scale is the delayed one. With lora_B (the adapter mode),
     dx = fp8(G) W'_q * s_G * s over every row of W', G = [g | scaling g B | 0] quantised as one
-    tensor. The op also returns the amax of what it quantised:
+    tensor. rank: the adapter's rank, which says which rows of the weight are W; one of rank,
+    lora_B and weight_t is required (a melded weight of R rows fits several (out_features, rank)
+    pairs). The op also returns the amax of what it quantised:
     torch.ops.falqon.melded_linear_grad_input(...) -> (dx, g_amax)."""
     dx, _ = torch.ops.falqon.melded_linear_grad_input.default(grad_output, weight, weight_scale,
                                                               weight_t, grad_dtype, amax_history,
-                                                              lora_B, scaling)
+                                                              lora_B, scaling, rank)
     return dx
 
 
@@ -136,54 +140,105 @@ def topk_update_(weight: Tensor, lora_B: Tensor, weight_t: Tensor | None, k: int
 
 
 # ---- fake kernels: shapes, dtypes and strides for torch.compile and meta tensors -------------
+# Each makes the checks of its real kernel (csrc/checks.cpp) with the same messages, so that a bad
+# call fails at trace time (and on meta tensors) as it would when run.
 
-def _check_weight(weight: Tensor, out_features: int) -> None:
-    torch._check(weight.dim() == 2 and weight.dtype == E4M3,
-                 lambda: f"falqon: the melded weight must be a 2-D float8_e4m3fn tensor, got "
-                         f"{tuple(weight.shape)} {weight.dtype}")
-    torch._check(weight.shape[0] > out_features,
-                 lambda: f"falqon: the melded weight has {weight.shape[0]} rows, fewer than "
-                         f"out_features + rank for {out_features} outputs")
+def _require(cond, message: str) -> None:
+    torch._check(cond, lambda: message)
+
+
+def _check_scaling(op: str, scaling) -> None:
+    _require(scaling_ok(scaling), f"falqon.{op}: scaling (alpha / rank) must be a finite number "
+                                  f"> 0, got {scaling!r}")
+
+
+def _check_activation(op: str, name: str, t: Tensor) -> None:
+    _require(t.dtype in _ACTIVATION_DTYPES,
+             f"falqon.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_lora_B(op: str, lora_B: Tensor) -> None:
+    _require(lora_B.dim() == 2 and lora_B.shape[1] >= 1,
+             f"falqon.{op}: lora_B must be (out_features, rank), got {tuple(lora_B.shape)}")
+    _check_activation(op, "lora_B", lora_B)
+
+
+def _check_weight(weight: Tensor, weight_scale: Tensor, out_features, rank, weight_t,
+                  adapter: bool = False) -> None:
+    """check_melded_weight and check_weight_scale; rank None: any padded rank (weight_t fixes N)."""
+    _require(weight.dim() == 2 and weight.dtype == E4M3,
+             f"falqon: the melded weight must be a 2-D float8_e4m3fn tensor, got "
+             f"{tuple(weight.shape)} {weight.dtype}")
+    K = weight.shape[1]
+    _require(K % 16 == 0, f"falqon: in_features must be a multiple of 16 for FP8 GEMMs, got {K}")
+    _require(out_features > 0 and out_features % 16 == 0,
+             f"falqon: out_features must be a positive multiple of 16 for FP8 GEMMs, got "
+             f"{out_features}")
+    if rank is not None:
+        rows = out_features + padded_rank(rank)
+        _require(weight.shape[0] == rows,
+                 f"falqon: a melded weight for {out_features} outputs and rank {rank} has {rows} "
+                 f"rows (rank padded to a multiple of {ROW_ALIGN}), got {weight.shape[0]}")
+    else:
+        extra = weight.shape[0] - out_features
+        _require(extra > 0 and extra % ROW_ALIGN == 0,
+                 f"falqon: gradient has {out_features} features but the melded weight has "
+                 f"{weight.shape[0]} rows; expected out_features plus the padded rank")
+    if weight_t is not None:
+        cols = weight.shape[0] if adapter else out_features
+        _require(weight_t.dtype == E4M3 and weight_t.dim() == 2 and weight_t.shape[0] == K and
+                 weight_t.shape[1] == cols,
+                 f"falqon: weight_t must be the contiguous ({K}, {cols}) float8_e4m3fn transpose, "
+                 f"got {tuple(weight_t.shape)} {weight_t.dtype}")
+    if weight_scale is not None:
+        _require(weight_scale.numel() == 1 and weight_scale.dtype == torch.float32,
+                 f"falqon: weight_scale must be a single float32 value, got "
+                 f"{weight_scale.numel()} values of {weight_scale.dtype}")
+
+
+def _check_history(op: str, amax_history, rows: int | None) -> None:
+    if amax_history is None:
+        return
+    shape_ok = amax_history.numel() >= 1 if rows is None else (
+        amax_history.dim() == 2 and amax_history.shape[0] == rows and amax_history.shape[1] >= 1)
+    _require(shape_ok and amax_history.dtype == torch.float32,
+             f"falqon.{op}: amax_history must be a float32 tensor of at least one value "
+             f"({'(2, H) for the layer' if rows else 'any shape'}), got "
+             f"{tuple(amax_history.shape)} {amax_history.dtype}")
 
 
 @torch.library.register_fake("falqon::quantize")
 def _quantize_fake(input, dtype):
+    _require(dtype in FP8_MAX, f"falqon.quantize: dtype must be torch.float8_e4m3fn or "
+                               f"torch.float8_e5m2, got {dtype}")
+    _check_activation("quantize", "input", input)
     q = torch.empty_like(input, dtype=dtype, memory_format=torch.contiguous_format)
     return q, input.new_empty((), dtype=torch.float32)
 
 
 @torch.library.register_fake("falqon::quantize_delayed")
 def _quantize_delayed_fake(input, dtype, amax_history):
-    q = torch.empty_like(input, dtype=dtype, memory_format=torch.contiguous_format)
-    return q, input.new_empty((), dtype=torch.float32), input.new_empty((), dtype=torch.float32)
-
-
-def _check_layer_history(amax_history) -> None:
-    if amax_history is not None:
-        torch._check(amax_history.dim() == 2 and amax_history.shape[0] == 2 and
-                     amax_history.shape[1] >= 1 and amax_history.dtype == torch.float32,
-                     lambda: f"falqon.melded_linear: amax_history must be a (2, H) float32 "
-                             f"tensor with H >= 1, got {tuple(amax_history.shape)} "
-                             f"{amax_history.dtype}")
-
-
-def _check_adapter_B(lora_B, weight, out_features) -> None:
-    if lora_B is not None:
-        torch._check(lora_B.dim() == 2 and lora_B.shape[0] == out_features and
-                     weight.shape[0] == out_features + padded_rank(lora_B.shape[1]),
-                     lambda: f"falqon: lora_B {tuple(lora_B.shape)} does not fit a melded weight "
-                             f"of {weight.shape[0]} rows for {out_features} outputs")
+    q, scale = _quantize_fake(input, dtype)
+    _check_history("quantize_delayed", amax_history, None)
+    return q, scale, input.new_empty((), dtype=torch.float32)
 
 
 @torch.library.register_fake("falqon::melded_linear")
 def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t=None,
                         scaling=1.0, grad_dtype=None, amax_history=None, adapter=False):
+    _check_scaling("melded_linear", scaling)
+    _check_lora_B("melded_linear", lora_B)
     out_features, rank = lora_B.shape
-    _check_weight(weight, out_features)
-    torch._check(input.shape[-1] == weight.shape[1],
-                 lambda: f"falqon.melded_linear: input has {input.shape[-1]} features in its last "
-                         f"dimension, the layer takes {weight.shape[1]}")
-    _check_layer_history(amax_history)
+    _check_weight(weight, weight_scale, out_features, rank, weight_t, adapter)
+    _check_activation("melded_linear", "input", input)
+    _require(input.dim() >= 1 and input.shape[-1] == weight.shape[1],
+             f"falqon.melded_linear: input has {input.shape[-1] if input.dim() else 0} features "
+             f"in its last dimension, the layer takes {weight.shape[1]}")
+    if bias is not None:
+        _require(bias.dim() == 1 and bias.shape[0] == out_features and bias.is_floating_point(),
+                 f"falqon.melded_linear: bias must be a floating vector of {out_features} values, "
+                 f"got {tuple(bias.shape)}")
+    _check_history("melded_linear", amax_history, 2)
     lead = input.shape[:-1]
     amax = input.new_empty((), dtype=torch.float32)
     if adapter:  # y is a new contiguous tensor (the adapter's GEMM writes it)
@@ -193,11 +248,38 @@ def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t
     return product[..., :out_features], input.new_empty((*lead, rank)), amax
 
 
+def _check_grad_input(op, grad_output, weight, weight_scale, weight_t, grad_dtype, lora_B,
+                      scaling, rank) -> None:
+    """check_grad_input_args: lora_B, rank or weight_t must say which rows are W."""
+    _check_scaling(op, scaling)
+    _require(grad_dtype is None or grad_dtype in FP8_MAX,
+             f"falqon.melded_linear_grad_input: grad_dtype must be an FP8 dtype, got {grad_dtype}")
+    _check_activation("melded_linear_grad_input", "grad_output", grad_output)
+    N = grad_output.shape[-1] if grad_output.dim() else 0
+    if lora_B is not None:
+        _check_lora_B("melded_linear_grad_input", lora_B)
+        _require(lora_B.shape[0] == N, f"falqon.melded_linear_grad_input: lora_B has "
+                                       f"{lora_B.shape[0]} rows but the gradient has {N} features")
+        _require(rank is None or rank == lora_B.shape[1],
+                 f"falqon.melded_linear_grad_input: lora_B has rank {lora_B.shape[1]} but rank is "
+                 f"{rank}")
+        rank = lora_B.shape[1]
+    _require(rank is None or rank >= 1,
+             f"falqon.melded_linear_grad_input: rank must be >= 1, got {rank}")
+    _require(rank is not None or weight_t is not None,
+             f"falqon.melded_linear_grad_input: pass the adapter's rank (or lora_B, or weight_t): "
+             f"a melded weight of {weight.shape[0] if weight.dim() == 2 else 0} rows fits several "
+             f"(out_features, rank) pairs, and the gradient's {N} features alone do not say "
+             f"which rows are W")
+    _check_weight(weight, weight_scale, N, rank, weight_t, lora_B is not None)
+
+
 @torch.library.register_fake("falqon::melded_linear_grad_input")
 def _grad_input_fake(grad_output, weight, weight_scale, weight_t=None, grad_dtype=None,
-                     amax_history=None, lora_B=None, scaling=1.0):
-    _check_weight(weight, grad_output.shape[-1])
-    _check_adapter_B(lora_B, weight, grad_output.shape[-1])
+                     amax_history=None, lora_B=None, scaling=1.0, rank=None):
+    _check_grad_input("melded_linear_grad_input", grad_output, weight, weight_scale, weight_t,
+                      grad_dtype, lora_B, scaling, rank)
+    _check_history("melded_linear_grad_input", amax_history, None)
     return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])),
             grad_output.new_empty((), dtype=torch.float32))
 
@@ -205,9 +287,20 @@ def _grad_input_fake(grad_output, weight, weight_scale, weight_t=None, grad_dtyp
 @torch.library.register_fake("falqon::melded_linear_backward")
 def _backward_fake(grad_output, xa, weight, weight_scale, weight_t=None, scaling=1.0,
                    grad_dtype=None, amax_history=None, grad_B_dtype=None, lora_B=None):
-    N, r = grad_output.shape[-1], xa.shape[-1]
-    _check_weight(weight, N)
-    _check_adapter_B(lora_B, weight, N)
+    _require(xa.dim() >= 1 and xa.shape[-1] >= 1 and xa.dtype == grad_output.dtype,
+             f"falqon.melded_linear_backward: xa must hold the rank's columns last, in the "
+             f"gradient's dtype {grad_output.dtype}, got {tuple(xa.shape)} {xa.dtype}")
+    _check_scaling("melded_linear_backward", scaling)
+    N, r = grad_output.shape[-1] if grad_output.dim() else 0, xa.shape[-1]
+    _check_grad_input("melded_linear_backward", grad_output, weight, weight_scale, weight_t,
+                      grad_dtype, lora_B, scaling, r)
+    _require(xa.numel() == (grad_output.numel() // N if N else 0) * r,
+             f"falqon.melded_linear_backward: xa has {xa.numel() // r} rows, the gradient "
+             f"{grad_output.numel() // N if N else 0}")
+    _require(grad_B_dtype is None or grad_B_dtype in _ACTIVATION_DTYPES,
+             f"falqon.melded_linear_backward: grad_B_dtype must be float32, float16 or bfloat16, "
+             f"got {grad_B_dtype}")
+    _check_history("melded_linear_backward", amax_history, None)
     return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])),
             xa.new_empty((N, r), dtype=grad_B_dtype or xa.dtype),
             grad_output.new_empty((), dtype=torch.float32))
@@ -215,12 +308,25 @@ def _backward_fake(grad_output, xa, weight, weight_scale, weight_t=None, scaling
 
 @torch.library.register_fake("falqon::record_amax_")
 def _record_amax_fake(amax_history, amax):
+    _require(amax_history.dim() == 1 and amax_history.numel() >= 1 and
+             amax_history.dtype == torch.float32,
+             f"falqon.record_amax_: amax_history must be a contiguous 1-D float32 tensor of at "
+             f"least one value, got {tuple(amax_history.shape)} {amax_history.dtype}")
+    _require(amax.numel() == 1 and amax.dtype == torch.float32,
+             f"falqon.record_amax_: amax must be one float32 value, got {tuple(amax.shape)} "
+             f"{amax.dtype}")
     return None
 
 
 @torch.library.register_fake("falqon::meld_init")
 def _meld_init_fake(weight, rank, svd="randomized", oversample=16, power_iters=4, seed=0,
                     adapter_row_norm=0.0):
+    _require(weight.dim() == 2 and weight.dtype in _ACTIVATION_DTYPES,
+             f"falqon.meld_init: weight must be a 2-D float32, float16 or bfloat16 tensor, got "
+             f"{tuple(weight.shape)} {weight.dtype}")
+    n, k = weight.shape
+    _require(1 <= rank <= min(n, k), f"falqon.meld_init: rank must be between 1 and "
+                                     f"min(out_features, in_features) = {min(n, k)}, got {rank}")
     rows = weight.shape[0] + padded_rank(rank)
     return (weight.new_empty((rows, weight.shape[1]), dtype=E4M3),
             weight.new_empty((), dtype=torch.float32))
@@ -228,6 +334,12 @@ def _meld_init_fake(weight, rank, svd="randomized", oversample=16, power_iters=4
 
 @torch.library.register_fake("falqon::topk_update_")
 def _topk_update_fake(weight, lora_B, weight_t, k, scaling, keep_residual=False):
+    _check_scaling("topk_update_", scaling)
+    _require(lora_B.dim() == 2 and lora_B.is_floating_point(),
+             f"falqon.topk_update_: lora_B must be a floating (out_features, rank) matrix, got "
+             f"{tuple(lora_B.shape)}")
+    _require(k >= 0, f"falqon.topk_update_: k must be >= 0, got {k}")
+    _check_weight(weight, None, lora_B.shape[0], lora_B.shape[1], weight_t)
     return None
 
 
@@ -284,7 +396,7 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
         elif needs_input:
             grad_input, g_amax = torch.ops.falqon.melded_linear_grad_input.default(
                 grad_y, weight, weight_scale, weight_t, ctx.grad_dtype,
-                None if history is None else history[1], adapter_B, ctx.scaling)
+                None if history is None else history[1], adapter_B, ctx.scaling, rank)
         elif needs_B:
             # dB = scaling * g^T (x A^T) alone (no input gradient): a small product, kept in high
             # precision (not FP8), in the activation dtype.

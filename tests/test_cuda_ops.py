@@ -210,7 +210,7 @@ def test_quantize_delayed_special_values_match_cpu(out):
     assert a.isnan()
     check_quantize_delayed(to_dev(torch.zeros(4099)), torch.zeros(4099), out, torch.zeros(4),
                            "zeros, empty history")
-    # A history of +Inf: scale Inf, q = 0 for every finite value (the reference's rule).
+    # A history of +Inf has nothing usable (as one holding a NaN): current scaling.
     check_quantize_delayed(to_dev(x), x, out, torch.tensor([float("inf")]), "inf history")
 
 
@@ -238,6 +238,23 @@ def test_record_amax_matches_cpu(H):
         ops.record_amax_(h_d[1], to_dev(amax))
         ops.record_amax_(h_c[1], amax)
         assert torch.equal(h_d.cpu(), h_c), (H, step)
+
+
+@pytest.mark.parametrize("H", [1, 5, 300])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_record_amax_skips_non_finite_like_cpu(H, bad):
+    # A NaN or Inf amax is never recorded (decided on the device), as in the reference; and a
+    # history holding a NaN or +Inf has nothing usable: delayed = current scaling on both.
+    h_c = torch.rand(H) + 0.5
+    h_d = to_dev(h_c).clone()
+    ops.record_amax_(h_d, to_dev(torch.tensor(bad)))
+    ops.record_amax_(h_c, torch.tensor(bad))
+    assert torch.equal(h_d.cpu(), h_c) and torch.isfinite(h_c).all()
+    x = torch.randn(777, 96).to(torch.bfloat16)
+    for out in FP8:
+        poisoned = torch.cat([h_c[:-1], torch.tensor([abs(bad)])])
+        q, s, _ = check_quantize_delayed(to_dev(x), x, out, poisoned, f"history with {bad}")
+        assert torch.equal(s, falqon.quantize(x, out)[1])
 
 
 @cuda_only
@@ -375,10 +392,11 @@ def test_melded_linear_grad_input_matches_cpu(c):
     K, N, lead, r, _, wt, dtype, gdt = c
     w, s, w_t, _ = _operands(c)
     g = random_activations((*lead, N), dtype)
-    dx_d = falqon.melded_linear_grad_input(to_dev(g), to_dev(w), to_dev(s), to_dev(w_t), gdt)
+    dx_d = falqon.melded_linear_grad_input(to_dev(g), to_dev(w), to_dev(s), to_dev(w_t), gdt,
+                                           rank=r)
     rows = subset_rows(c.M)
     g2 = g.reshape(-1, N) if rows is None else g.reshape(-1, N)[rows]
-    dx_c = falqon.melded_linear_grad_input(g2, w, s, w_t, gdt)
+    dx_c = falqon.melded_linear_grad_input(g2, w, s, w_t, gdt, rank=r)
     assert dx_d.shape == (*lead, K) and dx_d.dtype == dtype and dx_d.is_contiguous()
 
     dx_dv = dx_d.reshape(-1, K).cpu()
@@ -435,7 +453,7 @@ def test_melded_linear_backward_matches_grad_input_and_dB(c):
     # dx and g's amax: those of melded_linear_grad_input on the device, bit for bit (the same
     # FP8 gradient into the same GEMM; that op is checked against the CPU above).
     dx_ref, amax_ref = torch.ops.falqon.melded_linear_grad_input(to_dev(g), *args, gdt,
-                                                                 to_dev(history))
+                                                                 to_dev(history), rank=r)
     assert dx.shape == (*lead, K) and dx.dtype == dtype and dx.is_contiguous()
     assert torch.equal(dx, dx_ref), "dx"
     assert torch.equal(g_amax, amax_ref), "g's amax"
@@ -506,9 +524,9 @@ def test_melded_linear_with_a_history_matches_cpu(c, kind):
 
     # The input gradient with row 1's delayed scale.
     dx_d, gmax_d = torch.ops.falqon.melded_linear_grad_input(
-        to_dev(g), to_dev(w), to_dev(s), to_dev(w_t), gdt, to_dev(history[1]))
+        to_dev(g), to_dev(w), to_dev(s), to_dev(w_t), gdt, to_dev(history[1]), rank=r)
     g2 = g.reshape(-1, N) if rows is None else g.reshape(-1, N)[rows]
-    dx_c, _ = torch.ops.falqon.melded_linear_grad_input(g2, w, s, w_t, gdt, history[1])
+    dx_c, _ = torch.ops.falqon.melded_linear_grad_input(g2, w, s, w_t, gdt, history[1], rank=r)
     gq, sg, gmax_c = falqon.quantize_delayed(g.reshape(-1, N), gdt or E5M2, history[1])
     assert torch.equal(gmax_d.cpu(), gmax_c), "g's amax, exactly"
     d_floor = scaled_mm_floor(gq if rows is None else gq[rows], sg,
@@ -550,7 +568,7 @@ def test_melded_module_autograd_matches_cpu(K, N, lead, r, bias, wt, dtype):
     f_y, _ = _forward_floor(x2, w, s, N, r, b, dtype)
     assert_gemm_close(y_d.detach().reshape(-1, N).cpu(), y_c.detach().reshape(-1, N), f_y,
                       f"y {what}")
-    dx_c = falqon.melded_linear_grad_input(g, w, s, cpu.weight_t, None)
+    dx_c = falqon.melded_linear_grad_input(g, w, s, cpu.weight_t, None, rank=r)
     assert_gemm_close(x_d.grad.reshape(-1, K).cpu(), dx_c.reshape(-1, K),
                       _dgrad_floor(g2, w, s, N, None, dtype), f"dx {what}")
     # dB = scaling g^T xa in the activation dtype, from the xa of the device's own forward (xa
@@ -841,7 +859,7 @@ def test_opcheck_melded_linear_with_a_history():
             (x, to_dev(w), to_dev(s), B, None, None, 2.0, None, to_dev(torch.rand(2, 5) + 1)))
     opcheck(torch.ops.falqon.melded_linear_grad_input.default,
             (to_dev(torch.randn(40, N, dtype=torch.bfloat16)), to_dev(w), to_dev(s), None, E5M2,
-             to_dev(torch.rand(5))))
+             to_dev(torch.rand(5)), None, 1.0, r))
 
 
 def test_opcheck_melded_linear_grad_input():

@@ -42,7 +42,7 @@ def test_any_leading_batch_dims(shape):
     (30, 32, 4, "multiples of 16"),
     (32, 40, 4, "multiples of 16"),
     (32, 16, 17, "rank must be between 1 and"),
-    (32, 16, 0, "rank must be between 1 and"),
+    (32, 16, 0, "rank must be >= 1"),
 ])
 def test_from_linear_rejects_layers_fp8_gemms_cannot_take(k, n, rank, match):
     with pytest.raises(ValueError, match=match):
@@ -201,7 +201,7 @@ def test_delayed_scaling_uses_the_recorded_amax():
 
 
 def test_delayed_scaling_options_and_dtype_moves():
-    with pytest.raises(ValueError, match="amax_history_len must be an integer >= 0"):
+    with pytest.raises(ValueError, match="amax_history_len must be >= 0"):
         falqon.MeldedLinear(32, 32, rank=4, amax_history_len=-1)
     _, layer = make(amax_history_len=2)
     layer(torch.randn(3, 64))

@@ -431,18 +431,19 @@ def test_melded_linear_grad_input_with_a_history(kind):
     own = g.float().abs().amax()
     hist = history_of(kind, own, H=3)
     dx, g_amax = torch.ops.falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
-                                                           None, None, hist)
+                                                           None, None, hist, rank=rank)
     assert g_amax.item() == own.item()
     gq, sg, _ = quantize_delayed_formula(g.reshape(-1, n), E5M2, hist)
     w_q, s = layer.weight[:n].double(), layer.weight_scale.double()
     ref = (gq.double() @ w_q) * sg.double() * s
     bound = product_bound(gq.double().abs(), w_q.abs(), n, torch.bfloat16, ref, sg.double() * s)
     assert bool(((dx.reshape(-1, k).double() - ref).abs() <= bound).all())
-    dx0, amax0 = torch.ops.falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale)
+    dx0, amax0 = torch.ops.falqon.melded_linear_grad_input(g, layer.weight, layer.weight_scale,
+                                                           rank=rank)
     assert torch.equal(amax0, g_amax)
     assert torch.equal(dx0, dx) == (kind == "empty")
     assert torch.equal(ops.melded_linear_grad_input(g, layer.weight, layer.weight_scale, None,
-                                                    None, hist), dx)
+                                                    None, hist, rank=rank), dx)
 
 
 def test_melded_linear_backward_uses_and_records_the_gradient_history():
@@ -494,7 +495,7 @@ def test_melded_linear_backward_op_is_grad_input_and_dB(act_dtype, kind, B_dtype
                                                 scaling, None, hist, B_dtype)
     # dx and g's amax are melded_linear_grad_input's, bit for bit.
     dx_ref, amax_ref = torch.ops.falqon.melded_linear_grad_input(
-        g, layer.weight, layer.weight_scale, None, None, hist)
+        g, layer.weight, layer.weight_scale, None, None, hist, rank=rank)
     assert torch.equal(dx, dx_ref) and torch.equal(g_amax, amax_ref)
     # dB = scaling g^T xa: exact products, fp32 sums over the 21 rows, one rounding.
     out_dtype = B_dtype or act_dtype
@@ -672,14 +673,15 @@ def test_opcheck_every_op():
             (x, layer.weight, layer.weight_scale, B, layer.bias, wt, 0.5, None,
              torch.rand(2, 4) + 1))
     opcheck(torch.ops.falqon.melded_linear_grad_input.default,
-            (torch.randn(4, 32), layer.weight, layer.weight_scale, None, None, torch.rand(3)))
+            (torch.randn(4, 32), layer.weight, layer.weight_scale, None, None, torch.rand(3), None,
+             1.0, 8))
     opcheck(torch.ops.falqon.melded_linear.default,
             (x, layer.weight, layer.weight_scale, B, layer.bias, None, 0.5, None))
     opcheck(torch.ops.falqon.melded_linear.default,
             (x.detach().bfloat16().requires_grad_(), layer.weight, layer.weight_scale, B, None,
              wt, 2.0, E4M3))
     opcheck(torch.ops.falqon.melded_linear_grad_input.default,
-            (torch.randn(4, 32), layer.weight, layer.weight_scale, None, None))
+            (torch.randn(4, 32), layer.weight, layer.weight_scale, None, None, None, None, 1.0, 8))
     opcheck(torch.ops.falqon.melded_linear_grad_input.default,
             (torch.randn(2, 4, 32, dtype=torch.bfloat16), layer.weight, layer.weight_scale, wt,
              E4M3))

@@ -230,15 +230,16 @@ __device__ __forceinline__ float amax_from_partials(const uint32_t* __restrict__
   return __uint_as_float(block_max(m));
 }
 
-// The amax a delayed scale uses, to every thread of the block: max(history) where it is > 0, else
-// 0 (nothing recorded yet; also for a history holding a NaN, where max(history) > 0 is false, as
-// in the reference). Each value maps to a key whose unsigned order is that decision's: NaN above
-// everything, a positive value (+Inf included) its own bits, zero and negative values 0.
+// The amax a delayed scale uses, to every thread of the block: max(history) where it is finite and
+// > 0, else 0 (nothing recorded yet; also for a history holding a NaN or +Inf, whose max is not
+// finite, as in the reference). Each value maps to a key whose unsigned order is that decision's:
+// NaN and +Inf above everything, a positive finite value its own bits, zero and negative values 0.
 __device__ __forceinline__ float history_amax(const float* __restrict__ history, int64_t count) {
   uint32_t key = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     const float v = history[i];
-    key = max(key, isnan(v) ? 0xffffffffu : (v > 0.f ? __float_as_uint(v) : 0u));
+    const bool unusable = isnan(v) || (isinf(v) && v > 0.f);
+    key = max(key, unusable ? 0xffffffffu : (v > 0.f ? __float_as_uint(v) : 0u));
   }
   key = block_max(key);
   return key == 0xffffffffu ? 0.f : __uint_as_float(key);

@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_op(
     const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
     bool adapter) {
-  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter);
+  check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter, scaling);
   check_layer_amax_history(input, amax_history);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
@@ -119,17 +119,17 @@ std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_op(
     const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& weight_scale,
     const std::optional<at::Tensor>& weight_t, std::optional<at::ScalarType> grad_dtype,
     const std::optional<at::Tensor>& amax_history, const std::optional<at::Tensor>& lora_B,
-    double scaling) {
+    double scaling, std::optional<int64_t> rank) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   check_grad_input_args(grad_output, weight, weight_scale, grad_output.dim() ? grad_output.size(-1) : 0,
-                        weight_t, gdt, lora_B);
+                        weight_t, gdt, lora_B, scaling, rank);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_grad_input", grad_output, *amax_history);
   }
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
     return ref::melded_linear_grad_input(grad_output, weight, weight_scale, weight_t, grad_dtype,
-                                         amax_history, lora_B, scaling);
+                                         amax_history, lora_B, scaling, rank);
   }
   return melded_linear_grad_input_fp8(grad_output, weight, weight_scale, weight_t, gdt,
                                       amax_history, lora_B, scaling);
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_op(
     std::optional<at::ScalarType> grad_B_dtype, const std::optional<at::Tensor>& lora_B) {
   const at::ScalarType gdt = grad_dtype_or_default(grad_dtype);
   const at::ScalarType bdt = grad_B_dtype.value_or(xa.scalar_type());
-  check_backward_args(grad_output, xa, weight, weight_scale, weight_t, gdt, bdt, lora_B);
+  check_backward_args(grad_output, xa, weight, weight_scale, weight_t, gdt, bdt, lora_B, scaling);
   if (amax_history.has_value()) {
     check_amax_history("melded_linear_backward", grad_output, *amax_history);
   }
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> meld_init_op(const at::Tensor& weight, int64_
 
 void topk_update_op(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
                     int64_t k, double scaling, bool keep_residual) {
-  check_topk_update_args(weight, lora_B, weight_t, k);
+  check_topk_update_args(weight, lora_B, weight_t, k, scaling);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
     ref::topk_update_(weight, lora_B, weight_t, k, scaling, keep_residual);

@@ -231,9 +231,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // history = [amax, history[:-1]] in place, by one block: from the end in chunks of blockDim.x,
 // each chunk reading its values (one index lower) before any thread writes; a chunk writes only
-// indices that it or an earlier chunk has already read.
+// indices that it or an earlier chunk has already read. A NaN or Inf amax is not recorded (every
+// thread reads the same value and returns before any barrier), as in the reference.
 __global__ void __launch_bounds__(256)
     record_amax_kernel(float* __restrict__ history, int64_t count, const float* __restrict__ amax) {
+  if (!isfinite(*amax)) return;
   for (int64_t end = count; end > 1; end -= blockDim.x) {
     const int64_t i = end - 1 - threadIdx.x;
     const bool active = i >= 1;

@@ -1,0 +1,66 @@
+"""The validation rules of a melded layer's options, shared by FalqonConfig, MeldedLinear and the
+ops' fake kernels (falqon.ops), so that a bad value fails the same way wherever it enters:
+at construction, with one ValueError naming the option, never later inside torch or in backward.
+The C++ checks (csrc/checks.cpp) apply the same rules to the ops' arguments (check_scaling)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+LORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_int(who: str, name: str, value, minimum: int | None) -> int:
+    """An integer (bool refused) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{who}: {name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def scaling_ok(scaling) -> bool:
+    """The ops' rule for the adapter's scaling alpha / rank: finite, > 0, a float32 value."""
+    return isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and \
+        math.isfinite(scaling) and 0 < scaling <= FLOAT32_MAX
+
+
+def check_alpha(who: str, alpha, rank: int) -> float | None:
+    """LoRA alpha: None (alpha = rank) or a finite number > 0 whose scaling alpha / rank the
+    kernels can hold in float32."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or \
+            not math.isfinite(alpha) or not alpha > 0 or not scaling_ok(alpha / rank):
+        raise ValueError(f"{who}: alpha must be a positive finite number or None, got {alpha!r}")
+    return float(alpha)
+
+
+def check_adapter_gain(who: str, value) -> float:
+    """The adapter mode's output gain (FalqonConfig.adapter_gain): a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not value > 0 or not scaling_ok(float(value)):
+        raise ValueError(f"{who}: adapter_gain must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_lora_dtype(who: str, dtype) -> torch.dtype:
+    if dtype not in LORA_DTYPES:
+        raise ValueError(f"{who}: lora_dtype must be torch.float32, torch.float16 or "
+                         f"torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def check_layer_options(who: str, rank, alpha, topk, amax_history_len) -> float | None:
+    """rank >= 1, alpha (check_alpha), topk >= 0, amax_history_len >= 0; returns alpha."""
+    check_int(who, "rank", rank, 1)
+    check_int(who, "topk", topk, 0)
+    check_int(who, "amax_history_len", amax_history_len, 0)
+    return check_alpha(who, alpha, rank)
+
+
+__all__ = ["FLOAT32_MAX", "LORA_DTYPES", "check_adapter_gain", "check_alpha", "check_int", "check_layer_options",
+           "check_lora_dtype", "scaling_ok"]
