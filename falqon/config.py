@@ -49,7 +49,8 @@ class FalqonConfig:
     adapter_gain     adapter mode: a further factor on the adapter's output, scaling =
                      adapter_gain * alpha / rank (ADAPTER_GAIN, 10, by default: A is frozen, so it
                      stands in for the growth of a trained LoRA A; see ADAPTER_GAIN). Exports fold
-                     it into B, so a PEFT adapter keeps lora_alpha = alpha. Ignored in the proxy mode.
+                     it into B, so a PEFT adapter keeps lora_alpha = alpha. Ignored in the proxy
+                     mode.
     topk             proxy mode: rows of B folded into the FP8 weight after each optimizer step.
     warmup_topk      proxy mode: rows folded during the first `warmup_steps` steps. None: the
                      layer's rank (what the published code does).

@@ -1,13 +1,13 @@
-"""Instruction data for `falqon finetune`: Alpaca-format JSON/JSONL files (checked, with the line
-of any bad record), instruction data derived from the installed Python standard library, a
-byte-level tokenizer that needs nothing downloaded, prompt masking and a deterministic batch order.
+"""Instruction data for `falqon finetune`: the records of a data file (falqon.records: JSON, JSONL,
+Parquet; Alpaca, prompt/completion, chat messages), instruction data derived from the installed
+Python standard library, a byte-level tokenizer that needs nothing downloaded, prompt masking
+(chat records through the tokenizer's chat template) and a deterministic batch order.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import pathlib
 import textwrap
 import warnings
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FalqonError
+from .records import load_records, records_kind
 
 IGNORE_INDEX = -100  # label of a token the loss skips (prompt and padding), as in transformers
 
@@ -31,96 +32,6 @@ SHORT_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n"
 RESPONSE_MARKER = "### Response:\n"
 TEMPLATES = {"alpaca": (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT),
              "short": (SHORT_PROMPT, SHORT_PROMPT_NO_INPUT)}
-
-
-# ---- Alpaca-format files ------------------------------------------------------------------------
-
-def _line_of(text: str, offset: int) -> int:
-    return text.count("\n", 0, offset) + 1
-
-
-def _check_record(record, where: str, index: int) -> dict:
-    if not isinstance(record, dict):
-        raise FalqonError(f"{where}: record {index} is a JSON {type(record).__name__}, expected an "
-                          f"object with instruction/input/output")
-    for key in ("instruction", "output"):
-        if key not in record:
-            raise FalqonError(f"{where}: record {index} has no {key!r} field (Alpaca format: "
-                              f"instruction, optional input, output)")
-        if not isinstance(record[key], str):
-            raise FalqonError(f"{where}: record {index}: {key!r} must be a string, got "
-                              f"{type(record[key]).__name__}")
-    if not record["instruction"].strip():
-        raise FalqonError(f"{where}: record {index}: 'instruction' is empty")
-    extra = record.get("input", "")
-    if extra is None:
-        extra = ""
-    if not isinstance(extra, str):
-        raise FalqonError(f"{where}: record {index}: 'input' must be a string, got "
-                          f"{type(extra).__name__}")
-    return {"instruction": record["instruction"], "input": extra, "output": record["output"]}
-
-
-def load_records(path) -> list[dict]:
-    """Alpaca-format records from a JSON file (an array of objects) or a JSONL file (one object a
-    line). Any problem raises FalqonError naming the file and line."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FalqonError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise FalqonError(f"data path {path} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FalqonError(f"data file {path} is not UTF-8 text ({exc.reason} at byte "
-                          f"{exc.start})") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise FalqonError(f"data file {path} is empty")
-    records = []
-    if stripped[0] == "[":
-        decoder = json.JSONDecoder()
-        pos = len(text) - len(stripped) + 1
-        index = 0
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(text) and text[pos] == "]" and index == 0:
-                pos += 1
-                break
-            try:
-                record, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                raise FalqonError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-            records.append(_check_record(record, f"{path}:{_line_of(text, pos)}", index))
-            index += 1
-            pos = end
-            while pos < len(text) and text[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(text) and text[pos] == ",":
-                pos += 1
-                continue
-            if pos < len(text) and text[pos] == "]":
-                pos += 1
-                break
-            raise FalqonError(f"{path}:{_line_of(text, pos)}: invalid JSON: expected ',' or ']' "
-                              f"after record {index - 1}")
-        if text[pos:].strip():
-            raise FalqonError(f"{path}:{_line_of(text, pos)}: invalid JSON: extra data after the "
-                              f"closing ']'")
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FalqonError(f"{path}:{lineno}: invalid JSON line: {exc.msg} (column "
-                                  f"{exc.colno})") from None
-            records.append(_check_record(record, f"{path}:{lineno}", len(records)))
-    if not records:
-        raise FalqonError(f"data file {path} holds no records")
-    return records
 
 
 # ---- instruction data from the Python standard library ------------------------------------------
@@ -226,26 +137,64 @@ class Example:
     labels: list[int]  # IGNORE_INDEX on the prompt: only the response is learnt
 
 
-def encode(records: list[dict], tokenizer, seq_len: int, template: str = "alpaca") -> list[Example]:
+def _chat_texts(rec: dict, tokenizer) -> tuple[str, str]:
+    """(prompt, completion) texts of a chat record: the prompt messages rendered with the
+    generation prompt, the completion what the whole conversation's rendering adds to it."""
+    try:
+        prompt = tokenizer.apply_chat_template(rec["prompt"], tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(rec["prompt"] + rec["completion"], tokenize=False)
+    except Exception as exc:  # noqa: BLE001 (jinja raises its own types for a template's errors)
+        raise FalqonError(f"the tokenizer's chat template cannot render a record: {exc}") from None
+    if not full.startswith(prompt):
+        raise FalqonError("the tokenizer's chat template renders the conversation without its "
+                          "generation prompt as a prefix: the completion cannot be told apart")
+    return prompt, full[len(prompt):]
+
+
+def _parts(rec: dict, kind: str, tokenizer, templates) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one record, the prompt's beginning-of-sequence included."""
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if kind == "alpaca":
+        head = (templates[0] if rec["input"].strip() else templates[1]).format(**rec)
+        return bos + ids(head), ids(rec["output"])
+    if kind == "messages":
+        prompt, completion = _chat_texts(rec, tokenizer)
+        prompt_ids = ids(prompt)
+        return (bos if prompt_ids[:1] != bos else []) + prompt_ids, ids(completion)
+    return bos + ids(rec["prompt"]), ids(rec["completion"])
+
+
+def encode(records: list[dict], tokenizer, seq_len: int, template: str = "alpaca",
+           progress: bool = False) -> list[Example]:
     """Tokenise prompt and response separately (so the mask boundary is exact), mask the prompt.
 
-    A prompt longer than half of seq_len keeps its beginning and the response marker; the response
-    fills what is left and ends with EOS only when it fits whole."""
+    Alpaca records are put in `template`, chat records (falqon.records) rendered with the
+    tokenizer's chat template, prompt/completion strings used as they are. A prompt longer than
+    half of seq_len keeps its beginning (and, for Alpaca, the response marker); the response fills
+    what is left and ends with EOS only when it fits whole."""
+    from tqdm.auto import tqdm
+
     if seq_len < 8:
         raise FalqonError(f"seq_len must be at least 8, got {seq_len}")
-    with_input, no_input = TEMPLATES[template]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    kind = records_kind(records) if records else "alpaca"
+    if kind == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise FalqonError("the data holds chat messages but the tokenizer has no chat template: "
+                          "use a model whose tokenizer has one, or prompt/completion records")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise FalqonError("the tokenizer has no EOS token")
-    marker = tokenizer.encode(RESPONSE_MARKER, add_special_tokens=False)
+    marker = tokenizer.encode(RESPONSE_MARKER, add_special_tokens=False) if kind == "alpaca" \
+        else []
     max_prompt = seq_len // 2
     examples = []
-    for rec in records:
-        head_text = (with_input if rec["input"].strip() else no_input).format(**rec)
-        head = bos + tokenizer.encode(head_text, add_special_tokens=False)
+    for rec in tqdm(records, desc="falqon tokenise", unit="record", disable=not progress,
+                    mininterval=1.0, dynamic_ncols=True):
+        head, response = _parts(rec, kind, tokenizer, TEMPLATES[template])
         prompt = head[:max(max_prompt - len(marker), 1)] + marker
-        response = tokenizer.encode(rec["output"], add_special_tokens=False) + [eos]
+        if kind == "alpaca" or response[-1:] != [eos]:  # a chat template may end with EOS
+            response = response + [eos]
         response = response[:seq_len - len(prompt)]
         if not response:
             continue

@@ -62,5 +62,5 @@ def check_layer_options(who: str, rank, alpha, topk, amax_history_len) -> float 
     return check_alpha(who, alpha, rank)
 
 
-__all__ = ["FLOAT32_MAX", "LORA_DTYPES", "check_adapter_gain", "check_alpha", "check_int", "check_layer_options",
-           "check_lora_dtype", "scaling_ok"]
+__all__ = ["FLOAT32_MAX", "LORA_DTYPES", "check_adapter_gain", "check_alpha", "check_int",
+           "check_layer_options", "check_lora_dtype", "scaling_ok"]

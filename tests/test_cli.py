@@ -3,13 +3,15 @@ bench, info, and a one-line error that leaves files intact for each kind of bad 
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import falqon
 
 from falqon.cli import main
 from workflow_testing import records, snapshot, tiny_config_file, write_json
@@ -132,7 +134,8 @@ def test_runs_saved_before_later_options_resume_with_their_defaults():
     """A run.json (and its checkpoints) written before --amax-history-len, --transposed-copy and
     --update-mode existed holds none of them: it is the run with their values of then (the proxy
     update), and a resume that sets them otherwise is refused like any other changed option."""
-    from falqon.cli import FINGERPRINT, LATER_OPTION_DEFAULTS, _compare_run
+    from falqon.cli.run_options import FINGERPRINT, LATER_OPTION_DEFAULTS
+    from falqon.cli.run_options import compare_run as _compare_run
     from falqon.config import FalqonError
 
     assert LATER_OPTION_DEFAULTS["update_mode"] == "proxy" and "update_mode" in FINGERPRINT
@@ -221,7 +224,9 @@ def test_finetune_from_a_model_directory(inputs, tmp_path, capsys):
                  "--stop-after", "1", "--save-every", "1", *common]) == 0
     assert "has no tokenizer; using the byte-level tokenizer" in capsys.readouterr().err
     run = json.loads((out / "run.json").read_text())
-    assert run["options"]["model"] == f"path:{model_dir.resolve()}"
+    # The model is its weights (a moved model resumes, other weights are refused) ...
+    assert run["options"]["model"] == "weights:" + run["base_fingerprint"]
+    assert run["base_model"] == str(model_dir.resolve())  # ... found where it was
     # PEFT LoRA's usual learning rate: the default for a (presumably pretrained) model.
     assert run["options"]["lr"] == 2e-4 and run["options"]["update_mode"] == "adapter"
     assert not (out / "base-model").exists()  # the user's directory is the base
@@ -312,18 +317,46 @@ def test_bad_inputs_give_one_line_and_leave_files_intact(inputs, tmp_path, capsy
     fails(["export", str(tmp_path / "bad.json"), str(tmp_path / "exp")], "is not a directory")
 
 
-def test_bench_and_info(capsys, monkeypatch):
+def test_bench_on_a_cpu_shows_no_speed_up(capsys):
+    """On a device without FP8 tensor cores the timings are of the emulation: bench says so
+    first, and headlines no ratio."""
     assert main(["bench", "--tokens", "32", "--in-features", "64", "--out-features", "64",
                  "--iters", "2", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "FALQON layer" in printed and "bf16 LoRA layer" in printed and "emulated" in printed
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("falqon bench: these timings say nothing about FALQON's speed")
+    assert any("FALQON layer" in line for line in printed)
+    assert not any(re.search(r"\d\.\d\dx\)", line) for line in printed), printed
+
+
+@pytest.mark.parametrize("cc, covered, expected", [
+    ((8, 0), True, "has no FP8 tensor cores"), ((9, 0), False, "do not run on"),
+    ((9, 0), True, None)])
+def test_bench_tells_an_fp8_gpu_from_others(monkeypatch, cc, covered, expected):
+    from falqon.cli import bench
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    monkeypatch.setattr("falqon.build_info", lambda: {"with_cuda": True,
+                                                      "cuda_archs": ["9.0a" if covered else "8.9"]})
+    monkeypatch.delenv("FALQON_FORCE_EMULATION", raising=False)
+    why = bench.emulated_because(torch.device("cuda"))
+    assert why is None if expected is None else expected in why
+
+
+def test_info_and_version(capsys, monkeypatch):
+    """`falqon info [--json]` and `falqon --version` work (info once exited 2, "unrecognized
+    arguments: info")."""
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out.startswith(f"falqon {falqon.__version__}")
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["falqon"] == falqon.__version__
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"falqon {falqon.__version__} (torch ")
     monkeypatch.setitem(sys.modules, "falqon.info", None)  # the module is absent
     assert main(["info"]) == 2
     one_error_line(capsys, "`falqon info` is not available")
-    fake = types.ModuleType("falqon.info")
-    fake.main = lambda: print("build info here")
-    monkeypatch.setitem(sys.modules, "falqon.info", fake)
-    assert main(["info"]) == 0 and "build info here" in capsys.readouterr().out
 
 
 def test_console_script_process(tmp_path):

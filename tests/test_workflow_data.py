@@ -2,6 +2,7 @@
 the byte-level tokenizer, prompt masking and the deterministic batch order."""
 
 import json
+import sys
 
 import pytest
 
@@ -132,3 +133,69 @@ def test_split_and_batch_order_are_deterministic():
     assert fresh.indices(30) == order.indices(30)  # a pure function of the step (resume)
     assert order.position(12) == (1, 3)
     assert D.BatchOrder(len(train), 4, seed=2).indices(0) != order.indices(0)
+
+
+def test_bom_single_object_and_wrapped_array(tmp_path):
+    recs = records(3)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs).encode())
+    assert D.load_records(bom) == D.load_records(write_json(tmp_path / "plain.json", recs))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(recs[0]).encode() + b"\n" +
+                                         json.dumps(recs[1]).encode())
+    assert len(D.load_records(tmp_path / "bom.jsonl")) == 2
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(recs[0], indent=2))  # one pretty-printed record
+    assert D.load_records(one) == D.load_records(write_json(tmp_path / "p.json", recs[:1]))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": recs}, indent=2))
+    assert len(D.load_records(tmp_path / "wrapped.json")) == 3
+    one.write_text('{\n  "instruction": "a",\n  "output": \n}')
+    with pytest.raises(FalqonError, match=r"one.json:4: invalid JSON"):
+        D.load_records(one)
+
+
+def test_prompt_completion_and_messages_records(tmp_path):
+    pc = [{"prompt": "2+2=", "completion": "4"}]
+    chat = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]}]
+    assert D.load_records(write_json(tmp_path / "pc.json", pc)) == pc
+    loaded = D.load_records(write_json(tmp_path / "chat.json", chat))
+    assert loaded[0]["completion"] == [{"role": "assistant", "content": "Hello"}]
+    for bad, match in (([pc[0], records(1)[0]], "is a alpaca record, the file's first is"),
+                       ([{"messages": [{"role": "user", "content": "x"}]}], "must end with an "
+                                                                            "assistant"),
+                       ([{"prompt": "x", "completion": 3}], "must both be strings")):
+        with pytest.raises(FalqonError, match=match):
+            D.load_records(write_json(tmp_path / "bad.json", bad))
+
+
+def test_encode_prompt_completion_and_chat():
+    tok = D.byte_tokenizer()
+    (ex,) = D.encode([{"prompt": "2+2=", "completion": "4"}], tok, 64)
+    assert ex.input_ids == [257] + list(b"2+2=4") + [258]
+    assert ex.labels == [D.IGNORE_INDEX] * 5 + [ord("4"), 258]
+    chat = {"prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Yo"}]}
+    with pytest.raises(FalqonError, match="no chat template"):
+        D.encode([chat], tok, 64)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    (ex,) = D.encode([chat], tok, 64)
+    prompt = [257] + list(b"<user>Hi") + [258] + list(b"<assistant>")
+    assert ex.input_ids == prompt + list(b"Yo") + [258]  # the template's own EOS, not a second
+    assert ex.labels == [D.IGNORE_INDEX] * len(prompt) + list(b"Yo") + [258]
+
+
+def test_parquet(tmp_path, monkeypatch):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(FalqonError, match="needs pyarrow"):
+        D.load_records(path)
+    monkeypatch.undo()
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(records(4)), str(path))
+    assert D.load_records(path) == D.load_records(write_json(tmp_path / "d.json", records(4)))

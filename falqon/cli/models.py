@@ -1,0 +1,141 @@
+"""Devices, dtypes and the base model of a run: a local transformers directory, or random weights
+built from a preset or a config JSON."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import torch
+
+from ..config import FalqonConfig, FalqonError
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+PRESETS = {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
+DEFAULT_PRESET = "tiny-llama"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FalqonError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FalqonError(f"--device {name}: no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_config(spec: str | None):
+    """A transformers config from a preset name or a config JSON file."""
+    from transformers import AutoConfig
+
+    spec = spec or DEFAULT_PRESET
+    path = PRESETS.get(spec, pathlib.Path(spec))
+    if not path.is_file():
+        raise FalqonError(f"--model-config {spec!r} is neither a preset ({', '.join(PRESETS)}) "
+                          f"nor a config JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FalqonError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise FalqonError(f"{path} is not a transformers config (no model_type)")
+    data = dict(data)
+    try:
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FalqonError(f"{path} is not a usable transformers config: {exc}") from None
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers renamed from_pretrained's / from_config's torch_dtype to dtype in 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def check_model_dir(path: pathlib.Path) -> None:
+    if not path.exists():
+        raise FalqonError(f"model path {path} does not exist")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FalqonError(f"{path} is not a model: a transformers model directory holds a "
+                          f"config.json")
+
+
+def load_base_model(path: pathlib.Path, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from a local transformers directory; the byte tokenizer where the
+    directory has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data import byte_tokenizer
+
+    check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kwarg(dtype))
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types for a bad model dir)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FalqonError(f"{path} is not a loadable causal LM: {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # noqa: BLE001 (no or broken tokenizer files)
+        if model.config.vocab_size < 259:
+            raise FalqonError(f"{path} has no tokenizer and a vocabulary too small for the "
+                              f"byte-level one") from None
+        print(f"falqon: {path} has no tokenizer; using the byte-level tokenizer", file=sys.stderr)
+        tokenizer = byte_tokenizer()
+    return model.to(device), tokenizer
+
+
+def build_random_model(config, device: torch.device, dtype: torch.dtype, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    from ..data import byte_tokenizer
+
+    if getattr(config, "vocab_size", 0) < 259:
+        raise FalqonError(f"the model config's vocab_size {config.vocab_size} is below the 259 "
+                          f"tokens of the byte-level tokenizer")
+    torch.manual_seed(seed)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+    except ValueError as exc:
+        raise FalqonError(f"cannot build a causal LM from the config: {exc}") from None
+    return model, byte_tokenizer()
+
+
+def check_finite(model, where: str) -> None:
+    """Refuse a model with a NaN or infinite weight (the SVD of meld would fail on it)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise FalqonError(f"{where} has non-finite weights: {name} holds NaN or inf")
+
+
+def meld_for_run(model, args, where: str, progress: bool):
+    """falqon.meld with the run's FalqonConfig; what it refuses becomes a one-line error."""
+    from ..convert import meld
+
+    check_finite(model, where)
+    try:
+        cfg = FalqonConfig(
+            rank=args.rank, alpha=args.alpha, topk=args.topk, warmup_topk=args.warmup_topk,
+            warmup_steps=args.warmup_steps, keep_residual=args.keep_residual,
+            target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+            seed=args.seed, transposed_copy=args.transposed_copy,
+            amax_history_len=args.amax_history_len, update_mode=args.update_mode,
+            adapter_gain=args.adapter_gain)
+        meld(model, cfg, progress=progress, verbose=True)
+    except (ValueError, RuntimeError) as exc:  # a rank or a pattern that fits no layer, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FalqonError(first) from None
+    return model
