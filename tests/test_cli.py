@@ -179,6 +179,35 @@ def test_a_run_from_before_update_mode_resumes_in_the_proxy_mode(inputs, tmp_pat
     one_error_line(capsys, "update_mode: 'proxy' -> 'adapter'")
 
 
+def test_an_adapter_run_from_before_adapter_gain_resumes_with_gain_1(inputs, tmp_path, capsys):
+    """An adapter-mode run whose run.json and checkpoint lack adapter_gain (written before the
+    option existed, when the adapter had no gain) resumes with gain 1, the model it trained, not
+    today's default gain; --adapter-gain with the proxy mode is refused in one line."""
+    out = tmp_path / "run"
+    assert finetune(inputs, out, "--adapter-gain", "1", "--steps", "4", "--stop-after", "2",
+                    "--save-every", "2", "--no-plot") == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["adapter_gain"] == 1.0
+    del run["options"]["adapter_gain"]
+    (out / "run.json").write_text(json.dumps(run))
+    checkpoint = out / "checkpoints" / "step-0000002"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["options"]["adapter_gain"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    meta = json.loads((checkpoint / "falqon_config.json").read_text())
+    del meta["config"]["adapter_gain"]
+    (checkpoint / "falqon_config.json").write_text(json.dumps(meta))
+    assert main(["finetune", "--output-dir", str(out), "--resume", "--no-progress", "--no-plot",
+                 "--device", "cpu"]) == 0
+    config = json.loads((out / "final" / "falqon_config.json").read_text())["config"]
+    assert config["update_mode"] == "adapter" and config["adapter_gain"] == 1.0
+    capsys.readouterr()
+    assert main(["finetune", "--output-dir", str(tmp_path / "proxy"), *PROXY,
+                 "--adapter-gain", "2", "--no-progress", "--device", "cpu"]) == 2
+    one_error_line(capsys, "--adapter-gain only applies to the adapter mode")
+    assert not (tmp_path / "proxy").exists()
+
+
 def test_update_mode_is_in_the_fingerprint_and_proxy_options_need_it(inputs, tmp_path, capsys):
     """--update-mode is recorded in run.json; the proxy update's options are refused, in one
     line and before anything is written, when the run is in the adapter mode (the default, or a
