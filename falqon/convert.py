@@ -201,6 +201,9 @@ def _finish(model: nn.Module, config: FalqonConfig, skipped, memory_before: int)
         update_mode=config.update_mode)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, SUMMARY_ATTR, summary)
+    from .distributed import mark_ddp_ignored  # (imports melded_layers from here)
+
+    mark_ddp_ignored(model)  # DDP can broadcast no float8 tensor
     return summary
 
 

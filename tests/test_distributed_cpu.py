@@ -1,0 +1,157 @@
+"""DDP with melded models on the CPU: two gloo processes (falqon.distributed).
+
+One spawn runs every scenario (starting processes costs more than the steps): DDP over a melded
+tiny LLaMA in both update modes, ranks fed different data, gradient accumulation under no_sync;
+the ranks' melded state compared bit for bit; a deliberately diverged rank repaired by
+broadcast_melded; a checkpoint written by rank 0 alone and loaded in this (one-process) run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import falqon
+from falqon import FalqonConfig
+from falqon.distributed import (DDP_IGNORE_ATTR, broadcast_melded, fp8_tensor_names,
+                                mark_ddp_ignored, ranks_identical, state_digest)
+from workflow_testing import tiny_causal_lm
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+WORLD = 2
+STEPS = 4
+MODES = ("adapter", "proxy")
+
+
+def melded(mode: str, **cfg):
+    model = tiny_causal_lm("llama")
+    falqon.meld(model, FalqonConfig(rank=4, topk=3, update_mode=mode, **cfg), progress=False,
+                verbose=False)
+    return model
+
+
+def _train(ddp, model, opt, rank: int) -> None:
+    """STEPS optimizer steps, each over two micro-batches (the first under no_sync), with data
+    that differs between ranks."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    for _ in range(STEPS):
+        for micro in range(2):
+            x = torch.randint(0, 272, (2, 12), generator=gen)
+            ctx = ddp.no_sync() if micro == 0 else torch.enable_grad()
+            with ctx:
+                ddp(input_ids=x, labels=x).loss.div(2).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _scenario(mode: str, rank: int, out: str) -> dict:
+    model = melded(mode, transposed_copy=True)
+    ddp = nn.parallel.DistributedDataParallel(model)  # float8 tensors: DDP must skip them
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    if mode == "proxy":
+        falqon.attach(opt, model)
+    before = state_digest(model)
+    _train(ddp, model, opt, rank)
+    result = {"changed": state_digest(model) != before, "identical": ranks_identical(model)}
+    if rank == 0:
+        falqon.save_pretrained(model, os.path.join(out, f"ckpt-{mode}"))
+        result["digest"] = state_digest(model).hex()
+    dist.barrier()
+    # A rank that diverged (here: rank 1's B and FP8 bytes changed) is repaired from rank 0.
+    layer = falqon.melded_layers(model)[0][1]
+    if rank == 1:
+        with torch.no_grad():
+            layer.lora_B.add_(1.0)
+            layer.weight.view(torch.uint8)[0, 0] ^= 1
+    result["diverged_seen"] = not ranks_identical(model)
+    broadcast_melded(model, src=0)
+    result["repaired"] = ranks_identical(model)
+    return result
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {mode: _scenario(mode, rank, out) for mode in MODES}
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out, ranks
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ddp_ranks_train_and_stay_bit_identical(ddp_run, mode):
+    _, ranks = ddp_run
+    for r in ranks:
+        assert r[mode]["changed"], "the steps must have changed the melded state"
+        assert r[mode]["identical"], "DDP-reduced B and the proxy update keep ranks identical"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_broadcast_melded_repairs_a_diverged_rank(ddp_run, mode):
+    _, ranks = ddp_run
+    assert all(r[mode]["diverged_seen"] for r in ranks), "ranks_identical must see a difference"
+    assert all(r[mode]["repaired"] for r in ranks)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_checkpoint_written_by_rank_0_loads_in_one_process(ddp_run, mode):
+    out, ranks = ddp_run
+    loaded = falqon.from_pretrained(tiny_causal_lm("llama"), out / f"ckpt-{mode}")
+    assert state_digest(loaded).hex() == ranks[0][mode]["digest"]
+
+
+def test_meld_lists_the_float8_tensors_for_ddp_to_ignore():
+    model = melded("adapter", transposed_copy=True)
+    names = getattr(model, DDP_IGNORE_ATTR)
+    assert names == sorted(fp8_tensor_names(model))
+    assert {n.rpartition(".")[2] for n in names} == {"weight", "weight_t"}
+    fp8 = {n for n, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+    assert set(names) == fp8
+    # Names the user listed are kept.
+    setattr(model, DDP_IGNORE_ATTR, ["model.embed_tokens.weight"])
+    mark_ddp_ignored(model)
+    assert "model.embed_tokens.weight" in getattr(model, DDP_IGNORE_ATTR)
+    # from_pretrained marks them too.
+    assert getattr(falqon.from_pretrained(tiny_causal_lm("llama"), _saved(model)),
+                   DDP_IGNORE_ATTR) == names
+
+
+def _saved(model):
+    import tempfile
+
+    path = tempfile.mkdtemp()
+    falqon.save_pretrained(model, path)
+    return path
+
+
+def test_collectives_need_a_process_group():
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        broadcast_melded(melded("adapter"))
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        ranks_identical(melded("adapter"))
