@@ -14,6 +14,13 @@ What DDP needs from a melded model:
 - The proxy update (FalqonConfig(update_mode="proxy")) runs after each optimizer step on every
   rank. B is then identical on every rank, so the top-k rows and the folded FP8 rows are too: the
   ranks stay bit-identical without communication. The adapter mode needs nothing.
+
+FSDP2 (torch.distributed.fsdp.fully_shard) shards W' = [W; A; 0] and B by rows and all-gathers
+them as bytes for the forward (FP8: half of bf16's traffic). The adapter mode needs nothing more;
+the proxy update of a sharded layer gathers W' and B, folds the same rows on every rank and keeps
+each rank's own rows (`sharded_proxy_update`). Checkpoints of a sharded model go through
+torch.distributed.checkpoint (model.state_dict() holds DTensors), which reshards on load.
+Delayed scaling's amax histories are per rank under FSDP2 (DDP broadcasts rank 0's buffers).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import ops
 from .convert import melded_layers
+from .modules import is_sharded
 
 DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
 _FP8_TENSORS = ("weight", "weight_t")
@@ -48,14 +57,15 @@ def mark_ddp_ignored(model: nn.Module) -> None:
 
 
 def _melded_state(model: nn.Module) -> list[torch.Tensor]:
-    """Every tensor of the melded layers' state, in a fixed order (FP8 ones as uint8 views)."""
+    """Every tensor of the melded layers' state, in a fixed order (FP8 ones as uint8 views);
+    FSDP2-sharded ones gathered whole (a collective then)."""
     out = []
     for _, layer in melded_layers(model):
         for attr in ("weight", "weight_t", "weight_scale", "lora_B", "amax_history"):
             t = getattr(layer, attr, None)
             if t is None:
                 continue
-            t = t.detach()
+            t = _gather_rows(t) if is_sharded(t) else t.detach()
             out.append(t.view(torch.uint8) if t.element_size() == 1 else t)
     return out
 
@@ -63,8 +73,12 @@ def _melded_state(model: nn.Module) -> list[torch.Tensor]:
 @torch.no_grad()
 def broadcast_melded(model: nn.Module, src: int = 0, group=None) -> None:
     """Copy rank `src`'s melded state (FP8 weights, scales, B, amax histories) to every rank of
-    `group`, in place. Call it after meld/from_pretrained on every rank, before training."""
+    `group`, in place. Call it after meld/from_pretrained on every rank, before training (and
+    before fully_shard: a sharded model's ranks hold different rows by design)."""
     _require_initialized("broadcast_melded")
+    if any(is_sharded(layer.weight) for _, layer in melded_layers(model)):
+        raise ValueError("falqon.distributed.broadcast_melded: the model is already sharded "
+                         "(FSDP2); broadcast before fully_shard")
     for t in _melded_state(model):
         if t.is_contiguous():
             dist.broadcast(t, src, group=group)
@@ -75,7 +89,8 @@ def broadcast_melded(model: nn.Module, src: int = 0, group=None) -> None:
 
 
 def state_digest(model: nn.Module) -> bytes:
-    """SHA-256 of the melded layers' state bytes (a fingerprint to compare ranks with)."""
+    """SHA-256 of the melded layers' state bytes (a fingerprint to compare ranks with; of the
+    whole tensors, gathered, for an FSDP2-sharded model, so every rank must call it then)."""
     h = hashlib.sha256()
     for t in _melded_state(model):
         h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
@@ -91,6 +106,65 @@ def ranks_identical(model: nn.Module, group=None) -> bool:
     return all(d == digests[0] for d in digests)
 
 
+# ---- FSDP2 (torch.distributed.fsdp.fully_shard) ----------------------------------------------
+
+@torch.no_grad()
+def sharded_proxy_update(layer, k: int) -> None:
+    """The proxy update of an FSDP2-sharded layer (fully_shard: row shards on a 1-D mesh): W' and
+    B are all-gathered (as bytes: no backend gathers float8; the same traffic as a forward's
+    all-gather), every rank folds the same top-k rows into its full copy (B is identical on
+    every rank after the reduced optimizer step, so the rows are too) and keeps its own rows."""
+    weight, lora_B = _gather_rows(layer.weight), _gather_rows(layer.lora_B)
+    ops.topk_update_(weight, lora_B, layer.weight_t, k, layer.scaling, layer.keep_residual)
+    for param, full in ((layer.weight, weight), (layer.lora_B, lora_B)):
+        _scatter_rows(param, full)
+
+
+def _row_shard_group(t: torch.Tensor):
+    from torch.distributed.tensor import Shard
+
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise NotImplementedError(f"MeldedLinear.proxy_update: a DTensor sharded as "
+                                  f"{t.placements} on a {mesh.ndim}-D mesh; only fully_shard's "
+                                  f"row shards on a 1-D mesh (Shard(0)) are supported")
+    return mesh.get_group(), mesh.size(), mesh.get_local_rank()
+
+
+def _gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a row-sharded DTensor (torch.chunk's shards), gathered as bytes; a
+    plain tensor as it is."""
+    if not is_sharded(t):
+        return t.detach().clone()
+    group, world, _ = _row_shard_group(t)
+    rows = t.shape[0]
+    per = -(-rows // world)  # torch.chunk's shard size; the last shards may be short or empty
+    local = t.to_local().detach()
+    padded = local.new_zeros((per, *t.shape[1:]))
+    padded[:local.shape[0]] = local
+    as_bytes = padded.view(torch.uint8) if padded.element_size() == 1 else padded
+    parts = [torch.empty_like(as_bytes) for _ in range(world)]
+    dist.all_gather(parts, as_bytes.contiguous(), group=group)
+    full = torch.cat(parts)[:rows]
+    return full.view(t.dtype) if padded.element_size() == 1 else full
+
+
+def _scatter_rows(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write this rank's rows of `full` into the (possibly row-sharded) parameter."""
+    if not is_sharded(param):
+        param.copy_(full)
+        return
+    _, world, rank = _row_shard_group(param)
+    chunks = torch.chunk(full, world, dim=0)
+    local = param.to_local()
+    if rank >= len(chunks) or not local.numel():
+        return
+    if local.element_size() == 1:  # float8: copied as bytes
+        local.view(torch.uint8).copy_(chunks[rank].view(torch.uint8))
+    else:
+        local.copy_(chunks[rank])
+
+
 def _require_initialized(what: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"falqon.distributed.{what} needs an initialised process group "
@@ -98,4 +172,4 @@ def _require_initialized(what: str) -> None:
 
 
 __all__ = ["DDP_IGNORE_ATTR", "broadcast_melded", "fp8_tensor_names", "mark_ddp_ignored",
-           "ranks_identical", "state_digest"]
+           "ranks_identical", "sharded_proxy_update", "state_digest"]

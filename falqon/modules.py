@@ -29,6 +29,11 @@ def check_meldable(in_features: int, out_features: int, rank: int) -> str | None
     return None
 
 
+def is_sharded(t: Tensor) -> bool:
+    """A DTensor (FSDP2's fully_shard shards the layer's parameters into them)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
 class MeldedLinear(nn.Module):
     """A linear layer whose frozen weight W and LoRA adapter A are one FP8 E4M3 matrix [W; A; 0],
     so that one FP8 GEMM gives x W^T and x A^T together.
@@ -187,8 +192,14 @@ class MeldedLinear(nn.Module):
             raise ValueError("MeldedLinear.proxy_update: this layer is in the adapter mode, whose B "
                              "is a trained adapter that is never folded during training (export "
                              "merges it); the top-k proxy update needs update_mode='proxy'")
-        ops.topk_update_(self.weight, self.lora_B, self.weight_t, self.topk if k is None else k,
-                         self.scaling, self.keep_residual)
+        k = self.topk if k is None else k
+        if is_sharded(self.weight) or is_sharded(self.lora_B):  # FSDP2's fully_shard
+            from .distributed import sharded_proxy_update
+
+            sharded_proxy_update(self, k)
+            return
+        ops.topk_update_(self.weight, self.lora_B, self.weight_t, k, self.scaling,
+                         self.keep_residual)
 
     @torch.no_grad()
     def refresh_weight_t(self) -> None:

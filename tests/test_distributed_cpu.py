@@ -1,9 +1,12 @@
-"""DDP with melded models on the CPU: two gloo processes (falqon.distributed).
+"""DDP and FSDP2 with melded models on the CPU: two gloo processes (falqon.distributed).
 
 One spawn runs every scenario (starting processes costs more than the steps): DDP over a melded
 tiny LLaMA in both update modes, ranks fed different data, gradient accumulation under no_sync;
 the ranks' melded state compared bit for bit; a deliberately diverged rank repaired by
 broadcast_melded; a checkpoint written by rank 0 alone and loaded in this (one-process) run.
+FSDP2 (fully_shard per decoder layer and on the model): the FP8 weights and B sharded by rows,
+trained in both modes against this process's one-process run on both ranks' data (the same
+mean gradient), saved with torch.distributed.checkpoint and loaded into an unsharded model.
 """
 
 from __future__ import annotations
@@ -77,12 +80,40 @@ def _scenario(mode: str, rank: int, out: str) -> dict:
     return result
 
 
+def _batches(rank: int) -> list:
+    gen = torch.Generator().manual_seed(200 + rank)
+    return [torch.randint(0, 272, (2, 12), generator=gen) for _ in range(STEPS)]
+
+
+def _fsdp_scenario(mode: str, rank: int, out: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    model = melded(mode)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    weight = falqon.melded_layers(model)[0][1].weight
+    result = {"sharded": tuple(weight.to_local().shape) != tuple(weight.shape)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    if mode == "proxy":
+        falqon.attach(opt, model)
+    for x in _batches(rank):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    result["digest"] = state_digest(model).hex()  # collective: whole tensors gathered
+    dcp.save(model.state_dict(), checkpoint_id=os.path.join(out, f"dcp-{mode}"))
+    return result
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {mode: _scenario(mode, rank, out) for mode in MODES}
+        results.update({f"fsdp-{mode}": _fsdp_scenario(mode, rank, out) for mode in MODES})
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -123,6 +154,47 @@ def test_a_checkpoint_written_by_rank_0_loads_in_one_process(ddp_run, mode):
     out, ranks = ddp_run
     loaded = falqon.from_pretrained(tiny_causal_lm("llama"), out / f"ckpt-{mode}")
     assert state_digest(loaded).hex() == ranks[0][mode]["digest"]
+
+
+def _one_process_reference(mode: str):
+    """What FSDP2's two ranks compute, in one process: each step's gradient is the mean of the
+    two ranks' batch gradients."""
+    model = melded(mode)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    if mode == "proxy":
+        falqon.attach(opt, model)
+    for xs in zip(*(_batches(r) for r in range(WORLD))):
+        for x in xs:
+            model(input_ids=x, labels=x).loss.div(WORLD).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp2_shards_the_fp8_weights_and_trains_like_one_process(ddp_run, mode):
+    out, ranks = ddp_run
+    fsdp = [r[f"fsdp-{mode}"] for r in ranks]
+    assert all(r["sharded"] for r in fsdp), "fully_shard must shard the FP8 weights"
+    assert fsdp[0]["digest"] == fsdp[1]["digest"], "every rank gathers the same whole state"
+    # The same steps as one process: B within float32 summation-order noise (Adam normalises
+    # it, so the tolerance is relative to lr), the FP8 weights equal where no rounding tie
+    # decided differently.
+    ref = _one_process_reference(mode)
+    loaded = melded(mode)
+    import torch.distributed.checkpoint as dcp
+
+    state = loaded.state_dict()
+    dcp.load(state, checkpoint_id=str(out / f"dcp-{mode}"))  # resharded into one process
+    loaded.load_state_dict(state)
+    for (name, a), (_, b) in zip(falqon.melded_layers(loaded), falqon.melded_layers(ref)):
+        torch.testing.assert_close(a.lora_B, b.lora_B, rtol=0, atol=1e-4, msg=name)
+        same = (a.weight.view(torch.uint8) == b.weight.view(torch.uint8)).float().mean().item()
+        assert same > 0.999, (name, same)
+    if mode == "adapter":  # W' never changes in the adapter mode
+        assert all(torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8))
+                   for (_, a), (_, b) in zip(falqon.melded_layers(loaded),
+                                             falqon.melded_layers(ref)))
 
 
 def test_meld_lists_the_float8_tensors_for_ddp_to_ignore():
