@@ -60,6 +60,24 @@ folded in and reset).
     python benchmarks/model.py --quick                 # 8 layers, fewer steps
     python benchmarks/model.py --methods bf16_lora,falqon,falqon_adapter   # a subset, in order
     python benchmarks/model.py --device cpu --model tiny --steps 2   # smoke test, no GPU
+
+Larger models (model_build.py): --model llama-13b, or llama2-70b (hidden 8192, MLP 28672, 80
+layers, 64 heads, 8 KV heads). A method whose estimated memory (weights, trainable parameters with
+gradients and AdamW moments, activations at --min-batch) exceeds the device is recorded as not
+fitting ({"fits": false, "needs_bytes"}); one that runs out of memory runs again at half the batch
+(16, 8, 4 x 512 tokens by default), and is recorded the same way if even --min-batch does not fit.
+Where the bf16 model's weights take more than half the device, the falqon methods build it with
+falqon.meld_from_config (seeded random weights made on the GPU and melded layer by layer: their
+meld record has "source": "synthetic" and "peak_gib") and qlora_nf4 quantises it layer by layer;
+the rest build the whole bf16 model (and run out of memory, recorded). --meld-from-disk first
+writes the bf16 model as a safetensors checkpoint to local disk and times falqon.meld_pretrained
+from it ("source": "disk", page cache cold, then warm). Full-depth runs of every model merge
+their records into benchmarks/results/model_<device>.json (a record measured again replaces the
+old one).
+
+    python benchmarks/model.py --model llama2-70b --methods falqon,falqon_adapter,bf16_lora \
+        --warmup 1 --steps 2
+    python benchmarks/model.py --model llama-7b --methods none --meld-from-disk
 """
 
 from __future__ import annotations
@@ -80,8 +98,9 @@ import torch
 if __package__ in (None, ""):  # run as a script, or imported with benchmarks/ on sys.path
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import common
+    import model_build
 else:
-    from . import common
+    from . import common, model_build
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -99,10 +118,16 @@ FALQON_OPTIONS = {"falqon": {"update_mode": "proxy"},
 BASELINE = "bf16_lora"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# LlamaConfig fields per model shape. "tiny" is for CPU smoke tests only.
+# LlamaConfig fields per model shape. "tiny" is for CPU smoke tests only. llama2-70b has
+# grouped-query attention (8 KV heads); its bf16 weights (~138 GB) do not fit one 141 GB GPU with
+# anything else, so its models are built layer by layer (model_build.py).
 SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32000, num_hidden_layers=32),
+    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000, num_hidden_layers=40),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, num_hidden_layers=80),
     "tiny": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=256, num_hidden_layers=2),
 }
@@ -390,8 +415,15 @@ def prepare(method: str, args):
     """(model, optimizer, batch, info): a freshly built model turned into `method`'s, with
     activation checkpointing on, AdamW over its trainable parameters and one random batch."""
     info: dict = {}
-    model = build_model(args.model, args.layers, args.seq, args.device, args.dtype, args.seed)
-    model = SETUP[method](model, args, info)
+    options = FALQON_OPTIONS.get(method)
+    if model_build.build_layerwise(args) and model_build.builds_layerwise(method, options):
+        # The bf16 model is too large to build whole (--build auto) or --build layerwise.
+        model = model_build.layerwise_model(method, options, args, info, projection_modules,
+                                            _peft_lora)
+    else:
+        model = build_model(args.model, args.layers, args.seq, args.device, args.dtype,
+                            args.seed)
+        model = SETUP[method](model, args, info)
     enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     info["trainable_params"] = sum(p.numel() for p in params)
@@ -430,14 +462,11 @@ def timed_steps(model, optimizer, batch, args, count: int) -> tuple[list[float],
     return [a.ms_to(b) / 1e3 for a, b in stamps], loss
 
 
-def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict | None]:
-    """(model record, meld record or None) of one method on a freshly built model. The meld
-    record comes from the run's first falqon method (meld_timed: one is recorded already)."""
+def measure(method, model, optimizer, batch, info, timer, args):
+    """(resident bytes, first loss, untimed steps, timed steps, their seconds, last loss) of the
+    prepared method: its untimed steps, one sizing step, the timed steps."""
     device = args.device
-    model, optimizer, batch, info = prepare(method, args)
-    timer = None
-    if is_proxy(method):
-        timer = UpdateTimer(optimizer, device, lambda: attach_falqon(optimizer, model))
+    resident = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -457,10 +486,37 @@ def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict 
     if timer is not None:
         timer.pairs.clear()
     step_s, loss = timed_steps(model, optimizer, batch, args, steps)
+    return resident, first_loss, untimed, steps, step_s, loss
+
+
+def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict | None]:
+    """(model record, meld record or None) of one method on a freshly built model. The meld
+    record comes from the run's first falqon method (meld_timed: one is recorded already).
+    Where the steps run out of device memory, they run again on the same model at half the
+    batch, down to --min-batch (the batches that did not fit are recorded)."""
+    device = args.device
+    model, optimizer, batch, info = prepare(method, args)
+    timer = None
+    if is_proxy(method):
+        timer = UpdateTimer(optimizer, device, lambda: attach_falqon(optimizer, model))
+    size, too_large = args.batch, []
+    while True:
+        try:
+            resident, first_loss, untimed, steps, step_s, loss = measure(
+                method, model, optimizer, batch, info, timer, args)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if size // 2 < min(args.min_batch, args.batch):
+                raise
+            too_large.append(size)
+        size //= 2
+        optimizer.zero_grad(set_to_none=True)
+        batch = random_batch(size, args.seq, model.config.vocab_size, device, args.seed + 1)
     s_per_step = statistics.median(step_s)
-    tokens = args.batch * args.seq
+    tokens = size * args.seq
     record = {
         "kind": "model", "model": model_name(args.model, args.layers), "tokens": tokens,
+        "batch": size, "seq": args.seq,
         "method": method, "s_per_step": s_per_step, "tokens_per_s": tokens / s_per_step,
         "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                      if device.type == "cuda" else None),
@@ -474,6 +530,8 @@ def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict 
     for key in ("bitsandbytes", "torchao"):
         if key in info:
             record[key] = info[key]
+    if too_large:
+        record["batches_out_of_memory"] = too_large
     if method in FALQON_OPTIONS:
         record["update_mode"] = FALQON_OPTIONS[method]["update_mode"]
     if timer is not None:
@@ -484,7 +542,9 @@ def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict 
     meld_record = None
     if method in FALQON_OPTIONS and not meld_timed:
         meld_record = {"kind": "meld", "model": record["model"], "seconds": info["meld_s"],
-                       "layers": len(info["melded_layers"]), "rank": args.rank, "method": method}
+                       "layers": len(info["melded_layers"]), "rank": args.rank, "method": method,
+                       "source": info.get("meld_source", "memory"),
+                       "peak_gib": info.get("meld_peak_gib")}
     if not math.isfinite(record["final_loss"]):
         raise RuntimeError(f"{method}: the loss is not finite ({record['final_loss']})")
     return record, meld_record
@@ -511,8 +571,7 @@ def format_table(records: list[dict]) -> str:
     rows, notes = [], []
     for r in records:
         if r.get("kind") == "meld":
-            notes.append(f"falqon.meld of {r['model']} ({r['layers']} layers, rank {r['rank']}): "
-                         f"{r['seconds']:.1f} s (target < 30 s for llama-7b)")
+            notes.append(model_build.meld_note(r))
         elif "skipped" in r:
             rows.append([r["method"]] + [None] * 7)
             notes.append(f"{r['method']} skipped: {r['skipped']}")
@@ -545,6 +604,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="PEFT adapter dtype; float32 adds torch.autocast(bf16) around the forward")
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--build", choices=("auto", "layerwise"), default="auto",
+                   help="auto: the bf16 model is built whole unless its weights take more than "
+                   "half the device (then falqon and QLoRA build layer by layer, the rest are "
+                   "recorded as not fitting); layerwise: always layer by layer")
+    p.add_argument("--memory-gib", type=float,
+                   help="the device memory the fit checks assume (default: the GPU's; none on "
+                   "the CPU)")
 
 
 def check_model_args(p: argparse.ArgumentParser, args) -> None:
@@ -556,6 +622,7 @@ def check_model_args(p: argparse.ArgumentParser, args) -> None:
     for name in ("batch", "seq", "rank"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    args.shape = SHAPES[args.model]
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible")
@@ -575,13 +642,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated, run in this order (default {','.join(METHODS)})")
+                   help=f"comma-separated, run in this order (default {','.join(METHODS)}); "
+                   f"'none' for the meld records only")
     add_model_args(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
     p.add_argument("--steps", type=int, default=10,
                    help="timed steps, median reported (default 10)")
     p.add_argument("--budget-s", type=float, default=60.0,
                    help="at most this many seconds of timed steps per method (at least 3 steps)")
+    p.add_argument("--min-batch", type=int, default=4,
+                   help="a method out of memory at --batch runs again at half the batch, down to "
+                   "this (default 4: 16, 8 or 4 x 512 tokens)")
+    p.add_argument("--meld-from-disk", action="store_true",
+                   help="first write the bf16 model as a safetensors checkpoint to --disk-dir and "
+                   "time falqon.meld_pretrained from it (page cache cold, then warm)")
+    p.add_argument("--disk-dir", default=None,
+                   help="where --meld-from-disk writes its checkpoint (default: the temp dir)")
     p.add_argument("--quick", action="store_true",
                    help="8 layers (unless --layers), 1 warm-up and 3 timed steps")
     p.add_argument("--out", type=pathlib.Path, help="results JSON (default "
@@ -589,8 +665,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
-    if unknown or not args.methods:
+    if args.methods == ["none"]:
+        args.methods = []
+    elif unknown or not args.methods:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.min_batch < 1:
+        p.error("--min-batch must be >= 1")
     if args.quick:
         args.layers = args.layers or 8
         args.warmup, args.steps = 1, min(args.steps, 3)
@@ -613,17 +693,38 @@ def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     name = model_name(args.model, args.layers)
-    args.out = args.out or default_out("model", args, args.quick)
+    full = args.layers == SHAPES[args.model]["num_hidden_layers"] and not args.quick
+    # Every full model of a device goes into one file, each run's records merged into it.
+    args.out = args.out or (RESULTS_DIR / f"model_{common.device_tag(args.device.type)}.json"
+                            if full and args.model != "tiny" else
+                            default_out("model", args, args.quick))
     meta = results_meta(args.device, __file__, argv)
+    previous = model_build.previous_records(args.out, meta["device"])
     config = {**model_config(args), "warmup": args.warmup, "steps": args.steps}
     print(f"{name} on {meta['device']}: {args.batch} x {args.seq} tokens, rank {args.rank}, "
-          f"methods {', '.join(args.methods)}", flush=True)
+          f"methods {', '.join(args.methods) or 'none'}", flush=True)
     records: list[dict] = []
+    if args.meld_from_disk:
+        try:
+            records += model_build.disk_meld_records(args, name, build_model)
+        except Exception as exc:  # recorded like a method that cannot run
+            traceback.print_exc()
+            records.append({"kind": "meld", "source": "disk", "model": name,
+                            "skipped": f"{type(exc).__name__}: {exc}".strip()[:500]})
+            del exc
+        common.free_memory()
+        for r in records:
+            print(f"  {model_build.meld_note(r)}", flush=True)
+        common.write_json(args.out, meta, model_build.merged(previous, records), config=config)
     for method in args.methods:
         t0 = time.perf_counter()
         try:
-            meld_timed = any(r["kind"] == "meld" for r in records)
-            record, meld_record = run_method(method, args, meld_timed)
+            meld_timed = any(r["kind"] == "meld" and r.get("source") != "disk" for r in records)
+            record = model_build.unfit_record(method, FALQON_OPTIONS.get(method), args,
+                                              args.shape, name)
+            meld_record = None
+            if record is None:
+                record, meld_record = run_method(method, args, meld_timed)
         except Exception as exc:
             # A method that cannot run is listed with its reason (the traceback goes to stderr
             # for anything but a clean Skip), and the run goes on with the next one.
@@ -632,6 +733,9 @@ def main(argv=None) -> list[dict]:
             reason = f"{'' if isinstance(exc, common.Skip) else type(exc).__name__ + ': '}{exc}"
             record = {"kind": "model", "model": name, "tokens": args.batch * args.seq,
                       "method": method, "skipped": reason.strip()[:500]}
+            if isinstance(exc, torch.cuda.OutOfMemoryError):  # with the bytes it would need
+                record = model_build.out_of_memory_record(method, FALQON_OPTIONS.get(method),
+                                                          args, args.shape, name, exc)
             meld_record = None
             del exc
         common.free_memory()
@@ -641,7 +745,8 @@ def main(argv=None) -> list[dict]:
         status = record.get("skipped") or (f"{record['s_per_step']:.3f} s/step over "
                                            f"{record['steps']} steps")
         print(f"  {method}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        common.write_json(args.out, meta, records, config=config)  # partial results survive
+        # partial results survive
+        common.write_json(args.out, meta, model_build.merged(previous, records), config=config)
     print(f"wrote {os.path.relpath(args.out)}")
     print(format_table(records))
     return records

@@ -4,7 +4,9 @@ Reads the results files of benchmarks/layer.py (records {"kind": "layer", "shape
 "r", "method", "pass": "fwd" | "fwd_bwd", "ms"}), benchmarks/model.py ({"kind": "model", "model",
 "tokens", "method", "s_per_step", "tokens_per_s", "peak_gib", "update_ms", "final_loss", and
 from the adapter mode on "first_loss", "loss_steps", "lr"} and {"kind": "meld", "model",
-"seconds"}); any record may instead carry {"skipped": reason}. Where several files hold the same
+"seconds", and from meld while loading on "source": "memory" | "synthetic" | "disk", "peak_gib",
+"page_cache"}); any record may instead carry {"skipped": reason}, a model record that cannot fit
+the device also {"fits": false, "needs_bytes"}. Where several files hold the same
 measurement on the same device, the newest file's (by its "date") is used. Methods that a file
 lacks (falqon_adapter in files older than the adapter mode, say) are simply not shown.
 
@@ -82,7 +84,7 @@ def record_key(r: dict) -> tuple:
         return ("layer", r["device"], tuple(r["shape"]), r["M"], r["r"], r["pass"], r["method"])
     if r["kind"] == "model":
         return ("model", r["device"], r["model"], r["method"])
-    return ("meld", r["device"], r["model"])
+    return ("meld", r["device"], r["model"], r.get("source", "memory"), r.get("page_cache"))
 
 
 def ran(r: dict) -> bool:
@@ -159,8 +161,10 @@ def plot(records, devices, png: pathlib.Path, M: int, r: int) -> bool:
         for name, by_method in models.items():
             base = by_method.get(BASELINE)
             groups.append((f"{name}\ntraining step",
-                           {m: speedup(base, x, "s_per_step") for m, x in by_method.items()}))
-        if any(v is not None for _, g in groups for v in g.values()):
+                           {m: speedup(x, base, "tokens_per_s") for m, x in by_method.items()}))
+        # A model without its baseline (bf16 LoRA does not fit a 70B model) has no bars here.
+        groups = [(label, g) for label, g in groups if any(v is not None for v in g.values())]
+        if groups:
             panels.append((device, cfg, groups))
     if not panels:
         return False
@@ -251,7 +255,8 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
                 skipped += [(f"layer {K} -> {N}", x) for x in row.values() if not ran(x)]
             out.append("")
         for name, row in models.items():
-            tokens = next((x["tokens"] for x in row.values() if "tokens" in x), None)
+            tokens = next((x["tokens"] for x in row.values() if ran(x) and "tokens" in x),
+                          next((x["tokens"] for x in row.values() if "tokens" in x), None))
             out += [f"Training step of {name}" + (f", {tokens} tokens" if tokens else "") + ":", "",
                     "| method | s/step | tokens/s | peak GiB | proxy update ms | speed-up | loss |",
                     "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -259,21 +264,26 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
             for m in [m for m in methods if m in row]:
                 x = row[m]
                 if not ran(x):
-                    out.append(f"| {m} | skipped | | | | | |")
+                    why = "skipped" if x.get("fits", True) else \
+                        f"does not fit (needs >= {x['needs_bytes'] / 2**30:.0f} GiB)"
+                    out.append(f"| {m} | {why} | | | | | |")
                     skipped.append((name, x))
                     continue
-                s = speedup(base, x, "s_per_step")
+                # tokens/s over the baseline's: the same as its time ratio at the same batch
+                s = speedup(x, base, "tokens_per_s")
                 peak = "-" if x.get("peak_gib") is None else f"{x['peak_gib']:.1f}"
                 upd = f"{x['update_ms']:.1f}" if x.get("update_ms") is not None else "-"
-                out.append(f"| {m} | {x['s_per_step']:.3f} | {x['tokens_per_s']:.0f} | {peak} | "
-                           f"{upd} | {'-' if s is None else f'{s:.2f}x'} | {_loss(x)} |")
+                label = m if x.get("tokens") == tokens else f"{m} ({x.get('tokens')} tokens)"
+                out.append(f"| {label} | {x['s_per_step']:.3f} | {x['tokens_per_s']:.0f} | "
+                           f"{peak} | {upd} | {'-' if s is None else f'{s:.2f}x'} | "
+                           f"{_loss(x)} |")
             note = _loss_note(row)
             out += ["", note] if note else []
             out.append("")
         for x in sorted((x for x in records if x["kind"] == "meld" and x["device"] == device),
-                        key=lambda x: x["model"]):
+                        key=lambda x: (x["model"], x.get("source", "memory"))):
             if ran(x):
-                out.append(f"falqon.meld of {x['model']}: {x['seconds']:.1f} s.")
+                out.append(meld_line(x))
             else:
                 skipped.append((f"meld of {x['model']}", x))
         # One line per method and reason, naming every place it applies to.
@@ -287,6 +297,22 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
         out.append("")
     out.append(END)
     return "\n".join(out)
+
+
+def meld_line(x: dict) -> str:
+    """A meld record as a sentence: what was melded from where, its time and peak memory."""
+    source = x.get("source", "memory")
+    peak = "" if x.get("peak_gib") is None else f", peak {x['peak_gib']:.1f} GiB"
+    if source == "synthetic":
+        what = (f"falqon.meld_from_config of {x['model']} (seeded random weights made on the "
+                f"GPU layer by layer)")
+    elif source == "disk":
+        bf16 = f"{x['bf16_gib']:.1f} GiB of bf16 weights, " if x.get("bf16_gib") else ""
+        what = (f"falqon.meld_pretrained of {x['model']} from its safetensors files ({bf16}"
+                f"page cache {x.get('page_cache', '?')})")
+    else:
+        what = f"falqon.meld of {x['model']}"
+    return f"{what}: {x['seconds']:.1f} s{peak}."
 
 
 def replace_between_markers(text: str, block: str) -> str | None:

@@ -8,6 +8,9 @@
     (the FP8 base + a PEFT LoRA adapter; format="bf16" or "fp8" merges the adapter instead, and
     falqon.merge(model, precision) gives the merged model in memory)
 
+A checkpoint too large to load whole: falqon.meld_pretrained(path, config) melds each layer as
+it loads (falqon.meld_from_config: seeded random weights, for benchmarks).
+
 One layer: falqon.MeldedLinear.from_linear(nn.Linear(4096, 4096), rank=64, topk=10).
 """
 
@@ -22,13 +25,14 @@ from .training import attach
 from .checkpoint import from_pretrained, save_pretrained
 from .export import export
 from .merge import MergeReport, merge
+from .loading import meld_from_config, meld_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FalqonCallback", "FalqonConfig", "FalqonError", "MeldSummary", "MeldedLinear", "MergeReport",
     "attach", "build_info", "check_meldable", "export", "from_pretrained", "meld", "meld_init",
-    "melded_layers", "merge", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
+    "meld_from_config", "meld_pretrained", "melded_layers", "merge", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
     "melded_summary", "ops",
     "quantize", "quantize_delayed", "save_pretrained", "topk_update_",
 ]

@@ -115,9 +115,11 @@ def shared_linears(model: nn.Module) -> dict[str, str]:
     return reasons
 
 
-def plan(model: nn.Module, config: FalqonConfig) -> tuple[list[str], list[tuple[str, str]]]:
+def plan(model: nn.Module, config: FalqonConfig,
+         loaded: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
     """(names to meld, [(name, reason)] skipped) over the model's nn.Linear layers (and its
-    transformers Conv1D layers, which are skipped with the reason)."""
+    transformers Conv1D layers, which are skipped with the reason). loaded=False plans a model
+    whose weights are still to be loaded (on the meta device: falqon.loading)."""
     todo, skipped = [], []
     shared = shared_linears(model)
     for name, module in model.named_modules():
@@ -134,7 +136,7 @@ def plan(model: nn.Module, config: FalqonConfig) -> tuple[list[str], list[tuple[
         if reason is None and module.weight.dtype not in (torch.float32, torch.float16,
                                                           torch.bfloat16):
             reason = f"weight dtype {module.weight.dtype} is not float32, float16 or bfloat16"
-        if reason is None and module.weight.device.type == "meta":
+        if reason is None and loaded and module.weight.device.type == "meta":
             reason = "weight is on the meta device (not loaded)"
         if reason is None:
             todo.append(name)

@@ -14,6 +14,7 @@ from falqon_testing import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import model as bench_model  # noqa: E402
+import model_build  # noqa: E402
 import plot_results  # noqa: E402
 import profile_step  # noqa: E402
 
@@ -289,6 +290,126 @@ def test_model_benchmark_method_subset(tmp_path, one_thread):
     assert by_method["falqon_adapter"]["loss_steps"] == 2
     assert by_method["bf16_lora"]["loss_steps"] == 1
     assert json.loads(out.read_text())["config"]["optimizer"] == "AdamW(lr=0.0003)"
+
+
+# ---- large models: presets, what fits, layer-by-layer builds, meld records ----------------------
+
+GIB = 2 ** 30
+
+
+def test_presets_are_llama_13b_and_llama2_70b():
+    """The presets have the published parameter counts; the 70B one is built by transformers with
+    grouped-query attention (on the meta device: no memory)."""
+    from falqon.loading import empty_model
+
+    for name, params in (("llama-13b", 13_015_864_320), ("llama2-70b", 68_976_648_192)):
+        shape = bench_model.SHAPES[name]
+        layers = shape["num_hidden_layers"]
+        assert layers * sum(k * n for k, n in model_build.projection_shapes(shape)) + \
+            model_build.other_params(shape, layers) == params
+    model = empty_model(model_build.llama_config(bench_model.SHAPES["llama2-70b"], 80, 512))
+    assert sum(p.numel() for p in model.parameters()) == 68_976_648_192
+    assert model.model.layers[79].self_attn.k_proj.weight.shape == (1024, 8192)
+
+
+def test_what_fits_a_141_gb_gpu():
+    """The estimates that decide "does not fit" before a method is built."""
+
+    def need(model, method, tokens):
+        shape = bench_model.SHAPES[model]
+        return model_build.needed_bytes(method, bench_model.FALQON_OPTIONS.get(method), shape,
+                                        shape["num_hidden_layers"], 64, tokens)
+
+    # bf16 weights alone: 128 GiB; with the adapters, their AdamW state and the activations of
+    # 4 x 512 tokens, over the 135 GiB the issue allows (an H200 has ~139 GiB).
+    assert need("llama2-70b", "bf16_lora", 4 * 512) > 135 * GIB
+    assert need("llama2-70b", "fp8_lora_torchao", 4 * 512) > 135 * GIB  # keeps the bf16 weights
+    for method in ("falqon", "falqon_adapter"):  # FP8 weights: 64 GiB
+        assert 64 * GIB < need("llama2-70b", method, 16 * 512) < 100 * GIB
+    assert need("llama2-70b", "qlora_nf4", 16 * 512) < 60 * GIB  # NF4: half of FP8
+    assert all(need("llama-13b", m, 16 * 512) < 40 * GIB for m in bench_model.METHODS)
+    # A 70B model's bf16 weights take more than half the device: built layer by layer.
+    args = bench_model.parse_args(["--device", "cpu", "--model", "llama2-70b",
+                                   "--memory-gib", "139"])
+    assert model_build.build_layerwise(args)
+    args = bench_model.parse_args(["--device", "cpu", "--model", "llama-13b",
+                                   "--memory-gib", "139"])
+    assert not model_build.build_layerwise(args)
+
+
+@requires_meld
+@pytest.mark.slow
+def test_model_benchmark_large_model_path(tmp_path, one_thread, monkeypatch):
+    """What a 70B run does, on the tiny model with a small pretend device: bf16 LoRA recorded as
+    not fitting (with the bytes it needs), falqon built layer by layer (a synthetic meld record),
+    a step out of memory run again at half the batch, the meld from a checkpoint written to disk
+    (cold and warm page cache, the files removed), and the records merged into the file."""
+    shape = bench_model.SHAPES["tiny"]
+    tokens = 2 * 32
+    fal = model_build.needed_bytes("falqon_adapter", {"update_mode": "adapter"}, shape, 2, 8,
+                                   tokens)
+    bf16 = model_build.needed_bytes("bf16_lora", None, shape, 2, 8, tokens)
+    assert fal < bf16
+    out = tmp_path / "model_cpu.json"
+    kept = {"kind": "model", "model": "other", "method": "falqon", "skipped": "another run"}
+    stale = {"kind": "model", "model": "tiny", "method": "falqon_adapter", "skipped": "stale"}
+    out.write_text(json.dumps({"device": common_device(), "records": [kept, stale]}))
+    real_step = bench_model.train_step
+
+    def step(model, optimizer, batch, args):
+        if batch.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
+        return real_step(model, optimizer, batch, args)
+
+    monkeypatch.setattr(bench_model, "train_step", step)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    records = bench_model.main(TINY[:-4] + [
+        "--batch", "4", "--min-batch", "2", "--seq", "32", "--warmup", "0", "--steps", "1",
+        "--methods", "bf16_lora,falqon_adapter", "--build", "layerwise", "--meld-from-disk",
+        "--disk-dir", str(disk), "--memory-gib", str((fal + bf16) / 2 / GIB), "--out", str(out)])
+    by = {(r["kind"], r.get("method"), r.get("page_cache")): r for r in records}
+    lora = by[("model", "bf16_lora", None)]
+    assert lora["fits"] is False and lora["needs_bytes"] == bf16 > lora["device_bytes"]
+    assert lora["skipped"].startswith("does not fit: it needs about")
+    adapter = by[("model", "falqon_adapter", None)]
+    assert "skipped" not in adapter, adapter.get("skipped")
+    assert (adapter["batch"], adapter["tokens"], adapter["batches_out_of_memory"]) == (2, 64, [4])
+    synthetic = by[("meld", "falqon_adapter", None)]
+    assert synthetic["source"] == "synthetic" and synthetic["layers"] == 14
+    for cache in ("cold", "warm"):
+        r = next(r for r in records if r.get("page_cache") == cache)
+        assert r["source"] == "disk" and r["layers"] == 14 and r["seconds"] > 0
+        assert r["shards"] >= 1 and r["bf16_gib"] > 0
+    assert list(disk.iterdir()) == []  # the checkpoint is removed
+    saved = json.loads(out.read_text())["records"]
+    assert saved == [kept] + records  # the stale record replaced, the other model's kept
+    # Out of memory down to --min-batch: recorded as not fitting, with the bytes it needs.
+    again = bench_model.main(TINY[:-4] + [
+        "--batch", "4", "--min-batch", "4", "--seq", "32", "--warmup", "0", "--steps", "1",
+        "--methods", "falqon_adapter", "--out", str(out)])
+    oom = again[0]
+    assert oom["fits"] is False and oom["needs_bytes"] == model_build.needed_bytes(
+        "falqon_adapter", {"update_mode": "adapter"}, shape, 2, 8, 4 * 32)
+    assert oom["skipped"].startswith("does not fit: out of memory (CUDA out of memory (pretend))")
+    saved = json.loads(out.read_text())["records"]
+    assert saved[-1] == oom and adapter not in saved and synthetic in saved
+
+    readme = tmp_path / "README.md"
+    readme.write_text(plot_results.BEGIN + plot_results.END)
+    plot_results.main(["--results-dir", str(tmp_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "| bf16_lora | does not fit (needs >= 0 GiB) |" in text
+    assert "falqon.meld_from_config of tiny (seeded random weights" in text
+    assert "falqon.meld_pretrained of tiny from its safetensors files" in text
+    assert "page cache cold" in text and "page cache warm" in text
+
+
+def common_device() -> str:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import common
+
+    return common.device_name("cpu")
 
 
 # ---- profile_step.py ---------------------------------------------------------------------------

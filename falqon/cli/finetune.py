@@ -16,7 +16,7 @@ import torch
 from ..config import FalqonError
 from . import run_dir as R
 from .models import (DEFAULT_PRESET, PRESETS, build_random_model, check_model_dir,
-                     load_base_model, load_model_config, meld_for_run, resolve_device,
+                     load_melded_model, load_model_config, meld_for_run, resolve_device,
                      resolve_dtype)
 from .parser import explicit_options
 from .run_options import (DEFAULT_LR, check_plain, check_update_mode, compare_run, inherit,
@@ -169,9 +169,10 @@ def _load_model(job):
     args = job.args
     if job.config is not None:
         model, tokenizer = build_random_model(job.config, job.device, job.dtype, args.seed)
-    else:
-        model, tokenizer = load_base_model(job.model_path, job.device, job.dtype)
-    job.fingerprint = R.weights_fingerprint(model)
+        job.fingerprint = R.weights_fingerprint(model)
+    else:  # melded while it loads
+        model, tokenizer, job.fingerprint = load_melded_model(
+            job.model_path, job.device, job.dtype, args, progress=not args.no_progress)
     if job.model_id is None:  # a model directory: its weights are its identity
         job.model_id = f"weights:{job.fingerprint}"
         if job.run is not None:
@@ -186,7 +187,7 @@ def _prepare_model(job) -> None:
     """The base model loaded and melded (a new run, or one whose start stopped early) or
     loaded from its checkpoint, with its optimizer."""
     from .. import checkpoint as ckpt
-    from ..convert import melded_summary
+    from ..convert import melded_layers, melded_summary
 
     args = job.args
     model, job.tokenizer = _load_model(job)
@@ -208,7 +209,8 @@ def _prepare_model(job) -> None:
         print(melded_summary(model))
     else:
         where = job.model_path or f"the model built from {job.model_id.split(':')[1]}"
-        meld_for_run(model, args, where, progress=not args.no_progress)
+        if not melded_layers(model):
+            meld_for_run(model, args, where, progress=not args.no_progress)
         job.optimizer = make_optimizer(model)
     job.model = model
 

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from ..config import FalqonConfig, FalqonError
+from ..loading import dtype_kwarg as _dtype_kwarg
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 PRESETS = {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
@@ -56,14 +57,6 @@ def load_model_config(spec: str | None):
         raise FalqonError(f"{path} is not a usable transformers config: {exc}") from None
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """transformers renamed from_pretrained's / from_config's torch_dtype to dtype in 4.56."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
-
-
 def check_model_dir(path: pathlib.Path) -> None:
     if not path.exists():
         raise FalqonError(f"model path {path} does not exist")
@@ -75,9 +68,7 @@ def check_model_dir(path: pathlib.Path) -> None:
 def load_base_model(path: pathlib.Path, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) from a local transformers directory; the byte tokenizer where the
     directory has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..data import byte_tokenizer
+    from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
     try:
@@ -85,15 +76,48 @@ def load_base_model(path: pathlib.Path, device: torch.device, dtype: torch.dtype
     except Exception as exc:  # noqa: BLE001 (transformers raises many types for a bad model dir)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FalqonError(f"{path} is not a loadable causal LM: {first}") from None
+    return model.to(device), load_tokenizer(path, model.config.vocab_size)
+
+
+def load_tokenizer(path: pathlib.Path, vocab_size: int):
+    """The directory's tokenizer; the byte tokenizer where it has none."""
+    from transformers import AutoTokenizer
+
+    from ..data import byte_tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path))
     except Exception:  # noqa: BLE001 (no or broken tokenizer files)
-        if model.config.vocab_size < 259:
+        if vocab_size < 259:
             raise FalqonError(f"{path} has no tokenizer and a vocabulary too small for the "
                               f"byte-level one") from None
         print(f"falqon: {path} has no tokenizer; using the byte-level tokenizer", file=sys.stderr)
-        tokenizer = byte_tokenizer()
-    return model.to(device), tokenizer
+        return byte_tokenizer()
+
+
+def load_melded_model(path: pathlib.Path, device: torch.device, dtype: torch.dtype, args,
+                      progress: bool):
+    """(melded model, tokenizer, fingerprint of the base weights) of a local transformers
+    directory: melded while it loads (falqon.meld_pretrained: one layer's high-precision weights
+    at a time), its state dict hashed on the way. A directory without safetensors weights (only
+    .bin files) is loaded whole, then melded."""
+    from ..loading import meld_pretrained
+    from ..weight_sources import INDEX_FILE, SINGLE_FILE
+    from .run_dir import Fingerprint, weights_fingerprint
+
+    check_model_dir(path)
+    if not (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file():
+        model, tokenizer = load_base_model(path, device, dtype)
+        fingerprint = weights_fingerprint(model)
+        return meld_for_run(model, args, path, progress), tokenizer, fingerprint
+    fingerprint, cfg = Fingerprint(), falqon_config(args)
+    try:
+        model = meld_pretrained(path, cfg, device=device, dtype=dtype, progress=progress,
+                                on_tensor=fingerprint.update)
+    except (ValueError, RuntimeError) as exc:  # FalqonError (a ValueError) names the file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FalqonError(first) from None
+    return model, load_tokenizer(path, model.config.vocab_size), fingerprint.value()
 
 
 def build_random_model(config, device: torch.device, dtype: torch.dtype, seed: int):
@@ -121,19 +145,27 @@ def check_finite(model, where: str) -> None:
                 raise FalqonError(f"{where} has non-finite weights: {name} holds NaN or inf")
 
 
-def meld_for_run(model, args, where: str, progress: bool):
-    """falqon.meld with the run's FalqonConfig; what it refuses becomes a one-line error."""
-    from ..convert import meld
-
-    check_finite(model, where)
+def falqon_config(args) -> FalqonConfig:
+    """The run's FalqonConfig; what it refuses becomes a one-line error."""
     try:
-        cfg = FalqonConfig(
+        return FalqonConfig(
             rank=args.rank, alpha=args.alpha, topk=args.topk, warmup_topk=args.warmup_topk,
             warmup_steps=args.warmup_steps, keep_residual=args.keep_residual,
             target_modules=args.target_modules, exclude_modules=args.exclude_modules,
             seed=args.seed, transposed_copy=args.transposed_copy,
             amax_history_len=args.amax_history_len, update_mode=args.update_mode,
             adapter_gain=args.adapter_gain)
+    except ValueError as exc:
+        raise FalqonError(str(exc).strip().splitlines()[0]) from None
+
+
+def meld_for_run(model, args, where: str, progress: bool):
+    """falqon.meld with the run's FalqonConfig; what it refuses becomes a one-line error."""
+    from ..convert import meld
+
+    check_finite(model, where)
+    cfg = falqon_config(args)
+    try:
         meld(model, cfg, progress=progress, verbose=True)
     except (ValueError, RuntimeError) as exc:  # a rank or a pattern that fits no layer, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
