@@ -36,10 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import ops
+from . import ops, update_guard
 from .config import FalqonConfig, FalqonError
 from .convert import (SUMMARY_ATTR, _finish, _replace, empty_melded_like, melded_config,
                       melded_layers, melded_summary, model_memory)
+from .merge import dense_dtype
 from .modules import MeldedLinear
 from .training import proxy_state
 
@@ -132,6 +133,7 @@ def save_pretrained(model: nn.Module, path) -> None:
     config = melded_config(model)
     if not layers or config is None:
         raise ValueError("falqon.save_pretrained: the model was not melded by falqon.meld")
+    update_guard.check_before_write(model, "save_pretrained")
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     stale = directory / CONFIG_FILE  # the config marks a complete save: remove it while writing
@@ -163,7 +165,8 @@ def _checkpoint_meta(model: nn.Module, config: FalqonConfig, layers, layout: str
         "skipped": [list(s) for s in skipped],
         "base_model": {"class": type(model).__name__,
                        "name_or_path": getattr(getattr(model, "config", None), "_name_or_path",
-                                               None)},
+                                               None),
+                       "dtype": str(dense_dtype(model)).removeprefix("torch.")},
         "files": {MODEL_FILE: size},
     }
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .peft_compat import ALL_LINEAR, accept_peft_names
 from .validation import check_adapter_gain, check_int, check_layer_options
 
 
@@ -29,6 +30,7 @@ UPDATE_MODES = ("adapter", "proxy")
 ADAPTER_GAIN = 10.0
 
 
+@accept_peft_names
 @dataclass
 class FalqonConfig:
     """How `falqon.meld` turns a model's nn.Linear layers into MeldedLinear layers.
@@ -60,7 +62,8 @@ class FalqonConfig:
     target_modules   None: every nn.Linear not excluded. A list of names: a layer is melded when its
                      qualified name equals one of them or ends with "." + one of them ("q_proj"
                      matches "model.layers.0.self_attn.q_proj"). A string: a regular expression
-                     that must match the whole qualified name (PEFT's conventions).
+                     that must match the whole qualified name (PEFT's conventions); "all-linear"
+                     (PEFT's shorthand): every nn.Linear but the model's output layer.
     exclude_modules  names never melded, matched like target_modules (lm_head by default).
     svd              "randomized" (fast, on the layer's device) or "exact" SVD at meld time.
     seed             seed of the randomized SVD's sketch.
@@ -73,6 +76,11 @@ class FalqonConfig:
                      buffer per layer, saved with the checkpoint): one pass over each tensor
                      instead of two, values above the recorded amax saturate. Transformer Engine
                      uses H = 16 to 1024.
+
+    PEFT's names are accepted too (falqon.peft_compat): FalqonConfig(r=16, lora_alpha=32,
+    target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM") is rank 16, alpha 32;
+    FalqonConfig.from_peft(peft.LoraConfig(...)) converts a LoraConfig. LoraConfig fields falqon
+    cannot honour (use_dora, bias, modules_to_save, ...) are refused, naming them.
     """
 
     rank: int = 16
@@ -115,6 +123,14 @@ class FalqonConfig:
             raise ValueError(f"FalqonConfig: grad_dtype must be one of {tuple(GRAD_DTYPES)}, got "
                              f"{self.grad_dtype!r}")
 
+    @classmethod
+    def from_peft(cls, lora_config, model=None, **overrides) -> "FalqonConfig":
+        """The FalqonConfig of a peft.LoraConfig (falqon.peft_compat.from_lora_config); `model`
+        resolves target_modules=None to PEFT's default targets for its type."""
+        from .peft_compat import from_lora_config
+
+        return from_lora_config(lora_config, model, **overrides)
+
     # ---- derived values ----------------------------------------------------------------------
 
     @property
@@ -139,7 +155,8 @@ class FalqonConfig:
         """Why the layer called `name` is not to be melded, or None if it is."""
         if self.exclude_modules is not None and _matches(self.exclude_modules, name):
             return "excluded (exclude_modules)"
-        if self.target_modules is not None and not _matches(self.target_modules, name):
+        if self.target_modules not in (None, ALL_LINEAR) and \
+                not _matches(self.target_modules, name):
             return "not in target_modules"
         return None
 
@@ -176,6 +193,8 @@ def _normalise_names(what: str, value):
     if value is None:
         return None
     if isinstance(value, str):
+        if what == "target_modules" and value.lower() == ALL_LINEAR:
+            return ALL_LINEAR
         try:
             re.compile(value)
         except re.error as exc:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import FalqonConfig
 from .modules import MeldedLinear, check_meldable
+from .peft_compat import ALL_LINEAR, as_falqon_config, output_layers
 
 # Attributes recorded on a melded model.
 CONFIG_ATTR = "falqon_config"
@@ -122,6 +123,8 @@ def plan(model: nn.Module, config: FalqonConfig,
     whose weights are still to be loaded (on the meta device: falqon.loading)."""
     todo, skipped = [], []
     shared = shared_linears(model)
+    if config.target_modules == ALL_LINEAR:
+        shared = {**output_layers(model), **shared}
     for name, module in model.named_modules():
         if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
             skipped.append((name, config.wants(name) or CONV1D_REASON))
@@ -206,12 +209,17 @@ def _finish(model: nn.Module, config: FalqonConfig, skipped, memory_before: int)
     from .distributed import mark_ddp_ignored  # (imports melded_layers from here)
 
     mark_ddp_ignored(model)  # DDP can broadcast no float8 tensor
+    from .model_api import install
+
+    install(model)  # save_pretrained, print_trainable_parameters, the proxy mode's update guard
     return summary
 
 
 def meld(model: nn.Module, config: FalqonConfig | None = None, progress: bool = True,
          verbose: bool = True) -> nn.Module:
-    """Replace the model's chosen nn.Linear layers by MeldedLinear layers, in place.
+    """Replace the model's chosen nn.Linear layers by MeldedLinear layers, in place. `config`: a
+    FalqonConfig, or a peft.LoraConfig (FalqonConfig.from_peft: what falqon cannot honour is
+    refused).
 
     Each layer is melded on its own device (its weight quantised to FP8 with the adapter A from
     the SVD of the quantisation error stacked under it), the original weight is dropped, every
@@ -226,9 +234,7 @@ def meld(model: nn.Module, config: FalqonConfig | None = None, progress: bool = 
     Conv1D (GPT-2)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"falqon.meld takes an nn.Module, got {type(model).__name__}")
-    config = FalqonConfig() if config is None else config
-    if not isinstance(config, FalqonConfig):
-        raise TypeError(f"falqon.meld: config must be a FalqonConfig, got {type(config).__name__}")
+    config = as_falqon_config(config, model)  # None, a FalqonConfig or a peft.LoraConfig
     if melded_layers(model):
         raise ValueError("falqon.meld: the model already holds MeldedLinear layers; meld a "
                          "model once")

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import update_guard
 from .config import FalqonError
 from .convert import melded_layers
 from .merge import MergeReport, dense_dtype, merged_dense, merged_fp8, update_mode_of, \
@@ -242,6 +243,7 @@ def export(model: nn.Module, path, tokenizer=None, activations: str | None = "te
     the adapter into the weights in the adapter mode ("fp8", "bf16"; printed with verbose=True
     for "fp8"), else None."""
     layers, mode, format, directory = _checked(model, path, format, activations)
+    update_guard.check_before_write(model, "falqon.export")
     melded_names = {n for n, _ in layers}
     weights = report = None
     if format == "bf16" or (format == "fp8" and mode == "adapter"):

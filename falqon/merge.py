@@ -182,6 +182,9 @@ def merge(model: nn.Module, precision: str = "bf16", dtype: torch.dtype | None =
     for attr in (CONFIG_ATTR, SUMMARY_ATTR):
         if attr in model.__dict__:
             delattr(model, attr)
+    from .model_api import uninstall
+
+    uninstall(model)  # the model's own save_pretrained again: it is a plain model now
     setattr(model, REPORT_ATTR, report)
     if verbose:
         print(report)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import update_guard
 from .convert import melded_config, melded_layers
 
 STATE_ATTR = "falqon_state"
@@ -108,6 +109,7 @@ class ProxyUpdater:
                 return False
         for layer in self.layers:
             layer.proxy_update(self.k_for(layer))
+        update_guard.record(self.model)
         self.state.step += 1
         return True
 
@@ -115,6 +117,7 @@ class ProxyUpdater:
         bad = (~finite).nonzero().flatten().tolist()
         for layer in self.layers:
             layer.lora_B.zero_()
+        update_guard.record(self.model)
         if self.optimizer is not None:
             for i in bad:
                 for value in self.optimizer.state.get(self.layers[i].lora_B, {}).values():
@@ -207,6 +210,12 @@ def _make_callback_class():
                 # A Trainer resumed from its checkpoint restores global_step, not the model's
                 # proxy-update counter: take it from there so the warm-up k stays in step.
                 updater.state.step = max(updater.state.step, state.global_step)
+                # A Trainer resume loads the checkpoint's tensors with load_state_dict: rebuild
+                # the transposed FP8 copies from the loaded weights, and take the loaded B as
+                # not pending (falqon.update_guard).
+                for layer in updater.all_layers:
+                    layer.refresh_weight_t()
+                update_guard.record(model)
 
         def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
             if model is None:

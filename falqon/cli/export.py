@@ -1,4 +1,5 @@
-"""`falqon export`: a finetune run (or a checkpoint in one) as a Hugging Face checkpoint."""
+"""`falqon export`: a finetune run (or a checkpoint in one), or a melded model's Hugging Face
+Trainer checkpoint, as a Hugging Face checkpoint."""
 
 from __future__ import annotations
 
@@ -12,9 +13,23 @@ from .finetune import check_export_dir
 from .models import load_base_model
 
 
+def _trainer_checkpoint(source: pathlib.Path) -> pathlib.Path | None:
+    """The newest falqon checkpoint among a Hugging Face Trainer output directory's checkpoint-N
+    directories (what model.save_pretrained of a melded model writes), or None."""
+    from ..checkpoint import CONFIG_FILE
+
+    found = []
+    for d in source.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and (d / CONFIG_FILE).is_file():
+            found.append((int(step), d))
+    return max(found)[1] if found else None
+
+
 def _find_run(source: pathlib.Path) -> tuple[pathlib.Path, dict | None, pathlib.Path | None]:
-    """(checkpoint directory, run.json or None, run directory or None) for a run or checkpoint
-    directory."""
+    """(checkpoint directory, run.json or None, run directory or None) for a falqon run, a
+    checkpoint directory (falqon's, or a Trainer's checkpoint-N) or a Trainer output directory
+    (its newest checkpoint-N)."""
     from ..checkpoint import CONFIG_FILE
 
     if not source.is_dir():
@@ -33,7 +48,30 @@ def _find_run(source: pathlib.Path) -> tuple[pathlib.Path, dict | None, pathlib.
             if (parent / R.RUN_FILE).is_file():
                 return source, R.check_output_dir(parent, "latest"), parent
         return source, None, None
-    raise FalqonError(f"{source} is neither a falqon run nor a falqon checkpoint")
+    newest = _trainer_checkpoint(source)
+    if newest is not None:
+        return newest, None, None
+    if (source / "trainer_state.json").is_file() or (source / "model.safetensors").is_file():
+        raise FalqonError(f"{source} holds no falqon checkpoint ({CONFIG_FILE}): a melded "
+                          f"model's save_pretrained writes one (the Trainer's saves call it); "
+                          f"this directory was written without one (by transformers' own "
+                          f"save_pretrained: a model that was not melded, or an older falqon), "
+                          f"so it cannot be exported")
+    raise FalqonError(f"{source} is neither a falqon run, a falqon checkpoint nor a Trainer "
+                      f"output directory with checkpoint-N directories")
+
+
+def _base_of(meta: dict, checkpoint: pathlib.Path, given) -> pathlib.Path:
+    """The base model of a checkpoint outside a falqon run: --base-model, else the local
+    directory its model was loaded from (transformers' name_or_path, recorded at save)."""
+    if given:
+        return pathlib.Path(given)
+    recorded = (meta.get("base_model") or {}).get("name_or_path") or ""
+    if recorded and pathlib.Path(recorded).is_dir():
+        return pathlib.Path(recorded)
+    what = f"records base model {recorded!r}, which is not a local directory" if recorded \
+        else "records no base model directory"
+    raise FalqonError(f"{checkpoint} is not inside a falqon run and {what}: pass --base-model")
 
 
 def cmd_export(args) -> int:
@@ -46,13 +84,15 @@ def cmd_export(args) -> int:
     meta = read_checkpoint_meta(checkpoint)
     # A format the run cannot have is refused before the model is loaded.
     fmt = resolve_format(meta.get("config", {}).get("update_mode", "proxy"), args.format)
-    if args.base_model:
-        base = pathlib.Path(args.base_model)
-    elif run is not None:
+    if run is not None and not args.base_model:
         base = R.base_path(run, run_dir)
     else:
-        raise FalqonError(f"{checkpoint} is not inside a falqon run: pass --base-model")
-    dtype_name = (run or {}).get("options", {}).get("dtype", "float32")
+        base = _base_of(meta, checkpoint, args.base_model)
+    # The dtype the base was melded in (its FP8 scale is checked against it, bit for bit).
+    dtype_name = (run or {}).get("options", {}).get("dtype") or \
+        (meta.get("base_model") or {}).get("dtype") or "float32"
+    if not isinstance(getattr(torch, dtype_name, None), torch.dtype):
+        raise FalqonError(f"{checkpoint}: unknown base model dtype {dtype_name!r}")
     model, tokenizer = load_base_model(base, torch.device("cpu"), getattr(torch, dtype_name))
     if run is not None:
         R.check_fingerprint(run, R.weights_fingerprint(model), base)

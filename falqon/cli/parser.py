@@ -208,10 +208,13 @@ def _export_parser(sub):
                     "scales; in the adapter mode W + scaling B A re-quantised (the share of the "
                     "update the rounding keeps is printed). bf16: the merged weights in the "
                     "model's dtype, a plain checkpoint any stack loads.")
-    e.add_argument("source", help="a finetune run directory, or a checkpoint directory in one")
+    e.add_argument("source", help="a finetune run directory, a checkpoint directory in one, or "
+                                  "a melded model's save_pretrained directory (a Trainer's "
+                                  "checkpoint-N, or its output directory: the newest one)")
     e.add_argument("output", help="directory to write (must not exist or be empty)")
     e.add_argument("--base-model", metavar="PATH",
-                   help="the base model directory (default: the run's)")
+                   help="the base model directory (default: the run's, else the local "
+                        "directory the melded model was loaded from)")
     e.add_argument("--activations", choices=("tensor", "token", "none"), default="tensor",
                    help="FP8 dynamic activation quantisation per tensor (as in training), per "
                         "token, or none (weight-only)")
