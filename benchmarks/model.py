@@ -13,6 +13,12 @@ peer whose torch.compile time is unbounded last:
                     torch.autocast(bf16), as the HF Trainer runs them).
   qlora_nf4         every projection replaced by bitsandbytes Linear4bit (NF4, double quantisation,
                     bf16 compute), then the same PEFT LoRA (PEFT's bitsandbytes LoRA layer).
+  bf16_lora_liger, qlora_nf4_liger
+                    the same with Liger Kernel's RMSNorm, SwiGLU, RoPE and fused linear
+                    cross-entropy (falqon.fuse(peft_model, "liger"): Liger's kernels put on the
+                    model instance, as Liger's apply_liger_kernel_to_llama(model=...) would, but
+                    leaving transformers' classes alone for the other methods of the run; RMSNorm
+                    out of place): the strongest LoRA a user sets up in a few lines.
   fp8_lora_torchao_eager
                     torchao.float8.convert_to_float8_training on the 7 projections (tensorwise
                     dynamic scaling, its default recipe), then the same PEFT LoRA on top, eager.
@@ -38,6 +44,12 @@ peer whose torch.compile time is unbounded last:
                     LoRA's and never folded; no proxy update, nothing attached.
   falqon_adapter_delayed_wt
                     the adapter mode with transposed_copy=True and amax_history_len=16.
+  falqon_fused      falqon_adapter + falqon.fuse(model): falqon's fast path, backend "auto" (Liger
+                    Kernel where installed, else torch.compile of each decoder layer); the record's
+                    "fuse" says which backend ran and what it fused.
+  falqon_fused_compile
+                    falqon_adapter + falqon.fuse(model, "compile"): each decoder layer under
+                    torch.compile, melded ops inside; the LM head and the loss eager.
   fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
                     torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
                     fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
@@ -84,6 +96,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -106,8 +119,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 # Run in this order: torch.compile's unbounded compile time last, falqon before it (see above).
-METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt",
-           "falqon_adapter", "falqon_adapter_delayed_wt", "fp8_lora_torchao")
+METHODS = ("bf16_lora", "qlora_nf4", "bf16_lora_liger", "qlora_nf4_liger",
+           "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt", "falqon_adapter",
+           "falqon_adapter_delayed_wt", "falqon_fused", "falqon_fused_compile", "fp8_lora_torchao")
 # FalqonConfig options per falqon method: each mode with current scaling, and with the fastest
 # options (benchmarks/layer.py's names).
 FASTEST = {"transposed_copy": True, "amax_history_len": 16}
@@ -315,6 +329,51 @@ NOTES = {
     "falqon_adapter_delayed_wt": ("the adapter mode with FalqonConfig(transposed_copy=True, "
                                   "amax_history_len=16)"),
 }
+
+
+# ---- fused methods: a method above with falqon.fuse's kernels around its GEMMs ------------------
+# (the method it extends, falqon.fuse's backend). Liger's fusions are put on the model instance
+# only (falqon/fusion/liger.py), so the eager methods of the same run stay eager whatever the order.
+FUSED = {"bf16_lora_liger": ("bf16_lora", "liger"), "qlora_nf4_liger": ("qlora_nf4", "liger"),
+         "falqon_fused": ("falqon_adapter", "auto"),
+         "falqon_fused_compile": ("falqon_adapter", "compile")}
+# Liger's four fusions; a liger method that got fewer is an error, not a partial measurement.
+LIGER_FUSIONS = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
+
+
+def setup_fused(method: str, model, args, info):
+    import falqon
+
+    base, backend = FUSED[method]
+    if args.device.type != "cuda":  # (tests/test_fusion.py runs both backends' code on the CPU)
+        raise common.Skip(f"falqon.fuse is measured on a CUDA GPU only (Liger Kernel's kernels "
+                          f"run on CUDA tensors; torch.compile on a CPU smoke test would only "
+                          f"add minutes of compiling)")
+    model = SETUP[base](model, args, info)
+    try:
+        report = falqon.fuse(model, backend)
+    except falqon.FalqonError as exc:  # Liger Kernel not installed, an architecture it lacks
+        raise common.Skip(str(exc)) from None
+    missing = [f for f in LIGER_FUSIONS if f not in report.fused]
+    if report.backend == "off" or (report.backend == "liger" and missing):
+        raise RuntimeError(f"{method}: falqon.fuse did not fuse {missing or 'anything'}: {report}")
+    info["fuse"] = {"backend": report.backend, "fused": report.fused,
+                    "skipped": [list(s) for s in report.skipped]}
+    return model
+
+
+for _method, (_base, _backend) in FUSED.items():
+    if _base in FALQON_OPTIONS:
+        FALQON_OPTIONS[_method] = FALQON_OPTIONS[_base]
+    SETUP[_method] = functools.partial(setup_fused, _method)
+NOTES.update({
+    "bf16_lora_liger": ("bf16_lora with Liger Kernel's RMSNorm, SwiGLU, RoPE and fused linear "
+                        "cross-entropy (falqon.fuse(model, 'liger') on the PEFT model)"),
+    "qlora_nf4_liger": "qlora_nf4 with the same Liger Kernel fusions",
+    "falqon_fused": ("falqon_adapter + falqon.fuse(model) (auto: Liger Kernel where installed, "
+                     "else torch.compile of the decoder layers), falqon's default fast path"),
+    "falqon_fused_compile": "falqon_adapter + falqon.fuse(model, 'compile')",
+})
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -527,7 +586,7 @@ def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict 
         "final_loss": float(loss), "loss_steps": untimed + steps, "lr": args.lr,
         "note": NOTES[method],
     }
-    for key in ("bitsandbytes", "torchao"):
+    for key in ("bitsandbytes", "torchao", "fuse"):
         if key in info:
             record[key] = info[key]
     if too_large:
@@ -554,7 +613,8 @@ def results_meta(device: torch.device, script: str, argv: list[str]) -> dict:
     """What a results file records about the run (common.run_metadata), with the versions of the
     peers and of falqon."""
     meta = common.run_metadata(device.type, script, argv)
-    meta["versions"] = common.versions_of("transformers", "peft", "bitsandbytes", "torchao")
+    meta["versions"] = common.versions_of("transformers", "peft", "bitsandbytes", "torchao",
+                                          "liger-kernel")
     try:
         import falqon
 

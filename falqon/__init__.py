@@ -4,6 +4,7 @@
     model = falqon.meld(model, falqon.FalqonConfig(rank=16, topk=10))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     falqon.attach(optimizer, model)          # or Trainer(..., callbacks=[falqon.FalqonCallback()])
+    falqon.fuse(model)                       # GPU: Liger's RMSNorm/SwiGLU/RoPE/loss or torch.compile
     ...train as usual...; falqon.save_pretrained(model, "out"); falqon.export(model, "out-fp8")
     (the FP8 base + a PEFT LoRA adapter; format="bf16" or "fp8" merges the adapter instead, and
     falqon.merge(model, precision) gives the merged model in memory)
@@ -25,14 +26,16 @@ from .training import attach
 from .checkpoint import from_pretrained, save_pretrained
 from .export import export
 from .merge import MergeReport, merge
+from .fusion import FuseReport, fuse, fusion_report
 from .loading import meld_from_config, meld_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FalqonCallback", "FalqonConfig", "FalqonError", "MeldSummary", "MeldedLinear", "MergeReport",
-    "attach", "build_info", "check_meldable", "export", "from_pretrained", "meld", "meld_init",
-    "meld_from_config", "meld_pretrained", "melded_layers", "merge", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
+    "FalqonCallback", "FalqonConfig", "FalqonError", "FuseReport", "MeldSummary", "MeldedLinear",
+    "MergeReport", "attach", "build_info", "check_meldable", "export", "from_pretrained", "fuse",
+    "fusion_report", "meld", "meld_from_config", "meld_init", "meld_pretrained",
+    "melded_layers", "merge", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
     "melded_summary", "ops",
     "quantize", "quantize_delayed", "save_pretrained", "topk_update_",
 ]

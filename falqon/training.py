@@ -245,6 +245,15 @@ def lr_at(step: int, lr: float, steps: int, warmup: int, schedule: str = "cosine
 def lm_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the next-token cross entropy over the labelled tokens, their count), both device
     tensors (nothing is read back to the host)."""
+    from .fusion import fusion_report
+
+    report = fusion_report(model)
+    if model.training and report is not None and report.fused_loss:
+        # falqon.fuse's fused linear cross-entropy (no logits): the model's own loss, shifted as
+        # below; num_items_in_batch=1 makes it the sum (transformers' and Liger's convention).
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"], num_items_in_batch=1).loss
+        return loss, (batch["labels"][:, 1:] != -100).sum()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Downloads the benchmark peers that the GPU machine lacks (bitsandbytes for QLoRA NF4, torchao for
-# float8 training) as wheels into .whl/ (gitignored), for Python 3.12 on manylinux x86_64: the GPU
-# machine's interpreter. Run it on a machine with access to PyPI; the GPU machine has none.
+# float8 training, liger-kernel for falqon.fuse's liger backend and the *_liger benchmark methods)
+# as wheels into .whl/ (gitignored), for Python 3.12 on manylinux x86_64: the GPU machine's
+# interpreter. Run it on a machine with access to PyPI; the GPU machine has none.
 # scripts/gpu_check.sh installs whatever it finds in .whl/ with
 #   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 # Versions: torchao 0.17.0 is the release built against torch 2.11 (the GPU machine's torch);
 # bitsandbytes 0.50.2 ships CUDA 13 binaries and is the version BENCHMARKS.md's anchors used.
-# Both are fetched without dependencies: what they need (numpy, packaging) is on that machine.
+# liger-kernel 0.8.5 is pure Python (0.9 MB); it needs torch and triton (torch's) and, for
+# its transformers patches, transformers >= 5.
+# All are fetched without dependencies: what they need (numpy, packaging, triton) is on that
+# machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCHAO_VERSION=${TORCHAO_VERSION:-0.17.0}
 BITSANDBYTES_VERSION=${BITSANDBYTES_VERSION:-0.50.2}
+LIGER_VERSION=${LIGER_VERSION:-0.8.5}
 DEST=${DEST:-.whl}
 PYTHON=${PYTHON:-python3}
 LIMIT_MIB=60
@@ -32,6 +37,7 @@ fetch() {  # NAME VERSION
 
 fetch torchao "$TORCHAO_VERSION"
 fetch bitsandbytes "$BITSANDBYTES_VERSION"
+fetch liger_kernel "$LIGER_VERSION"
 
 total=0
 for f in "$DEST"/*.whl; do

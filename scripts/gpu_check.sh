@@ -80,7 +80,8 @@ stage_build() {
 
 stage_peers() {
   set -o pipefail
-  # Wheels carried from a machine with PyPI (scripts/fetch_peer_wheels.sh): bitsandbytes, torchao.
+  # Wheels carried from a machine with PyPI (scripts/fetch_peer_wheels.sh): bitsandbytes, torchao,
+  # liger-kernel.
   if ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "no .whl/*.whl: the benchmark lists qlora_nf4 and fp8_lora_torchao as skipped"
     return 0
@@ -88,6 +89,7 @@ stage_peers() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
     .whl/*.whl || return 1
   PYTHONPATH=$PYTHONPATH:/tmp/site "$PY" -c "import bitsandbytes, torchao; print('bitsandbytes', bitsandbytes.__version__, 'torchao', torchao.__version__)" 2>&1 | grep -v Warning
+  PYTHONPATH=$PYTHONPATH:/tmp/site "$PY" -c "import importlib.metadata as m, liger_kernel.transformers.functional; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
   return 0
 }
 
@@ -98,7 +100,8 @@ stage_info() {
 
 stage_tests() {
   set -o pipefail
-  local files=(tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_info.py)
+  local files=(tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_fusion.py
+               tests/test_info.py)
   local args=(-q -rs --durations=15 -p no:cacheprovider)
   if [ "${ALL_TESTS:-0}" = 1 ]; then
     "$PY" -m pytest "${args[@]}" -m "not slow" tests 2>&1 | tee "$OUT/tests.log"

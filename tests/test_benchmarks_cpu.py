@@ -235,6 +235,9 @@ def test_model_benchmark_cpu(tmp_path, one_thread):
     if HAS_MELD:
         for m, options in bench_model.FALQON_OPTIONS.items():
             fal = by_method[m]
+            if m in bench_model.FUSED:  # falqon.fuse's methods are for the GPU
+                assert "CUDA" in fal["skipped"], fal
+                continue
             assert "skipped" not in fal, fal.get("skipped")
             assert fal["update_mode"] == options["update_mode"]
             assert fal["trainable_params"] == 2 * 8 * (4 * 64 + 2 * 176 + 64)  # the lora_B's
@@ -242,6 +245,8 @@ def test_model_benchmark_cpu(tmp_path, one_thread):
                 assert 0 < fal["update_ms"] < 1e3 * fal["s_per_step"]
             else:
                 assert "update_ms" not in fal
+        for m in ("bf16_lora_liger", "qlora_nf4_liger"):
+            assert "CUDA" in by_method[m]["skipped"], by_method[m]
         # One meld record, from the first falqon method run.
         assert len(melds) == 1 and melds[0]["seconds"] > 0 and melds[0]["layers"] == 14
         assert melds[0]["method"] == "falqon"
@@ -410,6 +415,44 @@ def common_device() -> str:
     import common
 
     return common.device_name("cpu")
+
+
+def test_fused_method_setup(monkeypatch):
+    """A fused method is its base method's model with falqon.fuse's backend put on it; the
+    record keeps what was fused; a missing Liger is a clean skip, a partial fusion an error.
+    (falqon.fuse itself is tested in test_fusion.py; here its answer is given.)"""
+    args = bench_model.parse_args(TINY)
+    args.device = torch.device("cuda")  # the fused methods run on a GPU only; the model is CPU's
+    full = dict.fromkeys(bench_model.LIGER_FUSIONS, 1)
+    answers = {"bf16_lora_liger": falqon.FuseReport("liger", "liger", full),
+               "falqon_fused_compile": falqon.FuseReport("compile", "compile",
+                                                         {"compiled_layers": 2})}
+    calls = []
+
+    def fake_fuse(model, backend):
+        calls.append((type(model).__name__, backend))
+        if isinstance(answers.get("next"), Exception):
+            raise answers["next"]
+        return answers["next"]
+
+    monkeypatch.setattr(falqon, "fuse", fake_fuse)
+    monkeypatch.setattr(bench_model, "sync", lambda device: None)
+    for method in ("bf16_lora_liger", "falqon_fused_compile"):
+        answers["next"], info = answers[method], {}
+        model = bench_model.build_model("tiny", 2, 32, torch.device("cpu"), torch.float32)
+        bench_model.SETUP[method](model, args, info)
+        assert info["fuse"]["backend"] == bench_model.FUSED[method][1]
+        assert info["fuse"]["fused"] == answers[method].fused
+    assert calls == [("PeftModelForCausalLM", "liger"), ("LlamaForCausalLM", "compile")]
+    assert bench_model.FALQON_OPTIONS["falqon_fused"] == {"update_mode": "adapter"}
+    for answer, error in ((falqon.FalqonError("needs Liger Kernel"), bench_model.common.Skip),
+                          (falqon.FuseReport("liger", "liger", {"rms_norm": 5}), RuntimeError),
+                          (falqon.FuseReport("auto", "off"), RuntimeError)):
+        answers["next"] = answer
+        model = bench_model.build_model("tiny", 2, 32, torch.device("cpu"), torch.float32)
+        with pytest.raises(error):
+            bench_model.SETUP["qlora_nf4_liger" if error is bench_model.common.Skip else
+                              "bf16_lora_liger"](model, args, {})
 
 
 # ---- profile_step.py ---------------------------------------------------------------------------

@@ -212,7 +212,18 @@ def _prepare_model(job) -> None:
         if not melded_layers(model):
             meld_for_run(model, args, where, progress=not args.no_progress)
         job.optimizer = make_optimizer(model)
+    _fuse(model, args.fuse)
     job.model = model
+
+
+def _fuse(model, backend: str) -> None:
+    """--fuse: fused kernels on the model (compiled lazily, at the first step); the line is
+    printed unless auto chose nothing (on the CPU)."""
+    from ..fusion import fuse
+
+    report = fuse(model, backend)
+    if report.backend != "off" or backend != "auto":
+        print(report)
 
 
 def _prepare_data(job) -> None:

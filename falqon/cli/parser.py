@@ -10,6 +10,7 @@ import sys
 
 from ..config import ADAPTER_GAIN, UPDATE_MODES, FalqonError
 from ..export import FORMATS as EXPORT_FORMATS
+from ..fusion import BACKENDS as FUSE_BACKENDS
 from .models import DEFAULT_PRESET, PRESETS
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -168,6 +169,12 @@ def _training_options(t):
     t.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--fuse", choices=FUSE_BACKENDS, default="auto",
+                   help="fused kernels around the FP8 GEMMs (falqon.fuse): liger (Liger Kernel's "
+                        "RMSNorm, SwiGLU, RoPE and fused linear cross-entropy, for LLaMA, Mistral "
+                        "and Qwen2: pip install 'falqon[fast]'), compile (torch.compile of the "
+                        "decoder layers), off; auto (default): liger where it is installed and "
+                        "covers the model, else compile, on a CUDA GPU; off on the CPU")
 
 
 def _run_options(t):

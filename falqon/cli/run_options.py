@@ -24,7 +24,7 @@ LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False, "updat
 # given again, and then kept for the next one. --resume, --stop-after, --no-progress and
 # --config belong to one invocation.
 SETTINGS = ("eval_every", "save_every", "keep_checkpoints", "gradient_checkpointing", "device",
-            "no_plot", "export", "export_format", "report_to")
+            "no_plot", "export", "export_format", "report_to", "fuse")
 # Options of the proxy update only; given with --update-mode adapter they are refused.
 PROXY_ONLY = ("topk", "warmup_topk", "warmup_steps", "keep_residual")
 # Default peak learning rates. Adapter mode: PEFT LoRA's usual 2e-4 for a pretrained --model (A

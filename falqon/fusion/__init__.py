@@ -1,0 +1,129 @@
+"""falqon.fuse: one switch for fused kernels around the FP8 GEMMs, in the manner of Liger
+Kernel's `apply_liger_kernel_to_llama(model=...)`.
+
+A melded model's FP8 GEMMs are fast; what surrounds them (RMSNorm, SwiGLU, RoPE, the residual
+adds, the LM head's loss, and their recomputation under gradient checkpointing) is the model's
+own eager code, about half of a 7B training step. Backends:
+
+  liger    Liger Kernel's Triton kernels (pip install 'falqon[fast]') put on this model instance:
+           RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy (the logits are never
+           materialised), for LLaMA, Mistral and Qwen2 (liger.SUPPORTED).
+  compile  torch.compile of each decoder layer (falqon's ops are registered custom ops, so the
+           melded layers compile whole); the LM head and the loss stay eager.
+  auto     liger where it is installed and covers the architecture, else compile, on a CUDA GPU;
+           nothing on the CPU (neither pays off there).
+  off      nothing.
+
+Only this model instance changes (no class or module of transformers is replaced for other
+models), before or after falqon.meld, PEFT's get_peft_model or gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import FalqonError
+
+BACKENDS = ("auto", "liger", "compile", "off")
+MARK = "_falqon_fusion"  # the FuseReport of a fused model, on the model (PEFT's base model)
+
+
+@dataclass
+class FuseReport:
+    """What falqon.fuse did: the backend that ran (`requested` is what was asked for), the
+    number of places each fusion was put (e.g. {"rms_norm": 65}) and what was left as it was,
+    with the reason; str() gives one line."""
+
+    requested: str
+    backend: str
+    fused: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+
+    def __str__(self) -> str:
+        names = {"liger": "Liger Kernel", "compile": "torch.compile", "off": "nothing fused"}
+        done = ", ".join(f"{k} x{n}" for k, n in self.fused.items())
+        text = f"falqon.fuse({self.requested!r}): {names[self.backend]}" + \
+            (f" ({done})" if done else "")
+        return text + "".join(f"; {what}: {why}" for what, why in self.skipped)
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether the LM head and the loss are one fused kernel (no logits in training)."""
+        return self.fused.get("fused_linear_cross_entropy", 0) > 0
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (PeftModel.get_base_model), or `model`."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def check_args(model, backend, loss) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"falqon.fuse: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if not isinstance(backend, str):
+        raise TypeError(f"falqon.fuse: backend must be a string, one of {', '.join(BACKENDS)}; "
+                        f"got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"falqon.fuse: backend must be one of {', '.join(BACKENDS)}; got "
+                         f"{backend!r}")
+    if not isinstance(loss, bool):
+        raise TypeError(f"falqon.fuse: loss must be True or False, got {loss!r}")
+
+
+def choose_backend(target: nn.Module) -> tuple[str, list[tuple[str, str]]]:
+    """auto's choice for this model: (backend, [(what, why)] of what it passed over)."""
+    from . import liger
+
+    device = model_device(target)
+    if device.type != "cuda":
+        return "off", [("auto", f"the model is on the {device.type}: the fused kernels pay off "
+                                f"on a CUDA GPU only")]
+    why = liger.unavailable(target)
+    return ("liger", []) if why is None else ("compile", [("liger", why)])
+
+
+def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True) -> FuseReport:
+    """Put fused kernels on `model` (a transformers causal LM, melded or not, or a PEFT model
+    around one), in place; see the module's docstring for the backends. loss=False leaves the
+    LM head and the loss as they are (the liger backend's fused loss returns no logits in
+    training). Fusing a fused model again with the same backend changes nothing; with another
+    one it is refused. Returns what was done."""
+    check_args(model, backend, loss)
+    target = unwrapped(model)
+    done = getattr(target, MARK, None)
+    if done is not None:
+        if backend in ("auto", done.requested, done.backend):
+            return done
+        raise FalqonError(f"falqon.fuse: this model is fused with {done.backend} already; "
+                          f"build it again to fuse it with {backend}")
+    chosen, passed = choose_backend(target) if backend == "auto" else (backend, [])
+    report = FuseReport(backend, chosen, skipped=passed)
+    if chosen == "liger":
+        from . import liger
+
+        liger.apply(target, report, loss)
+    elif chosen == "compile":
+        from . import compiled
+
+        compiled.apply(target, report)
+    if chosen != "off":
+        setattr(target, MARK, report)
+    return report
+
+
+def fusion_report(model: nn.Module) -> FuseReport | None:
+    """The FuseReport of a fused model (or of the model under a PEFT wrapper), else None."""
+    return getattr(unwrapped(model), MARK, None)
+
+
+__all__ = ["BACKENDS", "FuseReport", "fuse", "fusion_report"]

@@ -1,0 +1,285 @@
+"""falqon.fuse on the CPU: its arguments, the missing-Liger message, where the liger backend's
+patches land on tiny LLaMA, Qwen2 and Mistral models (melded, PEFT-wrapped, checkpointed) and that
+the loss is unchanged, and the compile backend's loss and gradients against eager.
+
+Liger's kernels are Triton kernels for CUDA tensors: here they are replaced by reference
+functions of the same contract (FakeLiger) and the device test says "GPU", which runs every
+patched forward and counts each kernel's calls; tests/test_cuda_fusion.py runs the real kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import falqon
+from falqon.fusion import liger
+from falqon_testing import rel_err
+from workflow_testing import tiny_causal_lm
+
+pytest.importorskip("transformers")
+ARCHS = ("llama", "qwen2", "mistral")
+LAYERS = 2  # workflow_testing.TINY
+
+
+class FakeLiger:
+    """Liger's kernels as reference code (what each one computes), counting calls."""
+
+    def __init__(self):
+        self.calls = dict.fromkeys(("rms_norm", "swiglu", "rope", "lce"), 0)
+        self.fused_losses = 0  # lce calls in training with labels: where Liger makes no logits
+
+    def rms_norm(self, x, w, eps, offset, casting_mode, in_place):
+        assert (offset, casting_mode, in_place) == (0.0, "llama", False)
+        self.calls["rms_norm"] += 1
+        h = x.float()
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def swiglu(self, a, b):
+        self.calls["swiglu"] += 1
+        return F.silu(a) * b
+
+    def rope(self, q, k, cos, sin, position_ids, unsqueeze_dim):
+        assert position_ids is None
+        self.calls["rope"] += 1
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+        def rotate(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((-x2, x1), dim=-1) * sin + x * cos
+
+        return rotate(q), rotate(k)
+
+    def lce(self, arch):
+        assert arch in liger.SUPPORTED
+
+        def forward(model, *args, **kwargs):  # the model's own forward: same loss, counted
+            self.calls["lce"] += 1
+            self.fused_losses += model.training and kwargs.get("labels") is not None
+            return type(model).forward(model, *args, **kwargs)
+
+        return forward
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Liger's kernels replaced by FakeLiger, and every tensor taken for a CUDA one."""
+    fake = FakeLiger()
+    monkeypatch.setattr(liger, "load", lambda: fake)
+    monkeypatch.setattr(liger, "on_gpu", lambda t: True)
+    return fake
+
+
+def batch(seed: int = 0):
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def loss_and_grads(model):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch()).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---- arguments and the missing dependency -------------------------------------------------------
+
+def test_bad_arguments():
+    model = tiny_causal_lm("llama")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        falqon.fuse("model")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        falqon.fuse(model, 1)
+    with pytest.raises(ValueError, match="one of auto, liger, compile, off; got 'triton'"):
+        falqon.fuse(model, "triton")
+    with pytest.raises(TypeError, match="loss must be True or False"):
+        falqon.fuse(model, "off", loss="no")
+    report = falqon.fuse(model, "off")
+    assert report.backend == "off" and falqon.fusion_report(model) is None
+
+
+def test_missing_liger_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed
+    monkeypatch.setattr(liger, "_kernels", None)
+    model = tiny_causal_lm("llama")
+    with pytest.raises(falqon.FalqonError,
+                       match=r"needs Liger Kernel, which is not installed: pip install "
+                             r"'falqon\[fast\]'"):
+        falqon.fuse(model, "liger")
+    assert falqon.fusion_report(model) is None
+    # auto on a GPU model goes to torch.compile and says why.
+    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
+    assert falqon.fusion.choose_backend(model) == (
+        "compile", [("liger", liger.unavailable(model))])
+    assert "pip install 'falqon[fast]'" in liger.unavailable(model)
+
+
+def test_architectures_liger_lacks(monkeypatch):
+    """An architecture outside liger.SUPPORTED is refused by name (liger), or compiled (auto)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(falqon.FalqonError, match="this one is gpt2: use backend='compile'"):
+        falqon.fuse(model, "liger")
+    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
+    assert falqon.fusion.choose_backend(model)[0] == "compile"
+    llama = tiny_causal_lm("llama")
+    expected = "liger" if liger.unavailable(llama) is None else "compile"
+    assert falqon.fusion.choose_backend(llama)[0] == expected
+
+
+def test_auto_fuses_nothing_on_the_cpu():
+    model = tiny_causal_lm("llama")
+    report = falqon.fuse(model)
+    assert report.backend == "off" and "on the cpu" in str(report)
+    assert "forward" not in model.__dict__ and falqon.fusion_report(model) is None
+
+
+# ---- the liger backend: where its patches land, and the loss ------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_liger_patches_land_and_keep_the_loss(arch, fake_gpu):
+    model, plain = tiny_causal_lm(arch), tiny_causal_lm(arch)  # same seed: the same weights
+    ref_loss, ref_grads = loss_and_grads(plain)
+    report = falqon.fuse(model, "liger")
+    assert report.fused == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS, "rope": LAYERS,
+                            "fused_linear_cross_entropy": 1}, report
+    assert falqon.fusion_report(model) is report and report.fused_loss
+    loss, grads = loss_and_grads(model)
+    # Every fused kernel ran once per place (RoPE: the dispatcher saw the fused attention).
+    assert fake_gpu.calls == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS, "rope": LAYERS,
+                              "lce": 1}
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) < 1e-5
+    # Only the fused instance changed: the other model of the same class runs none of them.
+    loss_and_grads(plain)
+    assert fake_gpu.calls["rope"] == LAYERS and fake_gpu.calls["rms_norm"] == 2 * LAYERS + 1
+    # Fusing again with the same backend changes nothing; another backend is refused.
+    assert falqon.fuse(model, "liger") is report and falqon.fuse(model) is report
+    with pytest.raises(falqon.FalqonError, match="fused with liger already"):
+        falqon.fuse(model, "compile")
+
+
+def test_liger_on_a_melded_checkpointed_model(fake_gpu):
+    """Melded before or after fuse, with gradient checkpointing: RoPE and RMSNorm run again in
+    the recomputation; a melded lm_head keeps the model's own loss (its weight is FP8 rows)."""
+    cfg = falqon.FalqonConfig(rank=4)
+    model = falqon.meld(tiny_causal_lm("llama"), cfg, progress=False, verbose=False)
+    plain = falqon.meld(tiny_causal_lm("llama"), cfg, progress=False, verbose=False)
+    for m in (model, plain):
+        for _, layer in falqon.melded_layers(m):
+            with torch.no_grad():
+                layer.lora_B.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+        falqon.training.enable_gradient_checkpointing(m)
+        m.train()
+    report = falqon.fuse(model, "liger")
+    ref_loss, ref_grads = loss_and_grads(plain)
+    loss, grads = loss_and_grads(model)
+    assert fake_gpu.calls["rope"] == 2 * LAYERS  # forward and recomputation
+    assert fake_gpu.calls["rms_norm"] == 2 * (2 * LAYERS) + 1
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads if "lora_B" in n) < 1e-4
+
+    head = falqon.meld(tiny_causal_lm("llama"), falqon.FalqonConfig(rank=4, exclude_modules=[]),
+                       progress=False, verbose=False)
+    report = falqon.fuse(head, "liger")
+    assert "fused_linear_cross_entropy" not in report.fused
+    assert "lm_head is falqon.modules.MeldedLinear" in str(report)
+    model.lm_head = head.lm_head  # melded after fuse: the check runs on every call
+    fake_gpu.calls["lce"] = 0
+    model(**batch())
+    assert fake_gpu.calls["lce"] == 0
+
+
+def test_liger_under_peft(fake_gpu):
+    """A PEFT model is fused through its base model; an adapter on lm_head keeps the model's own
+    loss (the fused one would leave the adapter out)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(tiny_causal_lm("qwen2"), LoraConfig(r=4, target_modules=targets))
+    plain = get_peft_model(tiny_causal_lm("qwen2"), LoraConfig(r=4, target_modules=targets))
+    report = falqon.fuse(model, "liger")
+    assert report.fused["fused_linear_cross_entropy"] == 1 and report.fused["swiglu"] == LAYERS
+    assert falqon.fusion_report(model) is report
+    assert torch.allclose(loss_and_grads(model)[0], loss_and_grads(plain)[0], rtol=1e-6, atol=0)
+    assert fake_gpu.calls["lce"] == 1 and fake_gpu.calls["swiglu"] == LAYERS
+
+    headed = get_peft_model(tiny_causal_lm("mistral"),
+                            LoraConfig(r=4, target_modules=targets + ["lm_head"]))
+    report = falqon.fuse(headed, "liger")
+    assert "fused_linear_cross_entropy" not in report.fused
+    assert "lm_head is peft.tuners.lora.layer.Linear, not a plain nn.Linear" in str(report)
+    assert not falqon.fuse(tiny_causal_lm("llama"), "liger", loss=False).fused_loss
+
+
+def test_lm_loss_sum_through_the_fused_loss(fake_gpu):
+    """falqon.training.lm_loss_sum (the CLI's loss) asks a fused model for its loss with labels
+    (the fused kernel never makes logits): the same sum as from the logits."""
+    from falqon.training import lm_loss_sum
+
+    model, plain = tiny_causal_lm("llama"), tiny_causal_lm("llama")
+    falqon.fuse(model, "liger")
+    ids = batch()["input_ids"]
+    labels = ids.clone()
+    labels[:, :5] = -100
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    fused, n = lm_loss_sum(model, b)
+    ref, n_ref = lm_loss_sum(plain, b)
+    assert fake_gpu.fused_losses == 1 and int(n) == int(n_ref) == 2 * 19
+    assert torch.allclose(fused, ref, rtol=1e-6, atol=0)
+
+
+def test_a_fused_model_copies_and_runs_on_the_cpu():
+    """With the real Liger (skipped where it is not installed): applied on the CPU, the patched
+    forwards run the model's own code on CPU tensors; a deep copy's forwards are its own."""
+    try:
+        liger.load()
+    except falqon.FalqonError:
+        pytest.skip("Liger Kernel is not installed")
+    model, plain = tiny_causal_lm("mistral"), tiny_causal_lm("mistral")
+    report = falqon.fuse(model, "liger")
+    assert len(report.fused) == 4 and "kernels run on CUDA tensors" in str(report)
+    assert torch.equal(model(**batch()).loss, plain(**batch()).loss)
+    twin = copy.deepcopy(model)
+    assert twin.model.norm.forward.__self__ is twin.model.norm
+    assert twin.forward.__self__ is twin
+
+
+# ---- the compile backend ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compile_backend_matches_eager():
+    """torch.compile of each decoder layer (about 15 s of compiling on 2 cores) of a melded,
+    checkpointed model: the loss and the lora_B gradients of eager, within the float32 rounding
+    of fused elementwise code (an FP8 rounding it moves could move a gradient by 2^-6)."""
+    torch._dynamo.reset()
+    cfg = falqon.FalqonConfig(rank=4)
+    models = []
+    for _ in range(2):
+        m = falqon.meld(tiny_causal_lm("llama"), cfg, progress=False, verbose=False)
+        for _, layer in falqon.melded_layers(m):
+            with torch.no_grad():
+                layer.lora_B.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+        falqon.training.enable_gradient_checkpointing(m)
+        models.append(m.train())
+    report = falqon.fuse(models[1], "compile")
+    assert report.fused == {"compiled_layers": LAYERS}
+    assert all(layer._compiled_call_impl is not None for layer in models[1].model.layers)
+    (ref_loss, ref), (loss, grads) = (loss_and_grads(m) for m in models)
+    assert abs(loss.item() - ref_loss.item()) < 1e-4 * ref_loss.item()
+    assert all(rel_err(grads[n], ref[n]) < 2.0 ** -6 for n in ref), report
+
+
+def test_compile_backend_without_decoder_layers():
+    with pytest.raises(falqon.FalqonError, match="found no decoder layers in Sequential"):
+        falqon.fuse(torch.nn.Sequential(torch.nn.Linear(4, 4)), "compile")
+    model = tiny_causal_lm("qwen2")
+    found = falqon.fusion.compiled.decoder_layers(model)
+    assert len(found) == LAYERS and all(a is b for a, b in zip(found, model.model.layers))

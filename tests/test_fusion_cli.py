@@ -1,0 +1,77 @@
+"""`falqon finetune --fuse {auto,liger,compile,off}` on the CPU: auto fuses nothing there, a
+missing Liger is refused before anything is written, and a Liger-fused run (its kernels replaced
+by reference code, tests/test_fusion.py's FakeLiger) trains through the fused loss with the
+losses of an unfused run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from falqon.cli import main
+from falqon.fusion import liger
+from test_fusion import FakeLiger
+from workflow_testing import records, tiny_config_file, write_json
+
+pytest.importorskip("transformers")
+
+TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--lr", "0.05", "--steps", "3",
+            "--no-progress", "--no-plot", "--device", "cpu", "--eval-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    return {"config": str(tiny_config_file(root)),
+            "data": str(write_json(root / "data.json", records(24)))}
+
+
+def finetune(inputs, out, *extra):
+    return main(["finetune", "--model-config", inputs["config"], "--data", inputs["data"],
+                 "--output-dir", str(out), *TINY_RUN, *extra])
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_fuse_option_values(inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        finetune(inputs, tmp_path / "run", "--fuse", "triton")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fuse: invalid choice: 'triton'" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_liger_writes_nothing(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setattr(liger, "_kernels", None)
+    out = tmp_path / "run"
+    assert finetune(inputs, out, "--fuse", "liger") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'falqon[fast]'" in err[0], err
+    assert not out.exists()
+
+
+def test_liger_run_trains_through_the_fused_loss(inputs, tmp_path, capsys, monkeypatch):
+    assert finetune(inputs, tmp_path / "auto") == 0  # --fuse auto: nothing on the CPU
+    assert "falqon.fuse" not in capsys.readouterr().out
+    run = json.loads((tmp_path / "auto" / "run.json").read_text())
+    assert run["settings"]["fuse"] == "auto"
+
+    fake = FakeLiger()
+    monkeypatch.setattr(liger, "load", lambda: fake)
+    monkeypatch.setattr(liger, "on_gpu", lambda t: True)
+    assert finetune(inputs, tmp_path / "liger", "--fuse", "liger") == 0
+    assert "falqon.fuse('liger'): Liger Kernel (rms_norm x5, swiglu x2, rope x2, " \
+           "fused_linear_cross_entropy x1)" in capsys.readouterr().out
+    # 3 steps of one micro-batch (the fused loss) and the evals at steps 0 and 3 (in eval mode
+    # Liger's forward makes the logits).
+    assert fake.calls["lce"] == 5 and fake.fused_losses == 3
+    assert losses(tmp_path / "liger") == pytest.approx(losses(tmp_path / "auto"), rel=1e-5)
+    run = json.loads((tmp_path / "liger" / "run.json").read_text())
+    assert run["settings"]["fuse"] == "liger"
