@@ -342,14 +342,23 @@ LIGER_FUSIONS = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
 
 
 def setup_fused(method: str, model, args, info):
-    import falqon
+    base, _ = FUSED[method]
+    check_fuse_device(args)
+    return apply_fuse(method, SETUP[base](model, args, info), info)
 
-    base, backend = FUSED[method]
+
+def check_fuse_device(args) -> None:
     if args.device.type != "cuda":  # (tests/test_fusion.py runs both backends' code on the CPU)
         raise common.Skip(f"falqon.fuse is measured on a CUDA GPU only (Liger Kernel's kernels "
                           f"run on CUDA tensors; torch.compile on a CPU smoke test would only "
                           f"add minutes of compiling)")
-    model = SETUP[base](model, args, info)
+
+
+def apply_fuse(method: str, model, info):
+    """falqon.fuse with the method's backend on its built model, the report into the record."""
+    import falqon
+
+    _, backend = FUSED[method]
     try:
         report = falqon.fuse(model, backend)
     except falqon.FalqonError as exc:  # Liger Kernel not installed, an architecture it lacks
@@ -477,8 +486,12 @@ def prepare(method: str, args):
     options = FALQON_OPTIONS.get(method)
     if model_build.build_layerwise(args) and model_build.builds_layerwise(method, options):
         # The bf16 model is too large to build whole (--build auto) or --build layerwise.
+        if method in FUSED:
+            check_fuse_device(args)
         model = model_build.layerwise_model(method, options, args, info, projection_modules,
                                             _peft_lora)
+        if method in FUSED:  # the fused methods' fusions, on the layer-by-layer build too
+            model = apply_fuse(method, model, info)
     else:
         model = build_model(args.model, args.layers, args.seq, args.device, args.dtype,
                             args.seed)

@@ -410,6 +410,17 @@ def test_model_benchmark_large_model_path(tmp_path, one_thread, monkeypatch):
     assert "page cache cold" in text and "page cache warm" in text
 
 
+def test_fused_methods_are_fused_on_the_layerwise_build_too(tmp_path):
+    """A fused method built layer by layer (a model too large to build whole) gets falqon.fuse
+    like one built whole: on a CPU that is a skip with the fuse reason, never an unfused record
+    under the fused method's name (what the first 70B run recorded)."""
+    records = bench_model.main(TINY[:-4] + [
+        "--batch", "2", "--seq", "32", "--warmup", "0", "--steps", "1",
+        "--methods", "falqon_fused", "--build", "layerwise", "--out", str(tmp_path / "m.json")])
+    (fused,) = [r for r in records if r.get("kind") == "model"]
+    assert fused["skipped"].startswith("falqon.fuse is measured on a CUDA GPU only"), fused
+
+
 def common_device() -> str:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import common
