@@ -599,3 +599,12 @@ def test_profile_step_adapter_cpu(tmp_path, one_thread):
     assert "proxy update" not in profile_step.format_table(result)
     assert "adapter GEMMs: " in profile_step.format_table(result)
     assert profile_step.parse_args(["--device", "cpu"]).update_mode == "proxy"
+
+
+def test_model_tables_name_their_runs_when_rows_mix_runs():
+    one = {"date": "2026-11-30T01:00", "file": "a.json"}
+    assert plot_results._runs_note({"bf16_lora": one, "falqon": one}) is None
+    note = plot_results._runs_note({"bf16_lora": one, "falqon": {"date": "2026-11-29T10:00",
+                                                                  "file": "b.json"}})
+    assert note == ("Rows from more than one run: falqon from b.json (2026-11-29); bf16_lora "
+                    "from a.json (2026-11-30).")
