@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import falqon
 
 from falqon.cli import main
-from workflow_testing import records, snapshot, tiny_config_file, write_json
+from workflow_testing import cli_finetune, cli_inputs, snapshot
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,14 +27,11 @@ PROXY = ["--update-mode", "proxy", "--topk", "4"]
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    return {"config": str(tiny_config_file(root)),
-            "data": str(write_json(root / "data.json", records(24)))}
+    return cli_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def finetune(inputs, out, *extra):
-    return main(["finetune", "--model-config", inputs["config"], "--data", inputs["data"],
-                 "--output-dir", str(out), *TINY_RUN, *extra])
+    return cli_finetune(inputs, out, TINY_RUN, *extra)
 
 
 def one_error_line(capsys, match):

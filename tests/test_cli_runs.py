@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from falqon.cli import main
-from workflow_testing import records, snapshot, tiny_causal_lm, tiny_config_file, write_json
+from workflow_testing import cli_finetune, cli_inputs, records, snapshot, tiny_causal_lm
 
 pytest.importorskip("transformers")
 
@@ -29,14 +29,11 @@ TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--lr", "0.05
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    return {"config": str(tiny_config_file(root)),
-            "data": str(write_json(root / "data.json", records(24)))}
+    return cli_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def finetune(inputs, out, *extra):
-    return main(["finetune", "--model-config", inputs["config"], "--data", inputs["data"],
-                 "--output-dir", str(out), *TINY_RUN, *extra])
+    return cli_finetune(inputs, out, TINY_RUN, *extra)
 
 
 def resume(out, *extra):

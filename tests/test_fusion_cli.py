@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from falqon.cli import main
 from falqon.fusion import liger
 from test_fusion import FakeLiger
-from workflow_testing import records, tiny_config_file, write_json
+from workflow_testing import cli_finetune, cli_inputs
 
 pytest.importorskip("transformers")
 
@@ -23,14 +22,11 @@ TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--lr", "0.05
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    return {"config": str(tiny_config_file(root)),
-            "data": str(write_json(root / "data.json", records(24)))}
+    return cli_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def finetune(inputs, out, *extra):
-    return main(["finetune", "--model-config", inputs["config"], "--data", inputs["data"],
-                 "--output-dir", str(out), *TINY_RUN, *extra])
+    return cli_finetune(inputs, out, TINY_RUN, *extra)
 
 
 def losses(out):

@@ -70,3 +70,17 @@ def snapshot(directory: pathlib.Path) -> dict[str, bytes]:
     """Every file under `directory` and its bytes, to check that nothing changed."""
     return {str(p.relative_to(directory)): p.read_bytes()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def cli_inputs(root: pathlib.Path) -> dict:
+    """A tiny model config file and 24 Alpaca records under `root`: a CLI run's inputs."""
+    return {"config": str(tiny_config_file(root)),
+            "data": str(write_json(root / "data.json", records(24)))}
+
+
+def cli_finetune(inputs: dict, out, run_options, *extra) -> int:
+    """`falqon finetune` on cli_inputs' model and data into `out`; its exit status."""
+    from falqon.cli import main
+
+    return main(["finetune", "--model-config", inputs["config"], "--data", inputs["data"],
+                 "--output-dir", str(out), *run_options, *extra])
