@@ -220,14 +220,9 @@ def setup_qlora_nf4(model, args, info):
     bnb = common.import_bitsandbytes()
     info["bitsandbytes"] = bnb.__version__
     for name, linear in projection_modules(model):
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                              compute_dtype=linear.weight.dtype, compress_statistics=True,
-                              quant_type="nf4", device="meta")
         # Params4bit quantises (NF4, blockwise, with double quantisation of the absmax) when moved
         # to a device; the bf16 weight is dropped with `linear`.
-        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
-                                     compress_statistics=True, quant_type="nf4",
-                                     module=q).to(linear.weight.device)
+        q = model_build.nf4_linear(bnb, linear)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
         del linear

@@ -185,8 +185,9 @@ def falqon_layerwise(options: dict, args, info: dict, projections):
 
 
 def nf4_linear(bnb, linear):
-    """model.py's setup_qlora_nf4 swap of one layer: bitsandbytes Linear4bit (NF4, double
-    quantisation, bf16 compute), quantised as it moves to the device."""
+    """The QLoRA swap of one layer (model.py's setup_qlora_nf4 and the layer-by-layer build):
+    bitsandbytes Linear4bit (NF4, double quantisation, bf16 compute), quantised as it moves to
+    the device."""
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
                           compute_dtype=linear.weight.dtype, compress_statistics=True,
                           quant_type="nf4", device="meta")
