@@ -102,9 +102,15 @@ def test_bad_arguments():
     assert report.backend == "off" and falqon.fusion_report(model) is None
 
 
-def test_missing_liger_is_one_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed
+def hide_liger(monkeypatch) -> None:
+    """Liger "not installed": its modules unimportable, also those an earlier test imported."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "liger_kernel"] + ["liger_kernel"]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(liger, "_kernels", None)
+
+
+def test_missing_liger_is_one_clear_error(monkeypatch):
+    hide_liger(monkeypatch)
     model = tiny_causal_lm("llama")
     with pytest.raises(falqon.FalqonError,
                        match=r"needs Liger Kernel, which is not installed: pip install "

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from falqon.fusion import liger
-from test_fusion import FakeLiger
+from test_fusion import FakeLiger, hide_liger
 from workflow_testing import cli_finetune, cli_inputs
 
 pytest.importorskip("transformers")
@@ -44,8 +44,7 @@ def test_fuse_option_values(inputs, tmp_path, capsys):
 
 
 def test_missing_liger_writes_nothing(inputs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "liger_kernel", None)
-    monkeypatch.setattr(liger, "_kernels", None)
+    hide_liger(monkeypatch)
     out = tmp_path / "run"
     assert finetune(inputs, out, "--fuse", "liger") == 2
     err = capsys.readouterr().err.strip().splitlines()
