@@ -6,7 +6,6 @@ losses of an unfused run."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
