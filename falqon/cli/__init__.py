@@ -15,7 +15,8 @@ finetune checks everything and melds the model before it writes anything.
 
 The package: parser (options, the YAML config file), models (devices, the base model),
 run_dir (a run directory: run.json, lock, fingerprint), run_options (which options define a
-run and which a --resume restores), finetune, reporting (loss plot, --report-to), export, bench.
+run and which a --resume restores), finetune, world (several processes: torchrun), reporting
+(loss plot, --report-to), export, bench.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 from ..config import FalqonError
 from .parser import build_parser, expand_config
 from .run_options import FINGERPRINT, LATER_OPTION_DEFAULTS
+from .world import is_leader
 
 # Errors of the file system that are the user's to fix: one line, not a traceback.
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -74,13 +76,15 @@ def main(argv=None) -> int:
         return int(COMMANDS[args.command](args) or 0)
     except FalqonError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message holds
-        print(f"falqon: error: {message}", file=sys.stderr)
+        if is_leader():  # under torchrun every rank fails alike; rank 0 says so
+            print(f"falqon: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in USER_ERRNOS:
             raise
-        print(f"falqon: error: {exc.strerror}: {exc.filename or ''}".rstrip(": "),
-              file=sys.stderr)
+        if is_leader():
+            print(f"falqon: error: {exc.strerror}: {exc.filename or ''}".rstrip(": "),
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("falqon: interrupted", file=sys.stderr)

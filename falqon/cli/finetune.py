@@ -1,6 +1,7 @@
 """`falqon finetune`: check every option, the data and the model and meld it; only then take the
 run directory's lock and write; train with bit-identical resume; finish (final eval, loss plot,
-final/ by rename, the export), which a --resume repeats where a kill cut it short."""
+final/ by rename, the export), which a --resume repeats where a kill cut it short. Under torchrun
+or accelerate launch every rank trains (DDP) and rank 0 alone writes: see world.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .models import (DEFAULT_PRESET, PRESETS, build_random_model, check_model_di
 from .parser import explicit_options
 from .run_options import (DEFAULT_LR, check_plain, check_update_mode, compare_run, inherit,
                           run_options, run_settings)
+from .world import World, check_grad_accum, world_from_env
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -39,32 +41,57 @@ def check_export_dir(path: pathlib.Path) -> None:
 
 
 def cmd_finetune(args) -> int:
+    world = world_from_env()
+    if not world.leader:
+        args.no_progress = True
     if args.no_progress:  # transformers' own bars too (loading and saving weights)
         from transformers.utils import logging
 
         logging.disable_progress_bar()
-    job = _resolve_options(args)
+    if world.size > 1:
+        world.start(args.device)
+    try:
+        with world.quiet():
+            return _run(args, world)
+    finally:
+        world.stop()
+
+
+def _checked_job(args, world: World) -> SimpleNamespace:
+    job = _resolve_options(args, world)
     _resolve_inputs(job)
     _prepare_model(job)
     _prepare_data(job)
-    job.out.mkdir(parents=True, exist_ok=True)
-    with R.RunLock(job.out):
+    return job
+
+
+def _run(args, world: World) -> int:
+    job = world.agree(_checked_job, args, world)
+    lock = R.RunLock(job.out)
+
+    def take_lock():
+        job.out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
         if R.check_output_dir(job.out, args.resume) != job.run:
             raise FalqonError(f"output directory {job.out} changed while this run was starting "
                               f"(another falqon run?)")
-        try:
-            _write_start(job)
-            _train(job)
-            return _finish(job)
-        except OSError as exc:  # a full disk, a read-only file system, ...
-            raise FalqonError(f"writing the run in {job.out} failed: {exc.strerror or exc} "
-                              f"({exc.filename or 'a file'}); once that is fixed, continue with: "
-                              f"falqon finetune --output-dir {job.out} --resume") from None
+
+    try:
+        world.on_leader(take_lock)
+        job.run = world.on_leader(_write_start, job)
+        _train(job)
+        return world.on_leader(_finish, job)
+    except OSError as exc:  # a full disk, a read-only file system, ...
+        raise FalqonError(f"writing the run in {job.out} failed: {exc.strerror or exc} "
+                          f"({exc.filename or 'a file'}); once that is fixed, continue with: "
+                          f"falqon finetune --output-dir {job.out} --resume") from None
+    finally:
+        lock.release()
 
 
 # ---- options ------------------------------------------------------------------------------------
 
-def _resolve_options(args) -> SimpleNamespace:
+def _resolve_options(args, world: World = World()) -> SimpleNamespace:
     """The run's options, checked: a --resume's or re-run's from its run.json."""
     if args.resume and not args.output_dir:
         raise FalqonError("--resume needs the run's --output-dir")
@@ -79,7 +106,8 @@ def _resolve_options(args) -> SimpleNamespace:
             args.data = str(out / args.data)
     check_update_mode(args, explicit)
     check_plain(args)
-    device = resolve_device(args.device)
+    check_grad_accum(args, world, explicit, new_run=not (run is not None and args.resume))
+    device = world.device(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     args.dtype = str(dtype).removeprefix("torch.")
     own_export = run is not None and args.export and \
@@ -87,7 +115,8 @@ def _resolve_options(args) -> SimpleNamespace:
     if args.export and not own_export:
         check_export_dir(pathlib.Path(args.export))
     return SimpleNamespace(args=args, out=out, run=run, explicit=explicit, device=device,
-                           dtype=dtype, inherit_model=inherit_model, start=0, resume_from=None)
+                           dtype=dtype, inherit_model=inherit_model, start=0, resume_from=None,
+                           world=world)
 
 
 def _data_source(args) -> tuple[list, str]:
@@ -284,7 +313,7 @@ def _write_start(job) -> None:
     run.setdefault("id", uuid.uuid4().hex[:12])
     run["settings"] = run_settings(args)
     R.write_run(out, run)
-    job.run = run
+    return run
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -302,6 +331,8 @@ def _open_metrics(job) -> None:
 
 
 def _log(job, row: dict) -> None:
+    if not job.world.leader:
+        return
     job.rows.append(row)
     job.metrics.write(json.dumps(row) + "\n")
     job.metrics.flush()
@@ -309,11 +340,12 @@ def _log(job, row: dict) -> None:
 
 
 def _eval(job, step: int) -> float | None:
+    """The held-out loss, on rank 0 alone (the model, not its DDP wrapper: no collective)."""
     from tqdm.auto import tqdm
 
     from ..training import evaluate
 
-    if not job.eval_batches:
+    if not job.eval_batches or not job.world.leader:
         return None
     batches = tqdm(job.eval_batches, desc=f"falqon eval (step {step})", unit="batch",
                    leave=False, disable=job.args.no_progress, dynamic_ncols=True)
@@ -322,7 +354,11 @@ def _eval(job, step: int) -> float | None:
 
 
 def _step(job, step: int, trainable) -> tuple[float, float, int]:
-    """One optimizer step: (loss, lr, tokens seen)."""
+    """One optimizer step: (loss, lr, tokens seen). Under DDP each rank runs its share of the
+    step's micro-batches, its loss scaled by the world size: DDP's mean of the gradients is then
+    the one process's sum over all of them."""
+    import contextlib
+
     from .. import data as D
     from ..training import lm_loss_sum, lr_at
 
@@ -336,13 +372,19 @@ def _step(job, step: int, trainable) -> tuple[float, float, int]:
     # Counted on the host before the batches move: no device read-back.
     labelled = max(sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro), 1)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    world = job.world
+    share = len(micro) // world.size
+    mine = micro[world.rank * share:(world.rank + 1) * share]
     total = torch.zeros((), device=job.device)
-    for batch in (_to_device(b, job.device) for b in micro):
-        loss_sum, _ = lm_loss_sum(job.model, batch)
-        # The step's loss is the mean over all its labelled tokens, whichever micro-batch
-        # holds them.
-        (loss_sum / labelled).backward()
+    for i, batch in enumerate(_to_device(b, job.device) for b in mine):
+        sync = i == share - 1 or world.size == 1
+        with contextlib.nullcontext() if sync else job.net.no_sync():
+            loss_sum, _ = lm_loss_sum(job.net, batch)
+            # The step's loss is the mean over all its labelled tokens, whichever micro-batch
+            # (and rank) holds them.
+            (loss_sum * world.size / labelled).backward()
         total += loss_sum.detach()
+    world.sum(total)
     if args.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     job.optimizer.step()  # proxy mode: falqon's hook folds this step's B into the FP8 weights
@@ -374,8 +416,10 @@ def _train(job) -> None:
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(job.model)
     handle = attach(job.optimizer, job.model)
+    job.net = job.world.wrap(job.model, job.device)
     job.model.train()
-    _open_metrics(job)
+    if job.world.leader:
+        _open_metrics(job)
     if job.start == 0:
         torch.manual_seed(args.seed)  # dropout, if the model has any; resume restores it
         _eval(job, 0)
@@ -391,12 +435,12 @@ def _train(job) -> None:
         _log(job, {"step": done, "loss": loss, "lr": lr})
         postfix = {"loss": f"{loss:.3f}"}
         if args.eval_every and done % args.eval_every == 0 and done < args.steps and \
-                job.eval_batches:
+                job.eval_batches and job.world.leader:
             postfix["eval"] = f"{_eval(job, done):.3f}"
         bar.set_postfix(postfix)
         bar.update(1)
         if (args.save_every and done % args.save_every == 0) or done == job.stop:
-            _save_checkpoint(job, done)
+            job.world.on_leader(_save_checkpoint, job, done)
     bar.close()
     handle.remove()
     job.elapsed = time.perf_counter() - began

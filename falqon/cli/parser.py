@@ -155,9 +155,11 @@ def _training_options(t):
     t.add_argument("--steps", type=_positive(), default=200,
                    help="optimizer steps (default: %(default)s)")
     t.add_argument("--batch-size", type=_positive(), default=8,
-                   help="sequences per micro-batch (default: %(default)s)")
+                   help="sequences per micro-batch, i.e. per GPU and forward (default: "
+                        "%(default)s)")
     t.add_argument("--grad-accum", type=_positive(), default=1,
-                   help="micro-batches per optimizer step (default: 1)")
+                   help="micro-batches per optimizer step, over all processes under torchrun "
+                        "(default: 1, or the number of processes)")
     t.add_argument("--seq-len", type=_positive(int, 8), default=128,
                    help="tokens per sequence, prompt and response (default: %(default)s)")
     t.add_argument("--max-grad-norm", type=_positive(float, 0.0), default=1.0,

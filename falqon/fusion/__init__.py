@@ -56,7 +56,10 @@ class FuseReport:
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (PeftModel.get_base_model), or `model`."""
+    """The transformers model under a PEFT wrapper (PeftModel.get_base_model) or DDP, or
+    `model`."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
