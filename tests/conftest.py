@@ -23,3 +23,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A CLI run's inputs: a tiny model config file and 24 Alpaca records (cli_inputs)."""
+    from workflow_testing import cli_inputs
+
+    return cli_inputs(tmp_path_factory.mktemp("inputs"))

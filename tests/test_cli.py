@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import falqon
 
 from falqon.cli import main
-from workflow_testing import cli_finetune, cli_inputs, snapshot
+from workflow_testing import cli_finetune, snapshot
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,11 +23,6 @@ transformers = pytest.importorskip("transformers")
 TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--lr", "0.05",
             "--no-progress", "--device", "cpu"]
 PROXY = ["--update-mode", "proxy", "--topk", "4"]
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return cli_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def finetune(inputs, out, *extra):

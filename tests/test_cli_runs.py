@@ -19,17 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from falqon.cli import main
-from workflow_testing import cli_finetune, cli_inputs, records, snapshot, tiny_causal_lm
+from workflow_testing import cli_finetune, records, snapshot, tiny_causal_lm
 
 pytest.importorskip("transformers")
 
 TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--lr", "0.05",
             "--no-progress", "--no-plot", "--device", "cpu", "--eval-every", "0"]
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return cli_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def finetune(inputs, out, *extra):

@@ -11,17 +11,12 @@ import pytest
 
 from falqon.fusion import liger
 from test_fusion import FakeLiger, hide_liger
-from workflow_testing import cli_finetune, cli_inputs
+from workflow_testing import cli_finetune
 
 pytest.importorskip("transformers")
 
 TINY_RUN = ["--batch-size", "2", "--seq-len", "64", "--rank", "4", "--lr", "0.05", "--steps", "3",
             "--no-progress", "--no-plot", "--device", "cpu", "--eval-every", "0"]
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return cli_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def finetune(inputs, out, *extra):
