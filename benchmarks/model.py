@@ -96,7 +96,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import math
 import os
@@ -112,8 +111,9 @@ if __package__ in (None, ""):  # run as a script, or imported with benchmarks/ o
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import common
     import model_build
+    import model_fused
 else:
-    from . import common, model_build
+    from . import common, model_build, model_fused
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -326,58 +326,9 @@ NOTES = {
 }
 
 
-# ---- fused methods: a method above with falqon.fuse's kernels around its GEMMs ------------------
-# (the method it extends, falqon.fuse's backend). Liger's fusions are put on the model instance
-# only (falqon/fusion/liger.py), so the eager methods of the same run stay eager whatever the order.
-FUSED = {"bf16_lora_liger": ("bf16_lora", "liger"), "qlora_nf4_liger": ("qlora_nf4", "liger"),
-         "falqon_fused": ("falqon_adapter", "auto"),
-         "falqon_fused_compile": ("falqon_adapter", "compile")}
-# Liger's four fusions; a liger method that got fewer is an error, not a partial measurement.
-LIGER_FUSIONS = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
-
-
-def setup_fused(method: str, model, args, info):
-    base, _ = FUSED[method]
-    check_fuse_device(args)
-    return apply_fuse(method, SETUP[base](model, args, info), info)
-
-
-def check_fuse_device(args) -> None:
-    if args.device.type != "cuda":  # (tests/test_fusion.py runs both backends' code on the CPU)
-        raise common.Skip(f"falqon.fuse is measured on a CUDA GPU only (Liger Kernel's kernels "
-                          f"run on CUDA tensors; torch.compile on a CPU smoke test would only "
-                          f"add minutes of compiling)")
-
-
-def apply_fuse(method: str, model, info):
-    """falqon.fuse with the method's backend on its built model, the report into the record."""
-    import falqon
-
-    _, backend = FUSED[method]
-    try:
-        report = falqon.fuse(model, backend)
-    except falqon.FalqonError as exc:  # Liger Kernel not installed, an architecture it lacks
-        raise common.Skip(str(exc)) from None
-    missing = [f for f in LIGER_FUSIONS if f not in report.fused]
-    if report.backend == "off" or (report.backend == "liger" and missing):
-        raise RuntimeError(f"{method}: falqon.fuse did not fuse {missing or 'anything'}: {report}")
-    info["fuse"] = {"backend": report.backend, "fused": report.fused,
-                    "skipped": [list(s) for s in report.skipped]}
-    return model
-
-
-for _method, (_base, _backend) in FUSED.items():
-    if _base in FALQON_OPTIONS:
-        FALQON_OPTIONS[_method] = FALQON_OPTIONS[_base]
-    SETUP[_method] = functools.partial(setup_fused, _method)
-NOTES.update({
-    "bf16_lora_liger": ("bf16_lora with Liger Kernel's RMSNorm, SwiGLU, RoPE and fused linear "
-                        "cross-entropy (falqon.fuse(model, 'liger') on the PEFT model)"),
-    "qlora_nf4_liger": "qlora_nf4 with the same Liger Kernel fusions",
-    "falqon_fused": ("falqon_adapter + falqon.fuse(model) (auto: Liger Kernel where installed, "
-                     "else torch.compile of the decoder layers), falqon's default fast path"),
-    "falqon_fused_compile": "falqon_adapter + falqon.fuse(model, 'compile')",
-})
+# ---- fused methods (benchmarks/model_fused.py): a method above with falqon.fuse's kernels --------
+FUSED, LIGER_FUSIONS = model_fused.FUSED, model_fused.LIGER_FUSIONS
+model_fused.register(SETUP, FALQON_OPTIONS, NOTES)
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -482,11 +433,11 @@ def prepare(method: str, args):
     if model_build.build_layerwise(args) and model_build.builds_layerwise(method, options):
         # The bf16 model is too large to build whole (--build auto) or --build layerwise.
         if method in FUSED:
-            check_fuse_device(args)
+            model_fused.check_fuse_device(args)
         model = model_build.layerwise_model(method, options, args, info, projection_modules,
                                             _peft_lora)
         if method in FUSED:  # the fused methods' fusions, on the layer-by-layer build too
-            model = apply_fuse(method, model, info)
+            model = model_fused.apply_fuse(method, model, info)
     else:
         model = build_model(args.model, args.layers, args.seq, args.device, args.dtype,
                             args.seed)
