@@ -100,6 +100,11 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=int, default=16)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     g.add_argument("--eval-points", type=int, default=4, help="held-out evals per run")
+    g.add_argument("--extra-seeds", default="",
+                   help="comma-separated fine-tuning seeds run after each task's runs, for "
+                        "every method at the same learning rate (data order, initialisation, "
+                        "the meld's sketch; the held-out split stays --seed's): records of kind "
+                        "accuracy_seed, reported as the seed spread")
     g.add_argument("--mass-every", type=int, default=10,
                    help="measure falqon's update mass every N optimizer steps")
     g.add_argument("--lr", action="append", default=[],
@@ -123,6 +128,12 @@ def parse_args(argv=None):
         if stage not in STAGES or not secs:
             p.error(f"--budget takes STAGE=SECONDS, got {item!r}")
         args.budgets[stage] = float(secs)
+    try:
+        args.extra_seed_list = [int(x) for x in args.extra_seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--extra-seeds takes comma-separated integers, got {args.extra_seeds!r}")
+    if args.seed in args.extra_seed_list:
+        p.error(f"--extra-seeds: {args.seed} is --seed, whose runs are the main ones")
     args.lr_overrides = {}
     for item in args.lr:
         fam, _, value = item.partition("=")
@@ -254,10 +265,11 @@ class Study:
     def alpha(self) -> float:
         return float(self.args.alpha if self.args.alpha is not None else self.args.rank)
 
-    def settings(self, steps: int) -> RunSettings:
+    def settings(self, steps: int, seed: int | None = None) -> RunSettings:
         return RunSettings(rank=self.args.rank, alpha=self.alpha, dtype=self.dtype,
                            falqon_warmup_steps=max(1, steps // 10),
-                           mass_every=self.args.mass_every, seed=self.args.seed)
+                           mass_every=self.args.mass_every,
+                           seed=self.args.seed if seed is None else seed)
 
     # ---- stages ---------------------------------------------------------------------------------
 
@@ -296,6 +308,7 @@ class Study:
             done = [r for r in self.state["records"] if r.get("kind") == kind
                     and r.get("task") == task.name and r.get("method") == method.name
                     and r.get("lr") == lr and r.get("steps") == steps
+                    and r.get("finetune_seed") == (extra or {}).get("finetune_seed")
                     and r.get("value") is not None]
             if done:
                 self.log(f"{kind} {task.name}/{method.name} lr {lr:g}: already done "
@@ -304,14 +317,15 @@ class Study:
         reason = skip_reason(method, self.device) or budget.fits(method.name, steps)
         if reason:
             record = {"kind": kind, "task": task.name, "method": method.name,
-                      "metric": "eval_loss" if kind == "accuracy" else "val_loss",
+                      "metric": "val_loss" if kind == "pilot" else "eval_loss",
                       "value": None, "lr": lr, "steps": steps, "skipped": reason, **(extra or {})}
             self.log(f"{kind} {task.name}/{method.name} lr {lr:g}: skipped: {reason}")
             self.add(record)
             return record
         self.log(f"{kind} {task.name}/{method.name} lr {lr:g}: {steps} steps ...")
         record, curve = finetune(method, task, str(self.ckpt), self.device, lr, steps,
-                                 self.args.batch, self.settings(steps),
+                                 self.args.batch,
+                                 self.settings(steps, (extra or {}).get("finetune_seed")),
                                  1 if kind == "pilot" else self.args.eval_points, self.logfile,
                                  merged_evals=kind == "accuracy")
         record.update({"kind": kind, "fingerprint": self.fingerprint,
@@ -401,6 +415,10 @@ class Study:
         self.log(f"{task_name}: {len(task.train)} training / {len(task.eval)} held-out examples")
         for method in self.args.method_list:
             self.run(method, task, lrs[method.family], self.args.steps, budget)
+        for seed in self.args.extra_seed_list:  # the seed spread, after every main run
+            for method in self.args.method_list:
+                self.run(method, task, lrs[method.family], self.args.steps, budget,
+                         kind="accuracy_seed", extra={"finetune_seed": seed})
 
     def main(self):
         self.fingerprint = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import statistics
 
 TASKS = ("gsm8k", "roleplay")
 REFERENCE = "lora_bf16"  # the method falqon must come within 2% of
@@ -246,6 +247,8 @@ def verdict(doc: dict) -> str:
     lines = []
     for t in TASKS:
         lines.append(_adapter_verdict(t, acc.get((t, ADAPTER)), acc.get((t, REFERENCE))))
+        seeds = _seed_verdict(t, doc)
+        lines += [seeds] if seeds else []
         lines.append(_proxy_verdict(t, acc))
     lines.append(_lr_verdict(doc))
     return "\n".join(lines)
@@ -329,8 +332,52 @@ def _edge_note(doc: dict, task: str, family: str) -> str:
             f"may lie beyond")
 
 
-SECTIONS = {"settings": settings_list, "pretrain": pretrain_table, "pilot": pilot_table, "results": results_table,
-            "falqon": falqon_table, "verdict": verdict}
+def _seed_values(doc: dict) -> dict:
+    """{(task, method): {seed: held-out loss}}: the main runs (--seed) and --extra-seeds' runs,
+    those that finished."""
+    main_seed = (doc.get("settings") or {}).get("seed", 0)
+    out: dict = {}
+    for r in doc["records"]:
+        if r.get("kind") in ("accuracy", "accuracy_seed") and r.get("value") is not None:
+            seed = r.get("finetune_seed", main_seed) if r["kind"] == "accuracy_seed" else main_seed
+            out.setdefault((r["task"], r["method"]), {})[seed] = r["value"]
+    return out
+
+
+def seeds_table(doc: dict) -> str:
+    """Each method's held-out loss per fine-tuning seed, where --extra-seeds ran more than one."""
+    values = _seed_values(doc)
+    multi = {k: v for k, v in values.items() if len(v) > 1}
+    if not multi:
+        return "_One fine-tuning seed per method (`--extra-seeds` runs more)._"
+    lines = [f"| task | method | held-out loss per seed | mean | vs {REFERENCE}'s mean |",
+             "| --- | --- | --- | --- | --- |"]
+    for (task, method), per_seed in multi.items():
+        mean = statistics.fmean(per_seed.values())
+        ref = values.get((task, REFERENCE))
+        rel = "-" if not ref or len(ref) < 2 else f"{100 * (mean / statistics.fmean(ref.values()) - 1):+.2f}%"
+        seeds = ", ".join(f"{seed}: {v:.4f}" for seed, v in sorted(per_seed.items()))
+        lines.append(f"| {task} | {method} | {seeds} | {mean:.4f} | {rel} |")
+    return "\n".join(lines)
+
+
+def _seed_verdict(task: str, doc: dict) -> str | None:
+    """The adapter mode against bf16 LoRA over the seeds both ran, where that is more than one."""
+    values = _seed_values(doc)
+    ours, ref = values.get((task, ADAPTER), {}), values.get((task, REFERENCE), {})
+    seeds = sorted(set(ours) & set(ref))
+    if len(seeds) < 2:
+        return None
+    gaps = [100 * (ours[s] / ref[s] - 1) for s in seeds]
+    mean_gap = 100 * (statistics.fmean(ours[s] for s in seeds) /
+                      statistics.fmean(ref[s] for s in seeds) - 1)
+    return (f"- {task}, over {len(seeds)} fine-tuning seeds: `{ADAPTER}` {mean_gap:+.2f}% vs "
+            f"{REFERENCE} on the mean; per seed {min(gaps):+.2f}% to {max(gaps):+.2f}%.")
+
+
+SECTIONS = {"settings": settings_list, "pretrain": pretrain_table, "pilot": pilot_table,
+            "results": results_table, "seeds": seeds_table, "falqon": falqon_table,
+            "verdict": verdict}
 
 
 def fill_doc(text: str, doc: dict) -> str:

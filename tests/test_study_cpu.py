@@ -322,6 +322,42 @@ def test_learning_rates_step_along_the_1_2_5_sequence():
         assert all(lr_neighbour(a, up=True) == pytest.approx(b) for a, b in zip(grid, grid[1:]))
 
 
+def test_extra_seeds_rerun_each_method_and_report_the_spread(study):
+    """--extra-seeds runs each method again with another fine-tuning seed at the same learning
+    rate (same held-out set); the report gives the per-seed losses and the adapter's mean gap."""
+    tmp, _ = study
+    doc = _study(tmp, "--stages", "roleplay,report", "--methods", "lora_bf16,falqon_adapter",
+                 "--extra-seeds", "1", "--skip-done")
+    main = {r["method"]: r for r in doc["records"]
+            if r["kind"] == "accuracy" and r["task"] == "roleplay"}
+    extra = {r["method"]: r for r in doc["records"]
+             if r["kind"] == "accuracy_seed" and r["task"] == "roleplay"}
+    assert set(extra) == {"lora_bf16", "falqon_adapter"}
+    for method, r in extra.items():
+        assert r["finetune_seed"] == 1 and r["lr"] == main[method]["lr"]
+        assert r["metric"] == "eval_loss" and r["eval_examples"] == main[method]["eval_examples"]
+        assert math.isfinite(r["value"]) and r["value"] != main[method]["value"], method
+    table = R.seeds_table(doc)
+    assert "| roleplay | falqon_adapter | 0: " in table and ", 1: " in table
+    assert any(line.startswith("- roleplay, over 2 fine-tuning seeds: `falqon_adapter`")
+               for line in R.verdict(doc).splitlines())
+
+
+def test_seed_spread_report():
+    doc = {"settings": {"seed": 0}, "records": [
+        _acc("gsm8k", "lora_bf16", 2.0), _acc("gsm8k", "falqon_adapter", 2.02),
+        {**_acc("gsm8k", "lora_bf16", 2.2), "kind": "accuracy_seed", "finetune_seed": 1},
+        {**_acc("gsm8k", "falqon_adapter", 2.2), "kind": "accuracy_seed", "finetune_seed": 1}]}
+    assert R.seeds_table(doc).splitlines()[2:] == [
+        "| gsm8k | lora_bf16 | 0: 2.0000, 1: 2.2000 | 2.1000 | +0.00% |",
+        "| gsm8k | falqon_adapter | 0: 2.0200, 1: 2.2000 | 2.1100 | +0.48% |"]
+    assert R._seed_verdict("gsm8k", doc) == (
+        "- gsm8k, over 2 fine-tuning seeds: `falqon_adapter` +0.48% vs lora_bf16 on the mean; "
+        "per seed +0.00% to +1.00%.")
+    assert R._seed_verdict("roleplay", doc) is None
+    assert R.seeds_table({"records": doc["records"][:2]}).startswith("_One fine-tuning seed")
+
+
 def test_methods_meld_in_their_update_mode(study):
     """falqon_adapter melds in the adapter mode with no hook and no meter; every other falqon
     method passes update_mode="proxy" (the default is now the adapter mode)."""
