@@ -25,14 +25,13 @@ Delayed scaling's amax histories are per rank under FSDP2 (DDP broadcasts rank 0
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import ops
 from .convert import melded_layers
+from .fingerprint import Fingerprint
 from .modules import is_sharded
 
 DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
@@ -56,17 +55,17 @@ def mark_ddp_ignored(model: nn.Module) -> None:
     setattr(model, DDP_IGNORE_ATTR, sorted(ignored | set(fp8_tensor_names(model))))
 
 
-def _melded_state(model: nn.Module) -> list[torch.Tensor]:
-    """Every tensor of the melded layers' state, in a fixed order (FP8 ones as uint8 views);
-    FSDP2-sharded ones gathered whole (a collective then)."""
+def _melded_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the melded layers' state, in a fixed order (FP8 ones as
+    uint8 views); FSDP2-sharded ones gathered whole (a collective then)."""
     out = []
-    for _, layer in melded_layers(model):
+    for name, layer in melded_layers(model):
         for attr in ("weight", "weight_t", "weight_scale", "lora_B", "amax_history"):
             t = getattr(layer, attr, None)
             if t is None:
                 continue
             t = _gather_rows(t) if is_sharded(t) else t.detach()
-            out.append(t.view(torch.uint8) if t.element_size() == 1 else t)
+            out.append((f"{name}.{attr}", t.view(torch.uint8) if t.element_size() == 1 else t))
     return out
 
 
@@ -79,7 +78,7 @@ def broadcast_melded(model: nn.Module, src: int = 0, group=None) -> None:
     if any(is_sharded(layer.weight) for _, layer in melded_layers(model)):
         raise ValueError("falqon.distributed.broadcast_melded: the model is already sharded "
                          "(FSDP2); broadcast before fully_shard")
-    for t in _melded_state(model):
+    for _, t in _melded_state(model):
         if t.is_contiguous():
             dist.broadcast(t, src, group=group)
         else:
@@ -91,10 +90,10 @@ def broadcast_melded(model: nn.Module, src: int = 0, group=None) -> None:
 def state_digest(model: nn.Module) -> bytes:
     """SHA-256 of the melded layers' state bytes (a fingerprint to compare ranks with; of the
     whole tensors, gathered, for an FSDP2-sharded model, so every rank must call it then)."""
-    h = hashlib.sha256()
-    for t in _melded_state(model):
-        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return h.digest()
+    fingerprint = Fingerprint()
+    for name, t in _melded_state(model):
+        fingerprint.update(name, t)
+    return fingerprint.digest()
 
 
 def ranks_identical(model: nn.Module, group=None) -> bool:

@@ -226,7 +226,7 @@ def test_meld_from_config_is_the_layerwise_build_of_seeded_random_weights():
 
 def test_cli_finetune_melds_a_sharded_checkpoint_while_loading(tmp_path, capsys):
     from falqon.cli import main
-    from falqon.cli.run_dir import weights_fingerprint
+    from falqon.fingerprint import weights_fingerprint
     from transformers import AutoModelForCausalLM
 
     from test_cli import one_error_line

@@ -8,6 +8,7 @@ import pathlib
 import torch
 
 from ..config import FalqonError
+from ..fingerprint import weights_fingerprint
 from . import run_dir as R
 from .finetune import check_export_dir
 from .models import load_base_model
@@ -95,7 +96,7 @@ def cmd_export(args) -> int:
         raise FalqonError(f"{checkpoint}: unknown base model dtype {dtype_name!r}")
     model, tokenizer = load_base_model(base, torch.device("cpu"), getattr(torch, dtype_name))
     if run is not None:
-        R.check_fingerprint(run, R.weights_fingerprint(model), base)
+        R.check_fingerprint(run, weights_fingerprint(model), base)
     model = from_pretrained(model, checkpoint)
     tmp = R.fresh_partial(out)
     export_and_report(model, tmp, tokenizer, args.activations, fmt, shown=out)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from ..config import FalqonError
+from ..fingerprint import weights_fingerprint
 from . import run_dir as R
 from .models import (DEFAULT_PRESET, PRESETS, build_random_model, check_model_dir,
                      load_melded_model, load_model_config, meld_for_run, resolve_device,
@@ -198,7 +199,7 @@ def _load_model(job):
     args = job.args
     if job.config is not None:
         model, tokenizer = build_random_model(job.config, job.device, job.dtype, args.seed)
-        job.fingerprint = R.weights_fingerprint(model)
+        job.fingerprint = weights_fingerprint(model)
     else:  # melded while it loads
         model, tokenizer, job.fingerprint = load_melded_model(
             job.model_path, job.device, job.dtype, args, progress=not args.no_progress)
@@ -285,7 +286,7 @@ def _save_random_base(job) -> str:
     longer holds them), by rename."""
     tmp = R.fresh_partial(job.out / R.BASE_DIR)
     model, tokenizer = build_random_model(job.config, job.device, job.dtype, job.args.seed)
-    if R.weights_fingerprint(model) != job.fingerprint:
+    if weights_fingerprint(model) != job.fingerprint:
         raise FalqonError("building the random weights again from --seed gave other weights on "
                           "this device: pass --model with a saved model instead")
     model.save_pretrained(tmp)

@@ -103,7 +103,7 @@ def load_melded_model(path: pathlib.Path, device: torch.device, dtype: torch.dty
     .bin files) is loaded whole, then melded."""
     from ..loading import meld_pretrained
     from ..weight_sources import INDEX_FILE, SINGLE_FILE
-    from .run_dir import Fingerprint, weights_fingerprint
+    from ..fingerprint import Fingerprint, weights_fingerprint
 
     check_model_dir(path)
     if not (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file():

@@ -19,7 +19,6 @@ command again) continues.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -97,31 +96,6 @@ def base_path(run: dict, out: pathlib.Path) -> pathlib.Path:
     if "version" not in run and path.name == BASE_DIR and (out / BASE_DIR).is_dir():
         return out / BASE_DIR
     return path
-
-
-class Fingerprint:
-    """weights_fingerprint fed one state-dict entry at a time, in order (falqon.meld_pretrained's
-    on_tensor, while the weights load)."""
-
-    def __init__(self):
-        self._h = hashlib.sha256()
-
-    @torch.no_grad()
-    def update(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().reshape(-1).contiguous()
-        self._h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        self._h.update(t.cpu().view(torch.uint8).numpy().tobytes())
-
-    def value(self) -> str:
-        return "sha256:" + self._h.hexdigest()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the model's state dict: every tensor's name, dtype, shape and bytes."""
-    fingerprint = Fingerprint()
-    for name, t in model.state_dict().items():
-        fingerprint.update(name, t)
-    return fingerprint.value()
 
 
 def check_fingerprint(run: dict, fingerprint: str, where) -> None:
