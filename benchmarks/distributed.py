@@ -1,18 +1,21 @@
 """Several-GPU benchmark: FALQON training of a LLaMA-7B-shaped model on one GPU, under DDP and
-under FSDP2, in both update modes.
+under FSDP2, in both update modes and on falqon's fused fast path.
 
 benchmarks/model.py's model (random weights, bf16, gradient checkpointing, AdamW over B, LoRA rank
 64 on the seven projections) and its step, per GPU a batch of --batch x --seq random tokens (16 x
 512; each rank its own). This script starts its own --gpus worker processes
 (torch.multiprocessing spawn; NCCL on GPUs, gloo on the CPU) and, per method (falqon_adapter:
-the adapter mode; falqon: the proxy update after every step), measures:
+the adapter mode; falqon: the proxy update after every step; falqon_fused: falqon_adapter with
+falqon.fuse, Liger Kernel's fused linear cross-entropy among its kernels), measures:
 
   one GPU   rank 0 alone (the others wait): the plain model, no wrapper
   ddp       every rank: falqon.meld, falqon.distributed.broadcast_melded, DistributedDataParallel
   fsdp2     every rank: falqon.meld, then fully_shard on each decoder layer and on the model
             (the FP8 [W; A; 0] and B sharded by rows; the proxy update gathers and folds them)
+  fsdp2_offload  (with --modes) the same with CPUOffloadPolicy: shards, gradients and the
+            optimizer state in host memory, a layer's shards copied in for its all-gather
 
-Each record: {"kind": "distributed", "mode": "single"|"ddp"|"fsdp2", "gpus", "method",
+Each record: {"kind": "distributed", "mode": "single"|"ddp"|"fsdp2"|"fsdp2_offload", "gpus", "method",
 "tokens_per_s" (all ranks' tokens per second), "scaling" (over the one-GPU run), "s_per_step",
 "peak_gib" (the largest rank's torch.cuda.max_memory_allocated over the steps), "peak_ratio"
 (over the one-GPU peak), "ranks_identical" (falqon.distributed.ranks_identical after the steps:
@@ -50,15 +53,16 @@ else:
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
-METHODS = ("falqon_adapter", "falqon")
-MODES = ("single", "ddp", "fsdp2")
+METHODS = ("falqon_adapter", "falqon")  # the default; falqon_fused (GPU only) with --methods
+ALL_METHODS = (*METHODS, "falqon_fused")
+MODES = ("single", "ddp", "fsdp2", "fsdp2_offload")
 
 
 # ---- one measurement, on every rank of the mode -------------------------------------------------
 
 def _wrap(mode: str, model):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     from falqon.distributed import broadcast_melded
 
@@ -66,11 +70,14 @@ def _wrap(mode: str, model):
         broadcast_melded(model, src=0)
         ids = [model.device.index] if model.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         assert dist.is_initialized()
+        # fsdp2_offload: the sharded parameters (the FP8 W' too), B's gradients and the optimizer
+        # state live in pinned host memory; each layer's shards are copied in for its all-gather.
+        offload = {"offload_policy": CPUOffloadPolicy()} if mode == "fsdp2_offload" else {}
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **offload)
+        fully_shard(model, **offload)
     return model
 
 
@@ -83,6 +90,8 @@ def measure(mode: str, method: str, args, rank: int) -> dict:
     info: dict = {}
     model = M.build_model(args.model, args.layers, args.seq, args.device, args.dtype, args.seed)
     model = M.setup_falqon(model, args, info, M.FALQON_OPTIONS[method])
+    if method in M.FUSED:  # Liger's kernels (or torch.compile) around falqon's GEMMs
+        model = M.model_fused.apply_fuse(method, model, info)
     net = _wrap(mode, model)
     M.enable_checkpointing(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -204,8 +213,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     M.check_model_args(p, args)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not args.methods or any(m not in METHODS for m in args.methods):
-        p.error(f"--methods: choose from {', '.join(METHODS)}")
+    if not args.methods or any(m not in ALL_METHODS for m in args.methods):
+        p.error(f"--methods: choose from {', '.join(ALL_METHODS)}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES[1:] for m in modes):
         p.error(f"--modes: choose from {', '.join(MODES[1:])}")
