@@ -2,8 +2,11 @@
 // with the same message whatever the device.
 #include "falqon.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 namespace falqon {
 
@@ -241,6 +244,72 @@ void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
   FALQON_CHECK(k >= 0, "falqon.topk_update_: k must be >= 0, got ", k);
   check_melded_weight(weight, lora_B.size(0), lora_B.size(1), weight_t);
   check_same_device("topk_update_", weight, lora_B, "lora_B");
+}
+
+namespace {
+
+// A per-layer check's message without its "falqon.op: " or "falqon: " prefix.
+std::string layer_message(const c10::Error& e) {
+  std::string m = e.msg();
+  if (m.rfind("falqon.topk_update_: ", 0) == 0) return m.substr(std::strlen("falqon.topk_update_: "));
+  if (m.rfind("falqon: ", 0) == 0) return m.substr(std::strlen("falqon: "));
+  return m;
+}
+
+void check_distinct(at::TensorList ts, const char* name) {
+  std::vector<const void*> ptrs;
+  for (const auto& t : ts) {
+    if (t.has_storage() && t.numel() > 0) ptrs.push_back(t.data_ptr());
+  }
+  std::sort(ptrs.begin(), ptrs.end());
+  FALQON_CHECK(std::adjacent_find(ptrs.begin(), ptrs.end()) == ptrs.end(),
+              "falqon.topk_update_many_: two layers share one of their ", name,
+              "; each layer must have its own tensors");
+}
+
+}  // namespace
+
+std::vector<std::optional<at::Tensor>> weight_t_by_layer(int64_t layers, at::TensorList weight_ts,
+                                                         at::IntArrayRef weight_t_layers) {
+  std::vector<std::optional<at::Tensor>> out(layers);
+  for (size_t j = 0; j < weight_ts.size(); ++j) out[weight_t_layers[j]] = weight_ts[j];
+  return out;
+}
+
+void check_topk_update_many_args(at::TensorList weights, at::TensorList lora_Bs,
+                                 at::TensorList weight_ts, at::IntArrayRef weight_t_layers,
+                                 at::IntArrayRef ks, at::ArrayRef<double> scalings,
+                                 const c10::List<bool>& keep_residuals) {
+  const size_t L = weights.size();
+  FALQON_CHECK(L >= 1, "falqon.topk_update_many_: no layers (weights is empty)");
+  FALQON_CHECK(lora_Bs.size() == L && ks.size() == L && scalings.size() == L &&
+                  keep_residuals.size() == L,
+              "falqon.topk_update_many_: weights, lora_Bs, ks, scalings and keep_residuals must "
+              "have one entry per layer, got ", L, ", ", lora_Bs.size(), ", ", ks.size(), ", ",
+              scalings.size(), " and ", keep_residuals.size());
+  FALQON_CHECK(weight_ts.size() == weight_t_layers.size(),
+              "falqon.topk_update_many_: weight_ts and weight_t_layers must have the same length, "
+              "got ", weight_ts.size(), " and ", weight_t_layers.size());
+  std::vector<bool> seen(L, false);
+  for (const int64_t l : weight_t_layers) {
+    FALQON_CHECK(l >= 0 && l < static_cast<int64_t>(L) && !seen[l],
+                "falqon.topk_update_many_: weight_t_layers must name distinct layers in [0, ", L,
+                "), got ", weight_t_layers);
+    seen[l] = true;
+  }
+  const auto wt = weight_t_by_layer(static_cast<int64_t>(L), weight_ts, weight_t_layers);
+  for (size_t i = 0; i < L; ++i) {
+    try {
+      check_topk_update_args(weights[i], lora_Bs[i], wt[i], ks[i], scalings[i]);
+    } catch (const c10::Error& e) {
+      FALQON_CHECK(false, "falqon.topk_update_many_: layer ", i, ": ", layer_message(e));
+    }
+    FALQON_CHECK(weights[i].device() == weights[0].device(), "falqon.topk_update_many_: layer ",
+                i, " is on ", weights[i].device(), " but layer 0 is on ", weights[0].device());
+  }
+  check_distinct(weights, "weights");
+  check_distinct(lora_Bs, "lora_Bs");
+  check_distinct(weight_ts, "weight_ts");
 }
 
 }  // namespace falqon

@@ -23,6 +23,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace falqon {
 
@@ -133,6 +134,16 @@ void check_meld_init_args(const at::Tensor& weight, int64_t rank, const std::str
                           int64_t oversample, int64_t power_iters, double adapter_row_norm);
 void check_topk_update_args(const at::Tensor& weight, const at::Tensor& lora_B,
                             const std::optional<at::Tensor>& weight_t, int64_t k, double scaling);
+// topk_update_many_: one entry per layer in every list (at least one layer), each layer's
+// arguments as topk_update_'s (the message names the layer), all on one device, no tensor shared
+// by two layers; weight_t_layers names distinct layers, one per tensor of weight_ts.
+void check_topk_update_many_args(at::TensorList weights, at::TensorList lora_Bs,
+                                 at::TensorList weight_ts, at::IntArrayRef weight_t_layers,
+                                 at::IntArrayRef ks, at::ArrayRef<double> scalings,
+                                 const c10::List<bool>& keep_residuals);
+// The transposed copy of each of `layers` layers (none where weight_t_layers names no tensor).
+std::vector<std::optional<at::Tensor>> weight_t_by_layer(int64_t layers, at::TensorList weight_ts,
+                                                         at::IntArrayRef weight_t_layers);
 
 // ---- reference implementation (any device) ----------------------------------------------------
 namespace ref {
@@ -232,8 +243,23 @@ std::tuple<at::Tensor, at::Tensor> meld_init(const at::Tensor& weight, int64_t r
                                              int64_t power_iters, int64_t seed,
                                              double adapter_row_norm);
 
+// The proxy update's row order. Scores c_t = |B_t0| + |B_t1| + ... + |B_t,r-1|, B in fp32,
+// summed left to right with one fp32 rounding per add (so that every backend computes the same
+// bits); the selected rows are the first k of the order "larger score first, NaN above every
+// number, equal scores (and NaNs) by lower row index": deterministic, ties to the lower index.
+at::Tensor topk_row_scores(const at::Tensor& lora_B);
+at::Tensor topk_rows(const at::Tensor& scores, int64_t k);
+
 void topk_update_(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
                   int64_t k, double scaling, bool keep_residual);
+
+// topk_update_ of every layer, in order; returns whether each lora_B was finite (bool (L,)),
+// computed before anything is written. discard_nonfinite: if one is not, no weight changes and
+// every lora_B is zeroed (decided on the device: no host synchronisation).
+at::Tensor topk_update_many_(at::TensorList weights, at::TensorList lora_Bs,
+                             at::TensorList weight_ts, at::IntArrayRef weight_t_layers,
+                             at::IntArrayRef ks, at::ArrayRef<double> scalings,
+                             const c10::List<bool>& keep_residuals, bool discard_nonfinite);
 
 }  // namespace ref
 }  // namespace falqon

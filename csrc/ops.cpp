@@ -92,10 +92,23 @@ TORCH_LIBRARY(falqon, m) {
       "int power_iters=4, int seed=0, float adapter_row_norm=0.0) -> (Tensor, Tensor)");
   // The proxy update: the k rows of lora_B with the largest L1 norm are added into the FP8
   // weight, W'[T] = fp8(W'[T] + scaling B[T] A_q) in the scaled domain, saturating; then lora_B is
-  // zeroed (keep_residual=False, the published policy) or only its applied rows are.
+  // zeroed (keep_residual=False, the published policy) or only its applied rows are. The norms
+  // are fp32 sums from left to right, and ties go to the lower row index (a NaN norm ranks
+  // first): the same rows on every backend (falqon.h, ref::topk_rows).
   m.def(
       "topk_update_(Tensor(a!) weight, Tensor(b!) lora_B, Tensor(c!)? weight_t, int k, "
       "float scaling, bool keep_residual=False) -> ()");
+  // topk_update_ of many layers at once, exactly as if each layer's op ran in turn (on CUDA in a
+  // fixed number of launches whatever the layer count). Layer i: weights[i], lora_Bs[i], k = ks[i],
+  // scalings[i], keep_residuals[i]; weight_ts[j] is the transposed copy of layer
+  // weight_t_layers[j] (a list of the copies that exist: torch cannot functionalise a mutable
+  // list holding None). Returns a bool (L,) tensor: whether each lora_B was finite before the
+  // update. discard_nonfinite: if any was not, no weight changes and every lora_B is zeroed (the
+  // optimizer step is discarded), decided on the device.
+  m.def(
+      "topk_update_many_(Tensor(a!)[] weights, Tensor(b!)[] lora_Bs, Tensor(c!)[] weight_ts, "
+      "int[] weight_t_layers, int[] ks, float[] scalings, bool[] keep_residuals, "
+      "bool discard_nonfinite=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(falqon, CPU, m) {
@@ -107,4 +120,5 @@ TORCH_LIBRARY_IMPL(falqon, CPU, m) {
   m.impl("record_amax_", &falqon::ref::record_amax_);
   m.impl("meld_init", &falqon::ref::meld_init);
   m.impl("topk_update_", &falqon::ref::topk_update_);
+  m.impl("topk_update_many_", &falqon::ref::topk_update_many_);
 }

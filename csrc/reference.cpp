@@ -278,33 +278,77 @@ std::tuple<at::Tensor, at::Tensor> meld_init(const at::Tensor& weight, int64_t r
   return stack_and_quantize(weight, A);
 }
 
+at::Tensor topk_row_scores(const at::Tensor& lora_B) {
+  const at::Tensor abs_B = lora_B.to(at::kFloat).abs();
+  at::Tensor scores = at::zeros({lora_B.size(0)}, abs_B.options());
+  // One column at a time: every element's add is one IEEE fp32 rounding, the same on any device.
+  for (int64_t j = 0; j < abs_B.size(1); ++j) scores.add_(abs_B.select(1, j));
+  return scores;
+}
+
+at::Tensor topk_rows(const at::Tensor& scores, int64_t k) {
+  // A stable descending sort ranks NaN first and keeps equal scores in row order: exactly the
+  // order documented in falqon.h (at::topk leaves ties to its implementation, and on the CPU it
+  // does not pick the lower indices).
+  const at::Tensor order = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0,
+                                                /*descending=*/true));
+  return order.narrow(0, 0, k);
+}
+
+namespace {
+
+// topk_update_ of one layer; ok (a 0-d bool on the device, optional): where false the weights
+// stay as they were and lora_B is zeroed whatever the policy (no host synchronisation).
+void topk_update_one(const at::Tensor& weight, const at::Tensor& lora_B,
+                     const std::optional<at::Tensor>& weight_t, int64_t k, double scaling,
+                     bool keep_residual, const std::optional<at::Tensor>& ok) {
+  const int64_t N = lora_B.size(0), r = lora_B.size(1);
+  k = std::min(k, N);
+  if (k > 0) {
+    const double fmax = fp8_max(at::kFloat8_e4m3fn);
+    const at::Tensor idx = topk_rows(topk_row_scores(lora_B), k);
+    const at::Tensor B_rows = lora_B.index_select(0, idx).to(at::kFloat);  // k x r
+    const at::Tensor A_q = weight.narrow(0, N, r).to(at::kFloat);            // r x K, scaled domain
+    const at::Tensor rows = fp8_index_select(weight, 0, idx).to(at::kFloat);  // k x K
+    // W'[T] / s + scaling * B[T] A_q, saturated to the E4M3 range; a NaN update leaves the row
+    // as it was (the step that produced it carried no usable information).
+    const at::Tensor updated = rows + at::mm(B_rows, A_q) * scaling;
+    at::Tensor value = at::where(updated.isnan(), rows, updated.clamp(-fmax, fmax));
+    if (ok.has_value()) value = at::where(*ok, value, rows);
+    const at::Tensor q = value.to(at::kFloat8_e4m3fn);
+    fp8_index_copy_(weight, 0, idx, q);
+    if (weight_t.has_value()) fp8_index_copy_(*weight_t, 1, idx, q.t().contiguous());
+    if (keep_residual) lora_B.index_fill_(0, idx, 0);
+  }
+  if (!keep_residual) lora_B.zero_();
+  if (ok.has_value()) lora_B.masked_fill_(ok->logical_not(), 0);
+}
+
+}  // namespace
+
 void topk_update_(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
                   int64_t k, double scaling, bool keep_residual) {
   check_topk_update_args(weight, lora_B, weight_t, k, scaling);
-  const int64_t N = lora_B.size(0), r = lora_B.size(1);
-  k = std::min(k, N);
-  if (k == 0) {
-    if (!keep_residual) lora_B.zero_();
-    return;
+  topk_update_one(weight, lora_B, weight_t, k, scaling, keep_residual, std::nullopt);
+}
+
+at::Tensor topk_update_many_(at::TensorList weights, at::TensorList lora_Bs,
+                             at::TensorList weight_ts, at::IntArrayRef weight_t_layers,
+                             at::IntArrayRef ks, at::ArrayRef<double> scalings,
+                             const c10::List<bool>& keep_residuals, bool discard_nonfinite) {
+  check_topk_update_many_args(weights, lora_Bs, weight_ts, weight_t_layers, ks, scalings,
+                              keep_residuals);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<at::Tensor> finite(L);
+  for (int64_t i = 0; i < L; ++i) finite[i] = at::isfinite(lora_Bs[i]).all();
+  at::Tensor all_finite = at::stack(finite);
+  std::optional<at::Tensor> ok;
+  if (discard_nonfinite) ok = all_finite.all();
+  const std::vector<std::optional<at::Tensor>> wt = weight_t_by_layer(L, weight_ts, weight_t_layers);
+  for (int64_t i = 0; i < L; ++i) {
+    topk_update_one(weights[i], lora_Bs[i], wt[i], ks[i], scalings[i], keep_residuals.get(i), ok);
   }
-  const double fmax = fp8_max(at::kFloat8_e4m3fn);
-  const at::Tensor scores = lora_B.to(at::kFloat).abs().sum(1);
-  const at::Tensor idx = std::get<1>(at::topk(scores, k, 0, /*largest=*/true, /*sorted=*/false));
-  const at::Tensor B_rows = lora_B.index_select(0, idx).to(at::kFloat);  // k x r
-  const at::Tensor A_q = weight.narrow(0, N, r).to(at::kFloat);            // r x K, scaled domain
-  const at::Tensor rows = fp8_index_select(weight, 0, idx).to(at::kFloat);  // k x K
-  // W'[T] / s + scaling * B[T] A_q, saturated to the E4M3 range; a NaN update leaves the row as
-  // it was (the step that produced it carried no usable information).
-  const at::Tensor updated = rows + at::mm(B_rows, A_q) * scaling;
-  const at::Tensor q =
-      at::where(updated.isnan(), rows, updated.clamp(-fmax, fmax)).to(at::kFloat8_e4m3fn);
-  fp8_index_copy_(weight, 0, idx, q);
-  if (weight_t.has_value()) fp8_index_copy_(*weight_t, 1, idx, q.t().contiguous());
-  if (keep_residual) {
-    lora_B.index_fill_(0, idx, 0);
-  } else {
-    lora_B.zero_();
-  }
+  return all_finite;
 }
 
 }  // namespace ref

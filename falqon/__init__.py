@@ -19,7 +19,7 @@ from . import ops
 from ._extension import build_info
 from .modules import MeldedLinear, check_meldable
 from .ops import (meld_init, melded_linear, melded_linear_backward, melded_linear_grad_input,
-                  quantize, quantize_delayed, topk_update_)
+                  quantize, quantize_delayed, topk_update_, topk_update_many_)
 from .config import FalqonConfig, FalqonError
 from .convert import MeldSummary, meld, melded_layers, melded_summary
 from .training import attach
@@ -38,6 +38,7 @@ __all__ = [
     "melded_layers", "merge", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
     "melded_summary", "ops",
     "quantize", "quantize_delayed", "save_pretrained", "topk_update_",
+    "topk_update_many_",
 ]
 
 

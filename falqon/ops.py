@@ -26,7 +26,7 @@ ROW_ALIGN = 16
 __all__ = [
     "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "quantize_delayed",
     "record_amax_", "melded_linear", "melded_linear_grad_input", "melded_linear_backward",
-    "meld_init", "topk_update_",
+    "meld_init", "topk_update_", "topk_update_many_",
 ]
 
 
@@ -137,6 +137,31 @@ def topk_update_(weight: Tensor, lora_B: Tensor, weight_t: Tensor | None, k: int
     W'[T] = fp8(W'[T] + scaling * B[T] A_q) in the scaled domain, saturating. Then lora_B is
     zeroed (keep_residual=False, the published policy) or only its applied rows are."""
     torch.ops.falqon.topk_update_.default(weight, lora_B, weight_t, k, scaling, keep_residual)
+
+
+def topk_update_many_(weights: list[Tensor], lora_Bs: list[Tensor],
+                      weight_ts: list[Tensor | None] | None, ks: list[int],
+                      scalings: list[float], keep_residuals: list[bool] | bool = False,
+                      discard_nonfinite: bool = False) -> Tensor:
+    """`topk_update_` of many layers at once, with exactly the per-layer op's results (layer i:
+    weights[i], lora_Bs[i], weight_ts[i] or None, ks[i], scalings[i], keep_residuals[i]). On
+    CUDA: four launches whatever the number of layers, no host synchronisation. Returns a bool
+    tensor of one value per layer: whether its lora_B was finite before the update. With
+    discard_nonfinite, a non-finite lora_B anywhere discards the whole step: no weight changes
+    and every lora_B is zeroed (what ProxyUpdater does with such a step)."""
+    if not len(weights):
+        raise ValueError("falqon.topk_update_many_: no layers (weights is empty)")
+    if weight_ts is None:
+        weight_ts = [None] * len(weights)
+    if isinstance(keep_residuals, bool):
+        keep_residuals = [keep_residuals] * len(weights)
+    if len(weight_ts) != len(weights):
+        raise ValueError(f"falqon.topk_update_many_: weight_ts must have one entry (a tensor or "
+                         f"None) per layer, got {len(weight_ts)} for {len(weights)} layers")
+    present = [i for i, t in enumerate(weight_ts) if t is not None]
+    return torch.ops.falqon.topk_update_many_.default(
+        list(weights), list(lora_Bs), [weight_ts[i] for i in present], present, list(ks),
+        [float(s) for s in scalings], [bool(b) for b in keep_residuals], discard_nonfinite)
 
 
 # ---- fake kernels: shapes, dtypes and strides for torch.compile and meta tensors -------------
@@ -341,6 +366,36 @@ def _topk_update_fake(weight, lora_B, weight_t, k, scaling, keep_residual=False)
     _require(k >= 0, f"falqon.topk_update_: k must be >= 0, got {k}")
     _check_weight(weight, None, lora_B.shape[0], lora_B.shape[1], weight_t)
     return None
+
+
+@torch.library.register_fake("falqon::topk_update_many_")
+def _topk_update_many_fake(weights, lora_Bs, weight_ts, weight_t_layers, ks, scalings,
+                           keep_residuals, discard_nonfinite=False):
+    L = len(weights)
+    _require(L >= 1, "falqon.topk_update_many_: no layers (weights is empty)")
+    _require(len(lora_Bs) == L and len(ks) == L and len(scalings) == L and
+             len(keep_residuals) == L,
+             f"falqon.topk_update_many_: weights, lora_Bs, ks, scalings and keep_residuals must "
+             f"have one entry per layer, got {L}, {len(lora_Bs)}, {len(ks)}, {len(scalings)} and "
+             f"{len(keep_residuals)}")
+    _require(len(weight_ts) == len(weight_t_layers),
+             f"falqon.topk_update_many_: weight_ts and weight_t_layers must have the same length, "
+             f"got {len(weight_ts)} and {len(weight_t_layers)}")
+    _require(all(0 <= i < L for i in weight_t_layers) and
+             len(set(weight_t_layers)) == len(weight_t_layers),
+             f"falqon.topk_update_many_: weight_t_layers must name distinct layers in [0, {L}), "
+             f"got {list(weight_t_layers)}")
+    weight_t = dict(zip(weight_t_layers, weight_ts))
+    for i in range(L):
+        try:
+            _topk_update_fake(weights[i], lora_Bs[i], weight_t.get(i), ks[i], scalings[i])
+        except RuntimeError as e:
+            message = str(e).removeprefix("falqon.topk_update_: ").removeprefix("falqon: ")
+            raise RuntimeError(f"falqon.topk_update_many_: layer {i}: {message}") from None
+        _require(weights[i].device == weights[0].device,
+                 f"falqon.topk_update_many_: layer {i} is on {weights[i].device} but layer 0 is on "
+                 f"{weights[0].device}")
+    return weights[0].new_empty((L,), dtype=torch.bool)
 
 
 # ---- autograd of melded_linear ------------------------------------------------------------------

@@ -20,19 +20,26 @@ optimizer state (AdamW's moments would otherwise stay NaN for good) and leaves e
 was; the step is counted as skipped and a warning is given once. (Independently, the op
 topk_update_ leaves a weight row unchanged where its update is NaN.) That check reads one flag
 back from the device per step; pass check_finite=False to avoid it.
+
+On one CUDA device every layer's update (and the finite check) runs as one grouped op,
+ops.topk_update_many_: four launches whatever the number of layers, with the per-layer op's
+results bit for bit. Elsewhere (the CPU, layers on several devices, FSDP2 shards) each layer runs
+its own topk_update_.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from . import update_guard
+from . import ops, update_guard
 from .convert import melded_config, melded_layers
+from .modules import is_sharded
 
 STATE_ATTR = "falqon_state"
 # Set while an attach() hook is live: a second hook (or FalqonCallback) would update twice.
@@ -83,6 +90,7 @@ class ProxyUpdater:
         self.config = melded_config(model)
         self.optimizer = optimizer
         self.check_finite = check_finite
+        self.grouped_enabled = os.environ.get("FALQON_GROUPED_TOPK", "1") != "0"
         self.state = proxy_state(model)
         self._warned = False
         if optimizer is not None:
@@ -102,15 +110,43 @@ class ProxyUpdater:
     @torch.no_grad()
     def step(self) -> bool:
         """Fold this step's B into the weights; False (and nothing changed) if a B is not finite."""
-        if self.check_finite and self.layers:
-            finite = torch.stack([torch.isfinite(layer.lora_B).all() for layer in self.layers])
-            if not bool(finite.all()):  # the one host read-back per step
+        if self.layers and self.grouped():
+            # Every layer in one op: on CUDA four launches whatever the layer count, the finite
+            # check included (a non-finite B anywhere leaves every weight as it was).
+            layers = self.layers
+            finite = ops.topk_update_many_(
+                [layer.weight for layer in layers], [layer.lora_B for layer in layers],
+                [layer.weight_t for layer in layers], [self.k_for(layer) for layer in layers],
+                [layer.scaling for layer in layers], [layer.keep_residual for layer in layers],
+                discard_nonfinite=self.check_finite)
+            if self.check_finite and not bool(finite.all()):  # the one host read-back per step
                 self._discard(finite)
                 return False
-        for layer in self.layers:
-            layer.proxy_update(self.k_for(layer))
+        else:
+            if self.check_finite and self.layers:
+                finite = torch.stack([torch.isfinite(layer.lora_B).all() for layer in self.layers])
+                if not bool(finite.all()):  # the one host read-back per step
+                    self._discard(finite)
+                    return False
+            for layer in self.layers:
+                layer.proxy_update(self.k_for(layer))
         update_guard.record(self.model)
         self.state.step += 1
+        return True
+
+    def grouped(self) -> bool:
+        """Whether step() runs the grouped op (ops.topk_update_many_): every proxy layer's tensors
+        on one CUDA device, none of them an FSDP2 shard. Otherwise (the CPU, several devices,
+        sharded layers) each layer runs its own update. FALQON_GROUPED_TOPK=0 forces the latter."""
+        if not self.grouped_enabled:
+            return False
+        device = self.layers[0].weight.device
+        if device.type != "cuda":
+            return False
+        for layer in self.layers:
+            for t in (layer.weight, layer.lora_B, layer.weight_t):
+                if t is not None and (t.device != device or is_sharded(t)):
+                    return False
         return True
 
     def _discard(self, finite: torch.Tensor) -> None:

@@ -160,6 +160,19 @@ def run_topk(dev):
                     B[1, 0] = float("nan")
                     falqon.topk_update_(layer.weight, B, layer.weight_t, k, 2.0, keep)
                     n += 1
+    # The grouped op over every layer at once (mixed shapes and B dtypes, a NaN in one B).
+    layers = list(_layers(dev, modes=("proxy",)))
+    for discard in (False, True):
+        for k in (0, 3, 100):
+            Bs = [torch.randn(m.out_features, m.rank, device=dev,
+                              dtype=(torch.float32, torch.bfloat16)[i % 2])
+                  for i, m in enumerate(layers)]
+            Bs[-1][1, 0] = float("nan")
+            falqon.topk_update_many_([m.weight for m in layers], Bs,
+                                     [m.weight_t for m in layers], [k] * len(layers),
+                                     [2.0] * len(layers), [i % 2 == 0 for i in range(len(layers))],
+                                     discard_nonfinite=discard)
+            n += 1
     return n
 
 

@@ -17,6 +17,7 @@ import model as bench_model  # noqa: E402
 import model_build  # noqa: E402
 import plot_results  # noqa: E402
 import profile_step  # noqa: E402
+import proxy_update  # noqa: E402
 
 import falqon  # noqa: E402
 
@@ -608,3 +609,15 @@ def test_model_tables_name_their_runs_when_rows_mix_runs():
                                                                   "file": "b.json"}})
     assert note == ("Rows from more than one run: falqon from b.json (2026-11-29); bf16_lora "
                     "from a.json (2026-11-30).")
+
+
+def test_proxy_update_benchmark_runs_both_paths(tmp_path):
+    """benchmarks/proxy_update.py on the CPU, tiny: both paths of ProxyUpdater.step timed (the
+    grouped one forced, as on CUDA), a table printed and the JSON written."""
+    out = tmp_path / "proxy_update.json"
+    records = proxy_update.main(["--device", "cpu", "--decoder-layers", "1", "--scale", "16",
+                                 "--reps", "1", "--k", "4", "--out", str(out)])
+    assert [r["mode"] for r in records] == ["per_layer", "grouped"]
+    assert all(r["layers"] == 7 and r["gpu_ms"] > 0 for r in records)
+    saved = json.loads(out.read_text())
+    assert saved["records"] == json.loads(json.dumps(records)) and saved["settings"]["k"] == "4"

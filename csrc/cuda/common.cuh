@@ -165,6 +165,11 @@ std::tuple<at::Tensor, at::Tensor> meld_init_fp8(const at::Tensor& weight, int64
                                                  double adapter_row_norm);
 void topk_update_fp8(at::Tensor& weight, at::Tensor& lora_B, const std::optional<at::Tensor>& weight_t,
                      int64_t k, double scaling, bool keep_residual);
+// topk_update_many_ in four launches (topk_update.cu); weight_ts: one entry per layer.
+at::Tensor topk_update_many_fp8(at::TensorList weights, at::TensorList lora_Bs,
+                                const std::vector<std::optional<at::Tensor>>& weight_ts,
+                                at::IntArrayRef ks, at::ArrayRef<double> scalings,
+                                const c10::List<bool>& keep_residuals, bool discard_nonfinite);
 
 }  // namespace cuda
 }  // namespace falqon

@@ -184,6 +184,23 @@ void topk_update_op(at::Tensor& weight, at::Tensor& lora_B, const std::optional<
   topk_update_fp8(weight, lora_B, weight_t, k, scaling, keep_residual);
 }
 
+at::Tensor topk_update_many_op(at::TensorList weights, at::TensorList lora_Bs,
+                              at::TensorList weight_ts, at::IntArrayRef weight_t_layers,
+                              at::IntArrayRef ks, at::ArrayRef<double> scalings,
+                              const c10::List<bool>& keep_residuals, bool discard_nonfinite) {
+  check_topk_update_many_args(weights, lora_Bs, weight_ts, weight_t_layers, ks, scalings,
+                              keep_residuals);
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  if (use_emulation(weights[0].device())) {
+    return ref::topk_update_many_(weights, lora_Bs, weight_ts, weight_t_layers, ks, scalings,
+                                  keep_residuals, discard_nonfinite);
+  }
+  return topk_update_many_fp8(
+      weights, lora_Bs,
+      weight_t_by_layer(static_cast<int64_t>(weights.size()), weight_ts, weight_t_layers), ks,
+      scalings, keep_residuals, discard_nonfinite);
+}
+
 // ---- torch.ops.falqon_bench -------------------------------------------------------------------
 
 // b a^T * a_scale * b_scale for row-major FP8 a (m x k) and b (n x k): the forward GEMM
@@ -211,6 +228,7 @@ TORCH_LIBRARY_IMPL(falqon, CUDA, m) {
   m.impl("record_amax_", &falqon::cuda::record_amax_op);
   m.impl("meld_init", &falqon::cuda::meld_init_op);
   m.impl("topk_update_", &falqon::cuda::topk_update_op);
+  m.impl("topk_update_many_", &falqon::cuda::topk_update_many_op);
 }
 
 TORCH_LIBRARY(falqon_bench, m) {
