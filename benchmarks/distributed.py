@@ -27,6 +27,7 @@ every process (NVLink multicast stays off).
 
     python benchmarks/distributed.py                   # 2 GPUs, LLaMA-7B, 16 x 512 per GPU
     python benchmarks/distributed.py --layers 8 --steps 3
+    python benchmarks/distributed.py --model llama2-70b --methods falqon_fused --modes fsdp2
     python benchmarks/distributed.py --device cpu --model tiny --batch 2 --seq 16 --steps 2
 """
 
@@ -81,17 +82,31 @@ def _wrap(mode: str, model):
     return model
 
 
+def build(method: str, args):
+    """The method's melded model on this rank, built as benchmarks/model.py builds it: whole, or
+    layer by layer (seeded random weights, each layer melded as it is made) where the bf16 model
+    would not fit (--build auto, e.g. llama2-70b) or --build layerwise."""
+    info: dict = {}
+    options = M.FALQON_OPTIONS[method]
+    if M.model_build.build_layerwise(args):
+        model = M.model_build.layerwise_model(method, options, args, info, M.projection_modules,
+                                              M._peft_lora)
+    else:
+        model = M.build_model(args.model, args.layers, args.seq, args.device, args.dtype,
+                              args.seed)
+        model = M.setup_falqon(model, args, info, options)
+    if method in M.FUSED:  # Liger's kernels (or torch.compile) around falqon's GEMMs
+        model = M.model_fused.apply_fuse(method, model, info)
+    return model
+
+
 def measure(mode: str, method: str, args, rank: int) -> dict:
     """Build, meld, wrap and time `method` in `mode` on this rank: {"s_per_step", "peak_gib",
     "ranks_identical", "loss"}."""
     import falqon
     from falqon.distributed import ranks_identical
 
-    info: dict = {}
-    model = M.build_model(args.model, args.layers, args.seq, args.device, args.dtype, args.seed)
-    model = M.setup_falqon(model, args, info, M.FALQON_OPTIONS[method])
-    if method in M.FUSED:  # Liger's kernels (or torch.compile) around falqon's GEMMs
-        model = M.model_fused.apply_fuse(method, model, info)
+    model = build(method, args)
     net = _wrap(mode, model)
     M.enable_checkpointing(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
