@@ -5,7 +5,8 @@ Reads the results files of benchmarks/layer.py (records {"kind": "layer", "shape
 "tokens", "method", "s_per_step", "tokens_per_s", "peak_gib", "update_ms", "final_loss", and
 from the adapter mode on "first_loss", "loss_steps", "lr"} and {"kind": "meld", "model",
 "seconds", and from meld while loading on "source": "memory" | "synthetic" | "disk", "peak_gib",
-"page_cache"}); any record may instead carry {"skipped": reason}, a model record that cannot fit
+"page_cache"}) and benchmarks/distributed.py ({"kind": "distributed", "mode", "gpus",
+"method", "tokens_per_s", "scaling", "peak_gib", "peak_ratio", "ranks_identical"}); any record may instead carry {"skipped": reason}, a model record that cannot fit
 the device also {"fits": false, "needs_bytes"}. Where several files hold the same
 measurement on the same device, the newest file's (by its "date") is used. Methods that a file
 lacks (falqon_adapter in files older than the adapter mode, say) are simply not shown.
@@ -31,6 +32,7 @@ from collections import defaultdict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BASELINE = "bf16_lora"
+KINDS = ("layer", "model", "meld", "distributed")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Methods in this order first (the rest as they come), so that colours and columns stay put.
 PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "falqon_delayed", "falqon_delayed_wt",
@@ -57,7 +59,7 @@ def load_records(results_dir: pathlib.Path) -> tuple[list[dict], dict]:
             continue  # not a results file
         device, date = str(data.get("device", "unknown")), str(data.get("date", ""))
         for r in data["records"]:
-            if not isinstance(r, dict) or r.get("kind") not in ("layer", "model", "meld"):
+            if not isinstance(r, dict) or r.get("kind") not in KINDS:
                 continue  # a profile's records, say
             info = devices.setdefault(device, {"torch": set(), "date": ""})
             info["torch"].add(str(data.get("torch", "?")))
@@ -85,6 +87,9 @@ def record_key(r: dict) -> tuple:
         return ("layer", r["device"], tuple(r["shape"]), r["M"], r["r"], r["pass"], r["method"])
     if r["kind"] == "model":
         return ("model", r["device"], r["model"], r["method"])
+    if r["kind"] == "distributed":
+        return ("distributed", r["device"], r["model"], r.get("batch_per_gpu"), r["mode"],
+                r["method"])
     return ("meld", r["device"], r["model"], r.get("source", "memory"), r.get("page_cache"))
 
 
@@ -301,6 +306,7 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
                 out.append(meld_line(x))
             else:
                 skipped.append((f"meld of {x['model']}", x))
+        out += distributed_tables(records, device, skipped)
         # One line per method and reason, naming every place it applies to.
         reasons: dict[tuple, list[str]] = defaultdict(list)
         for where, x in skipped:
@@ -312,6 +318,34 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
         out.append("")
     out.append(END)
     return "\n".join(out)
+
+
+def distributed_tables(records, device: str, skipped: list) -> list[str]:
+    """benchmarks/distributed.py's records on `device`, one table per model and batch."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for x in records:
+        if x["kind"] == "distributed" and x["device"] == device:
+            groups[(x["model"], x.get("batch_per_gpu"), x.get("seq"))].append(x)
+    out = []
+    order = {"single": 0, "ddp": 1, "fsdp2": 2, "fsdp2_offload": 3}
+    for (model, batch, seq), rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        out += ["", f"Several GPUs, {model}, {batch} x {seq} tokens per GPU "
+                f"(benchmarks/distributed.py; scaling and peak ratio over the same method on one "
+                f"GPU in the same run):", "",
+                "| mode | GPUs | method | tokens/s | scaling | peak GiB/rank | peak ratio | "
+                "ranks identical |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for x in sorted(rows, key=lambda x: (order.get(x["mode"], 9), x["method"])):
+            if not ran(x):
+                skipped.append((f"{x['mode']} {model}", x))
+                continue
+            num = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+            same = x.get("ranks_identical")
+            out.append(f"| {x['mode']} | {x['gpus']} | {x['method']} | "
+                       f"{num(x.get('tokens_per_s'), '{:.0f}')} | "
+                       f"{num(x.get('scaling'), '{:.2f}x')} | {num(x.get('peak_gib'), '{:.1f}')} | "
+                       f"{num(x.get('peak_ratio'), '{:.2f}')} | "
+                       f"{'-' if same is None else ('yes' if same else 'NO')} |")
+    return out
 
 
 def meld_line(x: dict) -> str:

@@ -621,3 +621,27 @@ def test_proxy_update_benchmark_runs_both_paths(tmp_path):
     assert all(r["layers"] == 7 and r["gpu_ms"] > 0 for r in records)
     saved = json.loads(out.read_text())
     assert saved["records"] == json.loads(json.dumps(records)) and saved["settings"]["k"] == "4"
+
+
+def test_readme_table_shows_the_distributed_records(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    tps = 1000 * _ms()
+    base = {"kind": "distributed", "model": "llama-7b", "batch_per_gpu": 16, "seq": 512,
+            "method": "falqon_adapter", "s_per_step": 8192 / tps}
+    records = [{**base, "mode": "single", "gpus": 1, "tokens_per_s": tps, "peak_gib": 12.5,
+                "scaling": 1.0, "peak_ratio": 1.0, "ranks_identical": None},
+               {**base, "mode": "ddp", "gpus": 2, "tokens_per_s": 1.9 * tps, "peak_gib": 13.0,
+                "scaling": 1.9, "peak_ratio": 1.04, "ranks_identical": True},
+               {**base, "mode": "fsdp2", "gpus": 2, "tokens_per_s": 1.5 * tps, "peak_gib": 9.0,
+                "scaling": 1.5, "peak_ratio": 0.72, "ranks_identical": False},
+               {**base, "mode": "fsdp2_offload", "gpus": 2, "skipped": "RuntimeError: no GPU"}]
+    _write(results / "distributed_test.json", "2026-11-30T12:00:00+00:00", records)
+    readme = tmp_path / "README.md"
+    readme.write_text(plot_results.BEGIN + "\n" + plot_results.END + "\n")
+    plot_results.main(["--results-dir", str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "Several GPUs, llama-7b, 16 x 512 tokens per GPU" in text
+    assert f"| ddp | 2 | falqon_adapter | {1.9 * tps:.0f} | 1.90x | 13.0 | 1.04 | yes |" in text
+    assert "| fsdp2 | 2 | falqon_adapter |" in text and "| 0.72 | NO |" in text
+    assert "- not run: falqon_adapter (fsdp2_offload llama-7b): RuntimeError: no GPU" in text
