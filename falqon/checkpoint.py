@@ -17,7 +17,8 @@ A falqon checkpoint directory holds
                             and the byte size of every file (a truncated file is caught before it
                             is parsed). It is written last, so a directory without it is an
                             unfinished save.
-A training checkpoint (what `falqon finetune` writes) adds
+A training checkpoint (save_training_checkpoint: a loop of one's own; `falqon finetune` wrote
+these before it trained on the Hugging Face Trainer) adds
   training_state.safetensors  the optimizer state's tensors and the torch RNG states;
   trainer_state.json          the optimizer's hyper-parameters, step, data position, Python's RNG
                               state and whatever the loop adds.
@@ -55,7 +56,7 @@ WEIGHTS_LAYOUTS = ("full", "adapter")
 
 # ---- small file helpers -------------------------------------------------------------------------
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -68,7 +69,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> int:
     return path.stat().st_size
 
 
-def _check_files(directory: pathlib.Path, sizes: dict[str, int]) -> None:
+def check_files(directory: pathlib.Path, sizes: dict[str, int]) -> None:
     for name, size in sizes.items():
         f = directory / name
         if not f.is_file():
@@ -144,7 +145,7 @@ def save_pretrained(model: nn.Module, path) -> None:
     for name, layer in layers:
         tensors.update(_layer_tensors(name, layer, layout))
     size = _save_tensors(tensors, directory / MODEL_FILE)
-    _atomic_write_text(directory / CONFIG_FILE,
+    atomic_write_text(directory / CONFIG_FILE,
                        json.dumps(_checkpoint_meta(model, config, layers, layout, size), indent=2))
 
 
@@ -185,7 +186,7 @@ def read_checkpoint_meta(path) -> dict:
     if meta.get("weights", "full") not in WEIGHTS_LAYOUTS:
         raise FalqonError(f"{directory / CONFIG_FILE} is corrupt: weights is "
                           f"{meta.get('weights')!r}, expected one of {WEIGHTS_LAYOUTS}")
-    _check_files(directory, meta.get("files", {}))
+    check_files(directory, meta.get("files", {}))
     return meta
 
 
@@ -427,7 +428,7 @@ def save_training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
     size = _save_tensors({**opt_tensors, **rng_tensors}, tmp / TRAINING_FILE)
     state = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta,
              "files": {TRAINING_FILE: size}}
-    _atomic_write_text(tmp / TRAINER_STATE_FILE, json.dumps(state, indent=1))
+    atomic_write_text(tmp / TRAINER_STATE_FILE, json.dumps(state, indent=1))
     if final.exists():
         old = final.with_name(final.name + ".old")
         if old.exists():
@@ -442,7 +443,7 @@ def save_training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
 def read_trainer_state(path) -> dict:
     directory = pathlib.Path(path)
     state = read_json(directory / TRAINER_STATE_FILE, "falqon training checkpoint")
-    _check_files(directory, state.get("files", {}))
+    check_files(directory, state.get("files", {}))
     return state
 
 
@@ -464,6 +465,6 @@ def load_training_checkpoint(model: nn.Module, optimizer_factory, path):
     return model, optimizer, state
 
 
-__all__ = ["CONFIG_FILE", "MODEL_FILE", "from_pretrained", "load_training_checkpoint",
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "atomic_write_text", "check_files", "from_pretrained", "load_training_checkpoint",
            "read_checkpoint_meta", "read_trainer_state", "save_pretrained",
            "save_training_checkpoint"]

@@ -166,6 +166,32 @@ def _parts(rec: dict, kind: str, tokenizer, templates) -> tuple[list[int], list[
     return bos + ids(rec["prompt"]), ids(rec["completion"])
 
 
+def _encoder(kind: str, tokenizer, seq_len: int, template: str):
+    """A function of one record: its Example (prompt masked), or None where no response fits."""
+    if seq_len < 8:
+        raise FalqonError(f"seq_len must be at least 8, got {seq_len}")
+    if kind == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise FalqonError("the data holds chat messages but the tokenizer has no chat template: "
+                          "use a model whose tokenizer has one, or prompt/completion records")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise FalqonError("the tokenizer has no EOS token")
+    marker = tokenizer.encode(RESPONSE_MARKER, add_special_tokens=False) if kind == "alpaca" \
+        else []
+    max_prompt = seq_len // 2
+
+    def one(rec: dict) -> Example | None:
+        head, response = _parts(rec, kind, tokenizer, TEMPLATES[template])
+        prompt = head[:max(max_prompt - len(marker), 1)] + marker
+        if kind == "alpaca" or response[-1:] != [eos]:  # a chat template may end with EOS
+            response = response + [eos]
+        response = response[:seq_len - len(prompt)]
+        if not response:
+            return None
+        return Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response)
+    return one
+
+
 def encode(records: list[dict], tokenizer, seq_len: int, template: str = "alpaca",
            progress: bool = False) -> list[Example]:
     """Tokenise prompt and response separately (so the mask boundary is exact), mask the prompt.
@@ -176,36 +202,53 @@ def encode(records: list[dict], tokenizer, seq_len: int, template: str = "alpaca
     what is left and ends with EOS only when it fits whole."""
     from tqdm.auto import tqdm
 
-    if seq_len < 8:
-        raise FalqonError(f"seq_len must be at least 8, got {seq_len}")
-    kind = records_kind(records) if records else "alpaca"
-    if kind == "messages" and not getattr(tokenizer, "chat_template", None):
-        raise FalqonError("the data holds chat messages but the tokenizer has no chat template: "
-                          "use a model whose tokenizer has one, or prompt/completion records")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise FalqonError("the tokenizer has no EOS token")
-    marker = tokenizer.encode(RESPONSE_MARKER, add_special_tokens=False) if kind == "alpaca" \
-        else []
-    max_prompt = seq_len // 2
-    examples = []
-    for rec in tqdm(records, desc="falqon tokenise", unit="record", disable=not progress,
-                    mininterval=1.0, dynamic_ncols=True):
-        head, response = _parts(rec, kind, tokenizer, TEMPLATES[template])
-        prompt = head[:max(max_prompt - len(marker), 1)] + marker
-        if kind == "alpaca" or response[-1:] != [eos]:  # a chat template may end with EOS
-            response = response + [eos]
-        response = response[:seq_len - len(prompt)]
-        if not response:
-            continue
-        examples.append(Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+    one = _encoder(records_kind(records) if records else "alpaca", tokenizer, seq_len, template)
+    examples = [e for e in (one(rec) for rec in tqdm(
+        records, desc="falqon tokenise", unit="record", disable=not progress, mininterval=1.0,
+        dynamic_ncols=True)) if e is not None]
     if not examples:
         raise FalqonError(f"no example has room for a response within seq_len={seq_len}")
     return examples
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (padding labelled IGNORE_INDEX)."""
+def encode_dataset(records: list[dict], tokenizer, seq_len: int, template: str = "alpaca",
+                   progress: bool = False):
+    """encode() as a `datasets.Dataset` of input_ids and labels: the records (checked by
+    falqon.records) in a Dataset, tokenised by Dataset.map with its progress bar; in memory, no
+    cache file, nothing downloaded."""
+    try:
+        import datasets
+    except ImportError:
+        raise FalqonError("falqon finetune needs the datasets package: pip install "
+                          "'falqon[hf]' (or pip install datasets)") from None
+
+    one = _encoder(records_kind(records) if records else "alpaca", tokenizer, seq_len, template)
+
+    def batch(rows: dict) -> dict:
+        found = [one(dict(zip(rows, values))) for values in zip(*rows.values())]
+        kept = [e for e in found if e is not None]
+        return {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]}
+
+    table = datasets.Dataset.from_list(records)
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
+    try:
+        # new_fingerprint: datasets would otherwise hash the tokenizer in the closure.
+        out = table.map(batch, batched=True, remove_columns=table.column_names,
+                        desc="falqon tokenise", keep_in_memory=True, load_from_cache_file=False,
+                        new_fingerprint=f"falqon-{len(records)}-{seq_len}-{template}")
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+    if not len(out):
+        raise FalqonError(f"no example has room for a response within seq_len={seq_len}")
+    return out
+
+
+def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (padding labelled IGNORE_INDEX), of
+    Examples or of {"input_ids", "labels"} rows (encode_dataset's)."""
+    examples = [e if isinstance(e, Example) else Example(e["input_ids"], e["labels"])
+                for e in examples]
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -218,13 +261,17 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def split(examples: list, eval_size: int, seed: int) -> tuple[list, list]:
-    """(train, eval): eval_size examples drawn by a seeded permutation are held out."""
+def split(examples, eval_size: int, seed: int) -> tuple:
+    """(train, eval): eval_size examples drawn by a seeded permutation are held out (of a list, or
+    of a datasets.Dataset, whose select gives the two)."""
     if eval_size >= len(examples):
         raise FalqonError(f"eval size {eval_size} leaves no training data ({len(examples)} "
                           f"examples)")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:eval_size])
+    if hasattr(examples, "select"):
+        return (examples.select([i for i in range(len(examples)) if i not in held]),
+                examples.select(sorted(held)))
     return ([e for i, e in enumerate(examples) if i not in held],
             [examples[i] for i in sorted(held)])
 
@@ -252,6 +299,10 @@ class BatchOrder:
         """(epoch, index within the epoch) where step `step` starts reading."""
         return divmod(step * self.per_step, self.size)
 
+    def stream(self, steps: int) -> list[int]:
+        """The examples of steps 0 .. steps-1, in order: a training run's whole data order."""
+        return [i for step in range(steps) for i in self.indices(step)]
+
     def indices(self, step: int) -> list[int]:
         out = []
         for pos in range(step * self.per_step, (step + 1) * self.per_step):
@@ -261,4 +312,5 @@ class BatchOrder:
 
 
 __all__ = ["BatchOrder", "Example", "IGNORE_INDEX", "TEMPLATES", "byte_tokenizer", "collate",
-           "encode", "is_byte_tokenizer", "load_records", "split", "stdlib_records"]
+           "encode", "encode_dataset", "is_byte_tokenizer", "load_records", "split",
+           "stdlib_records"]

@@ -14,16 +14,21 @@ them on the model instance:
 
 A Trainer resuming from such a checkpoint (trainer.train(resume_from_checkpoint=...)) loads a
 transformers index file that the method writes beside falqon's files, model.safetensors.index.json:
-it maps every key of the melded model's state dict to falqon_model.safetensors, which holds the
-tensors training changes (lora_B, the amax history, the proxy mode's FP8 weights) under the same
-keys; the frozen ones are the base model's, already in the model in memory. FalqonCallback
-rebuilds the transposed FP8 copies after such a load. No config.json is written: the directory is
-not a transformers model (AutoModelForCausalLM.from_pretrained refuses it for want of one).
+it maps the keys of the melded model's state dict that falqon_model.safetensors holds (lora_B, the
+scales, the amax history, the proxy mode's FP8 weights: what training changes) to that file, the
+one tensor file written whatever max_shard_size says. Every key it lists is in the file it names,
+as transformers' and falqon's own readers of an index require; the frozen weights are the base
+model's, already in the model in memory, and listed under the index's metadata
+("falqon_frozen_keys"), so transformers' resume names them as missing keys (a warning) and leaves
+them as they are. FalqonCallback rebuilds the transposed FP8 copies after such a load. No
+config.json is written: the directory is not a transformers model
+(AutoModelForCausalLM.from_pretrained refuses it for want of one).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import weakref
 
@@ -39,7 +44,9 @@ def save_pretrained(model: nn.Module, save_directory, is_main_process: bool = Tr
     """PEFT's / transformers' save_pretrained on a melded model: falqon's checkpoint and the
     Trainer's resume index (see the module's doc). `state_dict`, `safe_serialization`,
     `max_shard_size` and the like are accepted for transformers' callers and ignored: the
-    checkpoint is always falqon's safetensors."""
+    checkpoint is always falqon's safetensors, one file, unsharded."""
+    from safetensors import safe_open
+
     from .checkpoint import MODEL_FILE, save_pretrained as falqon_save
 
     if push_to_hub:
@@ -49,12 +56,17 @@ def save_pretrained(model: nn.Module, save_directory, is_main_process: bool = Tr
         return
     falqon_save(model, save_directory)
     directory = pathlib.Path(save_directory)
+    with safe_open(str(directory / MODEL_FILE), framework="pt") as f:
+        held = set(f.keys())
+    keys = list(model.state_dict())
     index = {"metadata": {"format": "falqon", "note": "falqon checkpoint: load it with "
                           "falqon.from_pretrained(base_model, dir); this index lets a Trainer "
                           "resume into the melded model (the frozen weights are the base "
-                          "model's)"},
-             "weight_map": {key: MODEL_FILE for key in model.state_dict()}}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=1))
+                          "model's)", "falqon_frozen_keys": [k for k in keys if k not in held]},
+             "weight_map": {key: MODEL_FILE for key in keys if key in held}}
+    tmp = directory / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, directory / INDEX_FILE)
 
 
 class _Method:

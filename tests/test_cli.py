@@ -49,6 +49,15 @@ def test_finetune_end_to_end(inputs, tmp_path, capsys):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002",
                                                                        "step-0000004"]
+    # Each checkpoint is the Hugging Face Trainer's (its optimizer, scheduler and state, which
+    # its resume_from_checkpoint reads), with falqon's model files and size manifest.
+    checkpoint = out / "checkpoints" / "step-0000004"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 4
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "falqon_model.safetensors"} <= \
+        {p.name for p in checkpoint.iterdir()}
+    manifest = json.loads((checkpoint / "falqon_run_checkpoint.json").read_text())
+    assert manifest["step"] == 4 and manifest["files"]["optimizer.pt"] == \
+        (checkpoint / "optimizer.pt").stat().st_size
     assert (out / "final" / "falqon_config.json").is_file()
     assert (out / "final" / "tokenizer.json").is_file()
     qconfig = json.loads((exp / "config.json").read_text())["quantization_config"]
@@ -154,9 +163,9 @@ def test_a_run_from_before_update_mode_resumes_in_the_proxy_mode(inputs, tmp_pat
     del run["options"]["update_mode"]
     (out / "run.json").write_text(json.dumps(run))
     checkpoint = out / "checkpoints" / "step-0000002"
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = json.loads((checkpoint / "falqon_run_checkpoint.json").read_text())
     del state["options"]["update_mode"]  # the checkpoint's copy of the options, as then
-    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "falqon_run_checkpoint.json").write_text(json.dumps(state))
     meta = json.loads((checkpoint / "falqon_config.json").read_text())
     del meta["config"]["update_mode"]  # and its FalqonConfig, as then
     (checkpoint / "falqon_config.json").write_text(json.dumps(meta))
@@ -183,9 +192,9 @@ def test_an_adapter_run_from_before_adapter_gain_resumes_with_gain_1(inputs, tmp
     del run["options"]["adapter_gain"]
     (out / "run.json").write_text(json.dumps(run))
     checkpoint = out / "checkpoints" / "step-0000002"
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = json.loads((checkpoint / "falqon_run_checkpoint.json").read_text())
     del state["options"]["adapter_gain"]
-    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "falqon_run_checkpoint.json").write_text(json.dumps(state))
     meta = json.loads((checkpoint / "falqon_config.json").read_text())
     del meta["config"]["adapter_gain"]
     (checkpoint / "falqon_config.json").write_text(json.dumps(meta))
@@ -326,7 +335,7 @@ def test_bad_inputs_give_one_line_and_leave_files_intact(inputs, tmp_path, capsy
     # A truncated checkpoint: resuming refuses it before loading anything.
     latest = run / "checkpoints" / "step-0000002"
     original = snapshot(tmp_path)
-    for name in ("falqon_model.safetensors", "training_state.safetensors", "trainer_state.json"):
+    for name in ("falqon_model.safetensors", "optimizer.pt", "trainer_state.json"):
         path = latest / name
         path.write_bytes(original[str(path.relative_to(tmp_path))][:-7])
         before = snapshot(tmp_path)

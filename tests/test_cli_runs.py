@@ -91,19 +91,21 @@ def test_nan_weights_are_refused_before_anything_is_written(inputs, tmp_path, ca
 def test_an_interrupted_start_is_continued(inputs, tmp_path, capsys, monkeypatch, straight):
     """A SIGINT before the first checkpoint: a plain re-run, or --resume, starts the run again
     and ends where an uninterrupted run does, bit for bit."""
-    from falqon.cli import finetune as F
+    from falqon.cli.trainer_loop import FalqonTrainer
 
-    real_step = F._step
-    monkeypatch.setattr(F, "_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
     for i, again in enumerate((["--steps", "4", "--save-every", "2"], ["--resume"])):
         out = tmp_path / f"run{i}"
-        assert finetune(inputs, out, "--steps", "4", "--save-every", "2") == 130
-        assert (out / "run.json").is_file() and not (out / "checkpoints").exists()
-        monkeypatch.setattr(F, "_step", real_step)
+        with monkeypatch.context() as m:  # a SIGINT in the first step
+            m.setattr(FalqonTrainer, "training_step", interrupted)
+            assert finetune(inputs, out, "--steps", "4", "--save-every", "2") == 130
+        assert (out / "run.json").is_file()
+        assert not any((out / "checkpoints").glob("step-*"))
         cmd = finetune(inputs, out, *again) if i == 0 else resume(out)
         assert cmd == 0
         same_weights(straight / "final", out / "final")
-        monkeypatch.setattr(F, "_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
 
 
 def test_a_start_that_stopped_before_run_json_is_cleared(inputs, tmp_path, straight):
@@ -187,7 +189,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(inputs, tmp_path, capsys, m
 
     def full(tensors, path, *a, **k):
         calls.append(path)
-        if len(calls) > 2:  # the first checkpoint is written, the second is not
+        if len(calls) > 1:  # the first checkpoint is written, the second is not
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real(tensors, path, *a, **k)
 
@@ -223,6 +225,43 @@ def test_kill_and_resume_a_real_process(inputs, tmp_path, capsys):
     straight = tmp_path / "straight"
     assert main(["finetune", "--output-dir", str(straight), *opts, "--stop-after", "8"]) == 0
     same_weights(straight / "checkpoints" / "step-0000008", out / "checkpoints" / "step-0000008")
+
+    def losses(run):
+        return [json.loads(line).get("loss") for line in
+                (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(out) == losses(straight)
+
+
+def test_a_kill_mid_save_keeps_the_last_checkpoint(inputs, tmp_path, monkeypatch, straight):
+    """Interrupted while the Trainer writes a checkpoint (its optimizer written, its RNG state
+    not): the checkpoint is not in checkpoints/ (the Trainer writes into .partial/, falqon
+    renames it once whole), the previous one is, and --resume ends where an uninterrupted run
+    does, bit for bit."""
+    from falqon.cli.trainer_loop import FalqonTrainer
+
+    def killed(self, output_dir):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(FalqonTrainer, "_save_rng_state", killed)
+        assert finetune(inputs, out, "--steps", "4", "--save-every", "2") == 130
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == []
+    assert (out / "checkpoints" / ".partial" / "checkpoint-2" / "optimizer.pt").is_file()
+    assert resume(out) == 0
+    same_weights(straight / "final", out / "final")
+
+
+def test_a_checkpoint_of_the_old_loop_is_refused_in_one_line(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune(inputs, out, "--steps", "4", "--save-every", "2", "--stop-after", "2") == 0
+    checkpoint = out / "checkpoints" / "step-0000002"
+    (checkpoint / "falqon_run_checkpoint.json").unlink()  # as falqon's own loop wrote them
+    (checkpoint / "training_state.safetensors").write_bytes(b"")
+    capsys.readouterr()
+    assert resume(out) == 2
+    one_error_line(capsys, "was written by falqon's own training loop")
 
 
 def test_a_yaml_config_file_beside_the_flags(inputs, tmp_path, capsys):
@@ -292,3 +331,19 @@ def test_report_to_and_progress_bars(inputs, tmp_path, capsys, monkeypatch):
     assert (0, {"eval/loss": logged[0][1]["eval/loss"]}) == logged[0]
     assert [s for s, v in logged[1:-1] if "train/loss" in v] == [1, 2]
     assert logged[-1]["id"] == json.loads((tmp_path / "run" / "run.json").read_text())["id"]
+
+
+def test_a_resume_keeps_the_checkpoints_proxy_update_counters(inputs, tmp_path):
+    """The proxy-update counter (which sets the warm-up k) is the checkpoint's, not the Trainer's
+    global_step: a step skipped for a non-finite B is not counted."""
+    out = tmp_path / "run"
+    assert finetune(inputs, out, "--update-mode", "proxy", "--topk", "4", "--steps", "4",
+                    "--save-every", "2", "--stop-after", "2") == 0
+    meta_file = out / "checkpoints" / "step-0000002" / "falqon_config.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["state"] == {"step": 2, "skipped_steps": 0}
+    meta["state"] = {"step": 1, "skipped_steps": 1}  # as if step 2 had been skipped
+    meta_file.write_text(json.dumps(meta))
+    assert resume(out) == 0
+    state = json.loads((out / "final" / "falqon_config.json").read_text())["state"]
+    assert state == {"step": 3, "skipped_steps": 1}

@@ -149,3 +149,40 @@ def test_no_warning_when_the_update_runs(tmp_path, how):
             proxy_steps(model, steps=3, after_step=after)
         model(input_ids=torch.randint(0, 256, (2, 16)))
         model.save_pretrained(tmp_path / "c")
+
+
+def test_save_pretrained_index_names_only_what_its_file_holds(tmp_path):
+    """model.save_pretrained with a small max_shard_size (as transformers' callers may pass)
+    writes one tensor file, and its model.safetensors.index.json maps to that file only keys it
+    holds: falqon's reader of transformers directories opens it (it refused the old index, which
+    mapped the frozen weights there too), from_pretrained loads it back, and a Trainer resumes
+    from a checkpoint of it to the uninterrupted run's B."""
+    import json
+
+    from falqon.weight_sources import CheckpointWeights
+
+    base = tmp_path / "base"
+    tiny_causal_lm().save_pretrained(base, max_shard_size="20KB")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    falqon.meld(model, FalqonConfig(r=4, update_mode="proxy"), progress=False, verbose=False)
+    trainer = transformers.Trainer(model=model, args=args(tmp_path / "out", 4, save_steps=2),
+                                   train_dataset=ROWS, callbacks=[falqon.FalqonCallback()])
+    trainer.train()
+    model.save_pretrained(tmp_path / "ck", max_shard_size="20KB")
+    for ckpt in (tmp_path / "ck", tmp_path / "out" / "checkpoint-2"):
+        weights = CheckpointWeights(ckpt)  # every key in the file the index names
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {"falqon_model.safetensors"}
+        assert set(weights.files) == set(index["weight_map"])
+        assert "model.embed_tokens.weight" in index["metadata"]["falqon_frozen_keys"]
+    loaded = falqon.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                    tmp_path / "ck")
+    assert all(torch.equal(a, b) for a, b in zip(b_of(loaded), b_of(model)))
+    again = transformers.AutoModelForCausalLM.from_pretrained(base)
+    falqon.meld(again, FalqonConfig(r=4, update_mode="proxy"), progress=False, verbose=False)
+    resumed = transformers.Trainer(model=again, args=args(tmp_path / "out", 4, save_steps=2),
+                                   train_dataset=ROWS, callbacks=[falqon.FalqonCallback()])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    weights = [m.weight.view(torch.uint8) for _, m in falqon.melded_layers(model)]
+    assert all(torch.equal(a, m.weight.view(torch.uint8))
+               for a, (_, m) in zip(weights, falqon.melded_layers(again)))

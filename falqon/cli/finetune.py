@@ -1,7 +1,8 @@
 """`falqon finetune`: check every option, the data and the model and meld it; only then take the
-run directory's lock and write; train with bit-identical resume; finish (final eval, loss plot,
-final/ by rename, the export), which a --resume repeats where a kill cut it short. Under torchrun
-or accelerate launch every rank trains (DDP) and rank 0 alone writes: see world.py."""
+run directory's lock and write; train on the Hugging Face Trainer (trainer_loop.py) with
+bit-identical resume; finish (final eval, loss plot, final/ by rename, the export), which a
+--resume repeats where a kill cut it short. Under torchrun or accelerate launch every rank trains
+(DDP) and rank 0 alone writes: see world.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import time
 import uuid
 from types import SimpleNamespace
 
-import torch
 
 from ..config import FalqonError
 from ..fingerprint import weights_fingerprint
@@ -187,10 +187,18 @@ def _find_checkpoint(job) -> None:
         job.resume_from = checkpoints[-1]
     else:
         return
-    state = ckpt.read_trainer_state(job.resume_from)
-    ckpt.read_checkpoint_meta(job.resume_from)
+    where = job.resume_from
+    if not (where / R.CHECKPOINT_FILE).is_file() and (where / ckpt.TRAINING_FILE).is_file():
+        raise FalqonError(f"checkpoint {where} was written by falqon's own training loop, before "
+                          f"falqon finetune trained on the Hugging Face Trainer: this falqon "
+                          f"cannot resume it (its final/ and checkpoints still export); start the "
+                          f"run again in another --output-dir")
+    state = ckpt.read_json(where / R.CHECKPOINT_FILE, "falqon finetune checkpoint")
+    ckpt.check_files(where, state.get("files", {}))
+    ckpt.read_checkpoint_meta(where)
     if state.get("options") != job.run["options"]:
-        raise FalqonError(f"checkpoint {job.resume_from} belongs to another run than {job.out}")
+        raise FalqonError(f"checkpoint {where} belongs to another run than {job.out}")
+    job.start = int(state["step"])
 
 
 # ---- the model and the data, before anything is written -----------------------------------------
@@ -215,22 +223,16 @@ def _load_model(job):
 
 def _prepare_model(job) -> None:
     """The base model loaded and melded (a new run, or one whose start stopped early) or
-    loaded from its checkpoint, with its optimizer."""
+    loaded from its checkpoint."""
     from .. import checkpoint as ckpt
     from ..convert import melded_layers, melded_summary
+    from ..training import proxy_state
 
     args = job.args
     model, job.tokenizer = _load_model(job)
-
-    def make_optimizer(m):
-        params = [p for p in m.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999),
-                                 weight_decay=args.weight_decay)
-
-    if job.resume_from is not None:
-        model, job.optimizer, state = ckpt.load_training_checkpoint(model, make_optimizer,
-                                                                    job.resume_from)
-        job.start = int(state["step"])
+    if job.resume_from is not None:  # the Trainer restores the rest (optimizer, RNG, data)
+        model = ckpt.from_pretrained(model, job.resume_from)
+        job.counters = proxy_state(model).to_dict()  # FalqonCallback would take global_step
         if args.stop_after is not None and job.start >= args.stop_after and \
                 job.start < args.steps:
             raise FalqonError(f"--stop-after {args.stop_after}: the run is at step {job.start} "
@@ -241,7 +243,6 @@ def _prepare_model(job) -> None:
         where = job.model_path or f"the model built from {job.model_id.split(':')[1]}"
         if not melded_layers(model):
             meld_for_run(model, args, where, progress=not args.no_progress)
-        job.optimizer = make_optimizer(model)
     _fuse(model, args.fuse)
     job.model = model
 
@@ -263,20 +264,16 @@ def _prepare_data(job) -> None:
     job.template = args.template
     if job.template == "auto":
         job.template = "short" if D.is_byte_tokenizer(tokenizer) else "alpaca"
-    examples = D.encode(job.records, tokenizer, args.seq_len, job.template,
-                        progress=not args.no_progress)
-    job.train, held_out = D.split(examples, args.eval_size, args.seed)
-    job.per_step = args.batch_size * args.grad_accum
-    job.order = D.BatchOrder(len(job.train), job.per_step, args.seed)
+    examples = D.encode_dataset(job.records, tokenizer, args.seq_len, job.template,
+                                progress=not args.no_progress)
+    train, job.held_out = D.split(examples, args.eval_size, args.seed)
+    job.eval_size = len(job.held_out)
+    # The whole run's data order as one stream, which the Trainer reads in sequence (see
+    # trainer_loop.py).
+    order = D.BatchOrder(len(train), args.batch_size * args.grad_accum, args.seed)
+    job.train = train.select(order.stream(args.steps))
     job.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
-    job.eval_batches = [_to_device(D.collate(held_out[i:i + args.batch_size], job.pad_id),
-                                   job.device)
-                        for i in range(0, len(held_out), args.batch_size)]
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ---- the start: base-model/ and run.json --------------------------------------------------------
@@ -331,120 +328,31 @@ def _open_metrics(job) -> None:
     job.reporter = Reporter(job.args.report_to, job.out, job.run)
 
 
-def _log(job, row: dict) -> None:
-    if not job.world.leader:
-        return
-    job.rows.append(row)
-    job.metrics.write(json.dumps(row) + "\n")
-    job.metrics.flush()
-    job.reporter.log(row)
-
-
-def _eval(job, step: int) -> float | None:
-    """The held-out loss, on rank 0 alone (the model, not its DDP wrapper: no collective)."""
-    from tqdm.auto import tqdm
-
-    from ..training import evaluate
-
-    if not job.eval_batches or not job.world.leader:
-        return None
-    batches = tqdm(job.eval_batches, desc=f"falqon eval (step {step})", unit="batch",
-                   leave=False, disable=job.args.no_progress, dynamic_ncols=True)
-    _log(job, {"step": step, "eval_loss": evaluate(job.model, batches)})
-    return job.rows[-1]["eval_loss"]
-
-
-def _step(job, step: int, trainable) -> tuple[float, float, int]:
-    """One optimizer step: (loss, lr, tokens seen). Under DDP each rank runs its share of the
-    step's micro-batches, its loss scaled by the world size: DDP's mean of the gradients is then
-    the one process's sum over all of them."""
-    import contextlib
-
-    from .. import data as D
-    from ..training import lm_loss_sum, lr_at
-
-    args = job.args
-    lr = lr_at(step, args.lr, args.steps, args.lr_warmup_steps, args.schedule)
-    for group in job.optimizer.param_groups:
-        group["lr"] = lr
-    idx = job.order.indices(step)
-    micro = [D.collate([job.train[j] for j in idx[i:i + args.batch_size]], job.pad_id)
-             for i in range(0, job.per_step, args.batch_size)]
-    # Counted on the host before the batches move: no device read-back.
-    labelled = max(sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro), 1)
-    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-    world = job.world
-    share = len(micro) // world.size
-    mine = micro[world.rank * share:(world.rank + 1) * share]
-    total = torch.zeros((), device=job.device)
-    for i, batch in enumerate(_to_device(b, job.device) for b in mine):
-        sync = i == share - 1 or world.size == 1
-        with contextlib.nullcontext() if sync else job.net.no_sync():
-            loss_sum, _ = lm_loss_sum(job.net, batch)
-            # The step's loss is the mean over all its labelled tokens, whichever micro-batch
-            # (and rank) holds them.
-            (loss_sum * world.size / labelled).backward()
-        total += loss_sum.detach()
-    world.sum(total)
-    if args.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-    job.optimizer.step()  # proxy mode: falqon's hook folds this step's B into the FP8 weights
-    job.optimizer.zero_grad(set_to_none=True)
-    return float(total) / labelled, lr, tokens
-
-
-def _save_checkpoint(job, done: int) -> None:
-    import shutil
-
-    from .. import checkpoint as ckpt
-    from ..training import proxy_state
-
-    epoch, position = job.order.position(done)
-    state = {"step": done, "epoch": epoch, "position": position,
-             "proxy": proxy_state(job.model).to_dict(), "options": job.run["options"]}
-    ckpt.save_training_checkpoint(job.model, job.optimizer,
-                                  job.out / R.CHECKPOINTS / f"step-{done:07d}", state)
-    for old in R.list_checkpoints(job.out)[:-job.args.keep_checkpoints]:
-        shutil.rmtree(old)
-
-
 def _train(job) -> None:
-    from tqdm.auto import tqdm
-
-    from ..training import attach, enable_gradient_checkpointing
+    """The Trainer's steps from job.start to job.stop (a --resume: from its checkpoint)."""
+    from ..training import enable_gradient_checkpointing
+    from .trainer_loop import build_trainer
 
     args = job.args
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(job.model)
-    handle = attach(job.optimizer, job.model)
-    job.net = job.world.wrap(job.model, job.device)
     job.model.train()
     if job.world.leader:
         _open_metrics(job)
-    if job.start == 0:
-        torch.manual_seed(args.seed)  # dropout, if the model has any; resume restores it
-        _eval(job, 0)
-    trainable = [p for p in job.model.parameters() if p.requires_grad]
     job.stop = min(args.steps, args.stop_after or args.steps)
-    bar = tqdm(total=args.steps, initial=job.start, desc="falqon finetune", unit="step",
-               disable=args.no_progress, dynamic_ncols=True)
-    began, job.tokens = time.perf_counter(), 0
-    for step in range(job.start, job.stop):
-        loss, lr, tokens = _step(job, step, trainable)
-        job.tokens += tokens
-        done = step + 1
-        _log(job, {"step": done, "loss": loss, "lr": lr})
-        postfix = {"loss": f"{loss:.3f}"}
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps and \
-                job.eval_batches and job.world.leader:
-            postfix["eval"] = f"{_eval(job, done):.3f}"
-        bar.set_postfix(postfix)
-        bar.update(1)
-        if (args.save_every and done % args.save_every == 0) or done == job.stop:
-            job.world.on_leader(_save_checkpoint, job, done)
-    bar.close()
-    handle.remove()
-    job.elapsed = time.perf_counter() - began
+    job.trainer = build_trainer(job)
+    job.elapsed, job.tokens = 0.0, 0
+    if job.start < job.stop:
+        import gc
+
+        # The Trainer starts with gc.collect() (accelerate's free_memory); what exists now lives
+        # as long as the run: kept out of that collection (seconds in a large process).
+        gc.freeze()
+        try:
+            job.trainer.train(resume_from_checkpoint=job.resume_from and str(job.resume_from))
+        finally:
+            gc.unfreeze()
+    job.trainer.state.global_step = job.stop
 
 
 # ---- the end: final eval, plot, final/, export --------------------------------------------------
@@ -493,7 +401,7 @@ def _finish(job) -> int:
     ran = job.start < job.stop
     if job.stop == args.steps and not any(r.get("step") == args.steps and "eval_loss" in r
                                           for r in job.rows):
-        _eval(job, args.steps)
+        job.trainer.evaluate()
     job.metrics.close()
     job.reporter.close()
     todo_final = ran or not R.final_is_complete(out)

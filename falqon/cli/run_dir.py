@@ -6,7 +6,10 @@ ties it to its base model's weights.
                       the run when it lies inside it) and the base weights' fingerprint
     metrics.jsonl     loss per step, eval loss every --eval-every steps
     loss.png          the loss plot
-    checkpoints/      step-N/, each written to step-N.partial and renamed into place
+    checkpoints/      step-N/: the Hugging Face Trainer's checkpoint (falqon's model files, the
+                      optimizer, scheduler, RNG and Trainer states) and falqon_run_checkpoint.json
+                      (the step, the run's options, every file's byte size), each written to
+                      .partial/checkpoint-N and renamed into place
     final/            the melded model and the tokenizer, written to final.partial and renamed
     base-model/       the random weights of a model built from a config
     .falqon.lock      locked (flock) while a run writes here: a second run is refused
@@ -40,6 +43,8 @@ BASE_DIR = "base-model"
 FINAL_DIR = "final"
 LOCK_FILE = ".falqon.lock"
 PARTIAL = ".partial"
+PARTIAL_CHECKPOINTS = ".partial"  # checkpoints/.partial/checkpoint-N: a checkpoint being written
+CHECKPOINT_FILE = "falqon_run_checkpoint.json"  # written last into a checkpoint
 # What a start that stopped before writing run.json can have left.
 START_LEFTOVERS = {LOCK_FILE, BASE_DIR, BASE_DIR + PARTIAL, RUN_FILE + ".tmp"}
 
