@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import falqon
 
 from falqon.cli import main
+from falqon.config import FalqonError
 from workflow_testing import cli_finetune, snapshot
 
 transformers = pytest.importorskip("transformers")
@@ -397,3 +398,17 @@ def test_console_script_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"falqon: error: data file {tmp_path / 'x.jsonl'} does not exist"
     assert not (tmp_path / "o").exists()
+
+
+def test_an_old_transformers_is_refused_in_one_line_before_anything_is_written(tmp_path,
+                                                                                monkeypatch):
+    from falqon.cli import trainer_loop
+
+    trainer_loop.check_transformers("4.57.0")
+    trainer_loop.check_transformers("5.24.0.dev0")
+    with pytest.raises(FalqonError, match=r"needs transformers >= 4\.57 .*found 4\.56\.2"):
+        trainer_loop.check_transformers("4.56.2")
+    monkeypatch.setattr(trainer_loop.transformers, "__version__", "4.46.1")
+    out = tmp_path / "run"
+    assert main(["finetune", "--output-dir", str(out), "--steps", "1"]) == 2
+    assert not out.exists()

@@ -59,6 +59,9 @@ def cmd_finetune(args) -> int:
 
 
 def _checked_job(args, world: World) -> SimpleNamespace:
+    from .trainer_loop import check_transformers
+
+    check_transformers()
     job = _resolve_options(args, world)
     _resolve_inputs(job)
     _prepare_model(job)

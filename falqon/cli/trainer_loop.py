@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import time
 
@@ -35,6 +36,21 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import run_dir as R
 
 CHECKPOINT_FORMAT = "falqon-run-checkpoint"
+# TrainingArguments(include_num_input_tokens_seen="non_padding") came with transformers 4.57.
+MIN_TRANSFORMERS = (4, 57)
+
+
+def check_transformers(version: str | None = None) -> None:
+    """A one-line error where the installed transformers (or `version`) is older than the loop
+    needs."""
+    from ..config import FalqonError
+
+    version = transformers.__version__ if version is None else version
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise FalqonError(f"falqon finetune needs transformers >= {need} (its Trainer), found "
+                          f"{version}: pip install -U 'transformers>={need}'")
 
 
 def training_arguments(job) -> TrainingArguments:
@@ -229,5 +245,5 @@ def build_trainer(job) -> FalqonTrainer:
     return trainer
 
 
-__all__ = ["CHECKPOINT_FORMAT", "FalqonTrainer", "RunCallback", "build_trainer", "log_row",
+__all__ = ["CHECKPOINT_FORMAT", "MIN_TRANSFORMERS", "check_transformers", "FalqonTrainer", "RunCallback", "build_trainer", "log_row",
            "training_arguments"]
