@@ -211,16 +211,23 @@ def encode(records: list[dict], tokenizer, seq_len: int, template: str = "alpaca
     return examples
 
 
+class ExampleList(list):
+    """encode()'s Examples with the one method of datasets.Dataset that the CLI uses."""
+
+    def select(self, indices) -> "ExampleList":
+        return ExampleList(self[i] for i in indices)
+
+
 def encode_dataset(records: list[dict], tokenizer, seq_len: int, template: str = "alpaca",
                    progress: bool = False):
     """encode() as a `datasets.Dataset` of input_ids and labels: the records (checked by
     falqon.records) in a Dataset, tokenised by Dataset.map with its progress bar; in memory, no
-    cache file, nothing downloaded."""
+    cache file, nothing downloaded. Without `datasets` installed (it comes with falqon[hf]),
+    the same examples from encode() in an ExampleList."""
     try:
         import datasets
     except ImportError:
-        raise FalqonError("falqon finetune needs the datasets package: pip install "
-                          "'falqon[hf]' (or pip install datasets)") from None
+        return ExampleList(encode(records, tokenizer, seq_len, template, progress))
 
     one = _encoder(records_kind(records) if records else "alpaca", tokenizer, seq_len, template)
 

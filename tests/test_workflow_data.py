@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from falqon import FalqonError
 from falqon import data as D
@@ -199,3 +200,22 @@ def test_parquet(tmp_path, monkeypatch):
 
     pq.write_table(pa.Table.from_pylist(records(4)), str(path))
     assert D.load_records(path) == D.load_records(write_json(tmp_path / "d.json", records(4)))
+
+
+def test_encode_dataset_with_and_without_the_datasets_package(monkeypatch):
+    pytest.importorskip("datasets")
+    tok = D.byte_tokenizer()
+    recs = records(12, seed=3)
+    table = D.encode_dataset(recs, tok, 64, template="short")
+    assert type(table).__name__ == "Dataset"
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
+    plain = D.encode_dataset(recs, tok, 64, template="short")
+    assert isinstance(plain, D.ExampleList)
+    assert [e.input_ids for e in plain] == table["input_ids"]
+    assert [e.labels for e in plain] == table["labels"]
+    # The CLI's uses: split, select in a given order, collate; the same either way.
+    (t_train, t_eval), (p_train, p_eval) = D.split(table, 3, 0), D.split(plain, 3, 0)
+    order = [4, 0, 8, 4, 2]
+    for a, b in ((t_train.select(order), p_train.select(order)), (t_eval, p_eval)):
+        ca, cb = D.collate(list(a), 0), D.collate(list(b), 0)
+        assert all(torch.equal(ca[k], cb[k]) for k in ca)
