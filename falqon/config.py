@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import torch
 
 from .peft_compat import ALL_LINEAR, accept_peft_names
-from .validation import check_adapter_gain, check_int, check_layer_options
+from .validation import (ADAPTER_INITS, check_adapter_gain, check_adapter_init, check_int,
+                         check_layer_options)
 
 
 class FalqonError(ValueError):
@@ -45,6 +46,14 @@ class FalqonConfig:
                      forward; its topk largest rows are folded into the E4M3 weights after each
                      optimizer step), which the study measured 12.6-18% above bf16 LoRA's
                      held-out loss: updates under half an E4M3 step round away.
+    adapter_init     adapter mode: where the frozen A comes from, before it is rescaled to a
+                     LoRA A's row norm (capped at amax(W)) and quantised with W's scale.
+                     "error_svd" (default, the paper's): the rank-r SVD of W's FP8 quantisation
+                     error. "random": a seeded Gaussian A (LoRA-FA's choice; the seed mixes
+                     `seed` with the layer's name, so layers differ). "weight_svd": W's top-r
+                     right singular vectors (PiSSA's subspace; W itself is kept whole), by the
+                     `svd` method. Which serves a long fine-tune best is under study
+                     (docs/accuracy.md). The proxy mode takes "error_svd" only.
     rank             rank r of the adapter melded under each weight.
     alpha            LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank; else a
                      finite number > 0.
@@ -98,6 +107,7 @@ class FalqonConfig:
     amax_history_len: int = 0
     update_mode: str = "adapter"
     adapter_gain: float = ADAPTER_GAIN
+    adapter_init: str = "error_svd"
 
     def __post_init__(self):
         self.target_modules = _normalise_names("target_modules", self.target_modules)
@@ -117,6 +127,7 @@ class FalqonConfig:
         if self.update_mode not in UPDATE_MODES:
             raise ValueError(f"FalqonConfig: update_mode must be one of {UPDATE_MODES}, got "
                              f"{self.update_mode!r}")
+        check_adapter_init("FalqonConfig", self.adapter_init, self.update_mode)
         if self.svd not in SVD_METHODS:
             raise ValueError(f"FalqonConfig: svd must be one of {SVD_METHODS}, got {self.svd!r}")
         if self.grad_dtype not in GRAD_DTYPES:
@@ -217,5 +228,5 @@ def _matches(spec, name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
-__all__ = ["ADAPTER_GAIN", "FalqonConfig", "FalqonError", "GRAD_DTYPES", "SVD_METHODS",
-           "UPDATE_MODES"]
+__all__ = ["ADAPTER_GAIN", "ADAPTER_INITS", "FalqonConfig", "FalqonError", "GRAD_DTYPES",
+           "SVD_METHODS", "UPDATE_MODES"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .adapter_init import layer_seed
 from .config import FalqonConfig
 from .modules import MeldedLinear, check_meldable
 from .peft_compat import ALL_LINEAR, as_falqon_config, output_layers
@@ -170,6 +171,15 @@ def _layer_kwargs(config: FalqonConfig) -> dict:
                 adapter_gain=config.adapter_gain)
 
 
+def meld_kwargs(config: FalqonConfig, name: str) -> dict:
+    """MeldedLinear.from_linear's arguments for the layer called `name`: the layer options, the
+    SVD and the adapter's init; a random A's seed mixes config.seed with the name
+    (falqon.adapter_init.layer_seed), so that layers differ."""
+    seed = layer_seed(config.seed, name) if config.adapter_init == "random" else config.seed
+    return dict(_layer_kwargs(config), svd=config.svd, seed=seed,
+                adapter_init=config.adapter_init)
+
+
 def empty_melded_like(linear: nn.Linear, config: FalqonConfig) -> MeldedLinear:
     """A MeldedLinear shaped like `linear`, with its bias; weights left to be loaded (no SVD)."""
     w = linear.weight
@@ -221,11 +231,12 @@ def meld(model: nn.Module, config: FalqonConfig | None = None, progress: bool = 
     FalqonConfig, or a peft.LoraConfig (FalqonConfig.from_peft: what falqon cannot honour is
     refused).
 
-    Each layer is melded on its own device (its weight quantised to FP8 with the adapter A from
-    the SVD of the quantisation error stacked under it), the original weight is dropped, every
-    parameter but the lora_B's is frozen, and the config and a summary (falqon.melded_summary)
-    are recorded on the model. Returns the model; a bare nn.Linear cannot be swapped in place:
-    it is melded into a new MeldedLinear, which is returned.
+    Each layer is melded on its own device (its weight quantised to FP8 with the adapter A
+    stacked under it: from the SVD of the quantisation error, or per config.adapter_init), the
+    original weight is dropped, every parameter but the lora_B's is frozen, and the config and
+    a summary (falqon.melded_summary) are recorded on the model. Returns the model; a bare
+    nn.Linear cannot be swapped in place: it is melded into a new MeldedLinear, which is
+    returned.
 
     All or nothing: every layer is checked (dtype, device, shape, finite weights) before the
     first is replaced, so an error leaves the model as it was. Layers that one swap cannot meld
@@ -247,13 +258,12 @@ def meld(model: nn.Module, config: FalqonConfig | None = None, progress: bool = 
     check_finite(model, todo)
     from tqdm.auto import tqdm
 
-    kwargs = dict(_layer_kwargs(config), svd=config.svd, seed=config.seed)
     if todo == [""]:  # a bare nn.Linear: the new layer is the model
-        model = MeldedLinear.from_linear(model, **kwargs)
+        model = MeldedLinear.from_linear(model, **meld_kwargs(config, ""))
         todo = []
     for name in tqdm(todo, desc="falqon meld", unit="layer", disable=not progress or not todo):
         linear = model.get_submodule(name)
-        _replace(model, name, MeldedLinear.from_linear(linear, **kwargs))
+        _replace(model, name, MeldedLinear.from_linear(linear, **meld_kwargs(config, name)))
         del linear  # the high-precision weight goes with it (unless something else holds it)
     summary = _finish(model, config, skipped, memory_before)
     if verbose:

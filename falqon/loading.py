@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import FalqonConfig, FalqonError
-from .convert import _finish, _layer_kwargs, _replace, plan
+from .convert import _finish, _replace, meld_kwargs, plan
 from .modules import MeldedLinear
 from .weight_sources import FLOAT_DTYPES, CheckpointWeights, RandomWeights, _first_line, _more
 
@@ -252,13 +252,11 @@ def _meld_build(model, source, config, device, progress, verbose, on_tensor, who
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:3]) or "it has no nn.Linear layers"
         raise ValueError(f"{who}: no layer can be melded ({reasons})")
     before = _skeleton_bytes(model)
-    kwargs = dict(_layer_kwargs(config), svd=config.svd, seed=config.seed)
+    def meld_as(name):
+        return lambda linear: MeldedLinear.from_linear(linear, **meld_kwargs(config, name))
 
-    def meld_one(linear):
-        return MeldedLinear.from_linear(linear, **kwargs)
-
-    load_layerwise(model, source, _device(device), dict.fromkeys(todo, meld_one), progress,
-                   on_tensor, desc="falqon load+meld")
+    load_layerwise(model, source, _device(device), {name: meld_as(name) for name in todo},
+                   progress, on_tensor, desc="falqon load+meld")
     summary = _finish(model, config, skipped, before)
     model.eval()  # as from_pretrained leaves a model
     if verbose:

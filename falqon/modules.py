@@ -6,8 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .adapter_init import meld_weight
 from .config import ADAPTER_GAIN, UPDATE_MODES
-from .validation import check_adapter_gain, check_int, check_layer_options, check_lora_dtype
+from .validation import (check_adapter_gain, check_adapter_init, check_int, check_layer_options,
+                         check_lora_dtype)
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The adapter mode's A: rescaled at meld time to the root-mean-square row norm of a PEFT LoRA A
@@ -126,13 +128,16 @@ class MeldedLinear(nn.Module):
                     svd: str = "randomized", oversample: int = 16, power_iters: int = 4,
                     seed: int = 0, lora_dtype: torch.dtype = torch.float32,
                     amax_history_len: int = 0, update_mode: str = "adapter",
-                    adapter_gain: float = ADAPTER_GAIN) -> "MeldedLinear":
+                    adapter_gain: float = ADAPTER_GAIN,
+                    adapter_init: str = "error_svd") -> "MeldedLinear":
         """Meld an nn.Linear: its weight is quantised to FP8 with the adapter A stacked under it
-        (A from the rank-r SVD of the weight's FP8 quantisation error; in the adapter mode
-        rescaled to a LoRA A's row norm); B starts at zero. The original high-precision weight
-        is not kept."""
+        (A from the rank-r SVD of the weight's FP8 quantisation error, or in the adapter mode
+        from `adapter_init`: "random", drawn from `seed`, or "weight_svd", W's top-r right
+        singular vectors; see falqon.adapter_init; in the adapter mode rescaled to a LoRA A's
+        row norm); B starts at zero. The original high-precision weight is not kept."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MeldedLinear.from_linear takes an nn.Linear, got {type(linear).__name__}")
+        check_adapter_init("MeldedLinear.from_linear", adapter_init, update_mode)
         w = linear.weight
         if w.dtype not in _ACTIVATION_DTYPES:
             raise TypeError(f"MeldedLinear.from_linear: weight must be float32, float16 or "
@@ -147,8 +152,8 @@ class MeldedLinear(nn.Module):
                      lora_dtype=lora_dtype, amax_history_len=amax_history_len,
                      update_mode=update_mode, adapter_gain=adapter_gain)
         row_norm = ADAPTER_ROW_NORM if update_mode == "adapter" else 0.0
-        melded, scale = ops.meld_init(w.detach(), rank, svd, oversample, power_iters, seed,
-                                      row_norm)
+        melded, scale = meld_weight(w.detach(), rank, adapter_init, svd, oversample, power_iters,
+                                    seed, row_norm)
         module.weight.data = melded
         module.weight_scale.copy_(scale)
         module.refresh_weight_t()

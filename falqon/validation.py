@@ -11,6 +11,8 @@ import torch
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 LORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Where the adapter mode's frozen A comes from (FalqonConfig.adapter_init, falqon.adapter_init).
+ADAPTER_INITS = ("error_svd", "random", "weight_svd")
 
 
 def check_int(who: str, name: str, value, minimum: int | None) -> int:
@@ -47,6 +49,16 @@ def check_adapter_gain(who: str, value) -> float:
     return float(value)
 
 
+def check_adapter_init(who: str, value, update_mode: str) -> str:
+    """One of ADAPTER_INITS; anything but "error_svd" only in the adapter mode."""
+    if not isinstance(value, str) or value not in ADAPTER_INITS:
+        raise ValueError(f"{who}: adapter_init must be one of {ADAPTER_INITS}, got {value!r}")
+    if value != "error_svd" and update_mode != "adapter":
+        raise ValueError(f"{who}: adapter_init={value!r} needs update_mode='adapter' (the proxy "
+                         f"mode folds B A into W and keeps the paper's 'error_svd' A)")
+    return value
+
+
 def check_lora_dtype(who: str, dtype) -> torch.dtype:
     if dtype not in LORA_DTYPES:
         raise ValueError(f"{who}: lora_dtype must be torch.float32, torch.float16 or "
@@ -62,5 +74,6 @@ def check_layer_options(who: str, rank, alpha, topk, amax_history_len) -> float 
     return check_alpha(who, alpha, rank)
 
 
-__all__ = ["FLOAT32_MAX", "LORA_DTYPES", "check_adapter_gain", "check_alpha", "check_int",
+__all__ = ["ADAPTER_INITS", "FLOAT32_MAX", "LORA_DTYPES", "check_adapter_gain",
+           "check_adapter_init", "check_alpha", "check_int",
            "check_layer_options", "check_lora_dtype", "scaling_ok"]

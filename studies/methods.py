@@ -18,6 +18,12 @@ projections of every decoder layer (q, k, v, o, gate, up, down) at the same rank
                     never folded during training; A is rescaled to a PEFT LoRA A's row norm, so
                     LoRA's learning rates carry over. No optimizer hook. At the end of a run the
                     model is also merged (falqon.merge) into bf16 and into FP8 and evaluated.
+  falqon_adapter_rand, falqon_adapter_wsvd
+                    the same with FalqonConfig(adapter_init="random") (a seeded Gaussian A,
+                    LoRA-FA's) and adapter_init="weight_svd" (W's top-r right singular vectors,
+                    PiSSA's subspace) instead of the SVD of W's FP8 quantisation error; each its
+                    own learning-rate pilot on falqon_adapter's grid. Whether the subspace A
+                    spans matters for a long fine-tune is what they measure.
   falqon*           (every other falqon method) FalqonConfig(update_mode="proxy") + falqon.attach:
                     the paper's proxy update, k rows of B folded into the FP8 weight after each
                     optimizer step; the published policy is k = 10 with B dropped (zeroed) after
@@ -50,6 +56,7 @@ class Method:
     keep_residual: bool = False
     stochastic: bool = False
     update_mode: str = "proxy"  # falqon: "proxy" (the paper's top-k update) or "adapter"
+    adapter_init: str = "error_svd"  # falqon's adapter mode: FalqonConfig.adapter_init
     about: str = ""
 
     @property
@@ -85,6 +92,13 @@ METHODS = {m.name: m for m in (
     Method("falqon_kall", "falqon", "falqon", topk="all", about="falqon, every row (k = N)"),
     Method("falqon_kall_sr", "falqon", "falqon", topk="all", stochastic=True,
            about="falqon k = N, stochastic rounding (ours)"),
+    # Added after the H200 run in which falqon_adapter led LoRA at 50 and 100 steps and trailed it
+    # at 150 and 200: does the subspace of the frozen A matter for a longer fine-tune?
+    Method("falqon_adapter_rand", "falqon", "falqon_adapter_rand", update_mode="adapter",
+           adapter_init="random", about="falqon, adapter mode, random A (LoRA-FA's)"),
+    Method("falqon_adapter_wsvd", "falqon", "falqon_adapter_wsvd", update_mode="adapter",
+           adapter_init="weight_svd",
+           about="falqon, adapter mode, A = W's top-r right singular vectors"),
 )}
 # Run order: the comparison the study is about first (issue 12: falqon_adapter against lora_bf16),
 # so that a stage short of time drops the least important runs (each skipped run is recorded with
@@ -92,10 +106,15 @@ METHODS = {m.name: m for m in (
 DEFAULT_METHODS = tuple(METHODS)
 # The methods issue 12 is judged on (`--methods issue12`).
 ISSUE12_METHODS = ("lora_bf16", "falqon_adapter", "falqon", "qlora_nf4", "lora_fp8_torchao")
-METHOD_SETS = {"all": DEFAULT_METHODS, "issue12": ISSUE12_METHODS}
+# The adapter-mode A comparison (`--methods adapter_init`): bf16 LoRA and the three inits of A.
+ADAPTER_INIT_METHODS = ("lora_bf16", "falqon_adapter", "falqon_adapter_rand",
+                        "falqon_adapter_wsvd")
+METHOD_SETS = {"all": DEFAULT_METHODS, "issue12": ISSUE12_METHODS,
+               "adapter_init": ADAPTER_INIT_METHODS}
 FAMILIES = {"full": "full_bf16", "lora": "lora_bf16", "falqon_adapter": "falqon_adapter",
             "falqon": "falqon", "falqon_keep": "falqon_keep",
-            "falqon_sr": "falqon_sr"}  # family -> pilot method
+            "falqon_sr": "falqon_sr", "falqon_adapter_rand": "falqon_adapter_rand",
+            "falqon_adapter_wsvd": "falqon_adapter_wsvd"}  # family -> pilot method
 # Pilot learning rates, on the 1-2-5 sequence (neighbours 2x or 2.5x apart, so that two
 # methods whose best rates are "within 3x" can be told apart from two a grid step apart). The
 # adapter mode's A is rescaled to a PEFT LoRA A's row norm and its output multiplied by the
@@ -106,7 +125,9 @@ FAMILIES = {"full": "full_bf16", "lora": "lora_bf16", "falqon_adapter": "falqon_
 LR_GRIDS = {"full": (5e-5, 1e-4, 2e-4), "lora": (2e-3, 5e-3, 1e-2, 2e-2),
             "falqon_adapter": (2e-3, 5e-3, 1e-2, 2e-2),
             "falqon": (2e-2, 5e-2, 1e-1), "falqon_keep": (5e-3, 1e-2, 2e-2),
-            "falqon_sr": (5e-3, 1e-2, 2e-2)}
+            "falqon_sr": (5e-3, 1e-2, 2e-2),
+            "falqon_adapter_rand": (2e-3, 5e-3, 1e-2, 2e-2),
+            "falqon_adapter_wsvd": (2e-3, 5e-3, 1e-2, 2e-2)}
 
 
 def lr_neighbour(lr: float, up: bool) -> float:
@@ -150,8 +171,11 @@ def skip_reason(method: Method, device: torch.device) -> str | None:
         if missing:
             return (f"this falqon has no {', '.join(missing)} (the public API of branch "
                     f"`workflow`)")
-        if "update_mode" not in getattr(falqon.FalqonConfig, "__dataclass_fields__", {}):
+        fields = getattr(falqon.FalqonConfig, "__dataclass_fields__", {})
+        if "update_mode" not in fields:
             return "this falqon's FalqonConfig has no update_mode (adapter/proxy)"
+        if method.adapter_init != "error_svd" and "adapter_init" not in fields:
+            return "this falqon's FalqonConfig has no adapter_init (random/weight_svd)"
         key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
         if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
                 "falqon::melded_linear", key):
@@ -329,8 +353,8 @@ def _meld(method: Method, base: nn.Module, s: RunSettings) -> tuple[nn.Module, l
         topk = {"r": s.rank, "all": 1 << 30}.get(method.topk, method.topk)
         policy = dict(topk=topk, warmup_steps=s.falqon_warmup_steps,
                       keep_residual=method.keep_residual)
-    else:
-        policy = {}
+    else:  # the default A is left to FalqonConfig (a falqon from before adapter_init)
+        policy = {} if method.adapter_init == "error_svd" else {"adapter_init": method.adapter_init}
     cfg = falqon.FalqonConfig(rank=s.rank, alpha=s.alpha, update_mode=method.update_mode,
                               target_modules=list(PROJECTIONS), seed=s.seed, **policy)
     model = falqon.meld(base, cfg, progress=False, verbose=False)

@@ -283,10 +283,16 @@ def _kept(r: dict, precision: str) -> str:
                                      f"adapter's update")
 
 
+def _adapter_mode(method: str) -> bool:
+    """falqon_adapter and its variants (falqon_adapter_rand, ...): the adapter mode's methods,
+    none of which is a proxy-mode candidate."""
+    return method == ADAPTER or method.startswith(ADAPTER + "_")
+
+
 def _proxy_verdict(task: str, acc: dict) -> str:
     ref = acc.get((task, REFERENCE))
     cands = [(r["value"], m) for (tt, m), r in acc.items()
-             if tt == task and m.startswith("falqon") and m != ADAPTER
+             if tt == task and m.startswith("falqon") and not _adapter_mode(m)
              and r.get("value") is not None]
     if not ref or ref.get("value") is None or not cands:
         return f"- {task}: proxy mode not measured (needs {REFERENCE} and a proxy falqon run)."

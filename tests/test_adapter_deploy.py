@@ -41,14 +41,15 @@ VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 
 def trained(update_mode="adapter", arch="llama", dtype=torch.float32, steps=2, lr=None,
-            **model_kw):
+            adapter_init="error_svd", **model_kw):
     """A tiny melded model after `steps` AdamW steps (B far from zero), in eval mode. lr: 0.1
     over the adapter gain (the same update of the output in both modes) by default."""
     if lr is None:
         lr = 0.1 / (ADAPTER_GAIN if update_mode == "adapter" else 1.0)
     model = tiny_causal_lm(arch, **model_kw).to(dtype)
     falqon.meld(model, FalqonConfig(rank=4, alpha=8, topk=4, update_mode=update_mode,
-                                    exclude_modules=["lm_head", EXCLUDED]),
+                                    exclude_modules=["lm_head", EXCLUDED],
+                                    adapter_init=adapter_init),
                 progress=False, verbose=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     falqon.attach(opt, model)
@@ -235,6 +236,25 @@ def test_fp8_lora_export_without_activation_quantisation_is_the_merged_model(tmp
     x = tokens()
     merged = falqon.merge(copy.deepcopy(model), "bf16")
     assert rel_err(logits(peft_model(tmp_path), x), logits(merged, x)) < ROUND_OFF
+
+
+@pytest.mark.parametrize("init", ["random", "weight_svd"])
+def test_exports_of_a_non_default_adapter_init_match_the_trained_model(tmp_path, init):
+    """The exports read A from the melded weight, whatever it was initialised from: the PEFT
+    adapter holds that A and matches the trained model, the bf16 export its dense merge."""
+    model = trained(adapter_init=init)
+    falqon.export(model, tmp_path / "lora")
+    loaded = peft_model(tmp_path / "lora")
+    wrapped = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for name, layer in falqon.melded_layers(model):
+        assert torch.equal(wrapped[name].lora_A["default"].weight, layer.adapter_A())
+    x = tokens()
+    assert rel_err(logits(loaded, x), logits(model, x)) < ACTIVATION_ROUNDING
+    assert adapter_effect(model, x) > 3 * ACTIVATION_ROUNDING
+    falqon.export(model, tmp_path / "bf16", format="bf16")
+    merged = falqon.merge(copy.deepcopy(model), "bf16")
+    assert rel_err(logits(load(tmp_path / "bf16"), x), logits(merged, x)) < ROUND_OFF
 
 
 def vllm_module_name(key: str) -> tuple[str, str]:

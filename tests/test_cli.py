@@ -240,6 +240,33 @@ def test_update_mode_is_in_the_fingerprint_and_proxy_options_need_it(inputs, tmp
     assert snapshot(tmp_path) == before
 
 
+def test_adapter_init_is_melded_recorded_and_in_the_fingerprint(inputs, tmp_path, capsys):
+    """--adapter-init reaches the FalqonConfig (checkpoint) and run.json; a run.json from before
+    it resumes as error_svd; a resume with another init is a different run; with the proxy
+    mode it is refused in one line, before anything is written."""
+    out = tmp_path / "run"
+    assert finetune(inputs, out, "--adapter-init", "random", "--steps", "2", "--stop-after", "1",
+                    "--save-every", "1", "--no-plot") == 0
+    assert json.loads((out / "run.json").read_text())["options"]["adapter_init"] == "random"
+    meta = json.loads((out / "checkpoints" / "step-0000001" / "falqon_config.json").read_text())
+    assert meta["config"]["adapter_init"] == "random"
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    assert main(["finetune", "--output-dir", str(out), "--resume", "--adapter-init",
+                 "weight_svd", "--no-progress", "--device", "cpu"]) == 2
+    one_error_line(capsys, "adapter_init: 'random' -> 'weight_svd'")
+    assert finetune(inputs, tmp_path / "proxy", *PROXY, "--adapter-init", "random") == 2
+    one_error_line(capsys, "--adapter-init random only applies to the adapter mode")
+    assert snapshot(tmp_path) == before
+    # A run from before --adapter-init melded error_svd's A: so does its resume.
+    run = json.loads((out / "run.json").read_text())
+    del run["options"]["adapter_init"]
+    (out / "run.json").write_text(json.dumps(run))
+    assert main(["finetune", "--output-dir", str(out), "--resume", "--adapter-init", "random",
+                 "--no-progress", "--device", "cpu"]) == 2
+    one_error_line(capsys, "adapter_init: 'error_svd' -> 'random'")
+
+
 def test_finetune_from_a_model_directory(inputs, tmp_path, capsys):
     from falqon.data import byte_tokenizer
     from workflow_testing import tiny_causal_lm

@@ -21,8 +21,8 @@ from falqon_testing import DATA_DIR, data_file
 from studies import data as D
 from studies import report as R
 from studies.methods import (DEFAULT_METHODS, E4M3_MAX, FAMILIES, LR_GRIDS, METHODS, lr_neighbour,
-                             RunSettings, UpdateMassMeter, build, e4m3_spacing, resolve_methods,
-                             stochastic_round_e4m3, stochastic_topk_update_)
+                             RunSettings, UpdateMassMeter, build, e4m3_spacing, load_base,
+                             resolve_methods, stochastic_round_e4m3, stochastic_topk_update_)
 from studies.train import evaluate
 
 E4M3 = torch.float8_e4m3fn
@@ -240,7 +240,9 @@ def study(tmp_path_factory):
     data_file("gsm8k_train.json")
     data_file("gpteacher_roleplay.json")
     tmp = tmp_path_factory.mktemp("study")
-    return tmp, _study(tmp, "--stages", "pretrain,pilot,gsm8k,roleplay,report")
+    # The A-init variants' pilots are test_adapter_init_methods'; here they take a given lr.
+    return tmp, _study(tmp, "--stages", "pretrain,pilot,gsm8k,roleplay,report",
+                       "--lr", "falqon_adapter_rand=0.01", "--lr", "falqon_adapter_wsvd=0.01")
 
 
 def test_study_records_every_method_on_both_tasks(study):
@@ -252,7 +254,7 @@ def test_study_records_every_method_on_both_tasks(study):
     for task in ("gsm8k", "roleplay"):
         for method in ("lora_bf16", "falqon_adapter", "full_bf16", "falqon", "falqon_keep",
                        "falqon_sr", "falqon_k1", "falqon_k50", "falqon_kr", "qlora_nf4",
-                       "lora_fp8_torchao"):
+                       "lora_fp8_torchao", "falqon_adapter_rand", "falqon_adapter_wsvd"):
             r = acc[(task, method)]
             assert r["metric"] == "eval_loss" and "error" not in r, r
             if method in ("qlora_nf4", "lora_fp8_torchao"):
@@ -270,7 +272,7 @@ def test_study_records_every_method_on_both_tasks(study):
             else:  # the meter is the proxy mode's only
                 assert "update_mass_fraction" not in r
             merged = {k for k in r if k.startswith(("eval_loss_merged", "merged_"))}
-            if method != "falqon_adapter":
+            if not METHODS[method].adapter:
                 assert not merged, r
             elif hasattr(falqon, "merge"):
                 # Merging changes the weights by one rounding (bf16) or one re-quantisation (FP8)
@@ -365,23 +367,74 @@ def test_methods_meld_in_their_update_mode(study):
     ckpt = str(tmp / "run" / "pretrained")
     settings = RunSettings(rank=4, alpha=4.0, dtype=torch.float32, falqon_warmup_steps=1,
                            mass_every=1)
-    a_norm = {}
+    a_norm, a_rows = {}, {}
     for method in METHODS.values():
         if method.kind != "falqon":
             continue
         setup = build(method, ckpt, torch.device("cpu"), 1e-3, settings)
         layers = [m for m in setup.model.modules() if isinstance(m, falqon.MeldedLinear)]
         assert {m.update_mode for m in layers} == {method.update_mode}, method.name
-        assert (setup.meter is None and setup.handle is None) == (method.name == "falqon_adapter")
+        assert (setup.meter is None and setup.handle is None) == method.adapter
         if method.proxy:
             assert {m.topk for m in layers} == {{"r": 4, "all": 1 << 30}.get(method.topk,
                                                                             method.topk)}
         a_norm[method.name] = layers[0].adapter_A().norm(dim=1).square().mean().sqrt().item()
+        assert setup.model.falqon_config.adapter_init == method.adapter_init, method.name
+        a_rows[method.name] = layers[0].adapter_A()
         if setup.handle is not None:
             setup.handle.remove()
     # The adapter mode's A is scaled up towards a LoRA A's row norm, 1/sqrt(3) (capped at W's
     # amax, which binds on this tiny model): LoRA's learning rates carry over.
     assert a_norm["falqon"] * 2 < a_norm["falqon_adapter"] <= 1.01 * 3 ** -0.5
+    # Each init of A melds its own rows, at the same row norm; weight_svd's lie in W's top-4
+    # right singular subspace (the first melded layer is layer 0's q_proj).
+    inits = ("falqon_adapter", "falqon_adapter_rand", "falqon_adapter_wsvd")
+    assert len({a_rows[m].numpy().tobytes() for m in inits}) == 3
+    assert all(a_norm[m] == pytest.approx(a_norm["falqon_adapter"], rel=0.2) for m in inits)
+    w = load_base(ckpt, torch.device("cpu"), torch.float32).model.layers[0].self_attn.q_proj.weight
+    vh = torch.linalg.svd(w.detach().double(), full_matrices=False)[2][:4].float()
+    outside = {m: ((a_rows[m] - a_rows[m] @ vh.t() @ vh).norm() / a_rows[m].norm()).item()
+               for m in inits}
+    assert outside["falqon_adapter_wsvd"] < 0.1 < outside["falqon_adapter_rand"], outside
+
+
+def test_adapter_init_methods(study, tmp_path):
+    """falqon_adapter_rand and falqon_adapter_wsvd (`--methods adapter_init`): each family pilots
+    falqon_adapter's grid, fine-tunes at its pick with merged evaluations, and shows as a row of
+    the results; issue 12's verdict stays about falqon_adapter."""
+    import shutil
+
+    tmp, _ = study
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    new = ("falqon_adapter_rand", "falqon_adapter_wsvd")
+    assert [m.name for m in resolve_methods(["adapter_init"])] == ["lora_bf16", "falqon_adapter",
+                                                                   *new]
+    doc = _study(tmp_path, "--stages", "pilot,gsm8k,report", "--methods", "adapter_init",
+                 "--pilot-task", "gsm8k", "--lr", "lora=0.01", "--lr", "falqon_adapter=0.01")
+    choices = {r["family"]: r for r in doc["records"] if r["kind"] == "lr_choice"
+               and r["task"] == "gsm8k"}
+    acc = {r["method"]: r for r in doc["records"] if r["kind"] == "accuracy"
+           and r["task"] == "gsm8k"}
+    for m in new:
+        assert FAMILIES[m] == m and LR_GRIDS[m] == LR_GRIDS["falqon_adapter"]
+        assert METHODS[m].adapter and METHODS[m].family == m
+        pilots = {r["lr"]: r["value"] for r in doc["records"] if r["kind"] == "pilot"
+                  and r["family"] == m and r["method"] == m}
+        assert set(LR_GRIDS[m]) <= set(pilots) and choices[m]["lr"] == min(pilots, key=pilots.get)
+        r = acc[m]
+        assert math.isfinite(r["value"]) and r["lr"] == choices[m]["lr"] and r["steps"] == 3
+        assert all(math.isfinite(r[f"eval_loss_merged_{p}"]) for p in ("fp8", "bf16"))
+        assert f"| {m} | {r['value']:.4f} |" in R.results_table(doc)
+        assert f"| {m}, merged into FP8 |" in R.results_table(doc)
+    assert not {"falqon_adapter_rand", "falqon_adapter_wsvd"} & {
+        r["family"] for r in doc["records"] if r["kind"] == "pilot" and r["family"] in
+        ("lora", "falqon_adapter")}
+    # The verdict is issue 12's: the variants change none of its lines (not even the proxy
+    # mode's best setting, which they are not).
+    without = dict(doc, records=[r for r in doc["records"] if r.get("method") not in new
+                                 and r.get("family") not in new])
+    assert R.verdict(doc) == R.verdict(without)
+    assert not any(m in R.verdict(doc) for m in new)
 
 
 def test_issue12_method_set():
@@ -554,6 +607,23 @@ def test_verdict_states_issue12_bars_and_the_fp8_merge_cost():
     assert "| falqon_adapter, merged into FP8 | 2.1000 | +5.00% | 0.003 | - | - | - | - | - | - |" \
         in table.splitlines()
     assert "| falqon_adapter, merged into bf16 | 2.0102 | +0.51% |" in table
+
+
+def test_adapter_init_variants_are_rows_not_proxy_candidates():
+    """The A-init variants are adapter-mode methods: the proxy verdict's best setting is never one
+    of them, and issue 12's lines stay about falqon_adapter."""
+    doc = {"records": [_acc("gsm8k", "lora_bf16", 2.0), _acc("gsm8k", "falqon_adapter", 2.01),
+                       _acc("gsm8k", "falqon", 2.3), _acc("gsm8k", "falqon_adapter_rand", 1.9),
+                       _acc("gsm8k", "falqon_adapter_wsvd", 1.95)], "curves": {}}
+    lines = R.verdict(doc).splitlines()
+    assert lines[:2] == [
+        "- gsm8k: `falqon_adapter` 2.0100 vs lora_bf16 2.0000: +0.50%, within 1% (issue 12's "
+        "bar).",
+        "- gsm8k: best proxy-mode falqon setting `falqon` 2.3000 vs lora_bf16 2.0000: +15.00%, "
+        "NOT within 2%."]
+    rows = R.results_table(doc).splitlines()
+    assert "| falqon_adapter_rand | 1.9000 | -5.00% | 0.01 | - |" in rows[-2]
+    assert rows[-1].startswith("| falqon_adapter_wsvd | 1.9500 | -2.50% |")
 
 
 def test_report_renders_the_results_without_falqon_adapter():

@@ -8,7 +8,7 @@ import math
 import pathlib
 import sys
 
-from ..config import ADAPTER_GAIN, UPDATE_MODES, FalqonError
+from ..config import ADAPTER_GAIN, ADAPTER_INITS, UPDATE_MODES, FalqonError
 from ..export import FORMATS as EXPORT_FORMATS
 from ..fusion import BACKENDS as FUSE_BACKENDS
 from .models import DEFAULT_PRESET, PRESETS
@@ -115,6 +115,12 @@ def _falqon_options(g):
                         f"alpha / rank (default: {ADAPTER_GAIN:g}, which stands in for the growth "
                         "of a trained LoRA A, A being frozen here, so that LoRA's learning rates "
                         "carry over; exports fold it into B)")
+    g.add_argument("--adapter-init", choices=ADAPTER_INITS, default="error_svd",
+                   help="adapter mode: where the frozen A comes from: error_svd (default, the "
+                        "paper's: the SVD of W's FP8 quantisation error), random (a seeded "
+                        "Gaussian A, LoRA-FA's) or weight_svd (W's top-r right singular vectors); "
+                        "rescaled to a LoRA A's row norm either way. Under study "
+                        "(docs/accuracy.md)")
     g.add_argument("--topk", type=_positive(int, 0), default=10,
                    help="proxy mode: rows of B folded into each FP8 weight per step (default: 10)")
     g.add_argument("--warmup-topk", type=_positive(int, 0), default=None,

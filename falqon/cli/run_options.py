@@ -14,12 +14,13 @@ FINGERPRINT = ("model", "data", "rank", "alpha", "topk", "warmup_topk", "warmup_
                "keep_residual", "target_modules", "exclude_modules", "lr", "lr_warmup_steps",
                "schedule", "weight_decay", "steps", "batch_size", "grad_accum", "seq_len",
                "template", "eval_size", "max_grad_norm", "seed", "dtype", "amax_history_len",
-               "transposed_copy", "update_mode", "adapter_gain")
+               "transposed_copy", "update_mode", "adapter_gain", "adapter_init")
 # Fingerprint options added after the first release: a run.json without them was made with
 # these values (every run before --update-mode existed used the proxy update; every run before
-# --adapter-gain trained the adapter with gain 1).
+# --adapter-gain trained the adapter with gain 1; every run before --adapter-init melded the
+# error_svd A).
 LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False, "update_mode": "proxy",
-                         "adapter_gain": 1.0}
+                         "adapter_gain": 1.0, "adapter_init": "error_svd"}
 # The other options a run was started with (they change no weight): restored on --resume unless
 # given again, and then kept for the next one. --resume, --stop-after, --no-progress and
 # --config belong to one invocation.
@@ -92,10 +93,14 @@ def inherit(args, run: dict, explicit: set[str]) -> bool:
 
 def check_update_mode(args, explicit: set[str]) -> None:
     """Refuse the proxy update's options when the run is in the adapter mode (they would be
-    silently meaningless there), and the adapter's gain in the proxy mode."""
+    silently meaningless there), and the adapter's gain and init in the proxy mode."""
     if args.update_mode == "proxy" and "adapter_gain" in explicit:
         raise FalqonError("--adapter-gain only applies to the adapter mode: leave it out with "
                           "--update-mode proxy (the proxy update folds B A unscaled by it)")
+    if args.update_mode == "proxy" and args.adapter_init != "error_svd":
+        raise FalqonError(f"--adapter-init {args.adapter_init} only applies to the adapter mode: "
+                          f"leave it out with --update-mode proxy (the proxy update keeps the "
+                          f"paper's error_svd A)")
     given = [k for k in PROXY_ONLY if k in explicit]
     if args.update_mode == "adapter" and given:
         names = ", ".join("--" + k.replace("_", "-") for k in given)
