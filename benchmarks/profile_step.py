@@ -98,8 +98,8 @@ CPU_ADAPTER_FWD_OP = "aten::addmm"
 # time of the group each idea would shrink.
 IDEAS = [
     ("quantise", "fuse the activation quantise into the RMSNorm before q/k/v and gate/up (the "
-     "norm writes FP8 + its amax directly), and quantise x once for q/k/v and once for gate/up "
-     "instead of once per projection (7 quantisations of 4 distinct inputs per layer)"),
+     "norm writes FP8 + its amax directly; q/k/v and gate/up already share one quantisation of "
+     "their input, falqon/shared_quant.py: 4 per layer, not 7)"),
     ("norms/elementwise", "emit FP8 from SiLU(gate) * up for down_proj, and from the attention "
      "output for o_proj; fold the residual adds into those kernels"),
     ("recompute", "checkpoint the FP8 activations (half the bytes) so that the recompute can skip "

@@ -69,6 +69,30 @@ void check_layer_amax_history(const at::Tensor& input,
   check_amax_history("melded_linear", input, h);
 }
 
+void check_input_quantization(const at::Tensor& input, const std::optional<at::Tensor>& input_fp8,
+                              const std::optional<at::Tensor>& input_scale,
+                              const std::optional<at::Tensor>& amax_history) {
+  if (!input_fp8.has_value() && !input_scale.has_value()) return;
+  FALQON_CHECK(input_fp8.has_value() && input_scale.has_value(),
+              "falqon.melded_linear: input_fp8 and input_scale go together (x's quantisation as "
+              "falqon.quantize returns it), got only ",
+              input_fp8.has_value() ? "input_fp8" : "input_scale");
+  FALQON_CHECK(!amax_history.has_value(), "falqon.melded_linear: input_fp8 and input_scale cannot "
+              "be combined with amax_history (delayed scaling quantises x itself)");
+  const at::Tensor& q = *input_fp8;
+  const at::Tensor& s = *input_scale;
+  FALQON_CHECK(q.scalar_type() == at::kFloat8_e4m3fn && q.sizes() == input.sizes(),
+              "falqon.melded_linear: input_fp8 must be a float8_e4m3fn tensor of the input's "
+              "shape ", input.sizes(), ", got ", q.sizes(), " ", q.scalar_type());
+  FALQON_CHECK(q.device() == input.device(), "falqon.melded_linear: input_fp8 is on ", q.device(),
+              " but the input is on ", input.device());
+  FALQON_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat,
+              "falqon.melded_linear: input_scale must be a single float32 value, got ", s.numel(),
+              " values of ", s.scalar_type());
+  FALQON_CHECK(s.device() == input.device(), "falqon.melded_linear: input_scale is on ", s.device(),
+              " but the input is on ", input.device());
+}
+
 void check_weight_scale(const at::Tensor& weight, const at::Tensor& weight_scale) {
   FALQON_CHECK(weight_scale.numel() == 1 && weight_scale.scalar_type() == at::kFloat,
               "falqon: weight_scale must be a single float32 value, got ", weight_scale.numel(),

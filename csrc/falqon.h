@@ -97,6 +97,12 @@ void check_amax_history(const char* op, const at::Tensor& input, const at::Tenso
 // melded_linear's history: (2, H) float32 with H >= 1, row 0 for x and row 1 for the gradient.
 void check_layer_amax_history(const at::Tensor& input,
                               const std::optional<at::Tensor>& amax_history);
+// melded_linear's caller-supplied quantisation of x: input_fp8 a float8_e4m3fn tensor of the
+// input's shape and device, input_scale one float32 value on that device, both or neither, and
+// neither together with amax_history (delayed scaling quantises x itself).
+void check_input_quantization(const at::Tensor& input, const std::optional<at::Tensor>& input_fp8,
+                              const std::optional<at::Tensor>& input_scale,
+                              const std::optional<at::Tensor>& amax_history);
 // A melded weight for `out_features` outputs and rank `rank` (rank < 0: any padded rank).
 // weight_t: the transposed copy, (in_features, out_features) of the weight rows, or in the
 // adapter mode (in_features, rows) of every row (the dgrad GEMM runs over A's rows too).
@@ -165,13 +171,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor
 // Returns (y, xa, amax of x): y = x W^T * s_x * s + b as a view of the (..., N + r16) product
 // (row stride N + r16), xa = x A^T (contiguous). With amax_history (2, H), x's scale is the
 // delayed one of row 0 (quantize_delayed). adapter: y = adapter_output(that y, xa, lora_B,
-// scaling), a new contiguous tensor.
+// scaling), a new contiguous tensor. input_fp8 and input_scale: x's quantisation already made
+// (quantize(input, float8_e4m3fn)), used instead of quantising x; the amax returned is then
+// input_scale * 448.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
-    bool adapter);
+    bool adapter, const std::optional<at::Tensor>& input_fp8 = std::nullopt,
+    const std::optional<at::Tensor>& input_scale = std::nullopt);
 
 // The adapter mode's output for 2-D y_base (M, N) (any strides) and xa (M, r), in y_base's dtype
 // T, contiguous: T(fp32(y_base) + scaling * (fp32(xa) @ fp32(T(lora_B))^T)), the products and

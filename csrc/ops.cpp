@@ -58,10 +58,15 @@ TORCH_LIBRARY(falqon, m) {
   // N + r16; lora_B only receives a gradient (it never enters the forward).
   // adapter=True: y = that + scaling * xa B^T, contiguous (B rounded to the activation dtype,
   // fp32 sums, one rounding); weight_t, if given, is the transpose of every row of W'.
+  // input_fp8 and input_scale (both or neither; not with amax_history): x's quantisation as
+  // quantize(input, float8_e4m3fn) returns it, computed once by the caller for several layers
+  // that read the same x (q/k/v, gate/up). The op then skips its own quantisation and returns
+  // input_scale * 448 as the amax of x; the results are bit-identical to the op quantising x.
   m.def(
       "melded_linear(Tensor input, Tensor weight, Tensor weight_scale, Tensor lora_B, "
       "Tensor? bias=None, Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None, "
-      "Tensor? amax_history=None, bool adapter=False) -> (Tensor, Tensor, Tensor)");
+      "Tensor? amax_history=None, bool adapter=False, Tensor? input_fp8=None, "
+      "Tensor? input_scale=None) -> (Tensor, Tensor, Tensor)");
   // (dx, amax of g): dx = fp8(g) W_q * s_g * s through rows [0, N) of the melded weight (or its
   // transposed copy); amax_history (the gradient's H values): delayed scaling of g. rank: the
   // adapter's, which fixes N + r16 rows (required unless lora_B or weight_t fixes them).

@@ -100,14 +100,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> /*grad_dtype*/, const std::optional<at::Tensor>& amax_history,
-    bool adapter) {
+    bool adapter, const std::optional<at::Tensor>& input_fp8,
+    const std::optional<at::Tensor>& input_scale) {
   check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter, scaling);
   check_layer_amax_history(input, amax_history);
+  check_input_quantization(input, input_fp8, input_scale, amax_history);
   const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
   const at::Tensor x = input.reshape({-1, K});
-  auto [xq, sx, x_amax] = amax_history.has_value()
-                              ? quantize_delayed(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
-                              : quantize_with_amax(x, at::kFloat8_e4m3fn);
+  // x's quantisation: the caller's (shared by layers that read the same x), or made here.
+  auto [xq, sx, x_amax] =
+      input_fp8.has_value()
+          ? std::make_tuple(input_fp8->reshape({-1, K}), input_scale->reshape({}),
+                            input_scale->reshape({}) * fp8_max(at::kFloat8_e4m3fn))
+      : amax_history.has_value()
+          ? quantize_delayed(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
+          : quantize_with_amax(x, at::kFloat8_e4m3fn);
   // One product against all of W' = [W; A; 0]: columns [0, N) are y, [N, N + r) are x A^T.
   at::Tensor acc = at::mm(xq.to(at::kFloat), weight.to(at::kFloat).t());
   acc.mul_(sx * weight_scale.reshape({}));

@@ -219,6 +219,9 @@ def _finish(model: nn.Module, config: FalqonConfig, skipped, memory_before: int)
     from .distributed import mark_ddp_ignored  # (imports melded_layers from here)
 
     mark_ddp_ignored(model)  # DDP can broadcast no float8 tensor
+    from .shared_quant import share_input_quantization
+
+    share_input_quantization(model)  # q/k/v and gate/up quantise their shared input once
     from .model_api import install
 
     install(model)  # save_pretrained, print_trainable_parameters, the proxy mode's update guard

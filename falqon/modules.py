@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from . import ops
 from .adapter_init import meld_weight
 from .config import ADAPTER_GAIN, UPDATE_MODES
+from .shared_quant import use_shared
 from .validation import (check_adapter_gain, check_adapter_init, check_int, check_layer_options,
                          check_lora_dtype)
 
@@ -119,6 +120,10 @@ class MeldedLinear(nn.Module):
             if amax_history_len else None)
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
                                   requires_grad=False) if bias else None)
+        # The model's InputQuantCache (falqon.shared_quant), which falqon.meld and the loaders set
+        # up: layers that read the same x (q/k/v, gate/up) quantise it once. None: this layer's
+        # op quantises x itself.
+        self._shared_quant = None
 
     @classmethod
     @torch.no_grad()
@@ -169,6 +174,7 @@ class MeldedLinear(nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"MeldedLinear: input is on {x.device}, the layer on "
                              f"{self.weight.device}")
+        key = x  # the shared quantisation is keyed on the tensor the layer was called with
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.dtype not in _ACTIVATION_DTYPES:
@@ -176,6 +182,12 @@ class MeldedLinear(nn.Module):
                             f"{x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         history = self.amax_history
+        shared = use_shared(self, key)
+        if shared is not None:  # current scaling: x's quantisation, made once for its readers
+            q, scale = shared.quantized(key, x)
+            return torch.ops.falqon.melded_linear.default(
+                x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t,
+                self.scaling, self.grad_dtype, None, self.update_mode == "adapter", q, scale)[0]
         y, _, x_amax = torch.ops.falqon.melded_linear.default(
             x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t, self.scaling,
             self.grad_dtype, history, self.update_mode == "adapter")

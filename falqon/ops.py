@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._extension import load as _load
-from .validation import scaling_ok
+from .validation import input_quantization_problem, scaling_ok
 
 _load()
 
@@ -63,7 +63,8 @@ def record_amax_(history: Tensor, amax: Tensor) -> None:
 def melded_linear(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: Tensor,
                   bias: Tensor | None = None, weight_t: Tensor | None = None,
                   scaling: float = 1.0, grad_dtype: torch.dtype | None = None,
-                  amax_history: Tensor | None = None, adapter: bool = False) -> Tensor:
+                  amax_history: Tensor | None = None, adapter: bool = False,
+                  input_fp8: Tensor | None = None, input_scale: Tensor | None = None) -> Tensor:
     """y of a melded layer, from one FP8 GEMM against W' = [W; A; 0] (which also gives x A^T).
 
     adapter=False (the paper's proxy mode): y = x W^T + b. lora_B never enters the forward: it
@@ -78,10 +79,16 @@ def melded_linear(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: T
     amax_history: None (current scaling: each tensor's own amax) or a float32 (2, H) tensor for
     delayed scaling, row 0 for x and row 1 for the gradient. The op reads row 0; the backward
     reads row 1 and records the gradient's amax into it (`record_amax_`). Recording x's amax
-    into row 0 is the caller's: this wrapper drops it, MeldedLinear records it."""
+    into row 0 is the caller's: this wrapper drops it, MeldedLinear records it.
+
+    input_fp8, input_scale: x's quantisation as `quantize(input)` returns it, made once for
+    several layers that read the same x (q/k/v, gate/up); the op then uses it instead of
+    quantising x, with bit-identical results, and returns input_scale * 448 as x's amax (its
+    third output). Both or neither, and not with amax_history. The gradients are unchanged: dx
+    still flows to `input`."""
     y, _, _ = torch.ops.falqon.melded_linear.default(input, weight, weight_scale, lora_B, bias,
                                                      weight_t, scaling, grad_dtype, amax_history,
-                                                     adapter)
+                                                     adapter, input_fp8, input_scale)
     return y
 
 
@@ -250,7 +257,8 @@ def _quantize_delayed_fake(input, dtype, amax_history):
 
 @torch.library.register_fake("falqon::melded_linear")
 def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t=None,
-                        scaling=1.0, grad_dtype=None, amax_history=None, adapter=False):
+                        scaling=1.0, grad_dtype=None, amax_history=None, adapter=False,
+                        input_fp8=None, input_scale=None):
     _check_scaling("melded_linear", scaling)
     _check_lora_B("melded_linear", lora_B)
     out_features, rank = lora_B.shape
@@ -264,6 +272,8 @@ def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t
                  f"falqon.melded_linear: bias must be a floating vector of {out_features} values, "
                  f"got {tuple(bias.shape)}")
     _check_history("melded_linear", amax_history, 2)
+    problem = input_quantization_problem(input, input_fp8, input_scale, amax_history)
+    _require(problem is None, problem or "")
     lead = input.shape[:-1]
     amax = input.new_empty((), dtype=torch.float32)
     if adapter:  # y is a new contiguous tensor (the adapter's GEMM writes it)
@@ -400,18 +410,18 @@ def _topk_update_many_fake(weights, lora_Bs, weight_ts, weight_t_layers, ks, sca
 
 # ---- autograd of melded_linear ------------------------------------------------------------------
 
-_MELDED_LINEAR_ARGS = 10  # the schema's arguments, for the dropped trailing defaults below
+_MELDED_LINEAR_ARGS = 12  # the schema's arguments, for the dropped trailing defaults below
 
 
 def _melded_linear_setup_context(ctx, inputs, output):
     # The dispatcher drops trailing arguments equal to their defaults: pad them back.
-    defaults = (None, None, 1.0, None, None, False)
+    defaults = (None, None, 1.0, None, None, False, None, None)
     inputs = tuple(inputs) + defaults[len(inputs) - 4:]
     (input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype, amax_history,
-     adapter) = inputs
+     adapter, _input_fp8, _input_scale) = inputs
     _, xa, x_amax = output
-    # x itself is not kept: dx needs only the FP8 weight (and, in the adapter mode, B), dB only
-    # x A^T (M x r).
+    # x itself is not kept (nor its FP8 quantisation, passed in or made by the op): dx needs only
+    # the FP8 weight (and, in the adapter mode, B), dB only x A^T (M x r).
     ctx.adapter = bool(adapter)
     ctx.save_for_backward(xa, weight, weight_scale, weight_t, lora_B if ctx.adapter else None)
     # The history is read and written by backward, and written between forward and backward (the
@@ -468,7 +478,7 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
             grad_xa.dtype)
         from_xa = grad_xa @ a_real
         grad_input = from_xa if grad_input is None else grad_input + from_xa
-    return grad_input, None, None, grad_B, grad_bias, None, None, None, None, None
+    return grad_input, None, None, grad_B, grad_bias, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("falqon::melded_linear", _melded_linear_backward,

@@ -74,6 +74,34 @@ def check_layer_options(who: str, rank, alpha, topk, amax_history_len) -> float 
     return check_alpha(who, alpha, rank)
 
 
+def input_quantization_problem(input, input_fp8, input_scale, amax_history) -> str | None:
+    """melded_linear's caller-supplied quantisation of x (csrc/checks.cpp
+    check_input_quantization, the same messages): why it is refused, or None. input_fp8 a
+    float8_e4m3fn tensor of the input's shape and device, input_scale one float32 value on that
+    device, both or neither, and neither with amax_history (delayed scaling quantises x itself)."""
+    if input_fp8 is None and input_scale is None:
+        return None
+    op = "falqon.melded_linear"
+    if input_fp8 is None or input_scale is None:
+        return (f"{op}: input_fp8 and input_scale go together (x's quantisation as "
+                f"falqon.quantize returns it), got only "
+                f"{'input_fp8' if input_scale is None else 'input_scale'}")
+    if amax_history is not None:
+        return (f"{op}: input_fp8 and input_scale cannot be combined with amax_history (delayed "
+                f"scaling quantises x itself)")
+    if input_fp8.dtype != torch.float8_e4m3fn or input_fp8.shape != input.shape:
+        return (f"{op}: input_fp8 must be a float8_e4m3fn tensor of the input's shape "
+                f"{list(input.shape)}, got {list(input_fp8.shape)} {input_fp8.dtype}")
+    if input_fp8.device != input.device:
+        return f"{op}: input_fp8 is on {input_fp8.device} but the input is on {input.device}"
+    if input_scale.numel() != 1 or input_scale.dtype != torch.float32:
+        return (f"{op}: input_scale must be a single float32 value, got {input_scale.numel()} "
+                f"values of {input_scale.dtype}")
+    if input_scale.device != input.device:
+        return f"{op}: input_scale is on {input_scale.device} but the input is on {input.device}"
+    return None
+
+
 __all__ = ["ADAPTER_INITS", "FLOAT32_MAX", "LORA_DTYPES", "check_adapter_gain",
-           "check_adapter_init", "check_alpha", "check_int",
-           "check_layer_options", "check_lora_dtype", "scaling_ok"]
+           "check_adapter_init", "check_alpha", "check_int", "check_layer_options",
+           "check_lora_dtype", "input_quantization_problem", "scaling_ok"]

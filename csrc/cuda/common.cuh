@@ -142,7 +142,8 @@ at::Tensor transpose_fp8(const at::Tensor& w);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& amax_history, bool adapter, double scaling);
+    const std::optional<at::Tensor>& amax_history, bool adapter, double scaling,
+    const std::optional<at::Tensor>& input_fp8, const std::optional<at::Tensor>& input_scale);
 // dx = gq W'_q[:C] * sg * s (the dgrad FP8 GEMM) for a quantised 2-D operand gq (M, C) whose rows
 // are those of grad_output: C = N (the proxy mode) or every row of W' (the adapter mode, whose
 // weight_t holds them all); dx shaped as grad_output with K last.

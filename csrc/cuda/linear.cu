@@ -36,11 +36,18 @@ at::Tensor adapter_output_fp8(const at::Tensor& y_base, const at::Tensor& xa,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& amax_history, bool adapter, double scaling) {
+    const std::optional<at::Tensor>& amax_history, bool adapter, double scaling,
+    const std::optional<at::Tensor>& input_fp8, const std::optional<at::Tensor>& input_scale) {
   const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
   const at::Tensor x = input.reshape({-1, K});
+  // x's quantisation: the caller's (one quantisation shared by the layers that read x), or made
+  // here. The amax of x is then s_x * 448, without a pass over x.
   const auto [xq, sx, x_amax] =
-      amax_history.has_value()
+      input_fp8.has_value()
+          ? std::make_tuple(input_fp8->reshape({-1, K}).contiguous(),
+                            input_scale->reshape({}).contiguous(),
+                            input_scale->reshape({}) * fp8_max(at::kFloat8_e4m3fn))
+      : amax_history.has_value()
           ? quantize_delayed_fp8(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
           : quantize_fp8(x, at::kFloat8_e4m3fn);
   at::Tensor product = at::empty({x.size(0), rows}, input.options());

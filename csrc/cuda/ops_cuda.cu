@@ -103,16 +103,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_op(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& weight_t, double scaling,
     std::optional<at::ScalarType> grad_dtype, const std::optional<at::Tensor>& amax_history,
-    bool adapter) {
+    bool adapter, const std::optional<at::Tensor>& input_fp8,
+    const std::optional<at::Tensor>& input_scale) {
   check_melded_linear_args(input, weight, weight_scale, lora_B, bias, weight_t, adapter, scaling);
   check_layer_amax_history(input, amax_history);
+  check_input_quantization(input, input_fp8, input_scale, amax_history);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (use_emulation(weight.device())) {
     return ref::melded_linear(input, weight, weight_scale, lora_B, bias, weight_t, scaling,
-                              grad_dtype, amax_history, adapter);
+                              grad_dtype, amax_history, adapter, input_fp8, input_scale);
   }
   return melded_linear_fp8(input, weight, weight_scale, lora_B, bias, amax_history, adapter,
-                           scaling);
+                           scaling, input_fp8, input_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_op(

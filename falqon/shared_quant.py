@@ -1,0 +1,118 @@
+"""Projections that read the same input share its FP8 quantisation.
+
+In transformers' LLaMA, Qwen2 and Mistral (eager, or with Liger's SwiGLU) the attention calls
+q_proj, k_proj and v_proj on one hidden_states tensor, and the MLP calls gate_proj and up_proj on
+one x. A melded layer quantises its input itself (one pass over x for its amax, one for the cast),
+so that x would be quantised three and two times. Instead, the melded layers of one model share an
+InputQuantCache (falqon.meld, from_pretrained, meld_pretrained and meld_from_config set it up):
+a layer with current scaling asks it for x's quantisation, which it makes with
+torch.ops.falqon.quantize the first time and hands out again while the same tensor object comes
+back unchanged (same _version, same dtype to quantise), and passes it to torch.ops.falqon
+.melded_linear (input_fp8, input_scale). The results are bit-identical to each layer quantising x;
+the backward is unchanged (nothing more is saved for it).
+
+The cache holds one entry: a weak reference to the input (it never keeps x alive), its version and
+the FP8 tensor and scale. It is skipped, and the op quantises x as before, under torch.compile
+tracing and CUDA graph capture (each layer of a captured graph quantises its input itself), for
+delayed-scaling layers (amax_history), for inference-mode tensors (which have no version counter
+to tell an in-place change), and everywhere unless FALQON_SHARED_QUANT=1 (read once per process;
+off by default until it has been measured on a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from .config import FalqonError
+
+ENV = "FALQON_SHARED_QUANT"
+_E4M3 = torch.float8_e4m3fn
+
+
+@functools.cache
+def enabled() -> bool:
+    """FALQON_SHARED_QUANT: 1/true/yes/on share; unset, empty, 0/false/no/off do not. Off by
+    default until the sharing is measured on a GPU (benchmarks/NOTES.md). Read once per process
+    (enabled.cache_clear() re-reads it)."""
+    raw = os.environ.get(ENV, "")
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise FalqonError(f"environment variable {ENV} must be 1 or 0, got {raw!r}")
+
+
+class InputQuantCache:
+    """The last input's E4M3 quantisation, (q, scale) as torch.ops.falqon.quantize returns it,
+    keyed on the input tensor object (a weak reference), its _version and the dtype quantised.
+    One entry: a miss drops it before quantising the new input. Copies and pickles of a model
+    get an empty cache (shared again by the copied layers: deepcopy's memo keeps one)."""
+
+    __slots__ = ("_entry", "__weakref__")
+
+    def __init__(self):
+        self._entry = None  # (weakref to the key tensor, its _version, dtype, shape, q, scale)
+
+    def quantized(self, key: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(q, scale) of x, the tensor the layer multiplies: x is `key` or, under autocast, key
+        converted to the autocast dtype. Served from the entry when key is the same object, not
+        changed in place since (its _version) and x has the entry's dtype and shape."""
+        entry = self._entry  # one read: a concurrent store replaces the whole tuple
+        if entry is not None and entry[0]() is key and entry[1] == key._version and \
+                entry[2] == x.dtype and entry[3] == x.shape:
+            return entry[4], entry[5]
+        self._entry = None  # free the old FP8 tensor before making the new one
+        q, scale = torch.ops.falqon.quantize.default(x.detach(), _E4M3)
+        self._entry = (weakref.ref(key), key._version, x.dtype, x.shape, q, scale)
+        return q, scale
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def __deepcopy__(self, memo) -> "InputQuantCache":
+        return InputQuantCache()
+
+    def __reduce__(self):
+        return (InputQuantCache, ())
+
+    def __repr__(self) -> str:
+        return f"InputQuantCache({'empty' if self._entry is None else 'one entry'})"
+
+
+def use_shared(layer, key: Tensor) -> InputQuantCache | None:
+    """The layer's cache if this call may use it: current scaling, outside torch.compile's
+    tracing and CUDA graph capture, not an inference-mode tensor, FALQON_SHARED_QUANT not 0.
+    Else None (the op quantises x itself)."""
+    if torch.compiler.is_compiling():
+        return None
+    cache = getattr(layer, "_shared_quant", None)  # (absent on a layer unpickled from before)
+    if cache is None or layer.amax_history is not None or key.is_inference() or not enabled():
+        return None
+    # A captured graph must quantise its inputs itself: an entry made before the capture would
+    # be read from a buffer that replays never rewrite (the static input changes between them).
+    if key.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return cache
+
+
+def share_input_quantization(model: nn.Module) -> InputQuantCache | None:
+    """Give every MeldedLinear of `model` one InputQuantCache (replacing any it had); returns it,
+    or None when the model has no melded layer."""
+    from .modules import MeldedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, MeldedLinear)]
+    if not layers:
+        return None
+    cache = InputQuantCache()
+    for layer in layers:
+        layer._shared_quant = cache
+    return cache
+
+
+__all__ = ["ENV", "InputQuantCache", "enabled", "share_input_quantization", "use_shared"]
