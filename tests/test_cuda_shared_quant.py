@@ -158,15 +158,9 @@ def test_decoder_layer_forward_quantises_qkv_and_gate_up_input_once(monkeypatch)
 
 @cuda_only
 def test_a_captured_cuda_graph_quantises_its_static_input_itself():
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(256, 128), nn.Linear(256, 384)
+    from test_shared_quant import TwoHeads
 
-        def forward(self, x):
-            return self.a(x), self.b(x)
-
-    model = falqon.meld(TwoHeads().to(DEVICE, torch.bfloat16), falqon.FalqonConfig(rank=16),
+    model = falqon.meld(TwoHeads(256, 128, 384).to(DEVICE, torch.bfloat16), falqon.FalqonConfig(rank=16),
                         progress=False, verbose=False)
     static = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
     side = torch.cuda.Stream()

@@ -186,9 +186,11 @@ def test_autocast_keys_the_cache_on_the_original_input(monkeypatch):
 
 
 class TwoHeads(nn.Module):
-    def __init__(self):
+    """Two linear layers that read the same input (as q/k/v do)."""
+
+    def __init__(self, in_features: int = 48, a: int = 32, b: int = 64):
         super().__init__()
-        self.a, self.b = nn.Linear(48, 32), nn.Linear(48, 64)
+        self.a, self.b = nn.Linear(in_features, a), nn.Linear(in_features, b)
 
     def forward(self, x):
         return self.a(x), self.b(x)
