@@ -27,12 +27,7 @@ OP = torch.ops.falqon.melded_linear.default
 SHAPES = [(256, 128, 96, 16)] if DRY_RUN else [(4096, 4096, 4096, 64), (4096, 4096, 11008, 64)]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_switch(monkeypatch):
-    monkeypatch.setenv(shared_quant.ENV, "1")  # opt-in for now: the tests turn it on
-    shared_quant.enabled.cache_clear()
-    yield
-    shared_quant.enabled.cache_clear()
+from test_shared_quant import _fresh_switch  # noqa: E402,F401 (autouse: the switch on, afresh)
 
 
 @pytest.mark.parametrize("adapter", [False, True])
