@@ -42,6 +42,11 @@ def check_export_dir(path: pathlib.Path) -> None:
 
 
 def cmd_finetune(args) -> int:
+    # Imported before the process group starts: importing the Trainer (transformers, accelerate,
+    # datasets) after it made a gloo rank abort at exit now and then ("terminate called without
+    # an active exception": 5 of 30 runs of tests/test_cli_torchrun.py's error case, 0 of 20 so).
+    from . import trainer_loop  # noqa: F401
+
     world = world_from_env()
     if not world.leader:
         args.no_progress = True
