@@ -645,3 +645,16 @@ def test_readme_table_shows_the_distributed_records(tmp_path):
     assert f"| ddp | 2 | falqon_adapter | {1.9 * tps:.0f} | 1.90x | 13.0 | 1.04 | yes |" in text
     assert "| fsdp2 | 2 | falqon_adapter |" in text and "| 0.72 | NO |" in text
     assert "- not run: falqon_adapter (fsdp2_offload llama-7b): RuntimeError: no GPU" in text
+
+
+def test_model_table_compares_tokens_per_second_across_batches():
+    import model as M
+
+    base = {"kind": "model", "method": "bf16_lora", "s_per_step": 1.7, "tokens_per_s": 2048 / 1.7,
+            "peak_gib": 136.0, "tokens": 2048, "first_loss": 11.0, "final_loss": 8.0,
+            "lr": 1e-4, "loss_steps": 3}
+    fast = dict(base, method="falqon_fused", s_per_step=3.4, tokens_per_s=8192 / 3.4,
+                tokens=8192, peak_gib=82.0)
+    table = M.format_table([base, fast])
+    row = next(line for line in table.splitlines() if line.startswith("| falqon_fused"))
+    assert "2.000" in row  # 4x the tokens in 2x the time: 2x the tokens/s (not 0.5x by s/step)
