@@ -154,10 +154,18 @@ def final_is_complete(out: pathlib.Path) -> bool:
 
 
 def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
-    """Put a finished directory in place of `final` (whatever stood there is removed)."""
-    if final.exists():
-        shutil.rmtree(final)
+    """Put a finished directory in place of `final` by rename. Whatever stood there is renamed
+    aside first and removed last, so a kill at any moment leaves `final` whole (old or new) or,
+    between the two renames, the old one beside it as `<final>.old`."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old)
 
 
 def fresh_partial(path: pathlib.Path) -> pathlib.Path:

@@ -24,7 +24,6 @@ states and the data position. What falqon adds:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -148,15 +147,7 @@ def _publish(job, staged: pathlib.Path, step: int) -> None:
     manifest = {"format": CHECKPOINT_FORMAT, "step": step, "options": job.run["options"],
                 "proxy": proxy_state(job.model).to_dict(), "files": files}
     atomic_write_text(staged / R.CHECKPOINT_FILE, json.dumps(manifest, indent=1))
-    final = job.out / R.CHECKPOINTS / f"step-{step:07d}"
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        _clear(old)
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(staged, final)
+    R.replace_dir(staged, job.out / R.CHECKPOINTS / f"step-{step:07d}")
     try:
         staged.parent.rmdir()  # checkpoints/.partial, empty again
     except OSError:
