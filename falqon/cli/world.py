@@ -40,6 +40,10 @@ def is_leader() -> bool:
     return launched_size() == 1 or os.environ.get("RANK", "0") == "0"
 
 
+# How long stop() waits for the other ranks before tearing down regardless.
+STOP_TIMEOUT = datetime.timedelta(seconds=60)
+
+
 class World:
     """This process's place among the run's processes (size 1: the plain run)."""
 
@@ -127,10 +131,26 @@ class World:
         return DistributedDataParallel(model, device_ids=ids)
 
     def stop(self) -> None:
+        """Every rank waits for the others, then the process groups are destroyed.
+
+        The wait is not only politeness: a gloo worker thread drops its last reference to a
+        finished collective (and so to the tensors Python handed it) just after the collective
+        returns. Where that happened while the interpreter was already finalizing, the thread
+        could not take the GIL and the process aborted at exit ("terminate called without an
+        active exception"; a core dump showed ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork ->
+        decref_pyobject -> take_gil, after the final on_leader broadcast). The barrier waits with
+        the GIL released, so such a thread finishes first; a gloo monitored barrier, so that a
+        rank that is gone ends the wait after STOP_TIMEOUT instead of the group's hour."""
         import torch.distributed as dist
 
-        if self.size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.size == 1 or not dist.is_initialized():
+            return
+        try:
+            dist.monitored_barrier(group=self.group, timeout=STOP_TIMEOUT)
+        except RuntimeError:  # a rank that failed or left: tear down all the same
+            pass
+        dist.destroy_process_group()
+        self.group = None
 
     @contextlib.contextmanager
     def quiet(self):
