@@ -40,6 +40,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import time
 import traceback
 
 import torch
@@ -120,6 +121,8 @@ def measure(mode: str, method: str, args, rank: int) -> dict:
     for _ in range(args.warmup):
         M.train_step(net, optimizer, batch, args)
     step_s, loss = M.timed_steps(net, optimizer, batch, args, args.steps)
+    if args.profile:  # every rank steps (the collectives), rank 0 prints
+        profile_step(net, optimizer, batch, args, f"{mode} {method}", shown=rank == 0)
     out = {"s_per_step": statistics.median(step_s), "loss": float(loss),
            "peak_gib": (torch.cuda.max_memory_allocated(args.device) / 2**30
                         if args.device.type == "cuda" else None),
@@ -129,12 +132,39 @@ def measure(mode: str, method: str, args, rank: int) -> dict:
     return out
 
 
+def profile_step(net, optimizer, batch, args, title: str, shown: bool) -> None:
+    """One more step under torch.profiler (after the timed ones); prints the ops that took the
+    most host time and the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        M.train_step(net, optimizer, batch, args)
+        M.sync(args.device)
+    if not shown:
+        return
+    table = prof.key_averages()
+    print(f"\n== profile of one step, rank 0: {title}", flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=args.profile), flush=True)
+    if args.device.type == "cuda":
+        print(table.table(sort_by="self_device_time_total", row_limit=args.profile), flush=True)
+
+
 def _gather(result, group) -> list:
     import torch.distributed as dist
 
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, result, group=group)
     return found
+
+
+def rank_threads(world: int) -> int:
+    """CPU threads for each of `world` ranks on this host: OMP_NUM_THREADS where set, else the
+    cores this process may use divided among the ranks."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // world)
 
 
 def worker(rank: int, world: int, port: int, args, out: str) -> None:
@@ -147,22 +177,31 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
     if args.device.type == "cuda":
         torch.cuda.set_device(rank)
         args.device = torch.device("cuda", rank)
-    else:
-        torch.set_num_threads(1)
+    # The host's cores shared out among the ranks (torchrun sets OMP_NUM_THREADS=1 for the
+    # same reason). Left at every core each, fsdp2_offload's first run in a process took 4.5 s a
+    # step instead of 0.23 s (8 layers, 2 x H200, 32 cores): the CPU AdamW of both ranks at once.
+    torch.set_num_threads(rank_threads(world))
     backend = "cpu:gloo,cuda:nccl" if args.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world)
     host = dist.new_group(backend="gloo")  # results and waiting, whatever the device
     results = []
+    started = time.perf_counter()
     try:
         for mode in args.modes:
             for method in args.methods:
                 mine = None
                 if mode != "single" or rank == 0:
+                    if rank == 0:  # a 70B build takes minutes: say what is under way
+                        print(f"[{time.perf_counter() - started:.0f} s] {mode} {method} ...",
+                              flush=True)
                     try:
                         mine = measure(mode, method, args, rank)
                     except Exception as exc:  # recorded, never dropped
                         traceback.print_exc()
                         mine = {"skipped": f"{type(exc).__name__}: {exc}".strip()[:500]}
+                if rank == 0 and mine and "s_per_step" in mine:
+                    print(f"[{time.perf_counter() - started:.0f} s] {mode} {method}: "
+                          f"{mine['s_per_step']:.3f} s/step on rank 0", flush=True)
                 ranks = _gather(mine, host)
                 results.append({"mode": mode, "method": method,
                                 "ranks": [r for r in ranks if r is not None]})
@@ -225,6 +264,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps, median (default 5)")
     p.add_argument("--out", type=pathlib.Path)
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="rank 0 profiles one more step of each run and prints its ROWS busiest "
+                   "ops by host and by device time (default 0: no profile)")
     args = p.parse_args(argv)
     M.check_model_args(p, args)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -59,3 +59,23 @@ def test_the_workers_start_with_nvlink_multicast_off(monkeypatch):
         bench_distributed.main(TINY)
     assert seen == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                     "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def test_each_rank_gets_its_share_of_the_cores(monkeypatch):
+    # Every rank at every core made fsdp2_offload's CPU optimizer step 20x slower on two H200s
+    # (benchmarks/NOTES.md run 57); OMP_NUM_THREADS, where set, is the user's choice.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(bench_distributed.os, "sched_getaffinity", lambda pid: set(range(32)),
+                        raising=False)
+    assert bench_distributed.rank_threads(2) == 16
+    assert bench_distributed.rank_threads(64) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert bench_distributed.rank_threads(2) == 3
+
+
+def test_profile_prints_the_busiest_ops_of_rank_0(tmp_path, capfd):
+    bench_distributed.main([*TINY, "--methods", "falqon_adapter", "--modes", "ddp", "--profile",
+                            "3", "--out", str(tmp_path / "d.json")])
+    out = capfd.readouterr().out  # the spawned ranks write to the file descriptor
+    assert out.count("== profile of one step, rank 0:") == 2  # single and ddp, rank 0 alone
+    assert "ddp falqon_adapter: " in out and "s/step on rank 0" in out
