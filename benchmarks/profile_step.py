@@ -31,6 +31,7 @@ benchmarks/results/profile_<device>.json (the adapter mode: profile_adapter_<dev
     python benchmarks/profile_step.py                    # full 32-layer model, one step
     python benchmarks/profile_step.py --layers 8 --trace trace.json   # also a Chrome trace
     python benchmarks/profile_step.py --update-mode adapter
+    python benchmarks/profile_step.py --fused            # model.py's falqon_fused (Liger), GPU
     python benchmarks/profile_step.py --device cpu --model tiny --rank 8 --batch 2 --seq 32
 """
 
@@ -338,14 +339,24 @@ def parse_args(argv=None):
     p.add_argument("--update-mode", choices=tuple(METHOD_OF_MODE), default="proxy",
                    help="proxy (default here: the paper's method, what the committed profiles "
                         "measured) or adapter (falqon's default mode)")
+    p.add_argument("--fused", action="store_true",
+                   help="profile model.py's falqon_fused: the adapter mode with falqon.fuse's "
+                        "kernels around the GEMMs (Liger Kernel where installed; a CUDA GPU)")
     p.add_argument("--trace", type=pathlib.Path, help="also write a Chrome trace here")
     p.add_argument("--out", type=pathlib.Path,
                    help="results JSON (default benchmarks/results/profile_<device>.json, "
-                        "profile_adapter_<device>.json in the adapter mode)")
+                        "profile_adapter_<device>.json in the adapter mode, "
+                        "profile_fused_<device>.json with --fused)")
     args = p.parse_args(argv)
+    if args.fused and "--update-mode" in (argv or sys.argv[1:]) and args.update_mode != "adapter":
+        p.error("--fused profiles falqon_fused, which trains in the adapter mode")
+    if args.fused:
+        args.update_mode = "adapter"
     if args.steps < 1 or args.warmup < 0 or args.timed_steps < 1:
         p.error("--steps and --timed-steps must be >= 1, --warmup >= 0")
     mb.check_model_args(p, args)
+    if args.fused and args.device.type != "cuda":
+        p.error("--fused needs a CUDA GPU (Liger Kernel's kernels run on CUDA tensors)")
     return args
 
 
@@ -374,11 +385,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device, on_gpu = args.device, args.device.type == "cuda"
     adapter = args.update_mode == "adapter"
-    args.out = args.out or mb.default_out("profile_adapter" if adapter else "profile", args)
+    name = "profile_fused" if args.fused else "profile_adapter" if adapter else "profile"
+    args.out = args.out or mb.default_out(name, args)
     meta = mb.results_meta(device, __file__, argv)
-    print(f"profiling one falqon step ({args.update_mode} mode) of "
+    method = "falqon_fused" if args.fused else METHOD_OF_MODE[args.update_mode]
+    print(f"profiling one {method} step ({args.update_mode} mode) of "
           f"{mb.model_name(args.model, args.layers)} on {meta['device']}", flush=True)
-    model, optimizer, batch, info = mb.prepare(METHOD_OF_MODE[args.update_mode], args)
+    model, optimizer, batch, info = mb.prepare(method, args)
     layers = mark_recompute(model)
     bracket = None
     if not adapter:  # the adapter mode has no proxy update: nothing to attach
@@ -408,7 +421,7 @@ def main(argv=None) -> dict:
         prof.export_chrome_trace(str(args.trace))
     if bracket is not None:
         bracket.remove()
-    result.update(update_mode=args.update_mode, on_gpu=on_gpu, step_ms=step_ms,
+    result.update(method=method, fuse=info.get("fuse"), update_mode=args.update_mode, on_gpu=on_gpu, step_ms=step_ms,
                   idle_ms=max(step_ms - result["sum_ms"], 0.0), meld_s=info["meld_s"],
                   checkpointed_modules=layers)
     config = {**mb.model_config(args), "warmup": args.warmup, "profiled_steps": args.steps,
