@@ -15,8 +15,10 @@ The cache holds one entry: a weak reference to the input (it never keeps x alive
 the FP8 tensor and scale. It is skipped, and the op quantises x as before, under torch.compile
 tracing and CUDA graph capture (each layer of a captured graph quantises its input itself), for
 delayed-scaling layers (amax_history), for inference-mode tensors (which have no version counter
-to tell an in-place change), and everywhere unless FALQON_SHARED_QUANT=1 (read once per process;
-off by default until it has been measured on a GPU).
+to tell an in-place change), and everywhere unless FALQON_SHARED_QUANT=1 (read once per process).
+Off by default: its GPU tests pass, but on an H200 the fused LLaMA-7B step took 0.469 s with it
+against 0.424 s without (benchmarks/NOTES.md, run 54), where ~4.5 ms less was predicted; why is
+not profiled yet.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ _E4M3 = torch.float8_e4m3fn
 @functools.cache
 def enabled() -> bool:
     """FALQON_SHARED_QUANT: 1/true/yes/on share; unset, empty, 0/false/no/off do not. Off by
-    default until the sharing is measured on a GPU (benchmarks/NOTES.md). Read once per process
+    default: slower on the GPU where measured (benchmarks/NOTES.md, run 54). Read once per process
     (enabled.cache_clear() re-reads it)."""
     raw = os.environ.get(ENV, "")
     value = raw.strip().lower()
