@@ -88,7 +88,9 @@ ATTENTION_RE = re.compile(r"scaled_dot_product|flash|efficient_attention|cudnn_a
 LOSS_RE = re.compile(r"nll_loss|log_softmax|cross_entropy|NllLoss|LogSoftmax", re.I)
 MELDED_FWD = "falqon::melded_linear"
 MELDED_DGRAD = "falqon::melded_linear_grad_input"
-MELDED_BWD = "GeneratedBackwardFor_falqon_melded_linear"  # torch.library autograd node names
+# The autograd node of a melded layer: MeldedLinear's (ops._MeldedLinearFunction) or, for the op
+# called directly, torch.library's.
+MELDED_BWD = ("_MeldedLinearFunctionBackward", "GeneratedBackwardFor_falqon_melded_linear")
 MELDED_BOTH = "falqon::melded_linear_backward"  # both gradients in one op (the CPU reference
 # runs its dx part through falqon::melded_linear_grad_input)
 FP8_GEMM_RE = re.compile(r"nvjet_(sm\d+a?_)?q|e4m3|e5m2|f8f8|_f8_|fp8|qgmma", re.I)
@@ -235,7 +237,7 @@ def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool,
         if QUANT_RE.search(kernel) or "grad_quantize_product" in kernel:
             return "quantise"
         return "other"
-    if any(MELDED_BWD in n for n in chain):  # the node, or the engine's range around it
+    if any(m in n for n in chain for m in MELDED_BWD):  # the node, or the engine's range
         return "dB"
     if any(n.startswith("falqon::quantize") for n in chain):
         return "quantise"

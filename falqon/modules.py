@@ -185,10 +185,10 @@ class MeldedLinear(nn.Module):
         shared = use_shared(self, key)
         if shared is not None:  # current scaling: x's quantisation, made once for its readers
             q, scale = shared.quantized(key, x)
-            return torch.ops.falqon.melded_linear.default(
+            return ops.melded_linear_call(
                 x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t,
                 self.scaling, self.grad_dtype, None, self.update_mode == "adapter", q, scale)[0]
-        y, _, x_amax = torch.ops.falqon.melded_linear.default(
+        y, _, x_amax = ops.melded_linear_call(
             x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t, self.scaling,
             self.grad_dtype, history, self.update_mode == "adapter")
         if history is not None and self.training:

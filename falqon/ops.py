@@ -483,3 +483,38 @@ def _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax):
 
 torch.library.register_autograd("falqon::melded_linear", _melded_linear_backward,
                                 setup_context=_melded_linear_setup_context)
+
+
+class _MeldedLinearFunction(torch.autograd.Function):
+    """torch.ops.falqon.melded_linear with the autograd formula registered above, applied from
+    the outside: the op then runs below autograd. torch.library's register_autograd wrapper
+    costs tens of microseconds of Python a call (its fill_defaults is quadratic in the schema's 12
+    arguments, pytorch/pytorch#195110), paid by every melded layer's forward and recompute; an
+    autograd.Function pays none of it. Same setup_context, same backward, same numerics."""
+
+    # forward(ctx, ...) rather than a setup_context staticmethod: with one, Function.apply binds
+    # the arguments through inspect.signature on every call.
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.falqon.melded_linear.default(*inputs)
+        _melded_linear_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa, grad_amax):
+        return _melded_linear_backward(ctx, grad_y, grad_xa, grad_amax)
+
+
+def melded_linear_call(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: Tensor,
+                       bias: Tensor | None, weight_t: Tensor | None, scaling: float,
+                       grad_dtype: torch.dtype | None, amax_history: Tensor | None, adapter: bool,
+                       input_fp8: Tensor | None = None, input_scale: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.ops.falqon.melded_linear for MeldedLinear's forward: through _MeldedLinearFunction
+    in eager mode (the cheap autograd boundary), the op itself under torch.compile (traced once,
+    where the wrapper's cost is gone anyway, and with the registered formula AOTAutograd knows)."""
+    inputs = (input, weight, weight_scale, lora_B, bias, weight_t, scaling, grad_dtype,
+              amax_history, adapter, input_fp8, input_scale)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return torch.ops.falqon.melded_linear.default(*inputs)
+    return _MeldedLinearFunction.apply(*inputs)

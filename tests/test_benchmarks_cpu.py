@@ -496,6 +496,9 @@ def test_classify_gpu_kernel_names():
         "dgrad GEMMs"
     assert c("transpose_fp8_kernel(...)", dgrad, "backward", True) == "transpose"
     assert c("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", node, "backward", True) == "dB"
+    # MeldedLinear's own autograd boundary (ops._MeldedLinearFunction) names its node apart.
+    assert c("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", ["aten::mm", "_MeldedLinearFunctionBackward"],
+             "backward", True) == "dB"
     assert c("void at::native::elementwise_kernel<...>", fwd, "forward", True) == "other"
     # Both gradients in one op: the FP8 GEMM is dx's, the fused read of g quantise, its split
     # reduce dB; the CPU reference's own GEMM there (outside its grad_input call) is dB's.

@@ -1,6 +1,8 @@
 """MeldedLinear: construction, errors, dtype moves, state dicts, training with the proxy update,
 and torch.compile (the adapter mode's own tests: test_adapter_cpu.py)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -260,3 +262,37 @@ def test_delayed_scaling_torch_compile_fullgraph_matches_eager():
             torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
         # The amaxes are exact maxima of identical tensors: equal bit for bit.
         assert torch.equal(c_step[4], e_step[4]) and torch.equal(c_step[5], e_step[5])
+
+
+@pytest.mark.parametrize("update_mode", ["adapter", "proxy"])
+@pytest.mark.parametrize("history", [0, 4])
+def test_eager_autograd_boundary_matches_the_registered_formula(update_mode, history):
+    # The module's eager calls go through ops._MeldedLinearFunction (the cheap autograd boundary,
+    # not torch.library's per-call wrapper); what it computes must be what the op's registered
+    # autograd computes, bit for bit: y, dx, dB and d(bias), and the amax history it records.
+    torch.manual_seed(3)
+    _, layer = make(k=64, n=48, rank=8, update_mode=update_mode, amax_history_len=history)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    layer.bias.requires_grad_(True)
+    results = []
+    twins = [copy.deepcopy(layer) for _ in range(2)]  # the same state before either call
+    for via_op, twin in zip((False, True), twins):
+        xi = x.clone().requires_grad_(True)
+        if via_op:
+            y = torch.ops.falqon.melded_linear.default(
+                xi, twin.weight, twin.weight_scale, twin.lora_B, twin.bias.to(xi.dtype),
+                twin.weight_t, twin.scaling, twin.grad_dtype, twin.amax_history,
+                update_mode == "adapter")[0]
+        else:
+            y = twin(xi)
+            assert "_MeldedLinearFunction" in type(y.grad_fn).__name__
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(5)))
+        results.append((y, xi.grad, twin.lora_B.grad, twin.bias.grad))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    if history:  # the backward recorded g's amax into row 1 on both paths alike
+        assert torch.equal(twins[0].amax_history[1], twins[1].amax_history[1])
+    with torch.no_grad():  # no graph to build: the op itself
+        assert layer(x).grad_fn is None
