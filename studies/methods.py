@@ -24,6 +24,11 @@ projections of every decoder layer (q, k, v, o, gate, up, down) at the same rank
                     PiSSA's subspace) instead of the SVD of W's FP8 quantisation error; each its
                     own learning-rate pilot on falqon_adapter's grid. Whether the subspace A
                     spans matters for a long fine-tune is what they measure.
+  falqon_adapter_train_a
+                    the adapter mode with A trained too (LoRA over the melded FP8 base, A's fp32
+                    master written into the FP8 rows of W' after each step): a study-only probe
+                    (studies/train_a.py) of whether the frozen A is what keeps the adapter mode
+                    behind LoRA on role-play; its own pilot on falqon_adapter's grid.
   falqon*           (every other falqon method) FalqonConfig(update_mode="proxy") + falqon.attach:
                     the paper's proxy update, k rows of B folded into the FP8 weight after each
                     optimizer step; the published policy is k = 10 with B dropped (zeroed) after
@@ -57,6 +62,7 @@ class Method:
     stochastic: bool = False
     update_mode: str = "proxy"  # falqon: "proxy" (the paper's top-k update) or "adapter"
     adapter_init: str = "error_svd"  # falqon's adapter mode: FalqonConfig.adapter_init
+    train_a: bool = False  # the adapter mode with A trained too (studies/train_a.py)
     about: str = ""
 
     @property
@@ -99,6 +105,10 @@ METHODS = {m.name: m for m in (
     Method("falqon_adapter_wsvd", "falqon", "falqon_adapter_wsvd", update_mode="adapter",
            adapter_init="weight_svd",
            about="falqon, adapter mode, A = W's top-r right singular vectors"),
+    # Added after the A-subspace run: no frozen A closed role-play's gap, while LoRA over an FP8
+    # or NF4 base (A trained) matched LoRA. Is it the freezing?
+    Method("falqon_adapter_train_a", "falqon", "falqon_adapter_train_a", update_mode="adapter",
+           train_a=True, about="falqon, adapter mode, A trained too (study-only probe)"),
 )}
 # Run order: the comparison the study is about first (issue 12: falqon_adapter against lora_bf16),
 # so that a stage short of time drops the least important runs (each skipped run is recorded with
@@ -109,12 +119,15 @@ ISSUE12_METHODS = ("lora_bf16", "falqon_adapter", "falqon", "qlora_nf4", "lora_f
 # The adapter-mode A comparison (`--methods adapter_init`): bf16 LoRA and the three inits of A.
 ADAPTER_INIT_METHODS = ("lora_bf16", "falqon_adapter", "falqon_adapter_rand",
                         "falqon_adapter_wsvd")
+# Does training A close the adapter mode's gap (`--methods train_a`)?
+TRAIN_A_METHODS = ("lora_bf16", "falqon_adapter", "falqon_adapter_train_a")
 METHOD_SETS = {"all": DEFAULT_METHODS, "issue12": ISSUE12_METHODS,
-               "adapter_init": ADAPTER_INIT_METHODS}
+               "adapter_init": ADAPTER_INIT_METHODS, "train_a": TRAIN_A_METHODS}
 FAMILIES = {"full": "full_bf16", "lora": "lora_bf16", "falqon_adapter": "falqon_adapter",
             "falqon": "falqon", "falqon_keep": "falqon_keep",
             "falqon_sr": "falqon_sr", "falqon_adapter_rand": "falqon_adapter_rand",
-            "falqon_adapter_wsvd": "falqon_adapter_wsvd"}  # family -> pilot method
+            "falqon_adapter_wsvd": "falqon_adapter_wsvd",
+            "falqon_adapter_train_a": "falqon_adapter_train_a"}  # family -> pilot method
 # Pilot learning rates, on the 1-2-5 sequence (neighbours 2x or 2.5x apart, so that two
 # methods whose best rates are "within 3x" can be told apart from two a grid step apart). The
 # adapter mode's A is rescaled to a PEFT LoRA A's row norm and its output multiplied by the
@@ -127,7 +140,8 @@ LR_GRIDS = {"full": (5e-5, 1e-4, 2e-4), "lora": (2e-3, 5e-3, 1e-2, 2e-2),
             "falqon": (2e-2, 5e-2, 1e-1), "falqon_keep": (5e-3, 1e-2, 2e-2),
             "falqon_sr": (5e-3, 1e-2, 2e-2),
             "falqon_adapter_rand": (2e-3, 5e-3, 1e-2, 2e-2),
-            "falqon_adapter_wsvd": (2e-3, 5e-3, 1e-2, 2e-2)}
+            "falqon_adapter_wsvd": (2e-3, 5e-3, 1e-2, 2e-2),
+            "falqon_adapter_train_a": (2e-3, 5e-3, 1e-2, 2e-2)}
 
 
 def lr_neighbour(lr: float, up: bool) -> float:
@@ -404,6 +418,11 @@ def build(method: Method, ckpt: str, device: torch.device, lr: float, s: RunSett
         model, layers = _meld(method, load_base(ckpt, device, s.dtype), s)
         if method.proxy:
             meter = _proxy_instruments(method, layers, device, s)
+        if method.train_a:  # lora_A on every layer, before the optimizer collects parameters
+            from . import train_a
+
+            probes = train_a.install(layers)
+            meter = train_a.RangeMeter(probes)
     else:
         raise ValueError(f"unknown method kind {method.kind!r}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -414,5 +433,7 @@ def build(method: Method, ckpt: str, device: torch.device, lr: float, s: RunSett
         import falqon
 
         handle = falqon.attach(optimizer, model)
+    if method.train_a:  # A's FP8 rows follow lora_A after every step
+        handle = train_a.sync_after_steps(optimizer, probes)
     model.train()
     return Setup(model, optimizer, params, sum(p.numel() for p in params), meter, handle)
