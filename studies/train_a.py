@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-E4M3_MAX = 448.0
+from .methods import E4M3_MAX
 
 
 class TrainedA:
