@@ -338,9 +338,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1, help="profiled steps, averaged (default 1)")
     p.add_argument("--timed-steps", type=int, default=3,
                    help="steps timed with CUDA events and no profiler (default 3)")
-    p.add_argument("--update-mode", choices=tuple(METHOD_OF_MODE), default="proxy",
-                   help="proxy (default here: the paper's method, what the committed profiles "
-                        "measured) or adapter (falqon's default mode)")
+    p.add_argument("--update-mode", choices=tuple(METHOD_OF_MODE), default=None,
+                   help="proxy (default here, adapter with --fused: the paper's method, what the "
+                        "committed profiles measured) or adapter (falqon's default mode)")
     p.add_argument("--fused", action="store_true",
                    help="profile model.py's falqon_fused: the adapter mode with falqon.fuse's "
                         "kernels around the GEMMs (Liger Kernel where installed; a CUDA GPU)")
@@ -350,10 +350,10 @@ def parse_args(argv=None):
                         "profile_adapter_<device>.json in the adapter mode, "
                         "profile_fused_<device>.json with --fused)")
     args = p.parse_args(argv)
-    if args.fused and "--update-mode" in (argv or sys.argv[1:]) and args.update_mode != "adapter":
+    if args.fused and args.update_mode == "proxy":
         p.error("--fused profiles falqon_fused, which trains in the adapter mode")
-    if args.fused:
-        args.update_mode = "adapter"
+    # Unset: proxy (the committed profiles' mode), or adapter with --fused.
+    args.update_mode = args.update_mode or ("adapter" if args.fused else "proxy")
     if args.steps < 1 or args.warmup < 0 or args.timed_steps < 1:
         p.error("--steps and --timed-steps must be >= 1, --warmup >= 0")
     mb.check_model_args(p, args)

@@ -26,10 +26,12 @@ def test_profile_step_fused_is_the_adapter_mode_on_a_gpu(capsys):
     # --fused profiles model.py's falqon_fused: its update mode is the adapter's, and Liger
     # Kernel's kernels need CUDA; both are one-line usage errors, not a traceback mid-build.
     for argv, message in ((["--fused", "--update-mode", "proxy"], "trains in the adapter mode"),
+                          (["--fused", "--update-mode=proxy"], "trains in the adapter mode"),
                           (["--fused", "--device", "cpu"], "needs a CUDA GPU")):
         with pytest.raises(SystemExit) as exc:
             profile_step.parse_args(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert profile_step.parse_args([]).update_mode == "proxy"
     if torch.cuda.is_available():
         args = profile_step.parse_args(["--fused"])
         assert args.fused and args.update_mode == "adapter"
