@@ -111,7 +111,7 @@ def measure(mode: str, method: str, args, rank: int) -> dict:
     net = _wrap(mode, model)
     M.enable_checkpointing(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    if M.is_proxy(method):
+    if M.needs_attach(method):
         falqon.attach(optimizer, model)
     batch = M.random_batch(args.batch, args.seq, model.config.vocab_size, args.device,
                            args.seed + 1 + rank)

@@ -44,9 +44,15 @@ peer whose torch.compile time is unbounded last:
                     LoRA's and never folded; no proxy update, nothing attached.
   falqon_adapter_delayed_wt
                     the adapter mode with transposed_copy=True and amax_history_len=16.
+  falqon_adapter_train_a
+                    the adapter mode with FalqonConfig(train_a=True): A trained too (an fp32
+                    lora_A per layer, dA's two small GEMMs in the backward, A's FP8 rows rewritten
+                    by falqon.attach's hook after every step).
   falqon_fused      falqon_adapter + falqon.fuse(model): falqon's fast path, backend "auto" (Liger
                     Kernel where installed, else torch.compile of each decoder layer); the record's
                     "fuse" says which backend ran and what it fused.
+  falqon_fused_train_a
+                    falqon_adapter_train_a + falqon.fuse(model): the fast path with A trained.
   falqon_fused_compile
                     falqon_adapter + falqon.fuse(model, "compile"): each decoder layer under
                     torch.compile, melded ops inside; the LM head and the loss eager.
@@ -121,14 +127,16 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 # Run in this order: torch.compile's unbounded compile time last, falqon before it (see above).
 METHODS = ("bf16_lora", "qlora_nf4", "bf16_lora_liger", "qlora_nf4_liger",
            "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt", "falqon_adapter",
-           "falqon_adapter_delayed_wt", "falqon_fused", "falqon_fused_compile", "fp8_lora_torchao")
+           "falqon_adapter_delayed_wt", "falqon_adapter_train_a", "falqon_fused",
+           "falqon_fused_train_a", "falqon_fused_compile", "fp8_lora_torchao")
 # FalqonConfig options per falqon method: each mode with current scaling, and with the fastest
 # options (benchmarks/layer.py's names).
 FASTEST = {"transposed_copy": True, "amax_history_len": 16}
 FALQON_OPTIONS = {"falqon": {"update_mode": "proxy"},
                   "falqon_delayed_wt": {"update_mode": "proxy", **FASTEST},
                   "falqon_adapter": {"update_mode": "adapter"},
-                  "falqon_adapter_delayed_wt": {"update_mode": "adapter", **FASTEST}}
+                  "falqon_adapter_delayed_wt": {"update_mode": "adapter", **FASTEST},
+                  "falqon_adapter_train_a": {"update_mode": "adapter", "train_a": True}}
 BASELINE = "bf16_lora"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -278,6 +286,12 @@ def is_proxy(method: str) -> bool:
     return FALQON_OPTIONS.get(method, {}).get("update_mode") == "proxy"
 
 
+def needs_attach(method: str) -> bool:
+    """Whether `method` needs falqon.attach's hook after each optimizer step: the proxy update,
+    or a trained A's FP8 rows rewritten from lora_A."""
+    return is_proxy(method) or bool(FALQON_OPTIONS.get(method, {}).get("train_a"))
+
+
 def setup_falqon(model, args, info, options=None):
     import falqon
 
@@ -323,6 +337,8 @@ NOTES = {
                        "in the forward, trained by AdamW, never folded; no proxy update"),
     "falqon_adapter_delayed_wt": ("the adapter mode with FalqonConfig(transposed_copy=True, "
                                   "amax_history_len=16)"),
+    "falqon_adapter_train_a": ("the adapter mode with FalqonConfig(train_a=True): A trained too "
+                               "(dA in the backward, A's FP8 rows rewritten by falqon.attach)"),
 }
 
 
@@ -517,6 +533,8 @@ def run_method(method: str, args, meld_timed: bool = False) -> tuple[dict, dict 
     timer = None
     if is_proxy(method):
         timer = UpdateTimer(optimizer, device, lambda: attach_falqon(optimizer, model))
+    elif needs_attach(method):  # a trained A: its rows follow lora_A after every step
+        attach_falqon(optimizer, model)
     size, too_large = args.batch, []
     while True:
         try:

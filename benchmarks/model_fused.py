@@ -18,6 +18,7 @@ else:
 # only (falqon/fusion/liger.py), so the eager methods of the same run stay eager whatever the order.
 FUSED = {"bf16_lora_liger": ("bf16_lora", "liger"), "qlora_nf4_liger": ("qlora_nf4", "liger"),
          "falqon_fused": ("falqon_adapter", "auto"),
+         "falqon_fused_train_a": ("falqon_adapter_train_a", "auto"),
          "falqon_fused_compile": ("falqon_adapter", "compile")}
 # Liger's four fusions; a liger method that got fewer is an error, not a partial measurement.
 LIGER_FUSIONS = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
@@ -27,6 +28,7 @@ NOTES = {
     "qlora_nf4_liger": "qlora_nf4 with the same Liger Kernel fusions",
     "falqon_fused": ("falqon_adapter + falqon.fuse(model) (auto: Liger Kernel where installed, "
                      "else torch.compile of the decoder layers), falqon's default fast path"),
+    "falqon_fused_train_a": "falqon_adapter_train_a + falqon.fuse(model): the fast path, A trained",
     "falqon_fused_compile": "falqon_adapter + falqon.fuse(model, 'compile')",
 }
 

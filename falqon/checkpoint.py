@@ -118,6 +118,8 @@ def _layer_tensors(name: str, layer: MeldedLinear, layout: str) -> dict[str, tor
                                                     layer.out_features + layer.rank]
     tensors[f"{name}.weight_scale"] = layer.weight_scale
     tensors[f"{name}.lora_B"] = layer.lora_B
+    if layer.lora_A is not None:  # train_a: the master copy (A's FP8 rows are its image)
+        tensors[f"{name}.lora_A"] = layer.lora_A
     if layer.amax_history is not None:
         tensors[f"{name}.amax_history"] = layer.amax_history
     return tensors
@@ -226,6 +228,8 @@ def _expected_tensors(info: dict, config: FalqonConfig, layout: str,
     out.update(weight_scale=((), torch.float32), lora_B=((n, r), lora_dtype))
     if config.amax_history_len:
         out["amax_history"] = ((2, config.amax_history_len), torch.float32)
+    if config.train_a:
+        out["lora_A"] = ((r, k), torch.float32)
     return out
 
 
@@ -249,6 +253,7 @@ def _check_module(base_model: nn.Module, name: str, info: dict, config: FalqonCo
                                    ("amax_history_len", module.amax_history_len,
                                     config.amax_history_len),
                                    ("update_mode", module.update_mode, config.update_mode),
+                                   ("train_a", module.lora_A is not None, config.train_a),
                                    ("adapter_gain", module.adapter_gain,
                                     config.adapter_gain if config.update_mode == "adapter"
                                     else 1.0)):
@@ -326,6 +331,10 @@ def _load_layer(base_model: nn.Module, name: str, module: nn.Module, info: dict,
         else:
             _copy_into(getattr(layer, key), src)
     layer.refresh_weight_t()
+    if layer.lora_A is not None:
+        # A's rows as the next forward of the saved run would have had them (its image of
+        # lora_A), whether or not the save came before that run synchronised them
+        layer.sync_adapter_A()
 
 
 @torch.no_grad()

@@ -29,6 +29,14 @@ UPDATE_MODES = ("adapter", "proxy")
 # every point of its grid (docs/accuracy.md). Multiplying the adapter's output by 10 gives a
 # LoRA user's learning rates back (an Adam step on B moves the output in proportion to it).
 ADAPTER_GAIN = 10.0
+# With A trained too (FalqonConfig.train_a), B and A are placed so that an Adam step on B moves
+# the output TRAINED_A_GAIN / TRAINED_A_DIVISOR = 10x as far as a step of the same size on A
+# (LoRA+'s finding that B wants the larger step), and so that the study's best learning rate for
+# that split lands on bf16 LoRA's: the study's probe (A and B at one learning rate, B with gain
+# 10, A unscaled) was best at 0.002 against LoRA's 0.01, so here B's gain is 10 / 5 and A's
+# parameter is 5x the A the layer applies (docs/accuracy.md, benchmarks/NOTES.md runs 58-59).
+TRAINED_A_GAIN = 2.0
+TRAINED_A_DIVISOR = 5.0
 
 
 @accept_peft_names
@@ -57,11 +65,20 @@ class FalqonConfig:
     rank             rank r of the adapter melded under each weight.
     alpha            LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank; else a
                      finite number > 0.
+    train_a          adapter mode: train A as well (LoRA over the FP8 base instead of LoRA-FA).
+                     Each layer gets `lora_A`, a float32 parameter (TRAINED_A_DIVISOR times the A
+                     it applies), whose FP8 image is written into the layer's A rows after every
+                     optimizer step (falqon.attach / FalqonCallback; in eager mode a forward also
+                     does it when lora_A changed), and dA = scaling (g B)^T x in the backward.
+                     On the study's third pretraining (H200) a probe of it ended 6.1% (GSM8K) and
+                     0.75% (role-play) below bf16 LoRA's held-out loss where the frozen A was 3.2%
+                     below and 1.35% above. Costs per layer: the fp32 A and its Adam state, two
+                     small GEMMs in the backward. Not under FSDP2 yet.
     adapter_gain     adapter mode: a further factor on the adapter's output, scaling =
-                     adapter_gain * alpha / rank (ADAPTER_GAIN, 10, by default: A is frozen, so it
-                     stands in for the growth of a trained LoRA A; see ADAPTER_GAIN). Exports fold
-                     it into B, so a PEFT adapter keeps lora_alpha = alpha. Ignored in the proxy
-                     mode.
+                     adapter_gain * alpha / rank. None (default): ADAPTER_GAIN (10: A is frozen,
+                     so it stands in for the growth of a trained LoRA A) or, with train_a,
+                     TRAINED_A_GAIN (2). Exports fold it into B, so a PEFT adapter keeps
+                     lora_alpha = alpha. Ignored in the proxy mode.
     topk             proxy mode: rows of B folded into the FP8 weight after each optimizer step.
     warmup_topk      proxy mode: rows folded during the first `warmup_steps` steps. None: the
                      layer's rank (what the published code does).
@@ -106,8 +123,9 @@ class FalqonConfig:
     transposed_copy: bool = False
     amax_history_len: int = 0
     update_mode: str = "adapter"
-    adapter_gain: float = ADAPTER_GAIN
+    adapter_gain: float | None = None
     adapter_init: str = "error_svd"
+    train_a: bool = False
 
     def __post_init__(self):
         self.target_modules = _normalise_names("target_modules", self.target_modules)
@@ -119,8 +137,10 @@ class FalqonConfig:
         check_int("FalqonConfig", "seed", self.seed, None)
         if self.warmup_topk is not None:
             check_int("FalqonConfig", "warmup_topk", self.warmup_topk, 0)
+        if self.adapter_gain is None:
+            self.adapter_gain = TRAINED_A_GAIN if self.train_a is True else ADAPTER_GAIN
         self.adapter_gain = check_adapter_gain("FalqonConfig", self.adapter_gain)
-        for name in ("keep_residual", "transposed_copy"):
+        for name in ("keep_residual", "transposed_copy", "train_a"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FalqonConfig: {name} must be True or False, got "
                                  f"{getattr(self, name)!r}")
@@ -128,6 +148,9 @@ class FalqonConfig:
             raise ValueError(f"FalqonConfig: update_mode must be one of {UPDATE_MODES}, got "
                              f"{self.update_mode!r}")
         check_adapter_init("FalqonConfig", self.adapter_init, self.update_mode)
+        if self.train_a and self.update_mode != "adapter":
+            raise ValueError("FalqonConfig: train_a needs update_mode='adapter' (the proxy mode "
+                             "folds B A into the FP8 weights; its A stays the melded one)")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"FalqonConfig: svd must be one of {SVD_METHODS}, got {self.svd!r}")
         if self.grad_dtype not in GRAD_DTYPES:
@@ -229,4 +252,4 @@ def _matches(spec, name: str) -> bool:
 
 
 __all__ = ["ADAPTER_GAIN", "ADAPTER_INITS", "FalqonConfig", "FalqonError", "GRAD_DTYPES",
-           "SVD_METHODS", "UPDATE_MODES"]
+           "SVD_METHODS", "TRAINED_A_DIVISOR", "TRAINED_A_GAIN", "UPDATE_MODES"]

@@ -168,7 +168,7 @@ def _layer_kwargs(config: FalqonConfig) -> dict:
                 keep_residual=config.keep_residual, grad_dtype=config.grad_torch_dtype,
                 transposed_copy=config.transposed_copy,
                 amax_history_len=config.amax_history_len, update_mode=config.update_mode,
-                adapter_gain=config.adapter_gain)
+                adapter_gain=config.adapter_gain, train_a=config.train_a)
 
 
 def meld_kwargs(config: FalqonConfig, name: str) -> dict:
@@ -198,6 +198,8 @@ def _finish(model: nn.Module, config: FalqonConfig, skipped, memory_before: int)
     layers = melded_layers(model)
     for _, layer in layers:
         layer.lora_B.requires_grad_(True)
+        if layer.lora_A is not None:
+            layer.lora_A.requires_grad_(True)
     # Gradient checkpointing of the reentrant kind only back-propagates through a checkpointed
     # block whose input requires grad; with every base weight frozen, the embeddings' output does
     # not. PEFT calls the same hook for adapters.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, trained_a
 from .adapter_init import meld_weight
-from .config import ADAPTER_GAIN, UPDATE_MODES
+from .config import ADAPTER_GAIN, TRAINED_A_DIVISOR, TRAINED_A_GAIN, UPDATE_MODES
 from .shared_quant import use_shared
 from .validation import (check_adapter_gain, check_adapter_init, check_int, check_layer_options,
                          check_lora_dtype)
@@ -48,6 +48,8 @@ class MeldedLinear(nn.Module):
                     W' never changes. A is rescaled at meld time to a LoRA A's row norm
                     (ADAPTER_ROW_NORM) and scaling = adapter_gain * alpha / rank (adapter_gain:
                     config.ADAPTER_GAIN by default) so that LoRA's learning rates carry over.
+                    train_a=True trains A too (falqon.trained_a: an fp32 `lora_A`, its FP8
+                    image written into A's rows after each optimizer step).
       "proxy":      the paper's method: y = x W^T + b; B never enters the forward and after each
                     optimizer step `proxy_update()` folds its `topk` largest rows into W'
                     (updates under half an E4M3 step round away).
@@ -58,6 +60,10 @@ class MeldedLinear(nn.Module):
       weight_scale  float32 scalar: the one per-tensor scale of `weight`.
       lora_B        (out_features, rank), trainable. Its gradient is scaling * g^T (x A^T) in
                     both modes.
+      lora_A        with train_a: (rank, in_features) float32, trainable, TRAINED_A_DIVISOR
+                    times the A the layer applies (its FP8 rows in `weight`); else None.
+      a_range       with train_a: float32 scalar, the largest |A| / E4M3 max its rows were
+                    written with (above 1: saturated; falqon.trained_a); not saved.
       weight_t      optional persistent transpose for the input gradient: of the weight rows
                     (proxy mode) or of every row of `weight` (adapter mode).
       amax_history  with amax_history_len = H > 0: float32 (2, H), the amaxes of the last H
@@ -81,7 +87,8 @@ class MeldedLinear(nn.Module):
                  keep_residual: bool = False, grad_dtype: torch.dtype = ops.E5M2,
                  transposed_copy: bool = False, device=None, dtype: torch.dtype | None = None,
                  lora_dtype: torch.dtype = torch.float32, amax_history_len: int = 0,
-                 update_mode: str = "adapter", adapter_gain: float = ADAPTER_GAIN):
+                 update_mode: str = "adapter", adapter_gain: float | None = None,
+                 train_a: bool = False):
         super().__init__()
         # The rules FalqonConfig applies (falqon.validation), before anything is allocated.
         alpha = check_layer_options("MeldedLinear", rank, alpha, topk, amax_history_len)
@@ -95,6 +102,11 @@ class MeldedLinear(nn.Module):
             raise ValueError(f"MeldedLinear: update_mode must be one of {UPDATE_MODES}, got "
                              f"{update_mode!r}")
         self.update_mode = update_mode
+        if not isinstance(train_a, bool) or (train_a and update_mode != "adapter"):
+            raise ValueError(f"MeldedLinear: train_a must be True or False, and True only with "
+                             f"update_mode='adapter', got {train_a!r} with {update_mode!r}")
+        if adapter_gain is None:
+            adapter_gain = TRAINED_A_GAIN if train_a else ADAPTER_GAIN
         if grad_dtype not in ops.FP8_MAX:
             raise ValueError(f"MeldedLinear: grad_dtype must be an FP8 dtype, got {grad_dtype}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -109,6 +121,11 @@ class MeldedLinear(nn.Module):
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones((), device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=lora_dtype))
+        self.lora_A = (nn.Parameter(torch.zeros(rank, in_features, device=device,
+                                                dtype=torch.float32)) if train_a else None)
+        self.register_buffer("a_range", torch.zeros((), device=device, dtype=torch.float32)
+                             if train_a else None, persistent=False)
+        self._a_synced = None if self.lora_A is None else self.lora_A._version
         t_cols = rows if update_mode == "adapter" else out_features
         self.register_buffer(
             "weight_t",
@@ -133,8 +150,8 @@ class MeldedLinear(nn.Module):
                     svd: str = "randomized", oversample: int = 16, power_iters: int = 4,
                     seed: int = 0, lora_dtype: torch.dtype = torch.float32,
                     amax_history_len: int = 0, update_mode: str = "adapter",
-                    adapter_gain: float = ADAPTER_GAIN,
-                    adapter_init: str = "error_svd") -> "MeldedLinear":
+                    adapter_gain: float | None = None,
+                    adapter_init: str = "error_svd", train_a: bool = False) -> "MeldedLinear":
         """Meld an nn.Linear: its weight is quantised to FP8 with the adapter A stacked under it
         (A from the rank-r SVD of the weight's FP8 quantisation error, or in the adapter mode
         from `adapter_init`: "random", drawn from `seed`, or "weight_svd", W's top-r right
@@ -155,16 +172,32 @@ class MeldedLinear(nn.Module):
                      grad_dtype=grad_dtype, transposed_copy=transposed_copy, device=w.device,
                      dtype=None if linear.bias is None else linear.bias.dtype,
                      lora_dtype=lora_dtype, amax_history_len=amax_history_len,
-                     update_mode=update_mode, adapter_gain=adapter_gain)
+                     update_mode=update_mode, adapter_gain=adapter_gain, train_a=train_a)
         row_norm = ADAPTER_ROW_NORM if update_mode == "adapter" else 0.0
         melded, scale = meld_weight(w.detach(), rank, adapter_init, svd, oversample, power_iters,
                                     seed, row_norm)
         module.weight.data = melded
         module.weight_scale.copy_(scale)
         module.refresh_weight_t()
+        module.init_lora_A()
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()
         return module
+
+    @torch.no_grad()
+    def init_lora_A(self) -> None:
+        """With train_a: lora_A from A's FP8 rows (TRAINED_A_DIVISOR times them, so that its
+        image is those rows again); the rows count as synchronised."""
+        if self.lora_A is not None:
+            self.lora_A.copy_(self.adapter_A(torch.float32) * TRAINED_A_DIVISOR)
+            self._a_synced = self.lora_A._version
+
+    @torch.no_grad()
+    def sync_adapter_A(self) -> None:
+        """With train_a: rewrite A's FP8 rows from lora_A (falqon.trained_a.sync_rows); falqon.attach
+        and FalqonCallback call it after every optimizer step."""
+        if self.lora_A is not None:
+            trained_a.sync_rows(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -181,19 +214,30 @@ class MeldedLinear(nn.Module):
             raise TypeError(f"MeldedLinear: input must be float32, float16 or bfloat16, got "
                             f"{x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.lora_A is not None and not torch.compiler.is_compiling() and \
+                self.lora_A._version != self._a_synced:
+            self.sync_adapter_A()  # lora_A changed without falqon.attach's hook (eager only)
         history = self.amax_history
         shared = use_shared(self, key)
         if shared is not None:  # current scaling: x's quantisation, made once for its readers
             q, scale = shared.quantized(key, x)
-            return ops.melded_linear_call(
+            y = ops.melded_linear_call(
                 x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t,
                 self.scaling, self.grad_dtype, None, self.update_mode == "adapter", q, scale)[0]
+            return self._with_trained_A(y, x)
         y, _, x_amax = ops.melded_linear_call(
             x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t, self.scaling,
             self.grad_dtype, history, self.update_mode == "adapter")
         if history is not None and self.training:
             ops.record_amax_(history[0], x_amax.detach())
-        return y
+        return self._with_trained_A(y, x)
+
+    def _with_trained_A(self, y: Tensor, x: Tensor) -> Tensor:
+        """y, carrying lora_A's gradient where A is trained (falqon.trained_a.TrainedAGrad)."""
+        if self.lora_A is None or not (torch.is_grad_enabled() and self.lora_A.requires_grad):
+            return y
+        return trained_a.TrainedAGrad.apply(y, x, self.lora_A, self.lora_B,
+                                            self.scaling / TRAINED_A_DIVISOR)
 
     @property
     def amax_history_len(self) -> int:
@@ -252,7 +296,7 @@ class MeldedLinear(nn.Module):
         # any floating tensor (and a scale rounded through bf16 would rescale the whole layer).
         # Keep their formats: only moves between devices apply to them, taken from the originals.
         before = {name: t.detach() for name in ("weight", "weight_scale", "weight_t",
-                                                "amax_history")
+                                                "amax_history", "a_range")
                   if (t := getattr(self, name)) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -268,7 +312,7 @@ class MeldedLinear(nn.Module):
     def extra_repr(self) -> str:
         delayed = f", amax_history_len={self.amax_history_len}" if self.amax_history_len else ""
         if self.update_mode == "adapter":
-            mode = "update_mode=adapter"
+            mode = "update_mode=adapter" + (", train_a=True" if self.lora_A is not None else "")
         else:
             policy = "keep_residual" if self.keep_residual else "drop"
             mode = f"update_mode=proxy, topk={self.topk}, policy={policy}"

@@ -85,6 +85,8 @@ class ProxyUpdater:
         # Only the proxy mode's layers have an update to run; the adapter mode's B is trained like
         # LoRA's and needs nothing after a step (the counter still advances, for checkpoints).
         self.layers = [layer for layer in melded if layer.update_mode == "proxy"]
+        # The adapter mode with train_a: A's FP8 rows rewritten from lora_A after each step.
+        self.trained_a = [layer for layer in melded if layer.lora_A is not None]
         self.all_layers = melded
         self.model = model
         self.config = melded_config(model)
@@ -96,9 +98,11 @@ class ProxyUpdater:
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = sum(id(layer.lora_B) not in held for layer in melded)
-            if missing:
+            missing_a = sum(id(layer.lora_A) not in held for layer in self.trained_a)
+            if missing or missing_a:
+                what = f"lora_B of {missing}" if missing else f"lora_A of {missing_a}"
                 raise ValueError(
-                    f"falqon.attach: the optimizer does not hold the lora_B of {missing} of "
+                    f"falqon.attach: the optimizer does not hold the {what} of "
                     f"{len(melded)} melded layers; create it after falqon.meld, e.g. "
                     f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
 
@@ -130,6 +134,8 @@ class ProxyUpdater:
                     return False
             for layer in self.layers:
                 layer.proxy_update(self.k_for(layer))
+        for layer in self.trained_a:
+            layer.sync_adapter_A()
         update_guard.record(self.model)
         self.state.step += 1
         return True

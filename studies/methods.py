@@ -29,6 +29,11 @@ projections of every decoder layer (q, k, v, o, gate, up, down) at the same rank
                     master written into the FP8 rows of W' after each step): a study-only probe
                     (studies/train_a.py) of whether the frozen A is what keeps the adapter mode
                     behind LoRA on role-play; its own pilot on falqon_adapter's grid.
+  falqon_adapter_train_a_lib
+                    the library's version of it, FalqonConfig(train_a=True) + falqon.attach
+                    (falqon/trained_a.py: dA in the backward, A's rows rewritten after each step,
+                    B's gain 2 and A's parameter 5x the applied A, placed so that the probe's
+                    best learning rate lands on LoRA's); its own pilot on LoRA's grid.
   falqon*           (every other falqon method) FalqonConfig(update_mode="proxy") + falqon.attach:
                     the paper's proxy update, k rows of B folded into the FP8 weight after each
                     optimizer step; the published policy is k = 10 with B dropped (zeroed) after
@@ -63,6 +68,7 @@ class Method:
     update_mode: str = "proxy"  # falqon: "proxy" (the paper's top-k update) or "adapter"
     adapter_init: str = "error_svd"  # falqon's adapter mode: FalqonConfig.adapter_init
     train_a: bool = False  # the adapter mode with A trained too (studies/train_a.py)
+    train_a_lib: bool = False  # the same through FalqonConfig(train_a=True)
     about: str = ""
 
     @property
@@ -109,6 +115,10 @@ METHODS = {m.name: m for m in (
     # or NF4 base (A trained) matched LoRA. Is it the freezing?
     Method("falqon_adapter_train_a", "falqon", "falqon_adapter_train_a", update_mode="adapter",
            train_a=True, about="falqon, adapter mode, A trained too (study-only probe)"),
+    # Added after the probe ended below LoRA on both tasks: the library's trained A.
+    Method("falqon_adapter_train_a_lib", "falqon", "falqon_adapter_train_a_lib",
+           update_mode="adapter", train_a_lib=True,
+           about="falqon, adapter mode, FalqonConfig(train_a=True)"),
 )}
 # Run order: the comparison the study is about first (issue 12: falqon_adapter against lora_bf16),
 # so that a stage short of time drops the least important runs (each skipped run is recorded with
@@ -120,14 +130,16 @@ ISSUE12_METHODS = ("lora_bf16", "falqon_adapter", "falqon", "qlora_nf4", "lora_f
 ADAPTER_INIT_METHODS = ("lora_bf16", "falqon_adapter", "falqon_adapter_rand",
                         "falqon_adapter_wsvd")
 # Does training A close the adapter mode's gap (`--methods train_a`)?
-TRAIN_A_METHODS = ("lora_bf16", "falqon_adapter", "falqon_adapter_train_a")
+TRAIN_A_METHODS = ("lora_bf16", "falqon_adapter", "falqon_adapter_train_a",
+                   "falqon_adapter_train_a_lib")
 METHOD_SETS = {"all": DEFAULT_METHODS, "issue12": ISSUE12_METHODS,
                "adapter_init": ADAPTER_INIT_METHODS, "train_a": TRAIN_A_METHODS}
 FAMILIES = {"full": "full_bf16", "lora": "lora_bf16", "falqon_adapter": "falqon_adapter",
             "falqon": "falqon", "falqon_keep": "falqon_keep",
             "falqon_sr": "falqon_sr", "falqon_adapter_rand": "falqon_adapter_rand",
             "falqon_adapter_wsvd": "falqon_adapter_wsvd",
-            "falqon_adapter_train_a": "falqon_adapter_train_a"}  # family -> pilot method
+            "falqon_adapter_train_a": "falqon_adapter_train_a",
+            "falqon_adapter_train_a_lib": "falqon_adapter_train_a_lib"}  # family -> pilot method
 # Pilot learning rates, on the 1-2-5 sequence (neighbours 2x or 2.5x apart, so that two
 # methods whose best rates are "within 3x" can be told apart from two a grid step apart). The
 # adapter mode's A is rescaled to a PEFT LoRA A's row norm and its output multiplied by the
@@ -141,7 +153,8 @@ LR_GRIDS = {"full": (5e-5, 1e-4, 2e-4), "lora": (2e-3, 5e-3, 1e-2, 2e-2),
             "falqon_sr": (5e-3, 1e-2, 2e-2),
             "falqon_adapter_rand": (2e-3, 5e-3, 1e-2, 2e-2),
             "falqon_adapter_wsvd": (2e-3, 5e-3, 1e-2, 2e-2),
-            "falqon_adapter_train_a": (2e-3, 5e-3, 1e-2, 2e-2)}
+            "falqon_adapter_train_a": (2e-3, 5e-3, 1e-2, 2e-2),
+            "falqon_adapter_train_a_lib": (2e-3, 5e-3, 1e-2, 2e-2)}
 
 
 def lr_neighbour(lr: float, up: bool) -> float:
@@ -190,6 +203,8 @@ def skip_reason(method: Method, device: torch.device) -> str | None:
             return "this falqon's FalqonConfig has no update_mode (adapter/proxy)"
         if method.adapter_init != "error_svd" and "adapter_init" not in fields:
             return "this falqon's FalqonConfig has no adapter_init (random/weight_svd)"
+        if method.train_a_lib and "train_a" not in fields:
+            return "this falqon's FalqonConfig has no train_a"
         key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
         if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
                 "falqon::melded_linear", key):
@@ -369,6 +384,8 @@ def _meld(method: Method, base: nn.Module, s: RunSettings) -> tuple[nn.Module, l
                       keep_residual=method.keep_residual)
     else:  # the default A is left to FalqonConfig (a falqon from before adapter_init)
         policy = {} if method.adapter_init == "error_svd" else {"adapter_init": method.adapter_init}
+        if method.train_a_lib:
+            policy["train_a"] = True
     cfg = falqon.FalqonConfig(rank=s.rank, alpha=s.alpha, update_mode=method.update_mode,
                               target_modules=list(PROJECTIONS), seed=s.seed, **policy)
     model = falqon.meld(base, cfg, progress=False, verbose=False)
@@ -429,10 +446,14 @@ def build(method: Method, ckpt: str, device: torch.device, lr: float, s: RunSett
     if not params:
         raise RuntimeError(f"{method.name}: the model has no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    if method.proxy:  # the adapter mode's B is trained like LoRA's: no hook
+    if method.proxy or method.train_a_lib:  # the frozen-A adapter mode needs no hook
         import falqon
 
         handle = falqon.attach(optimizer, model)
+        if method.train_a_lib:
+            from . import train_a
+
+            meter = train_a.LibraryRange(model)
     if method.train_a:  # A's FP8 rows follow lora_A after every step
         handle = train_a.sync_after_steps(optimizer, probes)
     model.train()

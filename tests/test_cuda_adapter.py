@@ -189,6 +189,44 @@ def test_adapter_module_step_matches_lora_fa(K, N):
     assert rel_err(y_ref, xd @ W.t()) > 0.1
 
 
+@pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)
+def test_trained_A_step_on_the_device(K, N):
+    # FalqonConfig(train_a=True) on the GPU: dA against LoRA's float64 formula (bf16 GEMMs with
+    # fp32 accumulation: u = g B rounded to bf16, 2^-8 relative, then summed over M), y, dx and
+    # dB the frozen-A layer's bit for bit, and after a step with falqon.attach A's FP8 rows the
+    # image of lora_A (falqon.trained_a.a_image_rows), written without a host read-back.
+    from falqon.config import TRAINED_A_DIVISOR
+    from falqon.trained_a import a_image_rows
+
+    lin = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    layer = falqon.MeldedLinear.from_linear(lin, rank=16, train_a=True).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.05)
+    frozen = falqon.MeldedLinear(K, N, rank=16, adapter_gain=layer.adapter_gain).to(DEVICE)
+    frozen.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "lora_A"},
+                           strict=False)
+    x = random_activations((512, K), torch.bfloat16).to(DEVICE)
+    g = random_activations((512, N), torch.bfloat16).to(DEVICE)
+    outs = []
+    for mod in (layer, frozen):
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        y.backward(g)
+        outs.append((y.detach(), xi.grad, mod.lora_B.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    gd, xd = g.double().cpu(), x.double().cpu()
+    dA_ref = layer.scaling / TRAINED_A_DIVISOR * (gd @ layer.lora_B.detach().double().cpu()).t() @ xd
+    assert rel_err(layer.lora_A.grad.double().cpu(), dA_ref) < 2e-2
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+    falqon.attach(opt, torch.nn.Sequential(layer))
+    opt.step()
+    rows, _ = a_image_rows(layer.lora_A, layer.weight_scale)
+    n = layer.out_features
+    assert torch.equal(layer.weight[n:n + 16].view(torch.uint8), rows.view(torch.uint8))
+
+
 @pytest.mark.skipif(DRY_RUN, reason="the opcheck of the device's kernels")
 def test_opcheck_adapter_ops_on_the_device():
     from falqon_testing import opcheck

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu, gpu]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def melded_decoder_layer(rank: int = 16, update_mode: str = "proxy"):
+def melded_decoder_layer(rank: int = 16, update_mode: str = "proxy", train_a: bool = False):
     """A transformers LlamaDecoderLayer (hidden 256, GQA 8/4 heads, MLP 704) in bf16 on the device,
     all seven projections melded (in the adapter mode with a non-zero B, as after training), and
     its rotary embedding."""
@@ -42,7 +42,8 @@ def melded_decoder_layer(rank: int = 16, update_mode: str = "proxy"):
         for name in PROJECTIONS:
             if hasattr(parent, name):
                 m = falqon.MeldedLinear.from_linear(getattr(parent, name), rank=rank,
-                                                    alpha=4 * rank, update_mode=update_mode)
+                                                    alpha=4 * rank, update_mode=update_mode,
+                                                    train_a=train_a)
                 if update_mode == "adapter":
                     with torch.no_grad():
                         m.lora_B.normal_(std=0.02)
@@ -53,13 +54,16 @@ def melded_decoder_layer(rank: int = 16, update_mode: str = "proxy"):
         p.requires_grad_(False)
     for m in melded.values():
         m.lora_B.requires_grad_(True)
+        if m.lora_A is not None:
+            m.lora_A.requires_grad_(True)
     return layer, melded, LlamaRotaryEmbedding(config).to(DEVICE)
 
 
-@pytest.mark.parametrize("update_mode", ["proxy", "adapter"])
+@pytest.mark.parametrize("update_mode", ["proxy", "adapter", "adapter_train_a"])
 def test_compiled_decoder_layer_matches_eager(update_mode):
     torch._dynamo.reset()
-    layer, melded, rotary = melded_decoder_layer(update_mode=update_mode)
+    layer, melded, rotary = melded_decoder_layer(update_mode=update_mode.removesuffix("_train_a"),
+                                                 train_a=update_mode.endswith("_train_a"))
     batch, seq = 2, 64
     x = torch.randn(batch, seq, 256, device=DEVICE, dtype=torch.bfloat16)
     position_ids = torch.arange(seq, device=DEVICE).expand(batch, seq)
@@ -68,12 +72,16 @@ def test_compiled_decoder_layer_matches_eager(update_mode):
     def step(fn):
         for m in melded.values():
             m.lora_B.grad = None
+            if m.lora_A is not None:
+                m.lora_A.grad = None
         xi = x.clone().requires_grad_()
         cos_sin = rotary(xi, position_ids)
         out = fn(xi, position_embeddings=cos_sin, position_ids=position_ids)
         out = out[0] if isinstance(out, tuple) else out
         (out.float() * probe).sum().backward()
-        return out.detach(), xi.grad, {n: m.lora_B.grad.clone() for n, m in melded.items()}
+        return out.detach(), xi.grad, {n: (m.lora_B.grad.clone(), None if m.lora_A is None
+                                           else m.lora_A.grad.clone())
+                                       for n, m in melded.items()}
 
     eager = step(layer)
     # fullgraph=True raises on any graph break: the melded ops and their autograd compile whole.
@@ -90,8 +98,10 @@ def test_compiled_decoder_layer_matches_eager(update_mode):
     assert rel_err(compiled[0], eager[0]) < tol
     assert rel_err(compiled[1], eager[1]) < tol
     for name in PROJECTIONS:
-        assert rel_err(compiled[2][name], eager[2][name]) < tol, name
-        assert eager[2][name].abs().sum() > 0, name
+        for c, e in zip(compiled[2][name], eager[2][name]):  # dB, and dA where A trains
+            if e is not None:
+                assert rel_err(c, e) < tol, name
+                assert e.abs().sum() > 0, name
 
 
 class MeldedMLP(nn.Module):
@@ -141,8 +151,23 @@ class AdapterMLP(nn.Module):
         return [self.l1, self.l2, self.l3]
 
 
+class TrainedAMLP(AdapterMLP):
+    """AdapterMLP with A trained (FalqonConfig(train_a=True)) in l1 and l2 (the transposed copy
+    and delayed scaling among them); l3 keeps a frozen A."""
+
+    def __init__(self):
+        super().__init__()
+        lins = [nn.Linear(256, 512), nn.Linear(512, 512)]
+        for lin in lins:
+            nn.init.normal_(lin.weight, std=0.05)
+        self.l1 = falqon.MeldedLinear.from_linear(lins[0], rank=16, alpha=32, train_a=True)
+        self.l2 = falqon.MeldedLinear.from_linear(lins[1], rank=8, transposed_copy=True,
+                                                  amax_history_len=4, train_a=True)
+
+
 def _training(model):
-    opt = torch.optim.Adam([m.lora_B for m in model.melded()], lr=0.02, capturable=True)
+    params = [p for m in model.melded() for p in (m.lora_B, m.lora_A) if p is not None]
+    opt = torch.optim.Adam(params, lr=0.02, capturable=True)
 
     def step(x, target):
         opt.zero_grad(set_to_none=True)
@@ -153,6 +178,7 @@ def _training(model):
         for m in model.melded():
             if m.update_mode == "proxy":
                 m.proxy_update()
+            m.sync_adapter_A()  # a trained A's FP8 rows from lora_A (no-op for the others)
         return loss
 
     return opt, step
@@ -205,6 +231,25 @@ def test_adapter_training_step_in_cuda_graph_matches_eager():
     assert torch.equal(g_model.l2.amax_history, e_model.l2.amax_history)
     assert torch.allclose(g_losses, e_losses, rtol=1e-3)
     assert e_losses[-1] < e_losses[0], "the adapter trains"
+
+
+@cuda_only
+def test_trained_A_step_in_cuda_graph_matches_eager():
+    # dA, Adam on lora_A and the rewrite of A's FP8 rows, all captured: nothing synchronises.
+    from falqon.trained_a import a_image_rows
+
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn(512, 256, device="cuda")
+    g_model, _, g_losses, e_model, _, e_losses, initial = _graph_and_eager_runs(
+        TrainedAMLP, x, target)
+    for name, g, e in zip(("l1", "l2"), g_model.melded(), e_model.melded()):
+        assert not torch.equal(g.lora_A, initial[f"{name}.lora_A"]), name  # A trained
+        assert rel_err(g.lora_A, e.lora_A) < 1e-3, name
+        rows, _ = a_image_rows(g.lora_A, g.weight_scale)
+        n = g.out_features
+        assert torch.equal(g.weight[n:n + g.rank].view(torch.uint8), rows.view(torch.uint8))
+    assert torch.allclose(g_losses, e_losses, rtol=1e-3)
+    assert e_losses[-1] < e_losses[0]
 
 
 @cuda_only

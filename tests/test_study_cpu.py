@@ -243,7 +243,8 @@ def study(tmp_path_factory):
     # The A-init variants' pilots are test_adapter_init_methods'; here they take a given lr.
     return tmp, _study(tmp, "--stages", "pretrain,pilot,gsm8k,roleplay,report",
                        "--lr", "falqon_adapter_rand=0.01", "--lr", "falqon_adapter_wsvd=0.01",
-                       "--lr", "falqon_adapter_train_a=0.01")
+                       "--lr", "falqon_adapter_train_a=0.01",
+                       "--lr", "falqon_adapter_train_a_lib=0.01")
 
 
 def test_study_records_every_method_on_both_tasks(study):
@@ -256,7 +257,7 @@ def test_study_records_every_method_on_both_tasks(study):
         for method in ("lora_bf16", "falqon_adapter", "full_bf16", "falqon", "falqon_keep",
                        "falqon_sr", "falqon_k1", "falqon_k50", "falqon_kr", "qlora_nf4",
                        "lora_fp8_torchao", "falqon_adapter_rand", "falqon_adapter_wsvd",
-                       "falqon_adapter_train_a"):
+                       "falqon_adapter_train_a", "falqon_adapter_train_a_lib"):
             r = acc[(task, method)]
             assert r["metric"] == "eval_loss" and "error" not in r, r
             if method in ("qlora_nf4", "lora_fp8_torchao"):
@@ -377,8 +378,9 @@ def test_methods_meld_in_their_update_mode(study):
         layers = [m for m in setup.model.modules() if isinstance(m, falqon.MeldedLinear)]
         assert {m.update_mode for m in layers} == {method.update_mode}, method.name
         # (the trained-A probe has its sync hook and saturation meter)
-        assert (setup.meter is None and setup.handle is None) == (method.adapter and
-                                                                  not method.train_a)
+        assert (setup.meter is None and setup.handle is None) == (
+            method.adapter and not method.train_a and not method.train_a_lib)
+        assert all((m.lora_A is not None) == method.train_a_lib for m in layers), method.name
         if method.proxy:
             assert {m.topk for m in layers} == {{"r": 4, "all": 1 << 30}.get(method.topk,
                                                                             method.topk)}

@@ -31,7 +31,7 @@ def test_trained_a_gets_loras_gradient_and_leaves_the_rest_bit_for_bit(dtype):
     layer = _adapter_layer()
     plain = copy.deepcopy(layer)
     (probe,) = train_a.install([layer])
-    assert torch.equal(layer.lora_A, layer.adapter_A()) and layer.lora_A.requires_grad
+    assert torch.equal(layer.probe_A, layer.adapter_A()) and layer.probe_A.requires_grad
     x = torch.randn(2, 3, 32, dtype=dtype)
     g = torch.randn(2, 3, 48, dtype=dtype)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
@@ -44,7 +44,7 @@ def test_trained_a_gets_loras_gradient_and_leaves_the_rest_bit_for_bit(dtype):
     # LoRA's dA = scaling (g B)^T x, against float64 (the probe computes it in fp32).
     g64, x64 = g.reshape(-1, 48).double(), x.reshape(-1, 32).double()
     expect = layer.scaling * (g64 @ layer.lora_B.double()).t() @ x64
-    err = (layer.lora_A.grad.double() - expect).abs().max() / expect.abs().max()
+    err = (layer.probe_A.grad.double() - expect).abs().max() / expect.abs().max()
     assert err < 1e-5, err
 
 
@@ -53,14 +53,14 @@ def test_trained_a_rows_follow_the_optimizer_and_stay_in_range():
     (probe,) = train_a.install([layer])
     s0 = layer.scaling
     before = layer.weight.detach().clone()
-    opt = torch.optim.SGD([layer.lora_A], lr=0.05)
-    layer.lora_A.grad = torch.randn_like(layer.lora_A)
+    opt = torch.optim.SGD([layer.probe_A], lr=0.05)
+    layer.probe_A.grad = torch.randn_like(layer.probe_A)
     handle = train_a.sync_after_steps(opt, [probe])
     opt.step()
     n, r = layer.out_features, layer.rank
     # (the melded A sits at the weight's amax on this tiny layer, so a step may push it past)
     assert probe.c >= 1.0 and layer.scaling == s0 * probe.c
-    want = (layer.lora_A.detach() / layer.weight_scale / probe.c).clamp(-448, 448).to(E4M3)
+    want = (layer.probe_A.detach() / layer.weight_scale / probe.c).clamp(-448, 448).to(E4M3)
     assert torch.equal(layer.weight[n:n + r].view(torch.uint8), want.view(torch.uint8))
     assert not torch.equal(layer.weight[n:n + r].view(torch.uint8),
                            before[n:n + r].view(torch.uint8))
@@ -69,20 +69,20 @@ def test_trained_a_rows_follow_the_optimizer_and_stay_in_range():
     # The forward's x A^T now comes from the trained A, to FP8 precision: half a step, 2^-4
     # relative, or half the smallest subnormal step (2^-9 of the scale) near zero.
     tol = dict(rtol=2 ** -4, atol=float(layer.weight_scale) * 2 ** -10)
-    assert torch.allclose(layer.adapter_A() * probe.c, layer.lora_A.detach(), rtol=2 ** -4,
+    assert torch.allclose(layer.adapter_A() * probe.c, layer.probe_A.detach(), rtol=2 ** -4,
                           atol=tol["atol"] * probe.c)
     # An A past the weight's FP8 range: its rows hold A / c, the layer's scaling is s0 c, and the
     # layer computes what LoRA's A would (its effective A, scaling / s0 * rows, is A).
     with torch.no_grad():
-        layer.lora_A.mul_(8 * 448 * float(layer.weight_scale) / layer.lora_A.abs().max())
+        layer.probe_A.mul_(8 * 448 * float(layer.weight_scale) / layer.probe_A.abs().max())
     probe.sync()
     assert probe.c == pytest.approx(8.0) and layer.scaling == pytest.approx(s0 * 8.0)
     assert layer.weight[n:n + r].float().abs().max() == 448
-    assert torch.allclose(layer.adapter_A() * (layer.scaling / s0), layer.lora_A.detach(),
+    assert torch.allclose(layer.adapter_A() * (layer.scaling / s0), layer.probe_A.detach(),
                           rtol=2 ** -4, atol=8 * tol["atol"])
     x = torch.randn(5, 32)
     expect = x.double() @ layer.dequantized_weight().double()[:n].t() + s0 * (
-        x.double() @ layer.lora_A.detach().double().t()) @ layer.lora_B.detach().double().t()
+        x.double() @ layer.probe_A.detach().double().t()) @ layer.lora_B.detach().double().t()
     assert (layer(x).double() - expect).abs().max() / expect.abs().max() < 0.08  # FP8 x and W
     assert train_a.RangeMeter([probe]).summary() == {"trained_A_max_c": pytest.approx(8.0)}
     handle.remove()
@@ -92,8 +92,10 @@ def test_trained_a_rows_follow_the_optimizer_and_stay_in_range():
 
 
 def test_train_a_method_set():
-    assert [m.name for m in resolve_methods(["train_a"])] == ["lora_bf16", "falqon_adapter",
-                                                              "falqon_adapter_train_a"]
+    assert [m.name for m in resolve_methods(["train_a"])] == [
+        "lora_bf16", "falqon_adapter", "falqon_adapter_train_a", "falqon_adapter_train_a_lib"]
+    lib = METHODS["falqon_adapter_train_a_lib"]
+    assert lib.adapter and lib.train_a_lib and not lib.train_a
     m = METHODS["falqon_adapter_train_a"]
     assert m.adapter and m.train_a and not METHODS["falqon_adapter"].train_a
     assert FAMILIES[m.family] == m.name and LR_GRIDS[m.family] == LR_GRIDS["falqon_adapter"]

@@ -154,7 +154,8 @@ def falqon_config(args) -> FalqonConfig:
             target_modules=args.target_modules, exclude_modules=args.exclude_modules,
             seed=args.seed, transposed_copy=args.transposed_copy,
             amax_history_len=args.amax_history_len, update_mode=args.update_mode,
-            adapter_gain=args.adapter_gain, adapter_init=args.adapter_init)
+            adapter_gain=args.adapter_gain, adapter_init=args.adapter_init,
+            train_a=args.train_a)
     except ValueError as exc:
         raise FalqonError(str(exc).strip().splitlines()[0]) from None
 

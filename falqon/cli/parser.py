@@ -8,7 +8,7 @@ import math
 import pathlib
 import sys
 
-from ..config import ADAPTER_GAIN, ADAPTER_INITS, UPDATE_MODES, FalqonError
+from ..config import ADAPTER_GAIN, ADAPTER_INITS, TRAINED_A_GAIN, UPDATE_MODES, FalqonError
 from ..export import FORMATS as EXPORT_FORMATS
 from ..fusion import BACKENDS as FUSE_BACKENDS
 from .models import DEFAULT_PRESET, PRESETS
@@ -110,11 +110,16 @@ def _falqon_options(g):
     g.add_argument("--rank", type=_positive(), default=16, help="adapter rank (default: 16)")
     g.add_argument("--alpha", type=_positive(float, 1e-12), default=None,
                    help="LoRA alpha (default: rank, i.e. scaling 1)")
-    g.add_argument("--adapter-gain", type=_positive(float, 1e-12), default=ADAPTER_GAIN,
+    g.add_argument("--adapter-gain", type=_positive(float, 1e-12), default=None,
                    help="adapter mode: a further factor on the adapter's output, scaling = gain * "
                         f"alpha / rank (default: {ADAPTER_GAIN:g}, which stands in for the growth "
                         "of a trained LoRA A, A being frozen here, so that LoRA's learning rates "
-                        "carry over; exports fold it into B)")
+                        f"carry over; {TRAINED_A_GAIN:g} with --train-a; exports fold it into B)")
+    g.add_argument("--train-a", action="store_true",
+                   help="adapter mode: train A as well (LoRA over the FP8 base instead of "
+                        "LoRA-FA: an fp32 A per layer, its FP8 rows rewritten after each step; "
+                        "docs/accuracy.md: a probe of it ended below bf16 LoRA's held-out loss on "
+                        "both tasks)")
     g.add_argument("--adapter-init", choices=ADAPTER_INITS, default="error_svd",
                    help="adapter mode: where the frozen A comes from: error_svd (default, the "
                         "paper's: the SVD of W's FP8 quantisation error), random (a seeded "

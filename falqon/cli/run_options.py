@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from ..config import FalqonError
+from ..config import ADAPTER_GAIN, TRAINED_A_GAIN, FalqonError
 
 # The options that define a run: resuming with any of them changed is refused, because the
 # result would no longer be the run that was started.
@@ -14,13 +14,13 @@ FINGERPRINT = ("model", "data", "rank", "alpha", "topk", "warmup_topk", "warmup_
                "keep_residual", "target_modules", "exclude_modules", "lr", "lr_warmup_steps",
                "schedule", "weight_decay", "steps", "batch_size", "grad_accum", "seq_len",
                "template", "eval_size", "max_grad_norm", "seed", "dtype", "amax_history_len",
-               "transposed_copy", "update_mode", "adapter_gain", "adapter_init")
+               "transposed_copy", "update_mode", "adapter_gain", "adapter_init", "train_a")
 # Fingerprint options added after the first release: a run.json without them was made with
 # these values (every run before --update-mode existed used the proxy update; every run before
 # --adapter-gain trained the adapter with gain 1; every run before --adapter-init melded the
-# error_svd A).
+# error_svd A; every run before --train-a kept A frozen).
 LATER_OPTION_DEFAULTS = {"amax_history_len": 0, "transposed_copy": False, "update_mode": "proxy",
-                         "adapter_gain": 1.0, "adapter_init": "error_svd"}
+                         "adapter_gain": 1.0, "adapter_init": "error_svd", "train_a": False}
 # The other options a run was started with (they change no weight): restored on --resume unless
 # given again, and then kept for the next one. --resume, --stop-after, --no-progress and
 # --config belong to one invocation.
@@ -97,6 +97,11 @@ def check_update_mode(args, explicit: set[str]) -> None:
     if args.update_mode == "proxy" and "adapter_gain" in explicit:
         raise FalqonError("--adapter-gain only applies to the adapter mode: leave it out with "
                           "--update-mode proxy (the proxy update folds B A unscaled by it)")
+    if args.update_mode == "proxy" and args.train_a:
+        raise FalqonError("--train-a only applies to the adapter mode: leave it out with "
+                          "--update-mode proxy (the proxy update keeps the melded A)")
+    if args.adapter_gain is None:  # the adapter's default gain depends on whether A trains
+        args.adapter_gain = TRAINED_A_GAIN if args.train_a else ADAPTER_GAIN
     if args.update_mode == "proxy" and args.adapter_init != "error_svd":
         raise FalqonError(f"--adapter-init {args.adapter_init} only applies to the adapter mode: "
                           f"leave it out with --update-mode proxy (the proxy update keeps the "

@@ -1,0 +1,87 @@
+"""The adapter mode with A trained too (FalqonConfig(train_a=True)): LoRA over the FP8 base.
+
+A melded layer computes x A^T in its FP8 GEMM from A's rows of W' = [W; A; 0], which share W's
+per-tensor scale. With train_a the layer also holds `lora_A`, a float32 parameter, the master
+copy the optimizer updates; the A it applies is lora_A / TRAINED_A_DIVISOR (config.py says why).
+Two things keep the two in step:
+
+- the gradient: melded_linear's backward gives dx (through A's FP8 rows) and dB; dA is added by
+  TrainedAGrad, an identity on y whose backward returns scaling / TRAINED_A_DIVISOR * (g B)^T x
+  for lora_A: two small GEMMs (M x N x r and r x M x K), in the activations' dtype with fp32
+  accumulation where the device has it, as PEFT's bf16 LoRA computes its dA;
+- the forward: after each optimizer step (falqon.attach / FalqonCallback run sync_rows) A's FP8
+  rows are rewritten from lora_A at the weight's scale. Values beyond E4M3's range there
+  saturate, and the layer keeps the largest ratio seen (`a_range`, on the device: no host
+  synchronisation); up to 1.0 nothing saturated. The study's probe (without the divisor)
+  reached 1.04-1.07 at its chosen learning rates (benchmarks/NOTES.md run 59).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .config import TRAINED_A_DIVISOR
+
+E4M3_MAX = float(torch.finfo(ops.E4M3).max)
+
+
+class TrainedAGrad(torch.autograd.Function):
+    """y unchanged; in the backward, lora_A's gradient coef * (g B)^T x."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, coef: float):
+        ctx.save_for_backward(x, lora_B)
+        ctx.coef = coef
+        ctx.a_dtype = lora_A.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_B = ctx.saved_tensors
+        grad_A = None
+        if ctx.needs_input_grad[2] and grad_y is not None:
+            g = grad_y.reshape(-1, grad_y.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1]).to(g.dtype)
+            u = torch.mm(g, lora_B.to(g.dtype))  # (M, r): g B
+            grad_A = torch.mm(u.t(), x2).to(ctx.a_dtype).mul_(ctx.coef)  # (r, K)
+        return grad_y, None, grad_A, None, None
+
+
+def a_image_rows(lora_A: Tensor, weight_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """A's rows of W' for lora_A: (lora_A / TRAINED_A_DIVISOR) at the weight's scale, in E4M3
+    (saturating), and the largest |value| / E4M3's max (above 1: that much saturated)."""
+    scaled = lora_A.detach().to(torch.float32) / (TRAINED_A_DIVISOR * weight_scale.float())
+    ratio = scaled.abs().amax() / E4M3_MAX
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(ops.E4M3), ratio
+
+
+@torch.no_grad()
+def sync_rows(layer) -> None:
+    """Write lora_A's FP8 image into the layer's A rows (and its transposed copy)."""
+    from .modules import is_sharded
+
+    if is_sharded(layer.lora_A) or is_sharded(layer.weight):
+        raise NotImplementedError(
+            "falqon: train_a under FSDP2 (sharded lora_A / weight) is not supported yet; use "
+            "DDP, or FalqonConfig(train_a=False)")
+    n = layer.out_features
+    rows, ratio = a_image_rows(layer.lora_A, layer.weight_scale)
+    layer.weight[n:n + layer.rank] = rows
+    torch.maximum(layer.a_range, ratio, out=layer.a_range)
+    layer.refresh_weight_t()
+    layer._a_synced = layer.lora_A._version
+
+
+def max_a_range(model) -> float:
+    """The largest `a_range` of the model's trained-A layers (up to 1.0: no A value saturated in
+    its FP8 rows since the meld; 0.0: no trained-A layer, or none synchronised yet). One host
+    read-back: for logs, not every step."""
+    from .convert import melded_layers
+
+    ranges = [layer.a_range for _, layer in melded_layers(model) if layer.lora_A is not None]
+    return float(torch.stack([r.float().cpu() for r in ranges]).max()) if ranges else 0.0
+
+
+__all__ = ["TrainedAGrad", "a_image_rows", "max_a_range", "sync_rows"]
