@@ -73,7 +73,8 @@ class FalqonConfig:
                      On the study's third pretraining (H200) a probe of it ended 6.1% (GSM8K) and
                      0.75% (role-play) below bf16 LoRA's held-out loss where the frozen A was 3.2%
                      below and 1.35% above. Costs per layer: the fp32 A and its Adam state, two
-                     small GEMMs in the backward. Not under FSDP2 yet.
+                     small GEMMs in the backward. Under FSDP2 lora_A is sharded like B and
+                     gathered (r x in_features) for the rewrite.
     adapter_gain     adapter mode: a further factor on the adapter's output, scaling =
                      adapter_gain * alpha / rank. None (default): ADAPTER_GAIN (10: A is frozen,
                      so it stands in for the growth of a trained LoRA A) or, with train_a,

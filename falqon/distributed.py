@@ -18,7 +18,8 @@ What DDP needs from a melded model:
 FSDP2 (torch.distributed.fsdp.fully_shard) shards W' = [W; A; 0] and B by rows and all-gathers
 them as bytes for the forward (FP8: half of bf16's traffic). The adapter mode needs nothing more;
 the proxy update of a sharded layer gathers W' and B, folds the same rows on every rank and keeps
-each rank's own rows (`sharded_proxy_update`). Checkpoints of a sharded model go through
+each rank's own rows (`sharded_proxy_update`); a trained A (FalqonConfig(train_a=True)) is
+gathered (r x K) after each step and the rank whose shard holds A's rows rewrites them. Checkpoints of a sharded model go through
 torch.distributed.checkpoint (model.state_dict() holds DTensors), which reshards on load.
 Delayed scaling's amax histories are per rank under FSDP2 (DDP broadcasts rank 0's buffers).
 """
@@ -60,7 +61,7 @@ def _melded_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     uint8 views); FSDP2-sharded ones gathered whole (a collective then)."""
     out = []
     for name, layer in melded_layers(model):
-        for attr in ("weight", "weight_t", "weight_scale", "lora_B", "amax_history"):
+        for attr in ("weight", "weight_t", "weight_scale", "lora_B", "lora_A", "amax_history"):
             t = getattr(layer, attr, None)
             if t is None:
                 continue
@@ -162,6 +163,14 @@ def _scatter_rows(param: torch.Tensor, full: torch.Tensor) -> None:
         local.view(torch.uint8).copy_(chunks[rank].view(torch.uint8))
     else:
         local.copy_(chunks[rank])
+
+
+def _local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's rows of a row-sharded DTensor, the index of its first row): torch.chunk's
+    shards, as _gather_rows assumes."""
+    _, world, rank = _row_shard_group(t)
+    per = -(-t.shape[0] // world)
+    return t.to_local(), min(rank * per, t.shape[0])
 
 
 def _require_initialized(what: str) -> None:

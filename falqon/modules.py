@@ -126,6 +126,7 @@ class MeldedLinear(nn.Module):
         self.register_buffer("a_range", torch.zeros((), device=device, dtype=torch.float32)
                              if train_a else None, persistent=False)
         self._a_synced = None if self.lora_A is None else self.lora_A._version
+        self._a_synced_by_hook = False  # falqon.attach's hook rewrites A's rows after each step
         t_cols = rows if update_mode == "adapter" else out_features
         self.register_buffer(
             "weight_t",
@@ -214,9 +215,9 @@ class MeldedLinear(nn.Module):
             raise TypeError(f"MeldedLinear: input must be float32, float16 or bfloat16, got "
                             f"{x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.lora_A is not None and not torch.compiler.is_compiling() and \
-                self.lora_A._version != self._a_synced:
-            self.sync_adapter_A()  # lora_A changed without falqon.attach's hook (eager only)
+        if self.lora_A is not None and not self._a_synced_by_hook and \
+                not torch.compiler.is_compiling() and self.lora_A._version != self._a_synced:
+            self.sync_adapter_A()  # lora_A changed and no falqon.attach hook does it (eager)
         history = self.amax_history
         shared = use_shared(self, key)
         if shared is not None:  # current scaling: x's quantisation, made once for its readers

@@ -9,8 +9,9 @@ Two things keep the two in step:
   TrainedAGrad, an identity on y whose backward returns scaling / TRAINED_A_DIVISOR * (g B)^T x
   for lora_A: two small GEMMs (M x N x r and r x M x K), in the activations' dtype with fp32
   accumulation where the device has it, as PEFT's bf16 LoRA computes its dA;
-- the forward: after each optimizer step (falqon.attach / FalqonCallback run sync_rows) A's FP8
-  rows are rewritten from lora_A at the weight's scale. Values beyond E4M3's range there
+- the forward: after each optimizer step (falqon.attach / FalqonCallback run sync_rows; without
+  them an eager forward does when lora_A changed) A's FP8 rows are rewritten from lora_A at the
+  weight's scale, under FSDP2 on the rank whose shard holds them. Values beyond E4M3's range there
   saturate, and the layer keeps the largest ratio seen (`a_range`, on the device: no host
   synchronisation); up to 1.0 nothing saturated. The study's probe (without the divisor)
   reached 1.04-1.07 at its chosen learning rates (benchmarks/NOTES.md run 59).
@@ -59,18 +60,27 @@ def a_image_rows(lora_A: Tensor, weight_scale: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def sync_rows(layer) -> None:
-    """Write lora_A's FP8 image into the layer's A rows (and its transposed copy)."""
+    """Write lora_A's FP8 image into the layer's A rows and into the matching columns of its
+    transposed copy. Under FSDP2 (row-sharded lora_A and W') lora_A is gathered (r x K, a
+    collective: every rank calls this after the same step, as falqon.attach's hook does) and
+    each rank writes the A rows its own shard of W' holds."""
+    from .distributed import _gather_rows, _local_rows
     from .modules import is_sharded
 
-    if is_sharded(layer.lora_A) or is_sharded(layer.weight):
-        raise NotImplementedError(
-            "falqon: train_a under FSDP2 (sharded lora_A / weight) is not supported yet; use "
-            "DDP, or FalqonConfig(train_a=False)")
-    n = layer.out_features
-    rows, ratio = a_image_rows(layer.lora_A, layer.weight_scale)
-    layer.weight[n:n + layer.rank] = rows
+    n, r = layer.out_features, layer.rank
+    lora_A = _gather_rows(layer.lora_A) if is_sharded(layer.lora_A) else layer.lora_A
+    rows, ratio = a_image_rows(lora_A, layer.weight_scale)
+    if is_sharded(layer.weight):
+        local, first = _local_rows(layer.weight)
+        lo, hi = max(n, first), min(n + r, first + local.shape[0])
+        if lo < hi:
+            local[lo - first:hi - first].view(torch.uint8).copy_(
+                rows[lo - n:hi - n].view(torch.uint8))
+    else:
+        layer.weight[n:n + r] = rows
+    if layer.weight_t is not None:  # every row of W' transposed: A's rows are columns n..n+r
+        layer.weight_t[:, n:n + r] = rows.t()
     torch.maximum(layer.a_range, ratio, out=layer.a_range)
-    layer.refresh_weight_t()
     layer._a_synced = layer.lora_A._version
 
 

@@ -105,6 +105,13 @@ class ProxyUpdater:
                     f"falqon.attach: the optimizer does not hold the {what} of "
                     f"{len(melded)} melded layers; create it after falqon.meld, e.g. "
                     f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
+        self.set_syncs_a(True)
+
+    def set_syncs_a(self, on: bool) -> None:
+        """Tell the trained-A layers whether this updater rewrites their A rows (their eager
+        forward does it otherwise, and cannot under FSDP2's unsharded parameters)."""
+        for layer in self.trained_a:
+            layer._a_synced_by_hook = on
 
     def k_for(self, layer) -> int:
         if self.config is None:
@@ -191,6 +198,7 @@ class FalqonHandle:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            self.updater.set_syncs_a(False)
             setattr(self.updater.model, HOOKED_ATTR, False)
 
 

@@ -26,6 +26,7 @@ import falqon
 from falqon import FalqonConfig
 from falqon.distributed import (DDP_IGNORE_ATTR, broadcast_melded, fp8_tensor_names,
                                 mark_ddp_ignored, ranks_identical, state_digest)
+from falqon.trained_a import a_image_rows
 from falqon_testing import has_fp8_cuda
 from workflow_testing import tiny_causal_lm
 
@@ -33,7 +34,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 WORLD = 2
 STEPS = 4
-MODES = ("adapter", "proxy")
+# "train_a": the adapter mode with A trained (FalqonConfig(train_a=True)).
+MODES = ("adapter", "proxy", "train_a")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 BACKENDS = (
@@ -50,9 +52,16 @@ def device_of(backend: str, rank: int = 0) -> torch.device:
 
 def melded(mode: str, device=torch.device("cpu"), **cfg):
     model = tiny_causal_lm("llama").to(device)
+    if mode == "train_a":
+        mode, cfg = "adapter", {**cfg, "train_a": True}
     falqon.meld(model, FalqonConfig(rank=4, topk=3, update_mode=mode, **cfg), progress=False,
                 verbose=False)
     return model
+
+
+def needs_attach(mode: str) -> bool:
+    """The proxy update, or a trained A's rows, after each optimizer step."""
+    return mode != "adapter"
 
 
 def _train(ddp, model, opt, rank: int, device) -> None:
@@ -75,7 +84,7 @@ def _scenario(mode: str, rank: int, out: str, device) -> dict:
         broadcast_melded(model, src=0)
     ddp = nn.parallel.DistributedDataParallel(model)  # float8 tensors: DDP must skip them
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    if mode == "proxy":
+    if needs_attach(mode):
         falqon.attach(opt, model)
     before = state_digest(model)
     _train(ddp, model, opt, rank, device)
@@ -124,7 +133,7 @@ def _fsdp_scenario(mode: str, rank: int, out: str, device) -> dict:
     weight = falqon.melded_layers(model)[0][1].weight
     result = {"sharded": tuple(weight.to_local().shape) != tuple(weight.shape)}
     opt = fsdp_check_optimizer(model)
-    if mode == "proxy":
+    if needs_attach(mode):
         falqon.attach(opt, model)
     for x in _batches(rank, device):
         model(input_ids=x, labels=x).loss.backward()
@@ -220,7 +229,7 @@ def _one_process_reference(mode: str, device, start):
 
 def _train_like_fsdp(model, mode: str, device) -> None:
     opt = fsdp_check_optimizer(model)
-    if mode == "proxy":
+    if needs_attach(mode):
         falqon.attach(opt, model)
     for xs in zip(*(_batches(r, device) for r in range(WORLD))):
         for x in xs:
@@ -250,8 +259,18 @@ def test_fsdp2_shards_the_fp8_weights_and_trains_like_one_process(ddp_run, mode)
     state = loaded.state_dict()
     dcp.load(state, checkpoint_id=str(out / f"dcp-{mode}"))  # resharded into one process
     loaded.load_state_dict(state)
+    moved_rows = 0
     for (name, a), (_, b) in zip(falqon.melded_layers(loaded), falqon.melded_layers(ref)):
         torch.testing.assert_close(a.lora_B, b.lora_B, rtol=1e-3, atol=1e-5, msg=name)
+        if mode == "train_a":  # A trained on the shards as in one process, its rows its image
+            torch.testing.assert_close(a.lora_A, b.lora_A, rtol=1e-3, atol=1e-5, msg=name)
+            n, r = a.out_features, a.rank
+            image, _ = a_image_rows(a.lora_A, a.weight_scale)
+            assert torch.equal(a.weight[n:n + r].view(torch.uint8), image.view(torch.uint8)), name
+            rows = (a.weight[n:n + r].view(torch.uint8) == b.weight[n:n + r].view(torch.uint8))
+            assert rows.float().mean().item() > 0.99, name
+            moved_rows += int((a.weight[n:n + r].view(torch.uint8) !=
+                               initial[f"{name}.weight"][n:n + r].view(torch.uint8)).sum())
         if mode == "proxy":
             w_a, w_b = a.weight.view(torch.uint8), b.weight.view(torch.uint8)
             moved = (w_a != initial[f"{name}.weight"].view(torch.uint8)) | (
@@ -259,6 +278,8 @@ def test_fsdp2_shards_the_fp8_weights_and_trains_like_one_process(ddp_run, mode)
             assert moved.any(), f"{name}: the proxy update changed no FP8 byte"
             same = (w_a == w_b)[moved].float().mean().item()
             assert same > 0.99, (name, same)
+    if mode == "train_a":  # (B starts at zero, so q/k's A barely moves in 4 steps; v/o's does)
+        assert moved_rows > 0, "the sharded sync wrote no A row"
     if mode == "adapter":  # W' never changes in the adapter mode
         assert all(torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8))
                    for (_, a), (_, b) in zip(falqon.melded_layers(loaded),
