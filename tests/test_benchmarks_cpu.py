@@ -240,7 +240,9 @@ def test_model_benchmark_cpu(tmp_path, one_thread):
                 continue
             assert "skipped" not in fal, fal.get("skipped")
             assert fal["update_mode"] == options["update_mode"]
-            assert fal["trainable_params"] == 2 * 8 * (4 * 64 + 2 * 176 + 64)  # the lora_B's
+            lora_B = 2 * 8 * (4 * 64 + 2 * 176 + 64)  # per layer: q, k, v, o, gate, up, down
+            lora_A = 2 * 8 * (6 * 64 + 176)  # (r x in_features each) where A is trained too
+            assert fal["trainable_params"] == lora_B + lora_A * bool(options.get("train_a")), m
             if options["update_mode"] == "proxy":  # the proxy update, timed inside the step
                 assert 0 < fal["update_ms"] < 1e3 * fal["s_per_step"]
             else:

@@ -184,6 +184,12 @@ def _training(model):
     return opt, step
 
 
+def _mlp_batch():
+    """(x, target) for the MLPs' CUDA-graph steps."""
+    return (torch.randn(512, 256, device="cuda", dtype=torch.bfloat16),
+            torch.randn(512, 256, device="cuda"))
+
+
 def _graph_and_eager_runs(build, x, target, warmup=3, replays=5):
     """(graph model, its optimizer, replayed losses, eager model, its optimizer, eager losses, the
     initial state dict): warm-up steps on a side stream, one step captured and replayed, and the
@@ -217,10 +223,8 @@ def _graph_and_eager_runs(build, x, target, warmup=3, replays=5):
 
 @cuda_only
 def test_adapter_training_step_in_cuda_graph_matches_eager():
-    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
-    target = torch.randn(512, 256, device="cuda")
     g_model, g_opt, g_losses, e_model, e_opt, e_losses, initial = _graph_and_eager_runs(
-        AdapterMLP, x, target)
+        AdapterMLP, *_mlp_batch())
     for name, g, e in zip(("l1", "l2", "l3"), g_model.melded(), e_model.melded()):
         # W' never changes in the adapter mode; B is trained like LoRA's.
         assert torch.equal(g.weight.view(torch.uint8), initial[f"{name}.weight"].view(torch.uint8))
@@ -238,10 +242,8 @@ def test_trained_A_step_in_cuda_graph_matches_eager():
     # dA, Adam on lora_A and the rewrite of A's FP8 rows, all captured: nothing synchronises.
     from falqon.trained_a import a_image_rows
 
-    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
-    target = torch.randn(512, 256, device="cuda")
     g_model, _, g_losses, e_model, _, e_losses, initial = _graph_and_eager_runs(
-        TrainedAMLP, x, target)
+        TrainedAMLP, *_mlp_batch())
     for name, g, e in zip(("l1", "l2"), g_model.melded(), e_model.melded()):
         assert not torch.equal(g.lora_A, initial[f"{name}.lora_A"]), name  # A trained
         assert rel_err(g.lora_A, e.lora_A) < 1e-3, name

@@ -1,7 +1,7 @@
 """The adapter mode with A trained too (FalqonConfig(train_a=True), falqon/trained_a.py) on the CPU
 reference: dA against a float64 formula, the rest of the gradients untouched, A's FP8 rows kept
 as lora_A's image (the optimizer hook and the eager forward), a task only a trained A can fit,
-save / load / resume bit for bit, the PEFT export, the config, the CLI's checks and
+save / load (resume: tests/test_workflow_checkpoint.py), the PEFT export, the config, the CLI's checks and
 torch.compile.
 
 Tolerances: dA is two fp32 GEMMs on the CPU (g B, then (g B)^T x); against float64 they err by
@@ -17,11 +17,10 @@ from torch import nn
 
 import falqon
 from falqon import FalqonConfig, MeldedLinear
-from falqon.checkpoint import load_training_checkpoint, save_training_checkpoint
 from falqon.config import ADAPTER_GAIN, TRAINED_A_DIVISOR, TRAINED_A_GAIN
 from falqon.trained_a import a_image_rows, max_a_range
 from falqon_testing import rel_err
-from test_workflow_checkpoint import fp8_bytes, train_steps
+from test_workflow_checkpoint import train_steps
 from workflow_testing import tiny_causal_lm
 
 
@@ -182,32 +181,6 @@ def test_save_and_load_keep_lora_A_and_its_rows(tmp_path):
         frozen = tiny_causal_lm("llama")
         falqon.meld(frozen, FalqonConfig(rank=4), progress=False, verbose=False)
         falqon.from_pretrained(frozen, tmp_path / "ckpt")
-
-
-def test_resume_is_bit_exact(tmp_path):
-    n = 2
-    straight = melded_tiny()
-    twin = copy.deepcopy(straight)
-    opt = make_opt(straight)
-    falqon.attach(opt, straight)
-    losses = train_steps(straight, opt, 2 * n, seed=9)
-    opt = make_opt(twin)
-    handle = falqon.attach(opt, twin)
-    gen = torch.Generator().manual_seed(9)
-    first = train_steps(twin, opt, n, gen=gen)
-    handle.remove()
-    save_training_checkpoint(twin, opt, tmp_path / "step", {"gen": gen.get_state().tolist()})
-    resumed, opt, state = load_training_checkpoint(tiny_causal_lm("llama"), make_opt,
-                                                   tmp_path / "step")
-    falqon.attach(opt, resumed)
-    gen = torch.Generator()
-    gen.set_state(torch.tensor(state["gen"], dtype=torch.uint8))
-    assert first + train_steps(resumed, opt, n, gen=gen) == losses
-    for (name, a), b in zip(fp8_bytes(straight).items(), fp8_bytes(resumed).values()):
-        assert torch.equal(a, b), name
-    trained = [(a, b) for a, b in zip(straight.parameters(), resumed.parameters())
-               if a.requires_grad]
-    assert len(trained) == 28 and all(torch.equal(a, b) for a, b in trained)  # 14 A, 14 B
 
 
 def test_peft_export_holds_the_trained_A_and_matches_the_model(tmp_path):

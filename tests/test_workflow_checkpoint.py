@@ -109,15 +109,17 @@ def histories(model):
             if isinstance(m, MeldedLinear)}
 
 
-@pytest.mark.parametrize("mode", ["adapter", "proxy"])
+@pytest.mark.parametrize("mode", ["adapter", "proxy", "train_a"])
 @pytest.mark.parametrize("amax_history_len", [0, 4])
 def test_resume_is_bit_exact(tmp_path, amax_history_len, mode):
     """n steps, checkpoint, a fresh process's worth of objects (the checkpoint loaded into a
-    fresh base model), n more == 2n straight: weights, B and losses bit for bit (with delayed
-    scaling too: the amax histories are part of the checkpoint)."""
+    fresh base model), n more == 2n straight: weights, B (and a trained A) and losses bit for
+    bit (with delayed scaling too: the amax histories are part of the checkpoint)."""
     n = 2
+    train_a = mode == "train_a"  # the adapter mode with A trained (FalqonConfig(train_a=True))
     straight = trained_model(steps=0, keep_residual=True, warmup_steps=3, topk=1,
-                             amax_history_len=amax_history_len, update_mode=mode)
+                             amax_history_len=amax_history_len,
+                             update_mode="adapter" if train_a else mode, train_a=train_a)
     twin = copy.deepcopy(straight)
 
     def make_opt(m):
@@ -146,7 +148,7 @@ def test_resume_is_bit_exact(tmp_path, amax_history_len, mode):
         assert torch.equal(a, b), name
     trained = [(a, b) for a, b in zip(straight.parameters(), resumed.parameters())
                if a.requires_grad]
-    assert len(trained) == 14 and all(torch.equal(a, b) for a, b in trained)
+    assert len(trained) == 14 * (1 + train_a) and all(torch.equal(a, b) for a, b in trained)
     assert any(a.any() for a, _ in trained)  # the adapter, or the proxy mode's residual
     if amax_history_len:
         for (name, a), b in zip(histories(straight).items(), histories(resumed).values()):
