@@ -261,10 +261,13 @@ def _make_callback_class():
                 # proxy-update counter: take it from there so the warm-up k stays in step.
                 updater.state.step = max(updater.state.step, state.global_step)
                 # A Trainer resume loads the checkpoint's tensors with load_state_dict: rebuild
-                # the transposed FP8 copies from the loaded weights, and take the loaded B as
-                # not pending (falqon.update_guard).
+                # the transposed FP8 copies from the loaded weights, a trained A's FP8 rows from
+                # the loaded lora_A (its checkpoint keeps them as adapter_A, which is no state
+                # dict key), and take the loaded B as not pending (falqon.update_guard).
                 for layer in updater.all_layers:
                     layer.refresh_weight_t()
+                for layer in updater.trained_a:
+                    layer.sync_adapter_A()
                 update_guard.record(model)
 
         def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -347,3 +347,17 @@ def test_a_resume_keeps_the_checkpoints_proxy_update_counters(inputs, tmp_path):
     assert resume(out) == 0
     state = json.loads((out / "final" / "falqon_config.json").read_text())["state"]
     assert state == {"step": 3, "skipped_steps": 1}
+
+
+def test_a_trained_A_run_resumes_bit_exact(inputs, tmp_path):
+    """--train-a (A trained too): stopped and resumed through the Trainer's checkpoint, the run
+    ends with the straight run's B, lora_A and A rows, bit for bit."""
+    straight = tmp_path / "straight"
+    assert finetune(inputs, straight, "--steps", "4", "--save-every", "2", "--train-a") == 0
+    out = tmp_path / "run"
+    assert finetune(inputs, out, "--steps", "4", "--save-every", "2", "--train-a",
+                    "--stop-after", "2") == 0
+    assert resume(out) == 0
+    same_weights(straight / "final", out / "final")
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert options["train_a"] is True and options["adapter_gain"] == 2.0

@@ -24,16 +24,22 @@ def args(out, steps, **kw):
 
 
 def b_of(model):
-    return [m.lora_B.detach().clone() for _, m in falqon.melded_layers(model)]
+    """Each melded layer's B (and its trained A, FalqonConfig(train_a=True))."""
+    return [t.detach().clone() for _, m in falqon.melded_layers(model)
+            for t in (m.lora_B, m.lora_A) if t is not None]
 
 
-def test_trainer_saves_load_resume_and_export(tmp_path, capsys):
+@pytest.mark.parametrize("train_a", [False, True], ids=["frozen_A", "train_a"])
+def test_trainer_saves_load_resume_and_export(tmp_path, capsys, train_a):
     base = tmp_path / "base"
     tiny_causal_lm().save_pretrained(base)
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    falqon.meld(model, FalqonConfig(r=4, lora_alpha=8), progress=False, verbose=False)
+    config = FalqonConfig(r=4, lora_alpha=8, train_a=train_a)
+    # A trained A's rows follow lora_A through FalqonCallback's hook (an eager forward would too)
+    callbacks = [falqon.FalqonCallback()] if train_a else []
+    falqon.meld(model, config, progress=False, verbose=False)
     trainer = transformers.Trainer(model=model, args=args(tmp_path / "out", 4, save_steps=2),
-                                   train_dataset=ROWS)
+                                   train_dataset=ROWS, callbacks=callbacks)
     trainer.train()
     trainer.save_model(tmp_path / "final")
     for ckpt in (tmp_path / "out" / "checkpoint-4", tmp_path / "final"):
@@ -42,9 +48,10 @@ def test_trainer_saves_load_resume_and_export(tmp_path, capsys):
         assert all(torch.equal(a, b) for a, b in zip(b_of(loaded), b_of(model)))
     # The Trainer resumes from its own checkpoint into a freshly melded model.
     again = transformers.AutoModelForCausalLM.from_pretrained(base)
-    falqon.meld(again, FalqonConfig(r=4, lora_alpha=8), progress=False, verbose=False)
+    falqon.meld(again, config, progress=False, verbose=False)
+    callbacks = [falqon.FalqonCallback()] if train_a else []
     resumed = transformers.Trainer(model=again, args=args(tmp_path / "out", 4, save_steps=2),
-                                   train_dataset=ROWS)
+                                   train_dataset=ROWS, callbacks=callbacks)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(b_of(again), b_of(model)))
     # `falqon export` of the Trainer's output directory (its newest checkpoint-N; the base
