@@ -32,9 +32,11 @@ class MeldSummary:
     rank: int = 0
     topk: int = 0
     update_mode: str = "proxy"  # summaries saved before the adapter mode existed were proxy's
+    train_a: bool = False  # the adapter mode with A trained too
 
     def __str__(self) -> str:
-        how = "adapter mode" if self.update_mode == "adapter" else f"proxy mode, top-k {self.topk}"
+        how = ("adapter mode" + (", A trained" if self.train_a else "")
+               if self.update_mode == "adapter" else f"proxy mode, top-k {self.topk}")
         lines = [f"falqon: melded {len(self.melded)} of {len(self.melded) + len(self.skipped)} "
                  f"linear layers (rank {self.rank}, {how})"]
         by_reason: dict[str, list[str]] = {}
@@ -215,7 +217,7 @@ def _finish(model: nn.Module, config: FalqonConfig, skipped, memory_before: int)
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         all_params=sum(p.numel() for p in params), memory_before=memory_before,
         memory_after=model_memory(model), rank=config.rank, topk=config.topk,
-        update_mode=config.update_mode)
+        update_mode=config.update_mode, train_a=config.train_a)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, SUMMARY_ATTR, summary)
     from .distributed import mark_ddp_ignored  # (imports melded_layers from here)

@@ -382,7 +382,8 @@ def _plot(job) -> bool:
     from .reporting import plot_losses
 
     args = job.args
-    mode = "adapter mode" if args.update_mode == "adapter" else f"proxy mode, top-k {args.topk}"
+    mode = ("adapter mode" + (", A trained" if args.train_a else "")
+            if args.update_mode == "adapter" else f"proxy mode, top-k {args.topk}")
     return not args.no_plot and plot_losses(
         job.rows, job.out / R.PLOT_FILE,
         f"FALQON {job.model_id.split(':')[1]}: rank {args.rank}, {mode}, lr {args.lr:g}")
