@@ -109,7 +109,7 @@ def measure(mode: str, method: str, args, rank: int) -> dict:
 
     model = build(method, args)
     net = _wrap(mode, model)
-    M.enable_checkpointing(model)
+    M.enable_checkpointing(model, args.checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     if M.needs_attach(method):
         falqon.attach(optimizer, model)

@@ -180,9 +180,10 @@ def build_model(shape: str, layers: int, seq: int, device: torch.device, dtype: 
     return model
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (transformers 5.17..5.23+)."""
-    kwargs = {"use_reentrant": False}
+def enable_checkpointing(model, kind: str = "non_reentrant") -> None:
+    """Activation checkpointing of every decoder layer (transformers 5.17..5.23+): non-reentrant
+    (transformers' default, and this benchmark's) or reentrant (--checkpointing reentrant)."""
+    kwargs = {"use_reentrant": kind == "reentrant"}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -458,7 +459,7 @@ def prepare(method: str, args):
         model = build_model(args.model, args.layers, args.seq, args.device, args.dtype,
                             args.seed)
         model = SETUP[method](model, args, info)
-    enable_checkpointing(model)
+    enable_checkpointing(model, args.checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     info["trainable_params"] = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
@@ -650,6 +651,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-gib", type=float,
                    help="the device memory the fit checks assume (default: the GPU's; none on "
                    "the CPU)")
+    p.add_argument("--checkpointing", choices=("non_reentrant", "reentrant"),
+                   default="non_reentrant",
+                   help="torch.utils.checkpoint's kind for every method (default non_reentrant, "
+                   "transformers' default; reentrant keeps no saved-tensor hooks, less host "
+                   "time a layer)")
 
 
 def check_model_args(p: argparse.ArgumentParser, args) -> None:
@@ -674,7 +680,8 @@ def model_config(args) -> dict:
     return {"model": model_name(args.model, args.layers), "layers": args.layers,
             "batch": args.batch, "seq": args.seq, "rank": args.rank, "topk": args.topk,
             "lora_dtype": args.lora_dtype, "dtype": str(args.dtype).removeprefix("torch."),
-            "gradient_checkpointing": True, "optimizer": f"AdamW(lr={args.lr})"}
+            "gradient_checkpointing": True, "checkpointing": args.checkpointing,
+            "optimizer": f"AdamW(lr={args.lr})"}
 
 
 def parse_args(argv=None):

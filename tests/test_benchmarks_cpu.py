@@ -297,6 +297,23 @@ def test_model_benchmark_method_subset(tmp_path, one_thread):
     assert by_method["falqon_adapter"]["loss_steps"] == 2
     assert by_method["bf16_lora"]["loss_steps"] == 1
     assert json.loads(out.read_text())["config"]["optimizer"] == "AdamW(lr=0.0003)"
+    assert json.loads(out.read_text())["config"]["checkpointing"] == "non_reentrant"
+
+
+@requires_meld
+def test_model_benchmark_reentrant_checkpointing_gives_the_same_losses(tmp_path, one_thread):
+    """--checkpointing reentrant changes how the recompute is driven, not what it computes: the
+    same losses as the default (non-reentrant) run, and the kind in the results' config."""
+    losses = {}
+    for kind in ("non_reentrant", "reentrant"):
+        out = tmp_path / f"{kind}.json"
+        records = bench_model.main(TINY + ["--warmup", "0", "--steps", "1", "--methods",
+                                           "falqon_adapter,bf16_lora", "--checkpointing", kind,
+                                           "--out", str(out)])
+        losses[kind] = [(r["first_loss"], r["final_loss"]) for r in records
+                        if r["kind"] == "model"]
+        assert json.loads(out.read_text())["config"]["checkpointing"] == kind
+    assert losses["reentrant"] == losses["non_reentrant"]
 
 
 # ---- large models: presets, what fits, layer-by-layer builds, meld records ----------------------
