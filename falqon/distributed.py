@@ -56,14 +56,15 @@ def mark_ddp_ignored(model: nn.Module) -> None:
     setattr(model, DDP_IGNORE_ATTR, sorted(ignored | set(fp8_tensor_names(model))))
 
 
-def _melded_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def _melded_state(model: nn.Module, sharded: bool = True) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor of the melded layers' state, in a fixed order (FP8 ones as
-    uint8 views); FSDP2-sharded ones gathered whole (a collective then)."""
+    uint8 views); FSDP2-sharded ones gathered whole (a collective then), or left out with
+    sharded=False."""
     out = []
     for name, layer in melded_layers(model):
         for attr in ("weight", "weight_t", "weight_scale", "lora_B", "lora_A", "amax_history"):
             t = getattr(layer, attr, None)
-            if t is None:
+            if t is None or (not sharded and is_sharded(t)):
                 continue
             t = _gather_rows(t) if is_sharded(t) else t.detach()
             out.append((f"{name}.{attr}", t.view(torch.uint8) if t.element_size() == 1 else t))
@@ -88,21 +89,24 @@ def broadcast_melded(model: nn.Module, src: int = 0, group=None) -> None:
             t.copy_(buf)
 
 
-def state_digest(model: nn.Module) -> bytes:
+def state_digest(model: nn.Module, sharded: bool = True) -> bytes:
     """SHA-256 of the melded layers' state bytes (a fingerprint to compare ranks with; of the
-    whole tensors, gathered, for an FSDP2-sharded model, so every rank must call it then)."""
+    whole tensors, gathered, for an FSDP2-sharded model, so every rank must call it then).
+    sharded=False leaves FSDP2's sharded tensors out: what every rank gathers from the same shards
+    is the same by construction, and at 70B gathering and hashing them takes minutes; what can
+    still differ between ranks (scales, histories, transposed copies: replicated state) stays."""
     fingerprint = Fingerprint()
-    for name, t in _melded_state(model):
+    for name, t in _melded_state(model, sharded):
         fingerprint.update(name, t)
     return fingerprint.digest()
 
 
-def ranks_identical(model: nn.Module, group=None) -> bool:
+def ranks_identical(model: nn.Module, group=None, sharded: bool = True) -> bool:
     """Whether every rank of `group` holds bit-identical melded state (collective: every rank
-    must call it)."""
+    must call it); sharded=False: of the replicated state only (state_digest)."""
     _require_initialized("ranks_identical")
     digests = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, state_digest(model), group=group)
+    dist.all_gather_object(digests, state_digest(model, sharded), group=group)
     return all(d == digests[0] for d in digests)
 
 

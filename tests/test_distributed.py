@@ -141,6 +141,15 @@ def _fsdp_scenario(mode: str, rank: int, out: str, device) -> dict:
         opt.zero_grad()
     result["digest"] = state_digest(model).hex()  # collective: whole tensors gathered
     dcp.save(model.state_dict(), checkpoint_id=os.path.join(out, f"dcp-{mode}"))
+    # The replicated state alone (sharded=False: no gather): equal, and a rank whose replicated
+    # buffer differs is seen.
+    result["replicated_identical"] = ranks_identical(model, sharded=False)
+    scale = falqon.melded_layers(model)[0][1].weight_scale
+    if rank == 1:
+        scale.mul_(2.0)
+    result["replicated_diverged_seen"] = not ranks_identical(model, sharded=False)
+    if rank == 1:
+        scale.div_(2.0)
     return result
 
 
@@ -244,6 +253,7 @@ def test_fsdp2_shards_the_fp8_weights_and_trains_like_one_process(ddp_run, mode)
     fsdp = [r[f"fsdp-{mode}"] for r in ranks]
     assert all(r["sharded"] for r in fsdp), "fully_shard must shard the FP8 weights"
     assert fsdp[0]["digest"] == fsdp[1]["digest"], "every rank gathers the same whole state"
+    assert all(r["replicated_identical"] and r["replicated_diverged_seen"] for r in fsdp)
     if ranks[0]["fsdp_gradient_factor"] != 1.0:
         pytest.skip(f"this torch's FSDP2 on {device.type} sums the ranks' gradients instead of "
                     f"averaging them (factor {ranks[0]['fsdp_gradient_factor']:g}; "
