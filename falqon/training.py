@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import ops, update_guard
+from . import ops, trained_a, update_guard
 from .convert import melded_config, melded_layers
 from .modules import is_sharded
 
@@ -141,8 +141,8 @@ class ProxyUpdater:
                     return False
             for layer in self.layers:
                 layer.proxy_update(self.k_for(layer))
-        for layer in self.trained_a:
-            layer.sync_adapter_A()
+        if self.trained_a:  # A's FP8 rows from lora_A, grouped (falqon.trained_a.sync_many)
+            trained_a.sync_many(self.trained_a)
         update_guard.record(self.model)
         self.state.step += 1
         return True

@@ -125,6 +125,31 @@ def test_rows_saturate_and_a_range_says_so():
     assert max_a_range(model) == float(m.a_range)
 
 
+def test_grouped_rewrite_equals_the_per_layer_one():
+    """sync_many (falqon.attach's grouped rewrite) gives every layer the bytes, transposed-copy
+    columns and a_range that sync_rows gives it alone, saturating layers included."""
+    from falqon.trained_a import sync_many, sync_rows
+
+    layers = [layer(64, 48, 8, seed=1), layer(48, 64, 4, seed=2, transposed_copy=True),
+              layer(64, 32, 16, seed=3, amax_history_len=4)]
+    with torch.no_grad():
+        for m in layers:
+            m.lora_A.add_(torch.randn_like(m.lora_A) * 0.1)
+        layers[2].lora_A.mul_(1e4)  # saturates
+    twins = copy.deepcopy(layers)
+    sync_many(layers)
+    for m in twins:
+        sync_rows(m)
+    for a, b in zip(layers, twins):
+        assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8))
+        assert torch.equal(a.a_range, b.a_range)
+        if a.weight_t is not None:
+            assert torch.equal(a.weight_t.view(torch.uint8), b.weight_t.view(torch.uint8))
+            assert torch.equal(a.weight_t.view(torch.uint8),
+                               a.weight.t().contiguous().view(torch.uint8))
+    assert float(layers[2].a_range) > 100  # (the saturating layer did saturate)
+
+
 def test_a_trained_A_fits_a_map_outside_the_frozen_A_subspace():
     """The target adds x V^T U^T with V orthogonal to the melded A's rows: B alone (A frozen)
     cannot produce it, a trained A can. The trained run must end well below the frozen one."""
