@@ -39,6 +39,11 @@ TRAINED_A_GAIN = 2.0
 TRAINED_A_DIVISOR = 5.0
 
 
+def default_adapter_gain(train_a: bool) -> float:
+    """The adapter gain when none is given: ADAPTER_GAIN, or TRAINED_A_GAIN with A trained."""
+    return TRAINED_A_GAIN if train_a else ADAPTER_GAIN
+
+
 @accept_peft_names
 @dataclass
 class FalqonConfig:
@@ -139,7 +144,7 @@ class FalqonConfig:
         if self.warmup_topk is not None:
             check_int("FalqonConfig", "warmup_topk", self.warmup_topk, 0)
         if self.adapter_gain is None:
-            self.adapter_gain = TRAINED_A_GAIN if self.train_a is True else ADAPTER_GAIN
+            self.adapter_gain = default_adapter_gain(self.train_a is True)
         self.adapter_gain = check_adapter_gain("FalqonConfig", self.adapter_gain)
         for name in ("keep_residual", "transposed_copy", "train_a"):
             if not isinstance(getattr(self, name), bool):
@@ -253,4 +258,5 @@ def _matches(spec, name: str) -> bool:
 
 
 __all__ = ["ADAPTER_GAIN", "ADAPTER_INITS", "FalqonConfig", "FalqonError", "GRAD_DTYPES",
-           "SVD_METHODS", "TRAINED_A_DIVISOR", "TRAINED_A_GAIN", "UPDATE_MODES"]
+           "SVD_METHODS", "TRAINED_A_DIVISOR", "TRAINED_A_GAIN", "UPDATE_MODES",
+           "default_adapter_gain"]

@@ -19,6 +19,13 @@ CONFIG_ATTR = "falqon_config"
 SUMMARY_ATTR = "_falqon_summary"
 
 
+def mode_label(update_mode: str, train_a: bool, topk: int) -> str:
+    """How a run's mode reads in messages: "adapter mode[, A trained]" or "proxy mode, top-k k"."""
+    if update_mode == "adapter":
+        return "adapter mode" + (", A trained" if train_a else "")
+    return f"proxy mode, top-k {topk}"
+
+
 @dataclass
 class MeldSummary:
     """What falqon.meld did to a model; str() gives a PEFT-style report."""
@@ -35,8 +42,7 @@ class MeldSummary:
     train_a: bool = False  # the adapter mode with A trained too
 
     def __str__(self) -> str:
-        how = ("adapter mode" + (", A trained" if self.train_a else "")
-               if self.update_mode == "adapter" else f"proxy mode, top-k {self.topk}")
+        how = mode_label(self.update_mode, self.train_a, self.topk)
         lines = [f"falqon: melded {len(self.melded)} of {len(self.melded) + len(self.skipped)} "
                  f"linear layers (rank {self.rank}, {how})"]
         by_reason: dict[str, list[str]] = {}

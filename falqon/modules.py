@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from . import ops, trained_a
 from .adapter_init import meld_weight
-from .config import ADAPTER_GAIN, TRAINED_A_DIVISOR, TRAINED_A_GAIN, UPDATE_MODES
+from .config import TRAINED_A_DIVISOR, UPDATE_MODES, default_adapter_gain
 from .shared_quant import use_shared
 from .validation import (check_adapter_gain, check_adapter_init, check_int, check_layer_options,
                          check_lora_dtype)
@@ -106,7 +106,7 @@ class MeldedLinear(nn.Module):
             raise ValueError(f"MeldedLinear: train_a must be True or False, and True only with "
                              f"update_mode='adapter', got {train_a!r} with {update_mode!r}")
         if adapter_gain is None:
-            adapter_gain = TRAINED_A_GAIN if train_a else ADAPTER_GAIN
+            adapter_gain = default_adapter_gain(train_a)
         if grad_dtype not in ops.FP8_MAX:
             raise ValueError(f"MeldedLinear: grad_dtype must be an FP8 dtype, got {grad_dtype}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank

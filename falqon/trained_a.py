@@ -53,7 +53,11 @@ class TrainedAGrad(torch.autograd.Function):
 def image_scale(weight_scale: Tensor) -> float:
     """What lora_A is multiplied by for its FP8 image: 1 / (TRAINED_A_DIVISOR * weight scale), a
     Python float (one host read of the scale; layers cache it, see _layer_image_scale)."""
-    return 1.0 / (TRAINED_A_DIVISOR * float(weight_scale))
+    return _inverse(float(weight_scale))
+
+
+def _inverse(weight_scale: float) -> float:
+    return 1.0 / (TRAINED_A_DIVISOR * weight_scale)
 
 
 def a_image_rows(lora_A: Tensor, weight_scale: Tensor,
@@ -74,15 +78,13 @@ def _scale_key(layer) -> tuple:
 
 def _layer_image_scale(layer) -> float:
     """image_scale of the layer's weight_scale, cached until the scale is written (a load)."""
-    cached = getattr(layer, "_a_image_scale", None)
-    if cached is None or cached[0] != _scale_key(layer):
-        cached = layer._a_image_scale = (_scale_key(layer), image_scale(layer.weight_scale))
-    return cached[1]
+    _cache_image_scales([layer])
+    return layer._a_image_scale[1]
 
 
 def _cache_image_scales(layers) -> None:
-    """_layer_image_scale's cache filled for every layer whose scale changed, with one host read
-    a device (a meld or a load, not every step) instead of one a layer."""
+    """The layers' cached image_scale, refreshed for every layer whose scale changed, with one
+    host read a device (a meld or a load, not every step) instead of one a layer."""
     stale: dict = {}
     for layer in layers:
         cached = getattr(layer, "_a_image_scale", None)
@@ -91,7 +93,7 @@ def _cache_image_scales(layers) -> None:
     for group in stale.values():
         values = torch.stack([layer.weight_scale.float() for layer in group]).tolist()
         for layer, value in zip(group, values):
-            layer._a_image_scale = (_scale_key(layer), 1.0 / (TRAINED_A_DIVISOR * value))
+            layer._a_image_scale = (_scale_key(layer), _inverse(value))
 
 
 def _write_rows(layer, rows: Tensor) -> None:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 
 from ..config import FalqonError
+from ..convert import mode_label
 from ..fingerprint import weights_fingerprint
 from . import run_dir as R
 from .models import (DEFAULT_PRESET, PRESETS, build_random_model, check_model_dir,
@@ -382,8 +383,7 @@ def _plot(job) -> bool:
     from .reporting import plot_losses
 
     args = job.args
-    mode = ("adapter mode" + (", A trained" if args.train_a else "")
-            if args.update_mode == "adapter" else f"proxy mode, top-k {args.topk}")
+    mode = mode_label(args.update_mode, args.train_a, args.topk)
     return not args.no_plot and plot_losses(
         job.rows, job.out / R.PLOT_FILE,
         f"FALQON {job.model_id.split(':')[1]}: rank {args.rank}, {mode}, lr {args.lr:g}")

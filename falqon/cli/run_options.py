@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from ..config import ADAPTER_GAIN, TRAINED_A_GAIN, FalqonError
+from ..config import FalqonError, default_adapter_gain
 
 # The options that define a run: resuming with any of them changed is refused, because the
 # result would no longer be the run that was started.
@@ -101,7 +101,7 @@ def check_update_mode(args, explicit: set[str]) -> None:
         raise FalqonError("--train-a only applies to the adapter mode: leave it out with "
                           "--update-mode proxy (the proxy update keeps the melded A)")
     if args.adapter_gain is None:  # the adapter's default gain depends on whether A trains
-        args.adapter_gain = TRAINED_A_GAIN if args.train_a else ADAPTER_GAIN
+        args.adapter_gain = default_adapter_gain(args.train_a)
     if args.update_mode == "proxy" and args.adapter_init != "error_svd":
         raise FalqonError(f"--adapter-init {args.adapter_init} only applies to the adapter mode: "
                           f"leave it out with --update-mode proxy (the proxy update keeps the "
