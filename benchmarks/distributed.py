@@ -57,7 +57,7 @@ else:
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 METHODS = ("falqon_adapter", "falqon")  # the default; falqon_fused (GPU only) with --methods
-ALL_METHODS = (*METHODS, "falqon_fused")
+ALL_METHODS = (*METHODS, "falqon_fused", "falqon_adapter_train_a")
 MODES = ("single", "ddp", "fsdp2", "fsdp2_offload")
 
 

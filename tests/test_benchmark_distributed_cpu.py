@@ -43,6 +43,15 @@ def test_distributed_benchmark_records_every_mode_and_method(tmp_path, capsys):
     assert "ranks identical" in table and "fsdp2" in table
 
 
+def test_the_trained_a_method_keeps_ddp_ranks_identical(tmp_path):
+    # lora_A is a trainable parameter (DDP reduces its gradient) and A's FP8 rows are rewritten
+    # from it after each step by falqon.attach's hook: the ranks must agree on both
+    records = bench_distributed.main([*TINY, "--methods", "falqon_adapter_train_a", "--modes",
+                                      "ddp", "--steps", "3", "--out", str(tmp_path / "d.json")])
+    ddp = next(r for r in records if r["mode"] == "ddp")
+    assert ddp["ranks_identical"] is True and ddp["method"] == "falqon_adapter_train_a"
+
+
 def test_the_workers_start_with_nvlink_multicast_off(monkeypatch):
     import os
 
