@@ -83,7 +83,7 @@ def test_fused_melded_model_trains_like_eager(backend):
         assert report.fused == {"rms_norm": 5, "swiglu": 2, "rope": 2,
                                 "fused_linear_cross_entropy": 1}, report
     else:
-        assert report.fused == {"compiled_layers": 2}, report
+        assert report.fused["compiled_layers"] == 2, report
     assert_trains_alike(train(model), eager)
 
 

@@ -276,11 +276,27 @@ def test_compile_backend_matches_eager():
         falqon.training.enable_gradient_checkpointing(m)
         models.append(m.train())
     report = falqon.fuse(models[1], "compile")
-    assert report.fused == {"compiled_layers": LAYERS}
+    # Liger's fused loss goes with the compiled layers where Liger is installed (on the CPU its
+    # forward runs the model's own loss)
+    with_liger = liger.unavailable(models[1]) is None
+    assert report.fused == {"compiled_layers": LAYERS,
+                            **({"fused_linear_cross_entropy": 1} if with_liger else {})}, report
     assert all(layer._compiled_call_impl is not None for layer in models[1].model.layers)
     (ref_loss, ref), (loss, grads) = (loss_and_grads(m) for m in models)
     assert abs(loss.item() - ref_loss.item()) < 1e-4 * ref_loss.item()
     assert all(rel_err(grads[n], ref[n]) < 2.0 ** -6 for n in ref), report
+
+
+def test_compile_backend_leaves_the_loss_when_asked_or_without_liger(monkeypatch):
+    model = tiny_causal_lm("llama")
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # not timed here
+    report = falqon.fuse(model, "compile", loss=False)
+    assert report.fused == {"compiled_layers": LAYERS}
+    assert ("fused_linear_cross_entropy", "loss=False") in report.skipped
+    assert "forward" not in vars(model)  # the causal LM's own forward
+    monkeypatch.setattr(liger, "unavailable", lambda m: "Liger Kernel is not installed")
+    report = falqon.fuse(tiny_causal_lm("llama"), "compile")
+    assert report.skipped == [("fused_linear_cross_entropy", "Liger Kernel is not installed")]
 
 
 def test_compile_backend_without_decoder_layers():

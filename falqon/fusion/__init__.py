@@ -9,7 +9,8 @@ own eager code, about half of a 7B training step. Backends:
            RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy (the logits are never
            materialised), for LLaMA, Mistral and Qwen2 (liger.SUPPORTED).
   compile  torch.compile of each decoder layer (falqon's ops are registered custom ops, so the
-           melded layers compile whole); the LM head and the loss stay eager.
+           melded layers compile whole); the LM head and the loss: Liger's fused linear
+           cross-entropy where Liger is installed, else eager.
   auto     liger where it is installed and covers the architecture, else compile, on a CUDA GPU;
            nothing on the CPU (neither pays off there).
   off      nothing.
@@ -98,8 +99,8 @@ def choose_backend(target: nn.Module) -> tuple[str, list[tuple[str, str]]]:
 def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True) -> FuseReport:
     """Put fused kernels on `model` (a transformers causal LM, melded or not, or a PEFT model
     around one), in place; see the module's docstring for the backends. loss=False leaves the
-    LM head and the loss as they are (the liger backend's fused loss returns no logits in
-    training). Fusing a fused model again with the same backend changes nothing; with another
+    LM head and the loss as they are (the fused loss, liger's and compile's where Liger is
+    installed, returns no logits in training). Fusing a fused model again with the same backend changes nothing; with another
     one it is refused. Returns what was done."""
     check_args(model, backend, loss)
     target = unwrapped(model)
@@ -118,7 +119,7 @@ def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True) -> FuseR
     elif chosen == "compile":
         from . import compiled
 
-        compiled.apply(target, report)
+        compiled.apply(target, report, loss)
     if chosen != "off":
         setattr(target, MARK, report)
     return report

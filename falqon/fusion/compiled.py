@@ -5,7 +5,10 @@ the GEMMs; falqon's ops are registered custom ops with fake kernels, so a melded
 without graph breaks (tests/test_cuda_model.py compiles one with fullgraph=True), and so do PEFT's
 LoRA layers. Layers of one class share their compiled code. Each layer is compiled in place
 (nn.Module.compile), so transformers' gradient checkpointing, which wraps the layer's call,
-checkpoints the compiled layer and recomputes it compiled. The LM head and the loss stay eager.
+checkpoints the compiled layer and recomputes it compiled. The LM head and the loss: Liger
+Kernel's fused linear cross-entropy where Liger is installed and covers the architecture (the
+fp32 logits and their gradient are never materialised, as with the liger backend: at LLaMA-7B's
+16 x 512 tokens that is ~2 GB of peak memory), else the model's own, eager.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def apply(model: nn.Module, report) -> None:
+def apply(model: nn.Module, report, loss: bool = True) -> None:
     layers = decoder_layers(model)
     if not layers:
         raise FalqonError(f"falqon.fuse(backend='compile'): found no decoder layers in "
@@ -47,3 +50,16 @@ def apply(model: nn.Module, report) -> None:
     for layer in layers:
         layer.compile()
     report.fused["compiled_layers"] = len(layers)
+    fuse_loss(model, report, loss)
+
+
+def fuse_loss(model: nn.Module, report, loss: bool) -> None:
+    """Liger's fused linear cross-entropy on the causal LM where it can take it; else the
+    reason in report.skipped."""
+    from . import liger
+
+    why = "loss=False" if not loss else liger.unavailable(model)
+    if why is None:
+        liger.patch_loss(model, report, loss)
+    else:
+        report.skipped.append(("fused_linear_cross_entropy", why))

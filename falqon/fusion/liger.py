@@ -177,7 +177,7 @@ def _patch_layers(stack: nn.Module, config, report) -> None:
                                          f" not silu"))
 
 
-def _patch_loss(model: nn.Module, report, loss: bool) -> None:
+def patch_loss(model: nn.Module, report, loss: bool) -> None:
     head = getattr(model, "lm_head", None)
     kind = "missing" if head is None else f"{type(head).__module__}.{type(head).__qualname__}"
     if not loss:
@@ -205,7 +205,7 @@ def apply(model: nn.Module, report, loss: bool = True) -> None:
                           f"{arch or type(model).__name__}: use backend='compile' or 'auto'")
     load()
     _patch_layers(decoder(model), model.config, report)
-    _patch_loss(model, report, loss)
+    patch_loss(model, report, loss)
     device = next(iter(model.parameters()), None)
     if device is not None and not device.is_cuda:
         report.skipped.append(("kernels", f"the model is on the {device.device.type}: Liger's "
