@@ -220,8 +220,12 @@ class MeldedLinear(nn.Module):
             self.sync_adapter_A()  # lora_A changed and no falqon.attach hook does it (eager)
         history = self.amax_history
         shared = use_shared(self, key)
-        if shared is not None:  # current scaling: x's quantisation, made once for its readers
-            q, scale = shared.quantized(key, x)
+        if shared is not None or (history is None and torch.compiler.is_compiling()):
+            # current scaling: x's quantisation made once for its readers (q/k/v, gate/up), by
+            # the cache in eager and by the compiled graph's common-subexpression elimination
+            # under torch.compile, where the layers that read x each emit the same quantize
+            q, scale = shared.quantized(key, x) if shared is not None else \
+                torch.ops.falqon.quantize.default(x.detach(), torch.float8_e4m3fn)
             y = ops.melded_linear_call(
                 x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t,
                 self.scaling, self.grad_dtype, None, self.update_mode == "adapter", q, scale)[0]

@@ -12,10 +12,14 @@ back unchanged (same _version, same dtype to quantise), and passes it to torch.o
 the backward is unchanged (nothing more is saved for it).
 
 The cache holds one entry: a weak reference to the input (it never keeps x alive), its version and
-the FP8 tensor and scale. It is skipped, and the op quantises x as before, under torch.compile
-tracing and CUDA graph capture (each layer of a captured graph quantises its input itself), for
-delayed-scaling layers (amax_history), for inference-mode tensors (which have no version counter
-to tell an in-place change), and everywhere unless FALQON_SHARED_QUANT=1 (read once per process).
+the FP8 tensor and scale. It is skipped, and the op quantises x as before, under CUDA graph
+capture (each layer of a captured graph quantises its input itself), for delayed-scaling layers
+(amax_history), for inference-mode tensors (which have no version counter to tell an in-place
+change), and in eager everywhere unless FALQON_SHARED_QUANT=1 (read once per process). Under
+torch.compile the cache is not used and no switch is needed: each current-scaling layer calls
+torch.ops.falqon.quantize on its input itself and AOTAutograd's common-subexpression elimination
+leaves one call per distinct input in the compiled graph (q/k/v one, gate/up one; tested in
+tests/test_shared_quant.py), with no host cost.
 Off by default: its GPU tests pass, but on an H200 the fused LLaMA-7B step took 0.469 s with it
 against 0.424 s without (benchmarks/NOTES.md, run 54), where ~4.5 ms less was predicted; why is
 not profiled yet.

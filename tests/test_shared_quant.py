@@ -255,7 +255,9 @@ def test_the_cache_is_skipped_where_it_cannot_hold(monkeypatch):
     x = torch.randn(5, 48)
     with monkeypatch.context() as m:
         m.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert quantize_calls() == 0
+        # not the cache: each layer emits its own quantize, which the compiled graph's common-
+        # subexpression elimination merges (test_compiled_graph_quantizes_a_shared_input_once)
+        assert quantize_calls() == 2 and model.a._shared_quant._entry is None
     assert quantize_calls() == 1
     switch(monkeypatch, "off")
     assert quantize_calls() == 0
@@ -311,3 +313,42 @@ def test_sharing_is_off_unless_the_switch_is_on(monkeypatch):
     shared = step(model, ids)
     assert shared[3].quantize == 4 * model.config.num_hidden_layers
     assert_same(shared, alone)
+
+
+@pytest.mark.slow
+def test_compiled_graph_quantizes_a_shared_input_once():
+    """Under torch.compile a melded decoder layer's forward graph holds one falqon.quantize per
+    distinct input (q/k/v share one, gate/up one, o and down one each: 4 for 7 GEMMs) after
+    AOTAutograd's common-subexpression elimination, with the loss and gradients of eager."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from workflow_testing import tiny_causal_lm
+
+    seen = []
+
+    def forward_compiler(gm, example_inputs):
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        seen.append((sum("falqon.quantize" in t for t in targets),
+                     sum("falqon.melded_linear." in t for t in targets)))
+        return make_boxed_func(gm)
+
+    backend = aot_autograd(fw_compiler=forward_compiler,
+                           bw_compiler=lambda gm, example_inputs: make_boxed_func(gm),
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    models = [falqon.meld(tiny_causal_lm("llama"), falqon.FalqonConfig(rank=4), progress=False,
+                          verbose=False) for _ in range(2)]
+    for layer in models[1].model.layers:
+        layer.compile(backend=backend)
+    ids = torch.randint(0, models[0].config.vocab_size, (2, 8),
+                        generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in models:
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert seen and all(counts == (4, 7) for counts in seen), seen
+    assert torch.equal(losses[0], losses[1])
+    for (_, a), (_, b) in zip(falqon.melded_layers(models[0]), falqon.melded_layers(models[1])):
+        assert torch.equal(a.lora_B.grad, b.lora_B.grad)
