@@ -23,6 +23,7 @@ import importlib
 import inspect
 from types import MethodType, SimpleNamespace
 
+import torch
 from torch import nn
 
 from ..config import FalqonError
@@ -121,6 +122,11 @@ def rope_dispatcher(original):
     for the call signature (q, k, cos, sin[, unsqueeze_dim]) it shares with Liger's), else
     `original`."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        # Under torch.compile the model's own RoPE (Inductor fuses it; dynamo cannot trace a
+        # ContextVar, and a graph break here would split every compiled LLaMA attention of the
+        # process, fused or not, and fail fullgraph=True)
+        if torch.compiler.is_compiling():
+            return original(q, k, cos, sin, *args, **kwargs)
         if _rope_on.get() and not args and set(kwargs) <= {"unsqueeze_dim"} and on_gpu(q):
             return load().rope(q, k, cos, sin, None, kwargs.get("unsqueeze_dim", 1))
         return original(q, k, cos, sin, *args, **kwargs)
