@@ -48,14 +48,18 @@ peer whose torch.compile time is unbounded last:
                     the adapter mode with FalqonConfig(train_a=True): A trained too (an fp32
                     lora_A per layer, dA's two small GEMMs in the backward, A's FP8 rows rewritten
                     by falqon.attach's hook after every step).
-  falqon_fused      falqon_adapter + falqon.fuse(model): falqon's fast path, backend "auto" (Liger
-                    Kernel where installed, else torch.compile of each decoder layer); the record's
-                    "fuse" says which backend ran and what it fused.
+  falqon_fused      falqon_adapter + falqon.fuse(model): falqon's fast path, backend "auto"
+                    (torch.compile of each decoder layer on a GPU, Liger Kernel's fused loss where
+                    installed); the record's "fuse" says which backend ran and what it fused.
   falqon_fused_train_a
                     falqon_adapter_train_a + falqon.fuse(model): the fast path with A trained.
   falqon_fused_compile
                     falqon_adapter + falqon.fuse(model, "compile"): each decoder layer under
-                    torch.compile, melded ops inside; the LM head and the loss eager.
+                    torch.compile, melded ops inside, Liger's fused loss where installed (what
+                    auto picks today; kept by name for runs before it did).
+  falqon_fused_liger
+                    falqon_adapter + falqon.fuse(model, "liger"): Liger Kernel's RMSNorm, SwiGLU,
+                    RoPE and fused loss (auto's choice before run 66).
   fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
                     torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
                     fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
@@ -135,7 +139,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 METHODS = ("bf16_lora", "qlora_nf4", "bf16_lora_liger", "qlora_nf4_liger",
            "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt", "falqon_adapter",
            "falqon_adapter_delayed_wt", "falqon_adapter_train_a", "falqon_fused",
-           "falqon_fused_train_a", "falqon_fused_compile", "fp8_lora_torchao")
+           "falqon_fused_train_a", "falqon_fused_liger", "falqon_fused_compile", "fp8_lora_torchao")
 # FalqonConfig options per falqon method: each mode with current scaling, and with the fastest
 # options (benchmarks/layer.py's names).
 FASTEST = {"transposed_copy": True, "amax_history_len": 16}

@@ -19,17 +19,20 @@ else:
 FUSED = {"bf16_lora_liger": ("bf16_lora", "liger"), "qlora_nf4_liger": ("qlora_nf4", "liger"),
          "falqon_fused": ("falqon_adapter", "auto"),
          "falqon_fused_train_a": ("falqon_adapter_train_a", "auto"),
-         "falqon_fused_compile": ("falqon_adapter", "compile")}
+         "falqon_fused_compile": ("falqon_adapter", "compile"),
+         "falqon_fused_liger": ("falqon_adapter", "liger")}
 # Liger's four fusions; a liger method that got fewer is an error, not a partial measurement.
 LIGER_FUSIONS = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
 NOTES = {
     "bf16_lora_liger": ("bf16_lora with Liger Kernel's RMSNorm, SwiGLU, RoPE and fused linear "
                         "cross-entropy (falqon.fuse(model, 'liger') on the PEFT model)"),
     "qlora_nf4_liger": "qlora_nf4 with the same Liger Kernel fusions",
-    "falqon_fused": ("falqon_adapter + falqon.fuse(model) (auto: Liger Kernel where installed, "
-                     "else torch.compile of the decoder layers), falqon's default fast path"),
+    "falqon_fused": ("falqon_adapter + falqon.fuse(model) (auto: torch.compile of the decoder "
+                     "layers, Liger Kernel's fused loss where installed), falqon's default fast "
+                     "path"),
     "falqon_fused_train_a": "falqon_adapter_train_a + falqon.fuse(model): the fast path, A trained",
     "falqon_fused_compile": "falqon_adapter + falqon.fuse(model, 'compile')",
+    "falqon_fused_liger": "falqon_adapter + falqon.fuse(model, 'liger') (Liger Kernel's four fusions)",
 }
 
 
