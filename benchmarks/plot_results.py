@@ -65,9 +65,17 @@ def load_records(results_dir: pathlib.Path) -> tuple[list[dict], dict]:
             info["torch"].add(str(data.get("torch", "?")))
             info["date"] = max(info["date"], date)
             r = {**r, "device": device, "date": date, "file": path.name}
-            if r["kind"] == "model" and r.get("lr") is None:  # files before the record's lr
-                r["lr"] = file_lr(data)
+            if r["kind"] == "model":
+                if r.get("lr") is None:  # files before the record's lr
+                    r["lr"] = file_lr(data)
+                # (files before --checkpointing ran transformers' default, non-reentrant)
+                r["checkpointing"] = (data.get("config") or {}).get("checkpointing",
+                                                                    "non_reentrant")
             key = record_key(r)
+            if key in newest and newest[key]["file"] == path.name and ran(r) and \
+                    ran(newest[key]):  # measured again in the same run: both are shown
+                r["repeats"] = [*newest[key].get("repeats", [newest[key]["s_per_step"]]),
+                                r["s_per_step"]]
             if key not in newest or newest[key]["date"] <= date:
                 newest[key] = r
     return list(newest.values()), devices
@@ -239,11 +247,19 @@ def _runs_note(row: dict) -> str | None:
     across runs then compare runs as well as methods)."""
     runs: dict[tuple, list[str]] = defaultdict(list)
     for m, x in row.items():
-        runs[(x.get("date", "")[:10], x.get("file", "?"))].append(m)
-    if len(runs) < 2:
-        return None
-    parts = [f"{', '.join(ms)} from {f} ({d})" for (d, f), ms in sorted(runs.items())]
-    return "Rows from more than one run: " + "; ".join(parts) + "."
+        runs[(x.get("date", "")[:10], x.get("file", "?"), x.get("checkpointing"))].append(m)
+    repeats = [f"{m} {' / '.join(f'{t:.3f}' for t in x['repeats'])} s"
+               for m, x in row.items() if x.get("repeats")]
+    notes = []
+    if len(runs) > 1:
+        kinds = len({c for _, _, c in runs}) > 1  # say the checkpointing where runs differ in it
+        parts = [f"{', '.join(ms)} from {f} ({d}{f', {c} checkpointing' if kinds else ''})"
+                 for (d, f, c), ms in sorted(runs.items(), key=lambda kv: kv[0][:2])]
+        notes.append("Rows from more than one run: " + "; ".join(parts) + ".")
+    if repeats:
+        notes.append("Measured more than once in one run (in the order measured; the table "
+                     "shows the last): " + "; ".join(repeats) + ".")
+    return " ".join(notes) or None
 
 
 def markdown(records, devices, M: int, r: int, image: str | None) -> str:

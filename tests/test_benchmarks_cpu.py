@@ -492,6 +492,25 @@ def test_model_tables_name_their_runs_when_rows_mix_runs():
                                                                   "file": "b.json"}})
     assert note == ("Rows from more than one run: falqon from b.json (2026-11-29); bf16_lora "
                     "from a.json (2026-11-30).")
+    # runs that checkpoint differently say so; a method measured twice in a run shows both
+    note = plot_results._runs_note({
+        "bf16_lora": {**one, "checkpointing": "reentrant"},
+        "falqon": {"date": "2026-11-29T10:00", "file": "b.json", "checkpointing": "non_reentrant",
+                   "repeats": [0.4191, 0.417]}})
+    assert note == ("Rows from more than one run: falqon from b.json (2026-11-29, non_reentrant "
+                    "checkpointing); bf16_lora from a.json (2026-11-30, reentrant checkpointing)."
+                    " Measured more than once in one run (in the order measured; the table shows"
+                    " the last): falqon 0.419 / 0.417 s.")
+
+
+def test_a_method_measured_twice_in_one_file_keeps_both_times(tmp_path):
+    rec = {"kind": "model", "model": "llama-7b", "method": "falqon_fused", "lr": 1e-4}
+    (tmp_path / "m.json").write_text(json.dumps({
+        "device": "H200", "date": "2026-11-30 09:00 UTC", "config": {"checkpointing": "reentrant"},
+        "records": [{**rec, "s_per_step": 0.419}, {**rec, "s_per_step": 0.417}]}))
+    records, _ = plot_results.load_records(tmp_path)
+    assert len(records) == 1 and records[0]["s_per_step"] == 0.417
+    assert records[0]["repeats"] == [0.419, 0.417] and records[0]["checkpointing"] == "reentrant"
 
 
 def test_proxy_update_benchmark_runs_both_paths(tmp_path):

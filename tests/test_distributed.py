@@ -155,14 +155,15 @@ def _fsdp_scenario(mode: str, rank: int, out: str, device) -> dict:
 
 def _fsdp_gradient_factor(device) -> float:
     """FSDP2's reduced gradient over the ranks' mean, on a layer whose gradient is the same on
-    every rank: 1, or the world size where the reduction sums (torch 2.11's FSDP2 on gloo,
-    pytorch/pytorch#162338)."""
+    every rank: 1 where the reduction averages. Gloo's AVG has divided by the tensor's element
+    count instead of the world size (pytorch/pytorch#162338; torchcomms#287 names the divisor):
+    then it is world / numel, so the layer is sized for numel != world."""
     from torch.distributed.fsdp import fully_shard
 
-    layer = nn.Linear(WORLD, WORLD, bias=False, device=device)
+    layer = nn.Linear(8, 4 * WORLD, bias=False, device=device)
     nn.init.ones_(layer.weight)
     fully_shard(layer)
-    layer(torch.ones(1, WORLD, device=device)).sum().backward()
+    layer(torch.ones(1, 8, device=device)).sum().backward()
     # every element's gradient is 1, so this rank's shard says it; not full_tensor(), whose
     # functional all-gather segfaulted on gloo under torch 2.11 (run 62)
     return float(layer.weight.grad.to_local().mean())
@@ -257,8 +258,8 @@ def test_fsdp2_shards_the_fp8_weights_and_trains_like_one_process(ddp_run, mode)
     assert fsdp[0]["digest"] == fsdp[1]["digest"], "every rank gathers the same whole state"
     assert all(r["replicated_identical"] and r["replicated_diverged_seen"] for r in fsdp)
     if ranks[0]["fsdp_gradient_factor"] != 1.0:
-        pytest.skip(f"this torch's FSDP2 on {device.type} sums the ranks' gradients instead of "
-                    f"averaging them (factor {ranks[0]['fsdp_gradient_factor']:g}; "
+        pytest.skip(f"this torch's FSDP2 on {device.type} does not average the ranks' "
+                    f"gradients (factor {ranks[0]['fsdp_gradient_factor']:g} of the mean; "
                     f"pytorch/pytorch#162338): no one-process run to compare with")
     # The same steps as one process: B within float32 summation-order noise, the FP8 weights
     # equal where no rounding tie decided differently (compared where either run changed them).
