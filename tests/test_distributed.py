@@ -155,9 +155,11 @@ def _fsdp_scenario(mode: str, rank: int, out: str, device) -> dict:
 
 def _fsdp_gradient_factor(device) -> float:
     """FSDP2's reduced gradient over the ranks' mean, on a layer whose gradient is the same on
-    every rank: 1 where the reduction averages. Gloo's AVG has divided by the tensor's element
-    count instead of the world size (pytorch/pytorch#162338; torchcomms#287 names the divisor):
-    then it is world / numel, so the layer is sized for numel != world."""
+    every rank: 1 where the reduction averages. Gloo's AVG reduce-scatter has not averaged in
+    some torch releases (pytorch/pytorch#162338: it summed); torchcomms#287 found a gloo AVG
+    dividing by the tensor's element count instead of the world size, which gives 1 whenever the
+    two are equal, so the layer is sized for numel != world. Not yet seen on the GPU machine's
+    torch 2.11 (whose FSDP2 comparison failed with the earlier 2 x 2 probe reading 1)."""
     from torch.distributed.fsdp import fully_shard
 
     layer = nn.Linear(8, 4 * WORLD, bias=False, device=device)
