@@ -18,7 +18,8 @@ falqon.fuse, Liger Kernel's fused linear cross-entropy among its kernels), measu
 Each record: {"kind": "distributed", "mode": "single"|"ddp"|"fsdp2"|"fsdp2_offload", "gpus", "method",
 "tokens_per_s" (all ranks' tokens per second), "scaling" (over the one-GPU run), "s_per_step",
 "peak_gib" (the largest rank's torch.cuda.max_memory_allocated over the steps), "peak_ratio"
-(over the one-GPU peak), "ranks_identical" (falqon.distributed.ranks_identical after the steps:
+(over the one-GPU peak), "fuse" (the fused methods: falqon.fuse's backend and what it fused),
+"ranks_identical" (falqon.distributed.ranks_identical after the steps:
 DDP's ranks must hold bit-identical melded state; FSDP2's replicated state, its sharded tensors
 left out: gathered from the same shards they agree by construction)}, to
 benchmarks/results/distributed_<device>.json; the table is printed last.
@@ -84,11 +85,11 @@ def _wrap(mode: str, model):
     return model
 
 
-def build(method: str, args):
+def build(method: str, args, info: dict | None = None):
     """The method's melded model on this rank, built as benchmarks/model.py builds it: whole, or
     layer by layer (seeded random weights, each layer melded as it is made) where the bf16 model
     would not fit (--build auto, e.g. llama2-70b) or --build layerwise."""
-    info: dict = {}
+    info = {} if info is None else info  # filled: what falqon.fuse did ("fuse"), ...
     options = M.FALQON_OPTIONS[method]
     if M.model_build.build_layerwise(args):
         model = M.model_build.layerwise_model(method, options, args, info, M.projection_modules,
@@ -108,7 +109,8 @@ def measure(mode: str, method: str, args, rank: int) -> dict:
     import falqon
     from falqon.distributed import ranks_identical
 
-    model = build(method, args)
+    info: dict = {}
+    model = build(method, args, info)
     net = _wrap(mode, model)
     M.enable_checkpointing(model, args.checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -125,6 +127,7 @@ def measure(mode: str, method: str, args, rank: int) -> dict:
     if args.profile:  # every rank steps (the collectives), rank 0 prints
         profile_step(net, optimizer, batch, args, f"{mode} {method}", shown=rank == 0)
     out = {"s_per_step": statistics.median(step_s), "loss": float(loss),
+           "fuse": info.get("fuse"),
            "peak_gib": (torch.cuda.max_memory_allocated(args.device) / 2**30
                         if args.device.type == "cuda" else None),
            # FSDP2: of the replicated state (the gathered shards agree by construction; at 70B
@@ -237,6 +240,8 @@ def records_of(results: list[dict], args) -> list[dict]:
                    ranks_identical=None if gpus == 1 else all(x["ranks_identical"]
                                                                for x in r["ranks"]),
                    loss=[x["loss"] for x in r["ranks"]])
+        if r["ranks"][0].get("fuse"):  # the fused methods: which backend ran (falqon.fuse's auto)
+            rec["fuse"] = r["ranks"][0]["fuse"]
         if "s_per_step" in one:
             rec["scaling"] = rec["tokens_per_s"] / (args.batch * args.seq / one["s_per_step"])
             rec["peak_ratio"] = (rec["peak_gib"] / one["peak_gib"]

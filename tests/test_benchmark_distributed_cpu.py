@@ -88,3 +88,16 @@ def test_profile_prints_the_busiest_ops_of_rank_0(tmp_path, capfd):
     out = capfd.readouterr().out  # the spawned ranks write to the file descriptor
     assert out.count("== profile of one step, rank 0:") == 2  # single and ddp, rank 0 alone
     assert "ddp falqon_adapter: " in out and "s/step on rank 0" in out
+
+
+def test_records_say_which_fusion_backend_ran():
+    args = bench_distributed.parse_args(TINY)
+    fuse = {"backend": "compile", "fused": {"compiled_layers": 2}, "skipped": []}
+    rank = {"s_per_step": 0.5, "loss": 1.0, "peak_gib": None, "ranks_identical": True}
+    results = [{"mode": mode, "method": "falqon_fused",
+                "ranks": [{**rank, "fuse": fuse}] * (1 if mode == "single" else 2)}
+               for mode in ("single", "ddp")]
+    records = bench_distributed.records_of(results, args)
+    assert [r["fuse"] for r in records] == [fuse, fuse]
+    plain = bench_distributed.records_of([{**results[0], "ranks": [{**rank, "fuse": None}]}], args)
+    assert "fuse" not in plain[0]
