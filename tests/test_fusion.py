@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import falqon
-from falqon.fusion import liger
+from falqon.fusion import compiled, liger
 from falqon_testing import rel_err
 from workflow_testing import tiny_causal_lm
 
@@ -120,6 +120,7 @@ def test_missing_liger_is_one_clear_error(monkeypatch):
     assert falqon.fusion_report(model) is None
     # auto on a GPU model compiles, and its report says the loss stayed the model's own, why.
     monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: None)  # Triton
     assert falqon.fusion.choose_backend(model) == ("compile", [])
     assert "pip install 'falqon[fast]'" in liger.unavailable(model)
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # not timed
@@ -137,6 +138,7 @@ def test_architectures_liger_lacks(monkeypatch):
     with pytest.raises(falqon.FalqonError, match="this one is gpt2: use backend='compile'"):
         falqon.fuse(model, "liger")
     monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: None)  # Triton
     assert falqon.fusion.choose_backend(model)[0] == "compile"
     assert falqon.fusion.choose_backend(tiny_causal_lm("llama"))[0] == "compile"
 
@@ -350,3 +352,24 @@ def test_rope_dispatcher_under_compile_is_the_original(monkeypatch):
     finally:
         liger._rope_on.reset(token)
     assert calls == ["liger", "original"]
+
+
+def test_without_triton_auto_falls_back_and_compile_says_why(monkeypatch):
+    """On a GPU where torch.compile cannot generate code (no Triton), auto takes Liger (or
+    nothing, saying why) and an explicit compile is refused before anything changes."""
+    import torch.utils._triton
+
+    model = tiny_causal_lm("llama")
+    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    why = compiled.unavailable(torch.device("cuda"))
+    assert "needs Triton" in why
+    monkeypatch.setattr(liger, "unavailable", lambda m: None)
+    assert falqon.fusion.choose_backend(model) == ("liger", [("compile", why)])
+    monkeypatch.setattr(liger, "unavailable", lambda m: "Liger Kernel is not installed")
+    assert falqon.fusion.choose_backend(model) == (
+        "off", [("compile", why), ("liger", "Liger Kernel is not installed")])
+    with pytest.raises(falqon.FalqonError, match="needs Triton.*backend='liger' needs no"):
+        falqon.fuse(model, "compile")
+    assert falqon.fusion_report(model) is None and "forward" not in vars(model)
+    assert compiled.unavailable(torch.device("cpu")) is None

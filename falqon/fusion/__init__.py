@@ -11,7 +11,8 @@ own eager code, about half of a 7B training step. Backends:
   compile  torch.compile of each decoder layer (falqon's ops are registered custom ops, so the
            melded layers compile whole); the LM head and the loss: Liger's fused linear
            cross-entropy where Liger is installed, else eager.
-  auto     compile (with Liger's fused loss where Liger is installed) on a CUDA GPU: on an H200
+  auto     compile (with Liger's fused loss where Liger is installed) on a CUDA GPU (liger where
+           torch.compile cannot run there, e.g. without Triton; the report says why): on an H200
            at LLaMA-7B it measured 0.413-0.416 s a step where liger measured 0.419-0.425 in the
            same runs (benchmarks/NOTES.md, runs 64-65); nothing on the CPU (neither pays off).
   off      nothing.
@@ -87,11 +88,19 @@ def check_args(model, backend, loss) -> None:
 
 def choose_backend(target: nn.Module) -> tuple[str, list[tuple[str, str]]]:
     """auto's choice for this model: (backend, [(what, why)] of what it passed over)."""
+    from . import compiled, liger
+
     device = model_device(target)
     if device.type != "cuda":
         return "off", [("auto", f"the model is on the {device.type}: the fused kernels pay off "
                                 f"on a CUDA GPU only")]
-    return "compile", []  # (its report says whether Liger's fused loss came with it)
+    why = compiled.unavailable(device)
+    if why is None:
+        return "compile", []  # (its report says whether Liger's fused loss came with it)
+    liger_why = liger.unavailable(target)
+    if liger_why is None:
+        return "liger", [("compile", why)]
+    return "off", [("compile", why), ("liger", liger_why)]
 
 
 def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True) -> FuseReport:

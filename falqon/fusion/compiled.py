@@ -41,7 +41,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
+def unavailable(device) -> str | None:
+    """Why torch.compile cannot compile a model on `device` here (None: it can). Checked before
+    any layer is compiled: torch.compile fails only at the first forward otherwise."""
+    import sys
+
+    import torch
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support this Python ({sys.version.split()[0]})"
+    if getattr(device, "type", device) == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # a torch without the helper: let torch.compile say it
+            return None
+        if not has_triton():
+            return ("torch.compile's GPU code generator needs Triton (pip install triton), which "
+                    "is missing or cannot run on this GPU")
+    return None
+
+
 def apply(model: nn.Module, report, loss: bool = True) -> None:
+    from . import model_device
+
+    why = unavailable(model_device(model))
+    if why is not None:
+        raise FalqonError(f"falqon.fuse(backend='compile'): {why}; backend='liger' needs no "
+                          f"torch.compile")
     layers = decoder_layers(model)
     if not layers:
         raise FalqonError(f"falqon.fuse(backend='compile'): found no decoder layers in "
