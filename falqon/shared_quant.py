@@ -20,9 +20,10 @@ torch.compile the cache is not used and no switch is needed: each current-scalin
 torch.ops.falqon.quantize on its input itself and AOTAutograd's common-subexpression elimination
 leaves one call per distinct input in the compiled graph (q/k/v one, gate/up one; tested in
 tests/test_shared_quant.py), with no host cost.
-Off by default: its GPU tests pass, but on an H200 the fused LLaMA-7B step took 0.469 s with it
-against 0.424 s without (benchmarks/NOTES.md, run 54), where ~4.5 ms less was predicted; why is
-not profiled yet.
+The eager cache is off by default: its GPU tests pass, but two A/B runs of the fused LLaMA-7B
+step on an H200 disagree (0.469 s with it against 0.424 s without in run 54, 0.416 against 0.422
+in run 59); profiled (run 58), its quantise kernels take 8.7 ms less a step and the GPU waits
+13 ms longer on the host (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ _E4M3 = torch.float8_e4m3fn
 @functools.cache
 def enabled() -> bool:
     """FALQON_SHARED_QUANT: 1/true/yes/on share; unset, empty, 0/false/no/off do not. Off by
-    default: slower on the GPU where measured (benchmarks/NOTES.md, run 54). Read once per process
-    (enabled.cache_clear() re-reads it)."""
+    default: the A/B runs on the GPU disagree (benchmarks/NOTES.md, runs 54 and 59). Read once per
+    process (enabled.cache_clear() re-reads it)."""
     raw = os.environ.get(ENV, "")
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):

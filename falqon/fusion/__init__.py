@@ -107,8 +107,8 @@ def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True) -> FuseR
     """Put fused kernels on `model` (a transformers causal LM, melded or not, or a PEFT model
     around one), in place; see the module's docstring for the backends. loss=False leaves the
     LM head and the loss as they are (the fused loss, liger's and compile's where Liger is
-    installed, returns no logits in training). Fusing a fused model again with the same backend changes nothing; with another
-    one it is refused. Returns what was done."""
+    installed, returns no logits in training). Fusing a fused model again with the same backend
+    changes nothing; with another one it is refused. Returns what was done."""
     check_args(model, backend, loss)
     target = unwrapped(model)
     done = getattr(target, MARK, None)

@@ -13,6 +13,9 @@ fp32 logits and their gradient are never materialised, as with the liger backend
 
 from __future__ import annotations
 
+import sys
+
+import torch
 from torch import nn
 
 from ..config import FalqonError
@@ -44,10 +47,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def unavailable(device) -> str | None:
     """Why torch.compile cannot compile a model on `device` here (None: it can). Checked before
     any layer is compiled: torch.compile fails only at the first forward otherwise."""
-    import sys
-
-    import torch
-
     if not torch._dynamo.is_dynamo_supported():
         return f"torch.compile does not support this Python ({sys.version.split()[0]})"
     if getattr(device, "type", device) == "cuda":
@@ -84,8 +83,8 @@ def fuse_loss(model: nn.Module, report, loss: bool) -> None:
     reason in report.skipped."""
     from . import liger
 
-    why = "loss=False" if not loss else liger.unavailable(model)
+    why = liger.unavailable(model) if loss else None
     if why is None:
-        liger.patch_loss(model, report, loss)
+        liger.patch_loss(model, report, loss)  # (loss=False: it records that, fuses nothing)
     else:
         report.skipped.append(("fused_linear_cross_entropy", why))
