@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from falqon.fusion import liger
 from test_fusion import FakeLiger, hide_liger
@@ -64,3 +65,24 @@ def test_liger_run_trains_through_the_fused_loss(inputs, tmp_path, capsys, monke
     assert losses(tmp_path / "liger") == pytest.approx(losses(tmp_path / "auto"), rel=1e-5)
     run = json.loads((tmp_path / "liger" / "run.json").read_text())
     assert run["settings"]["fuse"] == "liger"
+
+
+def test_fuse_lines_say_what_a_gpu_run_gets(capsys, monkeypatch):
+    """On a GPU the line is printed whatever auto chose (its reasons are worth reading), and a
+    compiled run says that its first step compiles."""
+    import falqon.fusion
+    from falqon.cli import finetune as cli_finetune_module
+    from workflow_testing import tiny_causal_lm
+
+    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: "no Triton here")
+    monkeypatch.setattr(liger, "unavailable", lambda m: "Liger Kernel is not installed")
+    cli_finetune_module._fuse(tiny_causal_lm("llama"), "auto")
+    out = capsys.readouterr().out
+    assert "compile: no Triton here" in out and "liger: Liger Kernel is not installed" in out
+    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: None)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # not timed
+    cli_finetune_module._fuse(tiny_causal_lm("llama"), "auto")
+    out = capsys.readouterr().out
+    assert "falqon.fuse('auto'): torch.compile (compiled_layers x2)" in out
+    assert "compile at the first step" in out

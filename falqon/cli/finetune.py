@@ -260,12 +260,15 @@ def _prepare_model(job) -> None:
 
 def _fuse(model, backend: str) -> None:
     """--fuse: fused kernels on the model (compiled lazily, at the first step); the line is
-    printed unless auto chose nothing (on the CPU)."""
-    from ..fusion import fuse
+    printed unless auto chose nothing on the CPU (on a GPU its reasons are worth reading)."""
+    from ..fusion import fuse, model_device
 
     report = fuse(model, backend)
-    if report.backend != "off" or backend != "auto":
+    if report.backend != "off" or backend != "auto" or model_device(model).type == "cuda":
         print(report)
+    if report.backend == "compile":  # a long first step otherwise looks like a hang
+        print("  (the decoder layers compile at the first step: ~30 s for a 7B model on an H200 "
+              "machine)")
 
 
 def _prepare_data(job) -> None:
