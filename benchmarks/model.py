@@ -139,7 +139,8 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 METHODS = ("bf16_lora", "qlora_nf4", "bf16_lora_liger", "qlora_nf4_liger",
            "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt", "falqon_adapter",
            "falqon_adapter_delayed_wt", "falqon_adapter_train_a", "falqon_fused",
-           "falqon_fused_train_a", "falqon_fused_liger", "falqon_fused_compile", "fp8_lora_torchao")
+           "falqon_fused_train_a", "falqon_fused_liger", "falqon_fused_compile",
+           "fp8_lora_torchao")
 # FalqonConfig options per falqon method: each mode with current scaling, and with the fastest
 # options (benchmarks/layer.py's names).
 FASTEST = {"transposed_copy": True, "amax_history_len": 16}

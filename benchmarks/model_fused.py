@@ -32,7 +32,8 @@ NOTES = {
                      "path"),
     "falqon_fused_train_a": "falqon_adapter_train_a + falqon.fuse(model): the fast path, A trained",
     "falqon_fused_compile": "falqon_adapter + falqon.fuse(model, 'compile')",
-    "falqon_fused_liger": "falqon_adapter + falqon.fuse(model, 'liger') (Liger Kernel's four fusions)",
+    "falqon_fused_liger": ("falqon_adapter + falqon.fuse(model, 'liger') (Liger Kernel's four "
+                           "fusions)"),
 }
 
 
