@@ -103,6 +103,18 @@ def test_bad_arguments():
     assert report.backend == "off" and falqon.fusion_report(model) is None
 
 
+def on_a_gpu(monkeypatch, compile_unavailable: str | None = None) -> None:
+    """CPU models taken for CUDA ones by falqon.fuse, on a GPU where torch.compile can generate
+    code (or cannot, for the reason given)."""
+    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(compiled, "unavailable", lambda device: compile_unavailable)
+
+
+def skip_compiling(monkeypatch) -> None:
+    """nn.Module.compile a no-op: what the compile backend puts on a model, not Inductor's time."""
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+
+
 def hide_liger(monkeypatch) -> None:
     """Liger "not installed": its modules unimportable, also those an earlier test imported."""
     for name in [m for m in sys.modules if m.split(".")[0] == "liger_kernel"] + ["liger_kernel"]:
@@ -119,11 +131,10 @@ def test_missing_liger_is_one_clear_error(monkeypatch):
         falqon.fuse(model, "liger")
     assert falqon.fusion_report(model) is None
     # auto on a GPU model compiles, and its report says the loss stayed the model's own, why.
-    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
-    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: None)  # Triton
+    on_a_gpu(monkeypatch)
     assert falqon.fusion.choose_backend(model) == ("compile", [])
     assert "pip install 'falqon[fast]'" in liger.unavailable(model)
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # not timed
+    skip_compiling(monkeypatch)
     report = falqon.fuse(model)
     assert report.backend == "compile" and report.skipped == [
         ("fused_linear_cross_entropy", liger.unavailable(model))]
@@ -137,8 +148,7 @@ def test_architectures_liger_lacks(monkeypatch):
     model = transformers.GPT2LMHeadModel(config)
     with pytest.raises(falqon.FalqonError, match="this one is gpt2: use backend='compile'"):
         falqon.fuse(model, "liger")
-    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
-    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: None)  # Triton
+    on_a_gpu(monkeypatch)
     assert falqon.fusion.choose_backend(model)[0] == "compile"
     assert falqon.fusion.choose_backend(tiny_causal_lm("llama"))[0] == "compile"
 
@@ -293,7 +303,7 @@ def test_compile_backend_matches_eager():
 
 def test_compile_backend_leaves_the_loss_when_asked_or_without_liger(monkeypatch):
     model = tiny_causal_lm("llama")
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # not timed here
+    skip_compiling(monkeypatch)
     report = falqon.fuse(model, "compile", loss=False)
     assert report.fused == {"compiled_layers": LAYERS}
     assert ("fused_linear_cross_entropy", "loss=False") in report.skipped

@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from falqon.fusion import liger
-from test_fusion import FakeLiger, hide_liger
+from test_fusion import FakeLiger, hide_liger, on_a_gpu, skip_compiling
 from workflow_testing import cli_finetune
 
 pytest.importorskip("transformers")
@@ -70,18 +69,16 @@ def test_liger_run_trains_through_the_fused_loss(inputs, tmp_path, capsys, monke
 def test_fuse_lines_say_what_a_gpu_run_gets(capsys, monkeypatch):
     """On a GPU the line is printed whatever auto chose (its reasons are worth reading), and a
     compiled run says that its first step compiles."""
-    import falqon.fusion
     from falqon.cli import finetune as cli_finetune_module
     from workflow_testing import tiny_causal_lm
 
-    monkeypatch.setattr(falqon.fusion, "model_device", lambda m: torch.device("cuda"))
-    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: "no Triton here")
+    on_a_gpu(monkeypatch, compile_unavailable="no Triton here")
     monkeypatch.setattr(liger, "unavailable", lambda m: "Liger Kernel is not installed")
     cli_finetune_module._fuse(tiny_causal_lm("llama"), "auto")
     out = capsys.readouterr().out
     assert "compile: no Triton here" in out and "liger: Liger Kernel is not installed" in out
-    monkeypatch.setattr("falqon.fusion.compiled.unavailable", lambda device: None)
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # not timed
+    on_a_gpu(monkeypatch)
+    skip_compiling(monkeypatch)
     cli_finetune_module._fuse(tiny_causal_lm("llama"), "auto")
     out = capsys.readouterr().out
     assert "falqon.fuse('auto'): torch.compile (compiled_layers x2)" in out
