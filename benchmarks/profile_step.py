@@ -31,7 +31,7 @@ benchmarks/results/profile_<device>.json (the adapter mode: profile_adapter_<dev
     python benchmarks/profile_step.py                    # full 32-layer model, one step
     python benchmarks/profile_step.py --layers 8 --trace trace.json   # also a Chrome trace
     python benchmarks/profile_step.py --update-mode adapter
-    python benchmarks/profile_step.py --fused            # model.py's falqon_fused (Liger), GPU
+    python benchmarks/profile_step.py --fused            # model.py's falqon_fused, GPU
     python benchmarks/profile_step.py --device cpu --model tiny --rank 8 --batch 2 --seq 32
 """
 
@@ -342,8 +342,9 @@ def parse_args(argv=None):
                    help="proxy (default here, adapter with --fused: the paper's method, what the "
                         "committed profiles measured) or adapter (falqon's default mode)")
     p.add_argument("--fused", action="store_true",
-                   help="profile model.py's falqon_fused: the adapter mode with falqon.fuse's "
-                        "kernels around the GEMMs (Liger Kernel where installed; a CUDA GPU)")
+                   help="profile model.py's falqon_fused: the adapter mode with falqon.fuse's auto "
+                        "(each decoder layer under torch.compile, Liger's fused loss where "
+                        "installed; a CUDA GPU)")
     p.add_argument("--trace", type=pathlib.Path, help="also write a Chrome trace here")
     p.add_argument("--out", type=pathlib.Path,
                    help="results JSON (default benchmarks/results/profile_<device>.json, "
@@ -358,7 +359,7 @@ def parse_args(argv=None):
         p.error("--steps and --timed-steps must be >= 1, --warmup >= 0")
     mb.check_model_args(p, args)
     if args.fused and args.device.type != "cuda":
-        p.error("--fused needs a CUDA GPU (Liger Kernel's kernels run on CUDA tensors)")
+        p.error("--fused needs a CUDA GPU (falqon.fuse's compiled and Liger kernels run there)")
     return args
 
 
