@@ -60,8 +60,13 @@ RECOMPUTE = TAG + "recompute"
 METHOD_OF_MODE = {"proxy": "falqon", "adapter": "falqon_adapter"}
 
 CATEGORIES = ("fwd GEMMs", "dgrad GEMMs", "quantise", "dB", "transpose", "attention",
-              "norms/elementwise", "lm_head GEMMs", "loss", "recompute", "optimizer step",
-              "proxy update", "other")
+              "norms/elementwise", "compiled (Triton)", "lm_head GEMMs", "loss", "recompute",
+              "optimizer step", "proxy update", "other")
+# Kernels that torch.compile's generated code launches (Triton's own launcher, no aten op around
+# it): the profiler attaches them to no CPU event, so they are found by name and time alone and
+# cannot be split into forward, backward and recompute.
+COMPILED = "compiled (Triton)"
+TRITON_RE = re.compile(r"^triton_", re.I)
 # The adapter mode has its B's GEMMs and no proxy update.
 ADAPTER_CATEGORIES = tuple(c for c in CATEGORIES[:4] + ("adapter GEMMs",) + CATEGORIES[4:]
                            if c != "proxy update")
@@ -273,7 +278,11 @@ def phase_of(t: float, ranges) -> str | None:
 
 
 def units(events, on_gpu: bool):
-    """(kernel name, microseconds, event) for every kernel (GPU) or every op's own time (CPU)."""
+    """(kernel name, microseconds, event) for every kernel (GPU) or every op's own time (CPU).
+    On the GPU, kernels that no CPU op launched (torch.compile's Triton kernels) come last with
+    event None: what each kernel name's device events add up to beyond the kernels attached to
+    CPU ops."""
+    attached = collections.Counter()
     for e in events:
         if e.device_type != torch.autograd.DeviceType.CPU:
             continue
@@ -282,9 +291,28 @@ def units(events, on_gpu: bool):
                 # A record_function range has a GPU-side mirror of the same name spanning all
                 # its kernels ("gpu_user_annotation"): counting it would count them twice.
                 if k.name != e.name:
+                    attached[k.name] += k.duration
                     yield k.name, k.duration, e
         elif not e.name.startswith(TAG):
             yield e.name, e.self_cpu_time_total, e
+    if on_gpu:
+        yield from unattributed_kernels(events, attached)
+
+
+def unattributed_kernels(events, attached: collections.Counter):
+    """(name, microseconds, None) per kernel name whose device events last longer in all than
+    the kernels of that name attached to CPU ops; annotation mirrors (a CPU range's name) are
+    not kernels."""
+    cpu_names = {e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    device = collections.Counter()
+    for e in events:
+        if (e.device_type != torch.autograd.DeviceType.CPU and e.name not in cpu_names
+                and not getattr(e, "is_user_annotation", False)):
+            device[e.name] += e.time_range.end - e.time_range.start
+    for name, us in device.items():
+        left = us - attached[name]
+        if left > 1e-3 * max(us, 1.0):  # more than rounding
+            yield name, left, None
 
 
 def breakdown(events, on_gpu: bool, steps: int, adapter: bool = False) -> dict:
@@ -300,9 +328,14 @@ def breakdown(events, on_gpu: bool, steps: int, adapter: bool = False) -> dict:
     recompute = collections.Counter()
     quantise_units = collections.Counter()  # phase -> quantise kernels (GPU) or ops (CPU)
     for name, us, event in units(events, on_gpu):
-        chain = chain_names(event)
-        phase = phase_of(event.time_range.start, ranges)
-        cat = classify(name, chain, phase, on_gpu, adapter)
+        if event is None:  # launched by no CPU op: compiled code's, or a stray by its name
+            chain, phase = [], None
+            cat = COMPILED if TRITON_RE.search(name) else classify(name, [], "forward", on_gpu,
+                                                                    adapter)
+        else:
+            chain = chain_names(event)
+            phase = phase_of(event.time_range.start, ranges)
+            cat = classify(name, chain, phase, on_gpu, adapter)
         totals[cat] += us
         counts[cat] += 1
         kernels[cat][name] += us
