@@ -62,9 +62,9 @@ METHOD_OF_MODE = {"proxy": "falqon", "adapter": "falqon_adapter"}
 CATEGORIES = ("fwd GEMMs", "dgrad GEMMs", "quantise", "dB", "transpose", "attention",
               "norms/elementwise", "compiled (Triton)", "lm_head GEMMs", "loss", "recompute",
               "optimizer step", "proxy update", "other")
-# Kernels that torch.compile's generated code launches (Triton's own launcher, no aten op around
-# it): the profiler attaches them to no CPU event, so they are found by name and time alone and
-# cannot be split into forward, backward and recompute.
+# Kernels that torch.compile's generated code launches: Inductor wraps each launch in a profiler
+# range named after the kernel (no aten op around it), so they are told apart by name. Those of
+# the recompute count there (its breakdown shows them).
 COMPILED = "compiled (Triton)"
 TRITON_RE = re.compile(r"^triton_", re.I)
 # The adapter mode has its B's GEMMs and no proxy update.
@@ -209,6 +209,8 @@ def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool,
         return "optimizer step"
     if RECOMPUTE in chain:
         return "recompute"
+    if on_gpu and TRITON_RE.search(kernel):
+        return COMPILED
     op = chain[0] if chain else ""
     is_transpose = bool(TRANSPOSE_RE.search(kernel)) if on_gpu else False
     is_gemm = bool(GEMM_RE.search(kernel)) or op in GEMM_OPS
@@ -278,41 +280,19 @@ def phase_of(t: float, ranges) -> str | None:
 
 
 def units(events, on_gpu: bool):
-    """(kernel name, microseconds, event) for every kernel (GPU) or every op's own time (CPU).
-    On the GPU, kernels that no CPU op launched (torch.compile's Triton kernels) come last with
-    event None: what each kernel name's device events add up to beyond the kernels attached to
-    CPU ops."""
-    attached = collections.Counter()
+    """(kernel name, microseconds, event) for every kernel (GPU) or every op's own time (CPU)."""
     for e in events:
         if e.device_type != torch.autograd.DeviceType.CPU:
             continue
         if on_gpu:
             for k in e.kernels:
                 # A record_function range has a GPU-side mirror of the same name spanning all
-                # its kernels ("gpu_user_annotation"): counting it would count them twice.
-                if k.name != e.name:
-                    attached[k.name] += k.duration
+                # its kernels ("gpu_user_annotation"): counting it would count them twice. A
+                # compiled graph's Triton launch is a range named after its one kernel: counted.
+                if k.name != e.name or TRITON_RE.search(k.name):
                     yield k.name, k.duration, e
         elif not e.name.startswith(TAG):
             yield e.name, e.self_cpu_time_total, e
-    if on_gpu:
-        yield from unattributed_kernels(events, attached)
-
-
-def unattributed_kernels(events, attached: collections.Counter):
-    """(name, microseconds, None) per kernel name whose device events last longer in all than
-    the kernels of that name attached to CPU ops; annotation mirrors (a CPU range's name) are
-    not kernels."""
-    cpu_names = {e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU}
-    device = collections.Counter()
-    for e in events:
-        if (e.device_type != torch.autograd.DeviceType.CPU and e.name not in cpu_names
-                and not getattr(e, "is_user_annotation", False)):
-            device[e.name] += e.time_range.end - e.time_range.start
-    for name, us in device.items():
-        left = us - attached[name]
-        if left > 1e-3 * max(us, 1.0):  # more than rounding
-            yield name, left, None
 
 
 def breakdown(events, on_gpu: bool, steps: int, adapter: bool = False) -> dict:
@@ -328,14 +308,9 @@ def breakdown(events, on_gpu: bool, steps: int, adapter: bool = False) -> dict:
     recompute = collections.Counter()
     quantise_units = collections.Counter()  # phase -> quantise kernels (GPU) or ops (CPU)
     for name, us, event in units(events, on_gpu):
-        if event is None:  # launched by no CPU op: compiled code's, or a stray by its name
-            chain, phase = [], None
-            cat = COMPILED if TRITON_RE.search(name) else classify(name, [], "forward", on_gpu,
-                                                                    adapter)
-        else:
-            chain = chain_names(event)
-            phase = phase_of(event.time_range.start, ranges)
-            cat = classify(name, chain, phase, on_gpu, adapter)
+        chain = chain_names(event)
+        phase = phase_of(event.time_range.start, ranges)
+        cat = classify(name, chain, phase, on_gpu, adapter)
         totals[cat] += us
         counts[cat] += 1
         kernels[cat][name] += us

@@ -92,7 +92,10 @@ def parse_args(argv=None):
                         "; ".join(f"{k} = {','.join(v)}" for k, v in METHOD_SETS.items()
                                   if k != "all") + " (default: all, priority order)")
     g.add_argument("--steps", type=int, default=200)
-    g.add_argument("--pilot-steps", type=int, default=100)
+    g.add_argument("--pilot-steps", type=int, default=None,
+                   help="steps of each pilot run (default: --steps; a shorter pilot decays its "
+                        "learning rate sooner and picked rates that spiked in the full-length "
+                        "run: benchmarks/NOTES.md, run 68)")
     g.add_argument("--pilot-task", choices=["each", *sorted(TASK_FILES)], default="each",
                    help="the task the learning rates are tuned on: each (default) tunes every "
                         "family on each fine-tuning task's own training split, for that task")
@@ -119,6 +122,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.stage_list = [s for s in args.stages.split(",") if s]
+    args.pilot_steps = args.steps if args.pilot_steps is None else args.pilot_steps
+    if args.steps < 1 or args.pilot_steps < 1:
+        p.error("--steps and --pilot-steps must be >= 1")
     bad = [s for s in args.stage_list if s not in STAGES]
     if bad:
         p.error(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")

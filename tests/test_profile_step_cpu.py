@@ -112,35 +112,29 @@ def test_classify_adapter_mode_kernels():
     assert "proxy update" not in profile_step.ADAPTER_CATEGORIES
 
 
-def test_gpu_units_skip_annotation_mirrors_and_find_compiled_kernels():
+def test_gpu_units_skip_annotation_mirrors_count_compiled_kernels():
     from types import SimpleNamespace as NS
 
-    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    ms = [float(torch.empty(()).uniform_(1, 100)) for _ in range(5)]
-
-    def on_device(name, us, start=0.0):
-        return NS(name=name, device_type=cuda, kernels=[], time_range=NS(start=start, end=start + us))
-
+    cpu = torch.autograd.DeviceType.CPU
+    ms = [float(torch.empty(()).uniform_(1, 100)) for _ in range(4)]
+    triton = "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0"
     events = [
         NS(name="falqon_bench::forward", device_type=cpu,
            kernels=[NS(name="falqon_bench::forward", duration=sum(ms))]),
         NS(name="aten::mm", device_type=cpu, kernels=[NS(name="nvjet_tst", duration=ms[0]),
                                                       NS(name="splitKreduce", duration=ms[1])]),
         NS(name="aten::add", device_type=cpu, kernels=[NS(name="elementwise", duration=ms[2])]),
-        # The device side of the kernels above, and of the forward's range: counted once, above.
-        on_device("nvjet_tst", ms[0], 5.0), on_device("splitKreduce", ms[1], 9.0),
-        on_device("elementwise", ms[2], 3.0), on_device("falqon_bench::forward", sum(ms)),
-        # A compiled graph's kernel, launched by no CPU op, twice.
-        on_device("triton_red_fused_add_mean_mul_0", ms[3], 1.0),
-        on_device("triton_red_fused_add_mean_mul_0", ms[4], 50.0),
+        # Inductor's launch: a range named after its kernel.
+        NS(name=triton, device_type=cpu, kernels=[NS(name=triton, duration=ms[3])]),
+        NS(name="nvjet_tst", device_type=torch.autograd.DeviceType.CUDA, kernels=[]),
     ]
-    got = [(n, us, e) for n, us, e in profile_step.units(events, on_gpu=True)]
-    assert got[:3] == [("nvjet_tst", ms[0], events[1]), ("splitKreduce", ms[1], events[1]),
-                       ("elementwise", ms[2], events[2])]
-    assert len(got) == 4
-    name, us, event = got[3]
-    assert (name, event) == ("triton_red_fused_add_mean_mul_0", None)
-    assert us == pytest.approx(ms[3] + ms[4])
+    got = [(n, us) for n, us, _ in profile_step.units(events, on_gpu=True)]
+    assert got == [("nvjet_tst", ms[0]), ("splitKreduce", ms[1]), ("elementwise", ms[2]),
+                   (triton, ms[3])]
+    assert profile_step.classify(triton, [triton, "CompiledFunction"], "backward",
+                                 True) == profile_step.COMPILED
+    assert profile_step.classify(triton, [triton, profile_step.RECOMPUTE], "backward",
+                                 True) == "recompute"
 
 
 @requires_meld
