@@ -92,36 +92,50 @@ def checkpoint_fingerprint(ckpt: pathlib.Path) -> str:
     return h.hexdigest()[:16]
 
 
-def pretrain(s: PretrainSettings, ckpt: pathlib.Path, device: torch.device, dtype: torch.dtype,
-             logfile=None) -> dict:
-    """Train a LLaMA-architecture model from scratch on the local Python corpus for about
-    `budget_s` seconds; save it (bf16 safetensors + tokenizer) to `ckpt`. Returns its record."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+@dataclass
+class PretrainCorpus:
+    """The pretraining text, its BPE and its tokens (train and held out)."""
+    corpus: D.Corpus
+    tokenizer: D.TextTokenizer
+    train_tokens: torch.Tensor
+    eval_tokens: torch.Tensor
+    read_s: float
+    tokenizer_s: float
 
-    total = D.Stopwatch()
+
+def tokenised_corpus(s: PretrainSettings, logfile=None) -> PretrainCorpus:
+    """Read the local corpus, train the BPE on the first documents of its shuffled order and
+    encode both splits."""
+    clock = D.Stopwatch()
     roots = [pathlib.Path(r) for r in s.roots] or D.default_roots()
     corpus = D.read_corpus(roots, int(s.corpus_mb * 2**20), int(s.eval_mb * 2**20),
                            s.eval_permille, seed=s.seed)
-    read_s = total()
+    read_s = clock()
     log(f"pretrain: corpus {corpus.train_bytes / 2**20:.1f} MiB train + "
         f"{corpus.eval_bytes / 2**20:.1f} MiB held out from {corpus.files_listed} files under "
         f"{len(roots)} roots ({read_s:.1f} s)", logfile)
-    preset = PRESETS[s.preset]
     sample, n = [], 0
     for text in corpus.train:  # the first documents of the shuffled order
         if n >= s.tokenizer_sample_mb * 2**20:
             break
         sample.append(text)
         n += len(text)
-    tok = D.TextTokenizer.train(sample, preset["vocab"])
+    tok = D.TextTokenizer.train(sample, PRESETS[s.preset]["vocab"])
     train_tokens = torch.from_numpy(D.encode_documents(tok, corpus.train).astype(np.int32))
     eval_tokens = torch.from_numpy(D.encode_documents(tok, corpus.eval).astype(np.int32))
-    tok_s = total() - read_s
+    tok_s = clock() - read_s
     log(f"pretrain: BPE vocab {tok.vocab_size} trained on {n / 2**20:.1f} MiB; corpus "
         f"{train_tokens.numel() / 1e6:.1f}M train / {eval_tokens.numel() / 1e6:.2f}M held-out "
         f"tokens ({corpus.train_bytes / max(train_tokens.numel(), 1):.2f} bytes/token, "
         f"{tok_s:.1f} s)", logfile)
+    return PretrainCorpus(corpus, tok, train_tokens, eval_tokens, read_s, tok_s)
 
+
+def new_model(s: PretrainSettings, tok: D.TextTokenizer, device: torch.device):
+    """A freshly initialised LLaMA of the preset's shape (fp32 master weights), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    preset = PRESETS[s.preset]
     torch.manual_seed(s.seed)
     config = LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=preset["hidden_size"],
@@ -131,121 +145,173 @@ def pretrain(s: PretrainSettings, ckpt: pathlib.Path, device: torch.device, dtyp
         num_key_value_heads=preset["num_attention_heads"], max_position_embeddings=s.seq,
         bos_token_id=tok.bos, eos_token_id=tok.eos, pad_token_id=tok.pad,
         tie_word_embeddings=False, use_cache=False)
-    model = LlamaForCausalLM(config).to(device)  # fp32 master weights, bf16 autocast
-    params = sum(p.numel() for p in model.parameters())
-    log(f"pretrain: LLaMA {s.preset} {params / 1e6:.1f}M parameters on {device}", logfile)
-    train_tokens, eval_tokens = train_tokens.to(device), eval_tokens.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device.type == "cuda")
-    gen = torch.Generator().manual_seed(s.seed)
+    return LlamaForCausalLM(config).to(device)  # bf16 autocast in the steps
 
-    def step_fn(fwd, step, total_steps):
+
+@dataclass
+class PretrainRun:
+    """What the training loop did: per-step losses, steps, measured speeds, eager or compiled."""
+    losses: list
+    steps: int
+    speeds: dict
+    chosen: str
+    compile_error: str | None
+    tokens_per_s: float
+    train_s: float
+
+
+class _PretrainLoop:
+    """The optimizer steps of pretraining, sized to the time budget. Steps are timed before the
+    schedule's length is fixed: with compile=auto, steps [probe, 2 probe) run eager and are
+    timed, then the compiled model runs (its first call compiles) and is timed; the faster one
+    trains the rest."""
+
+    def __init__(self, s: PretrainSettings, model, train_tokens: torch.Tensor,
+                 device: torch.device, dtype: torch.dtype, logfile=None):
+        self.s, self.model, self.tokens = s, model, train_tokens
+        self.device, self.dtype, self.logfile = device, dtype, logfile
+        self.opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95),
+                                     weight_decay=0.1, fused=device.type == "cuda")
+        self.gen = torch.Generator().manual_seed(s.seed)
+        self.losses, self.step, self.speeds = [], 0, {}
+        self.planned = s.max_steps or 10**9
+
+    def one_step(self, fwd) -> None:
+        s, opt = self.s, self.opt
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, s.lr, total_steps, s.warmup)
-        batch = D.sample_windows(train_tokens, s.batch, s.seq, gen)
-        with autocast(device, dtype):
+            g["lr"] = lr_at(self.step, s.lr, self.planned, s.warmup)
+        batch = D.sample_windows(self.tokens, s.batch, s.seq, self.gen)
+        with autocast(self.device, self.dtype):
             logits = forward_logits(fwd, batch[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                batch[:, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        self.losses.append(loss.detach())
+        self.step += 1
 
-    # Steps are timed before the schedule's length is fixed: the run is sized to the budget.
-    # With compile=auto, steps [probe, 2 probe) run eager and are timed, then the compiled model
-    # runs (its first call compiles) and is timed; the faster one trains the rest.
-    probe = 10 if s.max_steps is None else 1
-    train_budget = s.budget_s - total() - s.reserve_s
-    train_clock = D.Stopwatch()
-    losses, step, fwd = [], 0, model
-    speeds = {}
-    planned = s.max_steps or 10**9
-    compile_error = None
-
-    def timed(n, fwd_model, label):
-        nonlocal step
+    def timed(self, n: int, fwd, label: str) -> None:
         t = D.Stopwatch()
         for _ in range(n):
-            losses.append(step_fn(fwd_model, step, planned))
-            step += 1
-        speeds[label] = n * s.batch * s.seq / t()
+            self.one_step(fwd)
+        self.speeds[label] = n * self.s.batch * self.s.seq / t()
 
-    for _ in range(probe):  # warm-up (cuDNN/cuBLAS choices, allocator)
-        losses.append(step_fn(fwd, step, planned))
-        step += 1
-    timed(probe, fwd, "eager")
-    if s.compile in ("on", "auto"):
-        try:
-            compiled = torch.compile(model)
-            t = D.Stopwatch()
-            losses.append(step_fn(compiled, step, planned))
-            step += 1
-            speeds["compile_s"] = t()
-            timed(probe, compiled, "compiled")
-            if s.compile == "on" or speeds["compiled"] > speeds["eager"]:
-                fwd = compiled
-        except Exception as exc:  # noqa: BLE001 (keep training eager; the record says why)
-            opt.zero_grad(set_to_none=True)  # a step that failed midway may have left gradients
-            compile_error = f"{type(exc).__name__}: {exc}"
-            log(f"pretrain: torch.compile failed, training eager: {compile_error}", logfile)
-    chosen = "compiled" if fwd is not model else "eager"
-    tok_per_s = speeds.get(chosen, speeds["eager"])
-    if s.max_steps is None:
-        left = train_budget - train_clock()
-        planned = step + max(int(left * tok_per_s / (s.batch * s.seq)), 0)
-    log(f"pretrain: {speeds} -> {chosen}; {planned} steps planned", logfile)
-    while step < planned and (s.max_steps is not None or train_clock.peek() < train_budget):
-        losses.append(step_fn(fwd, step, planned))
-        step += 1
-        if step % 200 == 0:
-            log(f"pretrain: step {step}/{planned} loss {losses[-1].item():.4f} "
-                f"({train_clock.peek():.0f} s)", logfile)
-    train_s = train_clock()
-    curve = torch.stack(losses).float().cpu().tolist()
-    if s.compile != "off":
-        torch._dynamo.reset()  # its caches hold the model; later stages run eager models
+    def choose_forward(self, probe: int):
+        """(the forward to train with, the compile error if compiling failed)."""
+        fwd, error = self.model, None
+        for _ in range(probe):  # warm-up (cuDNN/cuBLAS choices, allocator)
+            self.one_step(fwd)
+        self.timed(probe, fwd, "eager")
+        if self.s.compile in ("on", "auto"):
+            try:
+                compiled = torch.compile(self.model)
+                t = D.Stopwatch()
+                self.one_step(compiled)
+                self.speeds["compile_s"] = t()
+                self.timed(probe, compiled, "compiled")
+                if self.s.compile == "on" or self.speeds["compiled"] > self.speeds["eager"]:
+                    fwd = compiled
+            except Exception as exc:  # noqa: BLE001 (keep training eager; the record says why)
+                self.opt.zero_grad(set_to_none=True)  # a failed step may have left gradients
+                error = f"{type(exc).__name__}: {exc}"
+                log(f"pretrain: torch.compile failed, training eager: {error}", self.logfile)
+        return fwd, error
 
+    def run(self, train_budget: float) -> PretrainRun:
+        s = self.s
+        clock = D.Stopwatch()
+        fwd, compile_error = self.choose_forward(10 if s.max_steps is None else 1)
+        chosen = "compiled" if fwd is not self.model else "eager"
+        tok_per_s = self.speeds.get(chosen, self.speeds["eager"])
+        if s.max_steps is None:
+            left = train_budget - clock()
+            self.planned = self.step + max(int(left * tok_per_s / (s.batch * s.seq)), 0)
+        log(f"pretrain: {self.speeds} -> {chosen}; {self.planned} steps planned", self.logfile)
+        while self.step < self.planned and (s.max_steps is not None or
+                                            clock.peek() < train_budget):
+            self.one_step(fwd)
+            if self.step % 200 == 0:
+                log(f"pretrain: step {self.step}/{self.planned} loss "
+                    f"{self.losses[-1].item():.4f} ({clock.peek():.0f} s)", self.logfile)
+        train_s = clock()
+        if s.compile != "off":
+            torch._dynamo.reset()  # its caches hold the model; later stages run eager models
+        return PretrainRun(torch.stack(self.losses).float().cpu().tolist(), self.step,
+                           self.speeds, chosen, compile_error, tok_per_s, train_s)
+
+
+def held_out_loss(model, eval_tokens: torch.Tensor, s: PretrainSettings, device: torch.device,
+                  dtype: torch.dtype) -> tuple[float, int]:
+    """(mean next-token loss, tokens scored) over 256-token-strided windows of the held-out
+    split."""
     model.eval()
     windows = D.eval_windows(eval_tokens, s.seq, 256)
-    eval_sum, eval_n = 0.0, 0
+    loss_sum, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), s.batch):
             w = windows[i:i + s.batch]
             with autocast(device, dtype):
                 logits = forward_logits(model, w[:, :-1])
-            eval_sum += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+            loss_sum += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                         w[:, 1:].reshape(-1), reduction="sum").item()
-            eval_n += w[:, 1:].numel()
-    eval_loss = eval_sum / eval_n
+            n += w[:, 1:].numel()
+    return loss_sum / n, n
+
+
+def pretrain(s: PretrainSettings, ckpt: pathlib.Path, device: torch.device, dtype: torch.dtype,
+             logfile=None) -> dict:
+    """Train a LLaMA-architecture model from scratch on the local Python corpus for about
+    `budget_s` seconds; save it (bf16 safetensors + tokenizer) to `ckpt`. Returns its record."""
+    total = D.Stopwatch()
+    data = tokenised_corpus(s, logfile)
+    model = new_model(s, data.tokenizer, device)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"pretrain: LLaMA {s.preset} {params / 1e6:.1f}M parameters on {device}", logfile)
+    train_tokens, eval_tokens = data.train_tokens.to(device), data.eval_tokens.to(device)
+    loop = _PretrainLoop(s, model, train_tokens, device, dtype, logfile)
+    run = loop.run(s.budget_s - total() - s.reserve_s)
+    eval_loss, eval_n = held_out_loss(model, eval_tokens, s, device, dtype)
 
     ckpt.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(ckpt)  # every fine-tuning run starts from bf16
-    tok.save(ckpt / "tokenizer.json")
+    data.tokenizer.save(ckpt / "tokenizer.json")
+    record = pretrain_record(s, data, run, params, eval_loss, eval_n, total())
+    record["fingerprint"] = checkpoint_fingerprint(ckpt)
+    every = max(1, len(run.losses) // 500)  # keep the stored curve small
+    (ckpt / "study_pretrain.json").write_text(json.dumps(
+        {"record": record, "curve": {"every": every, "train_loss": run.losses[::every]}},
+        indent=1))
+    log(f"pretrain: {run.steps} steps, {record['tokens_seen'] / 1e6:.1f}M tokens, train loss "
+        f"{record['final_train_loss']:.3f}, held-out loss {eval_loss:.3f}, saved {ckpt}", logfile)
+    return record
+
+
+def pretrain_record(s: PretrainSettings, data: PretrainCorpus, run: PretrainRun, params: int,
+                    eval_loss: float, eval_n: int, wall_s: float) -> dict:
+    """The study's record of a pretraining run (the checkpoint's fingerprint is added after the
+    save)."""
+    preset, curve, steps = PRESETS[s.preset], run.losses, run.steps
     tail = curve[-max(1, min(50, len(curve))):]
-    record = {
+    train_token_count = int(data.train_tokens.numel())
+    return {
         "kind": "pretrain", "model": f"llama-{s.preset}", "params": params,
         "hidden": preset["hidden_size"], "layers": preset["num_hidden_layers"],
         "intermediate": preset["intermediate_size"], "heads": preset["num_attention_heads"],
-        "vocab": tok.vocab_size, "seq": s.seq, "batch": s.batch, "lr": s.lr, "steps": step,
-        "tokens_seen": step * s.batch * s.seq, "final_train_loss": sum(tail) / len(tail),
+        "vocab": data.tokenizer.vocab_size, "seq": s.seq, "batch": s.batch, "lr": s.lr,
+        "steps": steps, "tokens_seen": steps * s.batch * s.seq,
+        "final_train_loss": sum(tail) / len(tail),
         "metric": "eval_loss", "value": eval_loss, "eval_tokens": eval_n,
-        "tokens_per_s": tok_per_s, "speeds": speeds, "compile": chosen,
-        "compile_error": compile_error, "train_s": train_s, "wall_s": total(),
-        "corpus_read_s": read_s, "tokenizer_s": tok_s,
-        "corpus_train_bytes": corpus.train_bytes, "corpus_eval_bytes": corpus.eval_bytes,
-        "corpus_train_tokens": int(train_tokens.numel()),
-        "epochs": step * s.batch * s.seq / max(int(train_tokens.numel()), 1),
-        "corpus_roots": corpus.roots,
-        "fingerprint": checkpoint_fingerprint(ckpt),
+        "tokens_per_s": run.tokens_per_s, "speeds": run.speeds, "compile": run.chosen,
+        "compile_error": run.compile_error, "train_s": run.train_s, "wall_s": wall_s,
+        "corpus_read_s": data.read_s, "tokenizer_s": data.tokenizer_s,
+        "corpus_train_bytes": data.corpus.train_bytes,
+        "corpus_eval_bytes": data.corpus.eval_bytes,
+        "corpus_train_tokens": train_token_count,
+        "epochs": steps * s.batch * s.seq / max(train_token_count, 1),
+        "corpus_roots": data.corpus.roots,
     }
-    every = max(1, len(curve) // 500)  # keep the stored curve small
-    (ckpt / "study_pretrain.json").write_text(json.dumps(
-        {"record": record, "curve": {"every": every, "train_loss": curve[::every]}}, indent=1))
-    log(f"pretrain: {step} steps, {record['tokens_seen'] / 1e6:.1f}M tokens, train loss "
-        f"{record['final_train_loss']:.3f}, held-out loss {eval_loss:.3f}, saved {ckpt}", logfile)
-    return record
 
 
 def load_pretrained(ckpt: pathlib.Path) -> tuple[dict, dict, D.TextTokenizer]:
