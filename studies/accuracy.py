@@ -51,6 +51,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    _add_study_args(p)
+    _add_pretrain_args(p)
+    _add_finetune_args(p)
+    args = p.parse_args(argv)
+    _resolve_args(p, args, argv)
+    return args
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default="pretrain,pilot,gsm8k,roleplay,report",
                    help=f"comma-separated, from {','.join(STAGES)}")
     p.add_argument("--budget", default="", help="STAGE=SECONDS,... (defaults: " +
@@ -70,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 avoids spin-waiting on a shared CPU)")
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pretraining")
     g.add_argument("--preset", choices=sorted(PRESETS), default="base")
     g.add_argument("--seq", type=int, default=512)
@@ -86,6 +98,9 @@ def parse_args(argv=None):
                    help="folder of .py/.md/.rst/.txt files (default: site-packages + stdlib)")
     g.add_argument("--compile", choices=("off", "on", "auto"), default="auto",
                    help="torch.compile for pretraining; auto times both and keeps the faster")
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated methods, in run order, or a set: " +
@@ -119,7 +134,11 @@ def parse_args(argv=None):
     g.add_argument("--max-eval", type=int, default=None, help="cap held-out examples (tests)")
     g.add_argument("--pilot-val", type=int, default=256,
                    help="validation examples of the pilot (from the training split)")
-    args = p.parse_args(argv)
+
+
+def _resolve_args(p: argparse.ArgumentParser, args, argv) -> None:
+    """Check the options and fill in what the stages read: stage list, budgets, seeds, learning
+    rate overrides, methods."""
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.stage_list = [s for s in args.stages.split(",") if s]
     args.pilot_steps = args.steps if args.pilot_steps is None else args.pilot_steps
@@ -150,7 +169,6 @@ def parse_args(argv=None):
         args.method_list = resolve_methods([m for m in args.methods.split(",") if m])
     except ValueError as exc:
         p.error(str(exc))
-    return args
 
 
 def _run_notes(record: dict) -> str:

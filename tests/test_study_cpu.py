@@ -455,6 +455,17 @@ def test_issue12_method_set():
         resolve_methods(["issue13"])
 
 
+def test_pilot_runs_as_long_as_the_runs_unless_told():
+    from studies.accuracy import parse_args
+
+    steps = int(torch.randint(20, 400, ()))
+    assert parse_args(["--steps", str(steps)]).pilot_steps == steps
+    assert parse_args(["--steps", str(steps), "--pilot-steps", "7"]).pilot_steps == 7
+    for bad in (["--pilot-steps", "0"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
 def test_merged_eval_losses_merge_a_copy_at_each_precision(monkeypatch):
     """merged_eval_losses calls falqon.merge on a copy of the model, once per precision, and
     evaluates what it returns; without falqon.merge it says so."""
