@@ -244,8 +244,8 @@ class _PretrainLoop:
 
 def held_out_loss(model, eval_tokens: torch.Tensor, s: PretrainSettings, device: torch.device,
                   dtype: torch.dtype) -> tuple[float, int]:
-    """(mean next-token loss, tokens scored) over 256-token-strided windows of the held-out
-    split."""
+    """(mean next-token loss, tokens scored) over the held-out split's first 256 windows of
+    seq + 1 tokens."""
     model.eval()
     windows = D.eval_windows(eval_tokens, s.seq, 256)
     loss_sum, n = 0.0, 0
