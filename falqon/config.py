@@ -75,10 +75,11 @@ class FalqonConfig:
                      it applies), whose FP8 image is written into the layer's A rows after every
                      optimizer step (falqon.attach / FalqonCallback; in eager mode a forward also
                      does it when lora_A changed), and dA = scaling (g B)^T x in the backward.
-                     On the study's third pretraining (H200) a probe of it ended 6.1% (GSM8K) and
-                     0.75% (role-play) below bf16 LoRA's held-out loss where the frozen A was 3.2%
-                     below and 1.35% above. Costs per layer: the fp32 A and its Adam state, two
-                     small GEMMs in the backward. Under FSDP2 lora_A is sharded like B and
+                     In the study (H200, pilots as long as the runs, one seed) it ended 1.27%
+                     (GSM8K) and 1.92% (role-play) below bf16 LoRA's held-out loss where the
+                     frozen A ended 0.59% and 0.23% above. Costs per layer: the fp32 A and its
+                     Adam state, two small GEMMs in the backward (a fused LLaMA-7B step on an
+                     H200: +3%, +0.94 GiB). Under FSDP2 lora_A is sharded like B and
                      gathered (r x in_features) for the rewrite.
     adapter_gain     adapter mode: a further factor on the adapter's output, scaling =
                      adapter_gain * alpha / rank. None (default): ADAPTER_GAIN (10: A is frozen,
