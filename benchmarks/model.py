@@ -60,6 +60,9 @@ peer whose torch.compile time is unbounded last:
   falqon_fused_liger
                     falqon_adapter + falqon.fuse(model, "liger"): Liger Kernel's RMSNorm, SwiGLU,
                     RoPE and fused loss (auto's choice before run 66).
+  falqon_fused_cudagraphs
+                    falqon_adapter + falqon.fuse(model, "compile",
+                    compile_mode="reduce-overhead"): the compiled layers as CUDA graphs.
   fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
                     torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
                     fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
@@ -140,7 +143,7 @@ METHODS = ("bf16_lora", "qlora_nf4", "bf16_lora_liger", "qlora_nf4_liger",
            "fp8_lora_torchao_eager", "falqon", "falqon_delayed_wt", "falqon_adapter",
            "falqon_adapter_delayed_wt", "falqon_adapter_train_a", "falqon_fused",
            "falqon_fused_train_a", "falqon_fused_liger", "falqon_fused_compile",
-           "fp8_lora_torchao")
+           "falqon_fused_cudagraphs", "fp8_lora_torchao")
 # FalqonConfig options per falqon method: each mode with current scaling, and with the fastest
 # options (benchmarks/layer.py's names).
 FASTEST = {"transposed_copy": True, "amax_history_len": 16}

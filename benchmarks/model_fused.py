@@ -20,7 +20,10 @@ FUSED = {"bf16_lora_liger": ("bf16_lora", "liger"), "qlora_nf4_liger": ("qlora_n
          "falqon_fused": ("falqon_adapter", "auto"),
          "falqon_fused_train_a": ("falqon_adapter_train_a", "auto"),
          "falqon_fused_compile": ("falqon_adapter", "compile"),
-         "falqon_fused_liger": ("falqon_adapter", "liger")}
+         "falqon_fused_liger": ("falqon_adapter", "liger"),
+         "falqon_fused_cudagraphs": ("falqon_adapter", "compile")}
+# falqon.fuse's keyword arguments of a method, beyond its backend.
+FUSE_OPTIONS = {"falqon_fused_cudagraphs": {"compile_mode": "reduce-overhead"}}
 # Liger's four fusions; a liger method that got fewer is an error, not a partial measurement.
 LIGER_FUSIONS = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
 NOTES = {
@@ -34,6 +37,9 @@ NOTES = {
     "falqon_fused_compile": "falqon_adapter + falqon.fuse(model, 'compile')",
     "falqon_fused_liger": ("falqon_adapter + falqon.fuse(model, 'liger') (Liger Kernel's four "
                            "fusions)"),
+    "falqon_fused_cudagraphs": ("falqon_adapter + falqon.fuse(model, 'compile', "
+                                "compile_mode='reduce-overhead'): the compiled decoder layers "
+                                "replayed as CUDA graphs (the host's launches gone)"),
 }
 
 
@@ -56,14 +62,15 @@ def apply_fuse(method: str, model, info):
 
     _, backend = FUSED[method]
     try:
-        report = falqon.fuse(model, backend)
+        report = falqon.fuse(model, backend, **FUSE_OPTIONS.get(method, {}))
     except falqon.FalqonError as exc:  # Liger Kernel not installed, an architecture it lacks
         raise common.Skip(str(exc)) from None
     missing = [f for f in LIGER_FUSIONS if f not in report.fused]
     if report.backend == "off" or (report.backend == "liger" and missing):
         raise RuntimeError(f"{method}: falqon.fuse did not fuse {missing or 'anything'}: {report}")
     info["fuse"] = {"backend": report.backend, "fused": report.fused,
-                    "skipped": [list(s) for s in report.skipped]}
+                    "skipped": [list(s) for s in report.skipped],
+                    **({"compile_mode": report.compile_mode} if report.compile_mode else {})}
     return model
 
 

@@ -38,7 +38,8 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "falqon_delayed", "falqon_delayed_wt",
              "falqon_adapter", "falqon_adapter_delayed_wt", "fp8_floor", "qlora_nf4",
              "fp8_lora_torchao", "fp8_lora_torchao_eager", "bf16_lora_liger", "qlora_nf4_liger",
-             "falqon_fused", "falqon_fused_liger", "falqon_fused_compile")
+             "falqon_fused", "falqon_fused_liger", "falqon_fused_compile",
+             "falqon_fused_cudagraphs")
 
 
 # ---- reading ------------------------------------------------------------------------------------

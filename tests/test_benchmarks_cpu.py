@@ -456,24 +456,29 @@ def test_fused_method_setup(monkeypatch):
     full = dict.fromkeys(bench_model.LIGER_FUSIONS, 1)
     answers = {"bf16_lora_liger": falqon.FuseReport("liger", "liger", full),
                "falqon_fused_compile": falqon.FuseReport("compile", "compile",
-                                                         {"compiled_layers": 2})}
+                                                         {"compiled_layers": 2}),
+               "falqon_fused_cudagraphs": falqon.FuseReport("compile", "compile",
+                                                            {"compiled_layers": 2},
+                                                            compile_mode="reduce-overhead")}
     calls = []
 
-    def fake_fuse(model, backend):
-        calls.append((type(model).__name__, backend))
+    def fake_fuse(model, backend, **options):
+        calls.append((type(model).__name__, backend, options))
         if isinstance(answers.get("next"), Exception):
             raise answers["next"]
         return answers["next"]
 
     monkeypatch.setattr(falqon, "fuse", fake_fuse)
     monkeypatch.setattr(bench_model, "sync", lambda device: None)
-    for method in ("bf16_lora_liger", "falqon_fused_compile"):
+    for method in ("bf16_lora_liger", "falqon_fused_compile", "falqon_fused_cudagraphs"):
         answers["next"], info = answers[method], {}
         model = bench_model.build_model("tiny", 2, 32, torch.device("cpu"), torch.float32)
         bench_model.SETUP[method](model, args, info)
         assert info["fuse"]["backend"] == bench_model.FUSED[method][1]
         assert info["fuse"]["fused"] == answers[method].fused
-    assert calls == [("PeftModelForCausalLM", "liger"), ("LlamaForCausalLM", "compile")]
+        assert info["fuse"].get("compile_mode") == answers[method].compile_mode
+    assert calls == [("PeftModelForCausalLM", "liger", {}), ("LlamaForCausalLM", "compile", {}),
+                     ("LlamaForCausalLM", "compile", {"compile_mode": "reduce-overhead"})]
     assert bench_model.FALQON_OPTIONS["falqon_fused"] == {"update_mode": "adapter"}
     for answer, error in ((falqon.FalqonError("needs Liger Kernel"), bench_model.common.Skip),
                           (falqon.FuseReport("liger", "liger", {"rms_norm": 5}), RuntimeError),

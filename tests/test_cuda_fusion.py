@@ -71,14 +71,18 @@ def assert_trains_alike(fused: list[float], eager: list[float]) -> None:
         assert losses[-1] < 0.9 * losses[0], losses
 
 
-@pytest.mark.parametrize("backend", ["liger", "compile"])
-def test_fused_melded_model_trains_like_eager(backend):
+@pytest.mark.parametrize("backend, compile_mode", [("liger", None), ("compile", None),
+                                                   ("compile", "reduce-overhead")])
+def test_fused_melded_model_trains_like_eager(backend, compile_mode):
+    """(reduce-overhead: the compiled layers run as CUDA graphs, under checkpointing's recompute
+    too.)"""
     if backend == "liger":
         pytest.importorskip("liger_kernel")
     torch._dynamo.reset()
     eager = train(melded())
     model = melded()
-    report = falqon.fuse(model, backend)
+    report = falqon.fuse(model, backend, compile_mode=compile_mode)
+    assert report.compile_mode == compile_mode
     if backend == "liger":
         assert report.fused == {"rms_norm": 5, "swiglu": 2, "rope": 2,
                                 "fused_linear_cross_entropy": 1}, report

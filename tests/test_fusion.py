@@ -313,6 +313,44 @@ def test_compile_backend_leaves_the_loss_when_asked_or_without_liger(monkeypatch
     assert report.skipped == [("fused_linear_cross_entropy", "Liger Kernel is not installed")]
 
 
+def test_compile_mode_reaches_torch_compile_and_the_report(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: modes.append(k))
+    model = tiny_causal_lm("llama")
+    report = falqon.fuse(model, "compile", compile_mode="reduce-overhead")
+    assert modes == [{"mode": "reduce-overhead"}] * LAYERS
+    assert report.compile_mode == "reduce-overhead" and "mode='reduce-overhead'" in str(report)
+    assert falqon.fuse(model, "compile", compile_mode="reduce-overhead") is report
+    assert falqon.fuse(model) is report  # auto, no mode asked: what the model has
+    with pytest.raises(falqon.FalqonError, match=r"fused with compile \(compile_mode="
+                                                 r"'reduce-overhead'\) already.*compile_mode="
+                                                 r"'max-autotune'"):
+        falqon.fuse(model, "compile", compile_mode="max-autotune")
+    modes.clear()
+    report = falqon.fuse(tiny_causal_lm("llama"), "compile", compile_mode="default")
+    assert modes == [{}] * LAYERS and report.compile_mode is None  # torch.compile's own default
+    # auto passes it on where it compiles, and says so where it does not
+    on_a_gpu(monkeypatch)
+    assert falqon.fuse(tiny_causal_lm("llama"), compile_mode="max-autotune").compile_mode == \
+        "max-autotune"
+    on_a_gpu(monkeypatch, compile_unavailable="no Triton")
+    hide_liger(monkeypatch)
+    report = falqon.fuse(tiny_causal_lm("llama"), compile_mode="max-autotune")
+    assert report.backend == "off" and report.compile_mode is None
+    assert ("compile_mode", "'max-autotune' unused: the backend is off") in report.skipped
+
+
+def test_compile_mode_is_checked():
+    model = tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="compile_mode must be None or one of torch.compile's "
+                                         "modes, default, reduce-overhead"):
+        falqon.fuse(model, "compile", compile_mode="fast")
+    for backend in ("liger", "off"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' compiles nothing"):
+            falqon.fuse(model, backend, compile_mode="reduce-overhead")
+    assert falqon.fusion_report(model) is None
+
+
 def test_compile_backend_without_decoder_layers():
     with pytest.raises(falqon.FalqonError, match="found no decoder layers in Sequential"):
         falqon.fuse(torch.nn.Sequential(torch.nn.Linear(4, 4)), "compile")

@@ -17,6 +17,9 @@ own eager code, about half of a 7B training step. Backends:
            same runs (benchmarks/NOTES.md, runs 64-65); nothing on the CPU (neither pays off).
   off      nothing.
 
+compile_mode (fuse's keyword) is torch.compile's mode for the compile backend, e.g.
+"reduce-overhead" (the compiled layers replayed as CUDA graphs) or "max-autotune".
+
 Only this model instance changes (no class or module of transformers is replaced for other
 models), before or after falqon.meld, PEFT's get_peft_model or gradient checkpointing.
 """
@@ -31,6 +34,8 @@ from torch import nn
 from ..config import FalqonError
 
 BACKENDS = ("auto", "liger", "compile", "off")
+# torch.compile's modes, for the compile backend's compile_mode ("reduce-overhead": CUDA graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MARK = "_falqon_fusion"  # the FuseReport of a fused model, on the model (PEFT's base model)
 
 
@@ -44,11 +49,13 @@ class FuseReport:
     backend: str
     fused: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+    compile_mode: str | None = None  # torch.compile's mode where the compile backend ran
 
     def __str__(self) -> str:
         names = {"liger": "Liger Kernel", "compile": "torch.compile", "off": "nothing fused"}
         done = ", ".join(f"{k} x{n}" for k, n in self.fused.items())
-        text = f"falqon.fuse({self.requested!r}): {names[self.backend]}" + \
+        mode = f" mode={self.compile_mode!r}" if self.compile_mode else ""
+        text = f"falqon.fuse({self.requested!r}): {names[self.backend]}{mode}" + \
             (f" ({done})" if done else "")
         return text + "".join(f"; {what}: {why}" for what, why in self.skipped)
 
@@ -72,7 +79,7 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def check_args(model, backend, loss) -> None:
+def check_args(model, backend, loss, compile_mode=None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"falqon.fuse: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
@@ -84,6 +91,14 @@ def check_args(model, backend, loss) -> None:
                          f"{backend!r}")
     if not isinstance(loss, bool):
         raise TypeError(f"falqon.fuse: loss must be True or False, got {loss!r}")
+    if compile_mode is not None:
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"falqon.fuse: compile_mode must be None or one of torch.compile's "
+                             f"modes, {', '.join(COMPILE_MODES)}; got {compile_mode!r}")
+        if backend not in ("auto", "compile"):
+            raise ValueError(f"falqon.fuse: compile_mode is torch.compile's, for the compile "
+                             f"backend (or auto, where it compiles); backend={backend!r} "
+                             f"compiles nothing")
 
 
 def choose_backend(target: nn.Module) -> tuple[str, list[tuple[str, str]]]:
@@ -103,21 +118,31 @@ def choose_backend(target: nn.Module) -> tuple[str, list[tuple[str, str]]]:
     return "off", [("compile", why), ("liger", liger_why)]
 
 
-def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True) -> FuseReport:
+def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True,
+         compile_mode: str | None = None) -> FuseReport:
     """Put fused kernels on `model` (a transformers causal LM, melded or not, or a PEFT model
     around one), in place; see the module's docstring for the backends. loss=False leaves the
     LM head and the loss as they are (the fused loss, liger's and compile's where Liger is
-    installed, returns no logits in training). Fusing a fused model again with the same backend
-    changes nothing; with another one it is refused. Returns what was done."""
-    check_args(model, backend, loss)
+    installed, returns no logits in training). compile_mode: torch.compile's mode for the
+    compile backend (None: its default); auto passes it on where it compiles and says in the
+    report's skipped where it did not. Fusing a fused model again with the same backend (and
+    mode) changes nothing; with another one it is refused. Returns what was done."""
+    check_args(model, backend, loss, compile_mode)
+    compile_mode = None if compile_mode == "default" else compile_mode  # torch.compile's None
     target = unwrapped(model)
     done = getattr(target, MARK, None)
     if done is not None:
-        if backend in ("auto", done.requested, done.backend):
+        same_mode = compile_mode is None or compile_mode == done.compile_mode
+        if backend in ("auto", done.requested, done.backend) and same_mode:
             return done
-        raise FalqonError(f"falqon.fuse: this model is fused with {done.backend} already; "
-                          f"build it again to fuse it with {backend}")
+        asked = backend + (f" (compile_mode={compile_mode!r})" if not same_mode else "")
+        had = done.backend + (f" (compile_mode={done.compile_mode!r})" if done.compile_mode
+                              else "")
+        raise FalqonError(f"falqon.fuse: this model is fused with {had} already; build it "
+                          f"again to fuse it with {asked}")
     chosen, passed = choose_backend(target) if backend == "auto" else (backend, [])
+    if compile_mode is not None and chosen != "compile":
+        passed = passed + [("compile_mode", f"{compile_mode!r} unused: the backend is {chosen}")]
     report = FuseReport(backend, chosen, skipped=passed)
     if chosen == "liger":
         from . import liger
@@ -126,7 +151,7 @@ def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True) -> FuseR
     elif chosen == "compile":
         from . import compiled
 
-        compiled.apply(target, report, loss)
+        compiled.apply(target, report, loss, compile_mode)
     if chosen != "off":
         setattr(target, MARK, report)
     return report

@@ -60,7 +60,7 @@ def unavailable(device) -> str | None:
     return None
 
 
-def apply(model: nn.Module, report, loss: bool = True) -> None:
+def apply(model: nn.Module, report, loss: bool = True, mode: str | None = None) -> None:
     from . import model_device
 
     why = unavailable(model_device(model))
@@ -73,7 +73,8 @@ def apply(model: nn.Module, report, loss: bool = True) -> None:
                           f"{type(model).__name__} (no transformers GradientCheckpointingLayer, "
                           f"no ModuleList named layers, h or blocks)")
     for layer in layers:
-        layer.compile()
+        layer.compile(**({"mode": mode} if mode else {}))
+    report.compile_mode = mode
     report.fused["compiled_layers"] = len(layers)
     fuse_loss(model, report, loss)
 
