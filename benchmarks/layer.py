@@ -24,6 +24,9 @@ Methods (a peer that cannot be imported or run is listed with the reason, never 
                     shortcut applies); an extra 16-bit GEMM in the forward, an extra skinny GEMM
                     (g B) and small kernels in the backward, dx from one FP8 GEMM over every row
                     of W'; current scaling, no transposed copy
+  falqon_adapter_delayed
+                    the adapter mode with delayed scaling (amax_history_len=16) alone: no
+                    transposed copy, so no memory beyond the amax histories
   falqon_adapter_delayed_wt
                     the adapter mode with delayed scaling (amax_history_len=16) and the
                     persistent transposed copy (of every row of W'), like falqon_delayed_wt
@@ -61,7 +64,8 @@ SHAPES = {
     "13b": [(5120, 5120), (5120, 13824), (13824, 5120)],
 }
 METHODS = ["bf16_lora", "fp8_floor", "falqon", "falqon_wt", "falqon_delayed", "falqon_delayed_wt",
-           "falqon_adapter", "falqon_adapter_delayed_wt", "qlora_nf4", "fp8_lora_torchao"]
+           "falqon_adapter", "falqon_adapter_delayed", "falqon_adapter_delayed_wt", "qlora_nf4",
+           "fp8_lora_torchao"]
 # The falqon methods: the table gives each one's ratio to fp8_floor.
 FALQON_METHODS = [m for m in METHODS if m.startswith("falqon")]
 # History length of the falqon_delayed methods (Transformer Engine's default is 1024; any H gives
@@ -177,6 +181,10 @@ def build_falqon_adapter(weight, r, ctx):
     return build_falqon(weight, r, ctx, update_mode="adapter")
 
 
+def build_falqon_adapter_delayed(weight, r, ctx):
+    return build_falqon(weight, r, ctx, amax_history_len=DELAYED_HISTORY, update_mode="adapter")
+
+
 def build_falqon_adapter_delayed_wt(weight, r, ctx):
     return build_falqon(weight, r, ctx, transposed_copy=True, amax_history_len=DELAYED_HISTORY,
                         update_mode="adapter")
@@ -265,6 +273,7 @@ BUILDERS = {
     "bf16_lora": build_bf16_lora, "fp8_floor": build_fp8_floor, "falqon": build_falqon,
     "falqon_wt": build_falqon_wt, "falqon_delayed": build_falqon_delayed,
     "falqon_delayed_wt": build_falqon_delayed_wt, "falqon_adapter": build_falqon_adapter,
+    "falqon_adapter_delayed": build_falqon_adapter_delayed,
     "falqon_adapter_delayed_wt": build_falqon_adapter_delayed_wt,
     "qlora_nf4": build_qlora_nf4, "fp8_lora_torchao": build_fp8_lora_torchao,
 }

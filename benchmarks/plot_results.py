@@ -36,8 +36,9 @@ KINDS = ("layer", "model", "meld", "distributed")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Methods in this order first (the rest as they come), so that colours and columns stay put.
 PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "falqon_delayed", "falqon_delayed_wt",
-             "falqon_adapter", "falqon_adapter_delayed_wt", "fp8_floor", "qlora_nf4",
-             "fp8_lora_torchao", "fp8_lora_torchao_eager", "bf16_lora_liger", "qlora_nf4_liger",
+             "falqon_adapter", "falqon_adapter_delayed", "falqon_adapter_delayed_wt", "fp8_floor",
+             "qlora_nf4", "fp8_lora_torchao", "fp8_lora_torchao_eager", "bf16_lora_liger",
+             "qlora_nf4_liger",
              "falqon_fused", "falqon_fused_liger", "falqon_fused_compile",
              "falqon_fused_cudagraphs")
 

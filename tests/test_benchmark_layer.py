@@ -40,7 +40,8 @@ def test_layer_benchmark_end_to_end_on_cpu(tmp_path, capsys, monkeypatch, one_th
         assert (r["ms"] is None) == ("skipped" in r), r
     timed = {r["method"] for r in recs if r["ms"] is not None}
     assert timed == {"bf16_lora", "fp8_floor", "falqon", "falqon_wt", "falqon_delayed",
-                     "falqon_delayed_wt", "falqon_adapter", "falqon_adapter_delayed_wt"}
+                     "falqon_delayed_wt", "falqon_adapter", "falqon_adapter_delayed",
+                     "falqon_adapter_delayed_wt"}
     assert all(r["ms"] > 0 for r in recs if r["ms"] is not None)
     # The peers that cannot run here are listed with the reason, in the JSON and the output.
     assert "(test)" in res["skipped"]["qlora_nf4"]
@@ -87,6 +88,7 @@ def test_layer_method_subset(tmp_path, capsys, one_thread):
     ("falqon_delayed", "proxy", layer.DELAYED_HISTORY, False),
     ("falqon_delayed_wt", "proxy", layer.DELAYED_HISTORY, True),
     ("falqon_adapter", "adapter", 0, False),
+    ("falqon_adapter_delayed", "adapter", layer.DELAYED_HISTORY, False),
     ("falqon_adapter_delayed_wt", "adapter", layer.DELAYED_HISTORY, True),
 ])
 def test_falqon_methods_build_their_layers(method, mode, history, transposed):
