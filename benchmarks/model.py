@@ -126,14 +126,18 @@ if __package__ in (None, ""):  # run as a script, or imported with benchmarks/ o
     import model_build
     import model_fused
     import model_peers
+    import step_timing
 else:
-    from . import common, model_build, model_fused, model_peers
+    from . import common, model_build, model_fused, model_peers, step_timing
 # The peer methods (PEFT LoRA, QLoRA, torchao float8) are model_peers.py's; the names stay here.
 PROJECTIONS, projection_modules = model_peers.PROJECTIONS, model_peers.projection_modules
 _peft_lora, setup_bf16_lora = model_peers._peft_lora, model_peers.setup_bf16_lora
 setup_qlora_nf4 = model_peers.setup_qlora_nf4
 setup_fp8_lora_torchao_eager = model_peers.setup_fp8_lora_torchao_eager
 setup_fp8_lora_torchao = model_peers.setup_fp8_lora_torchao
+# The step timing (CUDA events, the proxy update's bracket) is step_timing.py's.
+Stamp, AttachBracket, UpdateTimer = (step_timing.Stamp, step_timing.AttachBracket,
+                                     step_timing.UpdateTimer)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -282,58 +286,7 @@ FUSED, LIGER_FUSIONS = model_fused.FUSED, model_fused.LIGER_FUSIONS
 model_fused.register(SETUP, FALQON_OPTIONS, NOTES)
 
 
-# ---- timing -------------------------------------------------------------------------------------
-
-class Stamp:
-    """A point in time on the device's stream (a CUDA event) or on the host clock (CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-        self.t = None
-
-    def record(self):
-        if self.event is not None:
-            self.event.record()
-        else:
-            self.t = time.perf_counter()
-        return self
-
-    def ms_to(self, later: "Stamp") -> float:
-        if self.event is not None:
-            return self.event.elapsed_time(later.event)
-        return (later.t - self.t) * 1e3
-
-
-class AttachBracket:
-    """Calls around falqon.attach's optimizer post-hook: hooks run in the order they were
-    registered, so `before` (registered before attach()) and `after` (registered after it)
-    bracket the proxy update of every optimizer step."""
-
-    def __init__(self, optimizer, attach, before, after):
-        self.handles = [optimizer.register_step_post_hook(lambda *_: before())]
-        self.attach_handle = attach()
-        self.handles.append(optimizer.register_step_post_hook(lambda *_: after()))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.attach_handle.remove()
-
-
-class UpdateTimer(AttachBracket):
-    """Device time of each proxy update (falqon.attach's hook), as (start, end) Stamp pairs."""
-
-    def __init__(self, optimizer, device, attach):
-        self.pairs, self._start = [], None
-        super().__init__(optimizer, attach, self._before, self._after)
-        self.device = device
-
-    def _before(self):
-        self._start = Stamp(self.device).record()
-
-    def _after(self):
-        self.pairs.append((self._start, Stamp(self.device).record()))
-
+# ---- steps and timing (Stamp, AttachBracket, UpdateTimer: step_timing.py) --------------------
 
 def autocast_context(args):
     if args.lora_dtype == "float32" and args.device.type == "cuda":
