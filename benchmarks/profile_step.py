@@ -411,13 +411,8 @@ def main(argv=None) -> dict:
                                    update_range.open, update_range.close)
     for _ in range(args.warmup):
         mb.train_step(model, optimizer, batch, args)
-    stamps = []
-    for _ in range(args.timed_steps):
-        start = mb.Stamp(device).record()
-        mb.train_step(model, optimizer, batch, args)
-        stamps.append((start, mb.Stamp(device).record()))
-    mb.sync(device)
-    step_ms = statistics.median(a.ms_to(b) for a, b in stamps)
+    step_s, _ = mb.timed_steps(model, optimizer, batch, args, args.timed_steps)
+    step_ms = 1e3 * statistics.median(step_s)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
