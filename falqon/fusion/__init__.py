@@ -135,11 +135,9 @@ def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True,
         same_mode = compile_mode is None or compile_mode == done.compile_mode
         if backend in ("auto", done.requested, done.backend) and same_mode:
             return done
-        asked = backend + (f" (compile_mode={compile_mode!r})" if not same_mode else "")
-        had = done.backend + (f" (compile_mode={done.compile_mode!r})" if done.compile_mode
-                              else "")
-        raise FalqonError(f"falqon.fuse: this model is fused with {had} already; build it "
-                          f"again to fuse it with {asked}")
+        raise FalqonError(f"falqon.fuse: this model is fused with "
+                          f"{_with_mode(done.backend, done.compile_mode)} already; build it "
+                          f"again to fuse it with {_with_mode(backend, compile_mode)}")
     chosen, passed = choose_backend(target) if backend == "auto" else (backend, [])
     if compile_mode is not None and chosen != "compile":
         passed = passed + [("compile_mode", f"{compile_mode!r} unused: the backend is {chosen}")]
@@ -155,6 +153,10 @@ def fuse(model: nn.Module, backend: str = "auto", *, loss: bool = True,
     if chosen != "off":
         setattr(target, MARK, report)
     return report
+
+
+def _with_mode(backend: str, compile_mode: str | None) -> str:
+    return backend + (f" (compile_mode={compile_mode!r})" if compile_mode else "")
 
 
 def fusion_report(model: nn.Module) -> FuseReport | None:
