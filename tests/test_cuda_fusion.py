@@ -31,10 +31,10 @@ SHAPE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8,
 STEPS, LR = 8, 2e-3
 
 
-def melded(device="cuda", dtype=torch.bfloat16):
+def melded(device="cuda", dtype=torch.bfloat16, reentrant=False):
     model = tiny_causal_lm("llama", seed=0, **SHAPE).to(device, dtype)
     falqon.meld(model, falqon.FalqonConfig(rank=16), progress=False, verbose=False)
-    falqon.training.enable_gradient_checkpointing(model)
+    falqon.training.enable_gradient_checkpointing(model, reentrant=reentrant)
     return model.train()
 
 
@@ -74,13 +74,14 @@ def assert_trains_alike(fused: list[float], eager: list[float]) -> None:
 @pytest.mark.parametrize("backend, compile_mode", [("liger", None), ("compile", None),
                                                    ("compile", "reduce-overhead")])
 def test_fused_melded_model_trains_like_eager(backend, compile_mode):
-    """(reduce-overhead: the compiled layers run as CUDA graphs, under checkpointing's recompute
-    too.)"""
+    """(reduce-overhead: the compiled layers run as CUDA graphs, under reentrant checkpointing's
+    recompute too; falqon.fuse refuses the non-reentrant one there, run 71.)"""
     if backend == "liger":
         pytest.importorskip("liger_kernel")
     torch._dynamo.reset()
-    eager = train(melded())
-    model = melded()
+    reentrant = compile_mode == "reduce-overhead"
+    eager = train(melded(reentrant=reentrant))
+    model = melded(reentrant=reentrant)
     report = falqon.fuse(model, backend, compile_mode=compile_mode)
     assert report.compile_mode == compile_mode
     if backend == "liger":
@@ -89,6 +90,14 @@ def test_fused_melded_model_trains_like_eager(backend, compile_mode):
     else:
         assert report.fused["compiled_layers"] == 2, report
     assert_trains_alike(train(model), eager)
+
+
+def test_cuda_graphs_refuse_non_reentrant_checkpointing():
+    torch._dynamo.reset()
+    model = melded()
+    falqon.fuse(model, "compile", compile_mode="reduce-overhead")
+    with pytest.raises(falqon.FalqonError, match="non-reentrant gradient checkpointing"):
+        train(model)
 
 
 def test_auto_picks_a_backend_on_the_gpu():

@@ -340,6 +340,36 @@ def test_compile_mode_reaches_torch_compile_and_the_report(monkeypatch):
     assert ("compile_mode", "'max-autotune' unused: the backend is off") in report.skipped
 
 
+def test_cuda_graph_modes_mark_each_step_and_refuse_non_reentrant_checkpointing(monkeypatch):
+    """The CUDA-graph modes: a new cudagraph step at each call of the model; the refusal of
+    non-reentrant checkpointing (run 71: its recompute overwrote graph outputs still in use),
+    in training only, and checked at each call (checkpointing may come after falqon.fuse)."""
+    skip_compiling(monkeypatch)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = tiny_causal_lm("llama")
+    falqon.fuse(model, "compile", compile_mode="reduce-overhead")
+    falqon.training.enable_gradient_checkpointing(model, reentrant=True)
+    model.train()
+    model(**batch()).loss.backward()
+    model(**batch())
+    assert len(marks) == 2
+    falqon.training.enable_gradient_checkpointing(model)  # non-reentrant
+    with pytest.raises(falqon.FalqonError, match=r"compile_mode='reduce-overhead'.*non-reentrant "
+                                                 r"gradient checkpointing.*reentrant=True"):
+        model(**batch())
+    assert len(marks) == 2
+    with torch.no_grad():
+        model.eval()(**batch())  # no recompute outside training
+    assert len(marks) == 3
+    for mode in (None, "max-autotune-no-cudagraphs"):  # no CUDA graphs: no hook
+        model = tiny_causal_lm("llama")
+        falqon.fuse(model, "compile", compile_mode=mode)
+        falqon.training.enable_gradient_checkpointing(model)
+        model.train()(**batch())
+    assert len(marks) == 3
+
+
 def test_compile_mode_is_checked():
     model = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="compile_mode must be None or one of torch.compile's "

@@ -18,7 +18,9 @@ own eager code, about half of a 7B training step. Backends:
   off      nothing.
 
 compile_mode (fuse's keyword) is torch.compile's mode for the compile backend, e.g.
-"reduce-overhead" (the compiled layers replayed as CUDA graphs) or "max-autotune".
+"reduce-overhead" (the compiled layers replayed as CUDA graphs: each call of the model starts a new
+graph step, and gradient checkpointing must be reentrant or off; compiled.py says why) or
+"max-autotune".
 
 Only this model instance changes (no class or module of transformers is replaced for other
 models), before or after falqon.meld, PEFT's get_peft_model or gradient checkpointing.

@@ -9,16 +9,28 @@ checkpoints the compiled layer and recomputes it compiled. The LM head and the l
 Kernel's fused linear cross-entropy where Liger is installed and covers the architecture (the
 fp32 logits and their gradient are never materialised, as with the liger backend: at LLaMA-7B's
 16 x 512 tokens that is ~2 GB of peak memory), else the model's own, eager.
+
+The modes that replay the compiled layers as CUDA graphs (reduce-overhead, max-autotune) reuse
+each graph's output memory at its next replay, so a forward pre-hook on the model marks a new
+step at each call of the model (torch.compiler.cudagraph_mark_step_begin: the outputs of the last
+step are then dead) and refuses non-reentrant gradient checkpointing, whose recompute replays a
+layer's graph while the outputs of its first run are still in use (on an H200, run 71: "accessing
+tensor output of CUDAGraphs that has been overwritten", with or without the mark). Reentrant
+checkpointing and no checkpointing train as eager does (tests/test_cuda_fusion.py).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 from torch import nn
 
 from ..config import FalqonError
+
+# torch.compile's modes that replay the compiled code as CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -74,9 +86,34 @@ def apply(model: nn.Module, report, loss: bool = True, mode: str | None = None) 
                           f"no ModuleList named layers, h or blocks)")
     for layer in layers:
         layer.compile(**({"mode": mode} if mode else {}))
+    if mode in CUDA_GRAPH_MODES:
+        model.register_forward_pre_hook(functools.partial(_new_cuda_graph_step, layers, mode))
     report.compile_mode = mode
     report.fused["compiled_layers"] = len(layers)
     fuse_loss(model, report, loss)
+
+
+def non_reentrant_checkpointing(layers: list[nn.Module]) -> bool:
+    """Whether any of these (transformers) layers is checkpointed in training without
+    use_reentrant=True (torch's checkpoint without it is the non-reentrant one)."""
+    for layer in layers:
+        if layer.training and getattr(layer, "gradient_checkpointing", False):
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if (getattr(func, "keywords", None) or {}).get("use_reentrant") is not True:
+                return True
+    return False
+
+
+def _new_cuda_graph_step(layers: list[nn.Module], mode: str, model: nn.Module, args) -> None:
+    # (checked at every call: checkpointing may be turned on after falqon.fuse)
+    if non_reentrant_checkpointing(layers):
+        raise FalqonError(
+            f"falqon.fuse(compile_mode={mode!r}) replays the decoder layers as CUDA graphs, which "
+            f"non-reentrant gradient checkpointing cannot take (its recompute overwrites outputs "
+            f"still in use): checkpoint with use_reentrant=True "
+            f"(falqon.training.enable_gradient_checkpointing(model, reentrant=True)), or fuse "
+            f"without a CUDA-graph mode")
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def fuse_loss(model: nn.Module, report, loss: bool) -> None:
