@@ -68,11 +68,36 @@ def merge(docs: list[dict]) -> dict:
             if r.get("fingerprint"):
                 fingerprints.add(r["fingerprint"])
         out["curves"].update(doc.get("curves", {}))
+    if any(d.get("settings") for d in docs):
+        out["settings"] = merge_settings(docs)
     if len(fingerprints) > 1:
         out["warning"] = (f"records come from {len(fingerprints)} different pretrained checkpoints "
                           f"({sorted(fingerprints)}): compare methods within one checkpoint only")
     out["command"] = " && ".join(dict.fromkeys(d.get("command", "") for d in docs if
                                                d.get("command")))
+    return out
+
+
+def merge_settings(docs: list[dict]) -> dict:
+    """The settings of several calls as one: the last call's, except that pilots on different
+    tasks read "each", and each stage's budget is the one it ran with: the `--budget` of the
+    command that ran it (later commands win), else that call's own setting."""
+    settings = [d["settings"] for d in docs if d.get("settings")]
+    out = dict(settings[-1])
+    if len({s.get("pilot_task") for s in settings}) > 1:
+        out["pilot_task"] = "each"
+    budgets = dict(out.get("budgets", {}))
+    for doc in docs:
+        for command in doc.get("command", "").split(" && "):
+            stages = re.search(r"--stages (\S+)", command)
+            given = re.search(r"--budget (\S+)", command)
+            given = dict(item.split("=", 1) for item in given.group(1).split(",")) if given else {}
+            for stage in stages.group(1).split(",") if stages else ():
+                if stage in given:
+                    budgets[stage] = float(given[stage])
+                elif stage in (doc.get("settings") or {}).get("budgets", {}):
+                    budgets[stage] = doc["settings"]["budgets"][stage]
+    out["budgets"] = budgets
     return out
 
 

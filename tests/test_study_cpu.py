@@ -378,6 +378,30 @@ def test_merge_keeps_the_latest_record_per_key_and_flags_mixed_checkpoints():
     assert "+2.63%" in R.results_table(doc) and "NOT within" in R.verdict(doc)
 
 
+def test_merge_says_how_the_calls_settings_differed():
+    """One call per task (each piloted on itself, budgets given per call): the merged settings
+    read "each task" and give each stage the budget of the command that ran it."""
+    def doc(task, command, budgets):
+        return {"command": command, "records": [], "curves": {},
+                "settings": {"steps": 200, "batch": 16, "seq": 512, "rank": 16, "alpha": 16.0,
+                             "eval_fraction": 0.1, "pilot_steps": 200, "pilot_task": task,
+                             "lr_grids": {"lora": [0.005]}, "mass_every": 10,
+                             "budgets": budgets}}
+    pretrain = "python -m studies.accuracy --stages pretrain --budget pretrain=175"
+    defaults = {"pretrain": 300, "pilot": 300, "gsm8k": 200, "roleplay": 230}
+    gsm = doc("gsm8k", pretrain + " && python -m studies.accuracy --stages pilot,gsm8k "
+              "--pilot-task gsm8k --budget pilot=150,gsm8k=140 && python -m studies.accuracy "
+              "--stages gsm8k --methods lora_fp8_torchao", {**defaults, "gsm8k": 180})
+    rp = doc("roleplay", pretrain + " && python -m studies.accuracy --stages pilot,roleplay "
+             "--pilot-task roleplay --budget pilot=150,roleplay=140",
+             {**defaults, "pilot": 150, "roleplay": 140})
+    text = R.settings_list(R.merge([gsm, rp]))
+    assert "- Pilot: 200 steps on each task;" in text
+    assert "Stage budgets (s): pretrain 175, pilot 150, gsm8k 180, roleplay 140." in text
+    text = R.settings_list(R.merge([rp]))
+    assert "on roleplay;" in text and "pretrain 175, pilot 150, gsm8k 200, roleplay 140." in text
+
+
 def _acc(task, method, value, **extra):
     return {"kind": "accuracy", "task": task, "method": method, "metric": "eval_loss",
             "value": value, "lr": extra.pop("lr", 0.01), **extra}
