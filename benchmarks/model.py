@@ -109,7 +109,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
 import os
 import pathlib
@@ -389,9 +388,8 @@ def measure(method, model, optimizer, batch, info, timer, args):
     prepared method: its untimed steps, one sizing step, the timed steps."""
     device = args.device
     resident = None
-    gc.collect()
+    common.free_memory()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)
 

@@ -16,13 +16,16 @@ step at each call of the model (torch.compiler.cudagraph_mark_step_begin: the ou
 step are then dead) and refuses non-reentrant gradient checkpointing, whose recompute replays a
 layer's graph while the outputs of its first run are still in use (on an H200, run 71: "accessing
 tensor output of CUDAGraphs that has been overwritten", with or without the mark). Reentrant
-checkpointing and no checkpointing train as eager does (tests/test_cuda_fusion.py).
+checkpointing and no checkpointing train as eager does (tests/test_cuda_fusion.py), but under
+reentrant checkpointing a LLaMA-7B step took 2.9-3.0 s against 0.40 s in the default mode (run
+74: the recompute keeps the graphs off their fast path), so that case warns.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -93,26 +96,35 @@ def apply(model: nn.Module, report, loss: bool = True, mode: str | None = None) 
     fuse_loss(model, report, loss)
 
 
-def non_reentrant_checkpointing(layers: list[nn.Module]) -> bool:
-    """Whether any of these (transformers) layers is checkpointed in training without
-    use_reentrant=True (torch's checkpoint without it is the non-reentrant one)."""
+def checkpointing(layers: list[nn.Module]) -> str | None:
+    """How these (transformers) layers are checkpointed in training: "non-reentrant" if any is
+    checkpointed without use_reentrant=True (torch's checkpoint without it is the non-reentrant
+    one), else "reentrant" if any is checkpointed, else None."""
+    kinds = set()
     for layer in layers:
         if layer.training and getattr(layer, "gradient_checkpointing", False):
             func = getattr(layer, "_gradient_checkpointing_func", None)
-            if (getattr(func, "keywords", None) or {}).get("use_reentrant") is not True:
-                return True
-    return False
+            reentrant = (getattr(func, "keywords", None) or {}).get("use_reentrant") is True
+            kinds.add("reentrant" if reentrant else "non-reentrant")
+    return "non-reentrant" if "non-reentrant" in kinds else next(iter(kinds), None)
 
 
 def _new_cuda_graph_step(layers: list[nn.Module], mode: str, model: nn.Module, args) -> None:
     # (checked at every call: checkpointing may be turned on after falqon.fuse)
-    if non_reentrant_checkpointing(layers):
+    kind = checkpointing(layers)
+    if kind == "non-reentrant":
         raise FalqonError(
             f"falqon.fuse(compile_mode={mode!r}) replays the decoder layers as CUDA graphs, which "
             f"non-reentrant gradient checkpointing cannot take (its recompute overwrites outputs "
             f"still in use): checkpoint with use_reentrant=True "
             f"(falqon.training.enable_gradient_checkpointing(model, reentrant=True)), or fuse "
             f"without a CUDA-graph mode")
+    if kind == "reentrant":
+        warnings.warn(
+            f"falqon.fuse(compile_mode={mode!r}) under gradient checkpointing: correct, but the "
+            f"recompute keeps torch's CUDA graphs off their fast path; a LLaMA-7B step measured "
+            f"7x slower than compile_mode=None on an H200 (benchmarks/NOTES.md, run 74)",
+            stacklevel=2)
     torch.compiler.cudagraph_mark_step_begin()
 
 
