@@ -14,7 +14,7 @@ The modes that replay the compiled layers as CUDA graphs (reduce-overhead, max-a
 each graph's output memory at its next replay, so a forward pre-hook on the model marks a new
 step at each call of the model (torch.compiler.cudagraph_mark_step_begin: the outputs of the last
 step are then dead) and refuses non-reentrant gradient checkpointing, whose recompute replays a
-layer's graph while the outputs of its first run are still in use (on an H200, run 71: "accessing
+layer's graph while the outputs of its first run are still in use (on an H200, runs 72-73: "accessing
 tensor output of CUDAGraphs that has been overwritten", with or without the mark). Reentrant
 checkpointing and no checkpointing train as eager does (tests/test_cuda_fusion.py), but under
 reentrant checkpointing a LLaMA-7B step took 2.9-3.0 s against 0.40 s in the default mode (run
