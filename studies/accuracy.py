@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -183,6 +184,16 @@ def _run_notes(record: dict) -> str:
     if record.get("merged_eval_skipped"):
         notes += f", no merged eval: {record['merged_eval_skipped']}"
     return notes
+
+
+def bracketed_by(grid: list[float], results: dict, lr: float) -> tuple[float, float] | None:
+    """(a, b): the two highest rates of `grid` below `lr` that ran, where b's loss rose over a's
+    (a diverged or failed run counts as infinite loss): the best rate is at or below a, so `lr`
+    need not run. None where the loss has not risen yet."""
+    ran = [x for x in grid if x < lr and x in results and not math.isnan(results[x])]
+    if len(ran) >= 2 and results[ran[-1]] > results[ran[-2]]:
+        return ran[-2], ran[-1]
+    return None
 
 
 class Budget:
@@ -376,12 +387,15 @@ class Study:
         for task_name in self.pilot_tasks():
             task = self.task_data(task_name, tok, pilot=True)
             for fam in families:
-                results, grid = self.pilot_grid(fam, task, budget)
-                self.choose_lr(fam, task_name, results, grid)
+                results, grid, cut = self.pilot_grid(fam, task, budget)
+                self.choose_lr(fam, task_name, results, grid, cut)
 
     def pilot_grid(self, fam: str, task: TaskData, budget: Budget):
-        """Run the family's pilot over its grid on `task`, extending it by a 1-2-5 neighbour while
-        an edge wins (PILOT_EXTENSIONS at most): ({lr: validation loss}, the grid)."""
+        """Run the family's pilot over its grid on `task`, from the lowest rate up, extending it by
+        a 1-2-5 neighbour while an edge wins (PILOT_EXTENSIONS at most), and skipping the rates
+        above one whose loss rose over the rate below it (the best is bracketed; recorded as
+        skipped): ({lr: validation loss, NaN where bracketed}, the grid, whether the stage's budget
+        cut it)."""
         method = METHODS[FAMILIES[fam]]
         grid = list(LR_GRIDS[fam])
         results: dict[float, float] = {}
@@ -389,27 +403,38 @@ class Study:
             for lr in grid:
                 if lr in results:
                     continue
+                rose = bracketed_by(grid, results, lr)
+                if rose:
+                    self.add({"kind": "pilot", "task": task.name, "method": method.name,
+                              "metric": "val_loss", "value": None, "lr": lr,
+                              "steps": self.args.pilot_steps, "family": fam,
+                              "skipped": f"bracketed: {rose[1]:g} did worse than {rose[0]:g}"})
+                    self.log(f"pilot {task.name}/{method.name} lr {lr:g}: skipped: bracketed")
+                    results[lr] = float("nan")
+                    continue
                 r = self.run(method, task, lr, self.args.pilot_steps, budget, kind="pilot",
                              extra={"family": fam})
                 results[lr] = r["value"] if r.get("value") is not None else float("inf")
                 if r.get("skipped") and "budget" in r["skipped"]:
-                    return results, grid
-            best = min(grid, key=lambda lr: results[lr])
+                    return results, grid, True
+            best = min((lr for lr in grid if not math.isnan(results[lr])),
+                       key=lambda lr: results[lr])
             if results[best] == float("inf") or best not in (grid[0], grid[-1]):
                 break
             if best == grid[-1]:
                 grid.append(lr_neighbour(best, up=True))
             else:
                 grid.insert(0, lr_neighbour(best, up=False))
-        return results, grid
+        return results, grid, False
 
-    def choose_lr(self, fam: str, task_name: str, results: dict, grid: list) -> None:
-        finite = {lr: v for lr, v in results.items() if v < float("inf")}
+    def choose_lr(self, fam: str, task_name: str, results: dict, grid: list, cut: bool) -> None:
+        finite = {lr: v for lr, v in results.items() if v < float("inf")}  # (NaN: bracketed)
+        bracketed = sum(math.isnan(v) for v in results.values())
         if finite:
             best = min(finite, key=finite.get)
-            source = (f"pilot on {task_name}, {self.args.pilot_steps} steps, "
-                      f"{len(finite)} lrs" + ("" if len(finite) == len(grid) else
-                                              f" of {len(grid)} (budget)"))
+            source = (f"pilot on {task_name}, {self.args.pilot_steps} steps, {len(finite)} lrs"
+                      + (f" of {len(grid)} (budget)" if cut else "")
+                      + (f", {bracketed} above the best skipped (bracketed)" if bracketed else ""))
         else:
             best = LR_GRIDS[fam][len(LR_GRIDS[fam]) // 2]
             source = "grid middle: no pilot run finished"

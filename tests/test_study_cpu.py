@@ -276,6 +276,55 @@ def test_pilot_runs_as_long_as_the_runs_unless_told():
             parse_args(bad)
 
 
+def _pilot(losses: dict, budget_left: int = 99):
+    """Study.pilot_grid and choose_lr for the lora family over made-up validation losses (None:
+    a diverged run): (the rates run in order, the records added, the choice's record)."""
+    from studies.accuracy import Study
+
+    study = object.__new__(Study)
+    study.args = types.SimpleNamespace(pilot_steps=200)
+    records, ran = [], []
+    study.add, study.log = records.append, lambda msg: None
+
+    def run(method, task, lr, steps, budget, kind, extra):
+        if len(ran) >= budget_left:
+            return {"value": None, "skipped": "stage time budget: 3 s left"}
+        ran.append(lr)
+        return {"value": losses[lr]}
+
+    study.run = run
+    results, grid, cut = study.pilot_grid("lora", types.SimpleNamespace(name="gsm8k"), None)
+    study.choose_lr("lora", "gsm8k", results, grid, cut)
+    return ran, records[:-1], records[-1]
+
+
+def test_pilot_skips_the_rates_above_a_rise_and_extends_past_a_winning_edge():
+    assert LR_GRIDS["lora"] == (0.002, 0.005, 0.01, 0.02)
+    # run 71's LoRA pilot on GSM8K: 0.01 did worse than 0.005, so 0.02 need not run
+    ran, skipped, choice = _pilot({0.002: 2.35, 0.005: 2.23, 0.01: 5.92, 0.02: 5.24})
+    assert ran == [0.002, 0.005, 0.01] and choice["lr"] == 0.005
+    assert [(r["lr"], r["skipped"]) for r in skipped] == [
+        (0.02, "bracketed: 0.01 did worse than 0.005")]
+    assert choice["source"] == ("pilot on gsm8k, 200 steps, 3 lrs, 1 above the best skipped "
+                                "(bracketed)")
+    # a diverged run (no loss) is a rise too
+    ran, _, choice = _pilot({0.002: 2.35, 0.005: 2.23, 0.01: None})
+    assert ran == [0.002, 0.005, 0.01] and choice["lr"] == 0.005
+    # the lowest rate wins: the grid extends downwards, the rates above the rise stay skipped
+    ran, skipped, choice = _pilot({0.001: 2.05, 0.002: 2.0, 0.005: 2.1})
+    assert ran == [0.002, 0.005, 0.001] and choice["lr"] == 0.002
+    assert [r["lr"] for r in skipped] == [0.01, 0.02]
+    # falling all the way: every rate runs, and the grid extends upwards twice at most
+    falling = {0.002: 3.0, 0.005: 2.9, 0.01: 2.8, 0.02: 2.7, 0.05: 2.6, 0.1: 2.5}
+    ran, skipped, choice = _pilot(falling)
+    assert ran == [0.002, 0.005, 0.01, 0.02, 0.05, 0.1] and not skipped
+    assert choice["lr"] == 0.1 and choice["source"] == "pilot on gsm8k, 200 steps, 6 lrs"
+    # the stage's budget cuts the grid: said in the choice
+    ran, _, choice = _pilot(falling, budget_left=3)
+    assert ran == [0.002, 0.005, 0.01] and choice["lr"] == 0.01
+    assert choice["source"] == "pilot on gsm8k, 200 steps, 3 lrs of 4 (budget)"
+
+
 def test_merged_eval_losses_merge_a_copy_at_each_precision(monkeypatch):
     """merged_eval_losses calls falqon.merge on a copy of the model, once per precision, and
     evaluates what it returns; without falqon.merge it says so."""
