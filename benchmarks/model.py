@@ -62,7 +62,8 @@ peer whose torch.compile time is unbounded last:
                     RoPE and fused loss (auto's choice before run 66).
   falqon_fused_cudagraphs
                     falqon_adapter + falqon.fuse(model, "compile",
-                    compile_mode="reduce-overhead"): the compiled layers as CUDA graphs.
+                    compile_mode="reduce-overhead"): the compiled layers as CUDA graphs
+                    (reentrant checkpointing only; 7x slower than falqon_fused at 7B, run 74).
   fp8_lora_torchao  the same as fp8_lora_torchao_eager with each Float8Linear base layer under
                     torch.compile, as torchao intends and as benchmarks/layer.py runs it (the casts
                     fused, the dead weight-gradient GEMM dropped); the adapters stay eager.
