@@ -39,7 +39,7 @@ NOTES = {
                            "fusions)"),
     "falqon_fused_cudagraphs": ("falqon_adapter + falqon.fuse(model, 'compile', "
                                 "compile_mode='reduce-overhead'): the compiled decoder layers "
-                                "replayed as CUDA graphs (the host's launches gone)"),
+                                "replayed as CUDA graphs (reentrant checkpointing only)"),
 }
 
 
