@@ -337,6 +337,16 @@ class Study:
         return TaskData(task, D.encode_examples(tok, train, a.seq),
                         D.encode_examples(tok, held, a.seq), tok.pad)
 
+    def skip(self, method, task: TaskData, lr: float, steps: int, reason: str,
+             kind: str = "accuracy", extra: dict | None = None) -> dict:
+        """Record a run that was not made, with the reason."""
+        record = {"kind": kind, "task": task.name, "method": method.name,
+                  "metric": "val_loss" if kind == "pilot" else "eval_loss",
+                  "value": None, "lr": lr, "steps": steps, "skipped": reason, **(extra or {})}
+        self.log(f"{kind} {task.name}/{method.name} lr {lr:g}: skipped: {reason}")
+        self.add(record)
+        return record
+
     def run(self, method, task: TaskData, lr: float, steps: int, budget: Budget,
             kind: str = "accuracy", extra: dict | None = None) -> dict:
         if self.args.skip_done:
@@ -351,12 +361,7 @@ class Study:
                 return done[0]
         reason = skip_reason(method, self.device) or budget.fits(method.name, steps)
         if reason:
-            record = {"kind": kind, "task": task.name, "method": method.name,
-                      "metric": "val_loss" if kind == "pilot" else "eval_loss",
-                      "value": None, "lr": lr, "steps": steps, "skipped": reason, **(extra or {})}
-            self.log(f"{kind} {task.name}/{method.name} lr {lr:g}: skipped: {reason}")
-            self.add(record)
-            return record
+            return self.skip(method, task, lr, steps, reason, kind, extra)
         self.log(f"{kind} {task.name}/{method.name} lr {lr:g}: {steps} steps ...")
         record, curve = finetune(method, task, str(self.ckpt), self.device, lr, steps,
                                  self.args.batch,
@@ -405,11 +410,9 @@ class Study:
                     continue
                 rose = bracketed_by(grid, results, lr)
                 if rose:
-                    self.add({"kind": "pilot", "task": task.name, "method": method.name,
-                              "metric": "val_loss", "value": None, "lr": lr,
-                              "steps": self.args.pilot_steps, "family": fam,
-                              "skipped": f"bracketed: {rose[1]:g} did worse than {rose[0]:g}"})
-                    self.log(f"pilot {task.name}/{method.name} lr {lr:g}: skipped: bracketed")
+                    self.skip(method, task, lr, self.args.pilot_steps,
+                              f"bracketed: {rose[1]:g} did worse than {rose[0]:g}", kind="pilot",
+                              extra={"family": fam})
                     results[lr] = float("nan")
                     continue
                 r = self.run(method, task, lr, self.args.pilot_steps, budget, kind="pilot",
