@@ -201,11 +201,9 @@ def build_model(shape: str, layers: int, seq: int, device: torch.device, dtype: 
 def enable_checkpointing(model, kind: str = "non_reentrant") -> None:
     """Activation checkpointing of every decoder layer (transformers 5.17..5.23+): non-reentrant
     (transformers' default, and this benchmark's) or reentrant (--checkpointing reentrant)."""
-    kwargs = {"use_reentrant": kind == "reentrant"}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    from falqon.training import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model, reentrant=kind == "reentrant")
 
 
 def random_batch(batch: int, seq: int, vocab: int, device, seed: int = 1) -> torch.Tensor:
