@@ -37,6 +37,7 @@ from .methods import (DEFAULT_METHODS, FAMILIES, LR_GRIDS, METHOD_SETS, METHODS,
 from .train import PRESETS, PretrainSettings, TaskData, finetune, load_pretrained, log, pretrain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 DATA_DIR = pathlib.Path(os.environ.get("FALQON_DATA_DIR", REPO.parent / "shared" / "data"))
 TASK_FILES = {"gsm8k": "gsm8k_train.json", "roleplay": "gpteacher_roleplay.json"}
 STAGES = ("pretrain", "pilot", "gsm8k", "roleplay", "report")
@@ -46,6 +47,16 @@ STAGES = ("pretrain", "pilot", "gsm8k", "roleplay", "report")
 # minutes (studies/run_gpu.sh). The whole study (every method, every pilot) needs more still.
 DEFAULT_BUDGETS = {"pretrain": 300, "pilot": 300, "gsm8k": 200, "roleplay": 230, "report": 60}
 PILOT_EXTENSIONS = 2  # grid points added past an edge that wins
+
+
+def doc_destination(args) -> pathlib.Path:
+    """Where the filled write-up goes: --doc-out, else --doc itself when the results go to the
+    repo's benchmarks/results, else accuracy.md beside the results ($OUT on the GPU machine, a
+    scratch --out for a smoke run)."""
+    if args.doc_out:
+        return pathlib.Path(args.doc_out)
+    out = pathlib.Path(args.out)
+    return pathlib.Path(args.doc) if out.resolve() == RESULTS.resolve() else out / "accuracy.md"
 
 
 def parse_args(argv=None):
@@ -67,13 +78,14 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
                    ",".join(f"{k}={v}" for k, v in DEFAULT_BUDGETS.items()) + ")")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     p.add_argument("--run-dir", default=str(REPO / "runs" / "study"))
-    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"),
+    p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS),
                    help="results, plots and log ($OUT when set)")
     p.add_argument("--doc", default=str(REPO / "docs" / "accuracy.md"),
                    help="write-up template whose marker sections are filled")
     p.add_argument("--doc-out", default=None,
-                   help="where the filled write-up goes (default: --doc itself unless $OUT is "
-                        "set, then OUT/accuracy.md)")
+                   help="where the filled write-up goes (default: --doc itself when the results "
+                        "go to benchmarks/results, else accuracy.md beside them, so that a run "
+                        "elsewhere leaves the committed write-up alone)")
     p.add_argument("--merge", nargs="*", default=[],
                    help="results JSONs of earlier calls to merge before the stages run")
     p.add_argument("--data-dir", default=str(DATA_DIR))
@@ -127,7 +139,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mass-every", type=int, default=10,
                    help="measure falqon's update mass every N optimizer steps")
     g.add_argument("--lr", action="append", default=[],
-                   help="FAMILY=LR, overrides the pilot (families: " + ", ".join(FAMILIES) + ")")
+                   help="FAMILY=LR[,FAMILY=LR...], repeatable, overrides the pilot (families: " +
+                        ", ".join(FAMILIES) + ")")
     g.add_argument("--skip-done", action="store_true",
                    help="keep runs already recorded with a value at the same lr and steps (e.g. "
                         "to finish a stage that ran out of time, in a later call)")
@@ -161,11 +174,16 @@ def _resolve_args(p: argparse.ArgumentParser, args, argv) -> None:
     if args.seed in args.extra_seed_list:
         p.error(f"--extra-seeds: {args.seed} is --seed, whose runs are the main ones")
     args.lr_overrides = {}
-    for item in args.lr:
-        fam, _, value = item.partition("=")
-        if fam not in FAMILIES or not value:
-            p.error(f"--lr takes FAMILY=LR with a family of {', '.join(FAMILIES)}, got {item!r}")
-        args.lr_overrides[fam] = float(value)
+    for item in (i for arg in args.lr for i in arg.split(",") if i.strip()):
+        fam, _, value = item.strip().partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = None
+        if fam not in FAMILIES or lr is None:
+            p.error(f"--lr takes FAMILY=LR with a family of {', '.join(FAMILIES)} and a number, "
+                    f"got {item!r}")
+        args.lr_overrides[fam] = lr
     try:
         args.method_list = resolve_methods([m for m in args.methods.split(",") if m])
     except ValueError as exc:
@@ -253,8 +271,7 @@ class Study:
                 log(f"merge: {doc['warning']}")
         elif self.state_path.is_file():
             self.state = json.loads(self.state_path.read_text())
-        self.doc_out = pathlib.Path(args.doc_out) if args.doc_out else (
-            self.out / "accuracy.md" if os.environ.get("OUT") else pathlib.Path(args.doc))
+        self.doc_out = doc_destination(args)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
 

@@ -276,6 +276,30 @@ def test_pilot_runs_as_long_as_the_runs_unless_told():
             parse_args(bad)
 
 
+def test_lr_overrides_take_repeated_and_comma_separated_pairs():
+    from studies.accuracy import parse_args
+
+    lr = float(torch.empty(()).uniform_(1e-4, 1e-1))
+    args = parse_args(["--lr", f"lora={lr},falqon_adapter=0.005", "--lr", "falqon=0.9"])
+    assert args.lr_overrides == {"lora": lr, "falqon_adapter": 0.005, "falqon": 0.9}
+    for bad in ("lora", "lora=fast", "nosuchfamily=0.1", "lora=0.1,falqon"):
+        with pytest.raises(SystemExit):
+            parse_args(["--lr", bad])
+
+
+def test_the_write_up_goes_beside_results_written_elsewhere(tmp_path, monkeypatch):
+    from studies.accuracy import REPO, RESULTS, doc_destination, parse_args
+
+    monkeypatch.delenv("OUT", raising=False)
+    assert doc_destination(parse_args([])) == REPO / "docs" / "accuracy.md"
+    assert doc_destination(parse_args(["--out", str(RESULTS)])) == REPO / "docs" / "accuracy.md"
+    assert doc_destination(parse_args(["--out", str(tmp_path)])) == tmp_path / "accuracy.md"
+    given = parse_args(["--out", str(tmp_path), "--doc-out", str(tmp_path / "w.md")])
+    assert doc_destination(given) == tmp_path / "w.md"
+    monkeypatch.setenv("OUT", str(tmp_path / "o"))
+    assert doc_destination(parse_args([])) == tmp_path / "o" / "accuracy.md"
+
+
 def _pilot(losses: dict, budget_left: int = 99):
     """Study.pilot_grid and choose_lr for the lora family over made-up validation losses (None:
     a diverged run): (the rates run in order, the records added, the choice's record)."""
