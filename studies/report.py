@@ -41,8 +41,9 @@ def device_slug(name: str) -> str:
 
 
 def record_key(r: dict) -> tuple:
+    """What makes a record a rerun of another: a pilot's rate and an extra seed's seed count."""
     return (r.get("kind"), r.get("task"), r.get("family"), r.get("method"),
-            r.get("lr") if r.get("kind") == "pilot" else None)
+            r.get("lr") if r.get("kind") == "pilot" else None, r.get("finetune_seed"))
 
 
 def upsert(records: list, new: dict) -> None:

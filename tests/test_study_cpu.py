@@ -142,19 +142,21 @@ def test_extra_seeds_rerun_each_method_and_report_the_spread(study):
     rate (same held-out set); the report gives the per-seed losses and the adapter's mean gap."""
     tmp, _ = study
     doc = _study(tmp, "--stages", "roleplay,report", "--methods", "lora_bf16,falqon_adapter",
-                 "--extra-seeds", "1", "--skip-done")
+                 "--extra-seeds", "1,2", "--skip-done")
     main = {r["method"]: r for r in doc["records"]
             if r["kind"] == "accuracy" and r["task"] == "roleplay"}
-    extra = {r["method"]: r for r in doc["records"]
+    extra = {(r["method"], r["finetune_seed"]): r for r in doc["records"]
              if r["kind"] == "accuracy_seed" and r["task"] == "roleplay"}
-    assert set(extra) == {"lora_bf16", "falqon_adapter"}
-    for method, r in extra.items():
-        assert r["finetune_seed"] == 1 and r["lr"] == main[method]["lr"]
+    # Every seed keeps its record (run 79 lost seed 1's to seed 2's: one record per method).
+    assert set(extra) == {(m, s) for m in ("lora_bf16", "falqon_adapter") for s in (1, 2)}
+    for (method, _), r in extra.items():
+        assert r["lr"] == main[method]["lr"]
         assert r["metric"] == "eval_loss" and r["eval_examples"] == main[method]["eval_examples"]
         assert math.isfinite(r["value"]) and r["value"] != main[method]["value"], method
+    assert extra["lora_bf16", 1]["value"] != extra["lora_bf16", 2]["value"]
     table = R.seeds_table(doc)
-    assert "| roleplay | falqon_adapter | 0: " in table and ", 1: " in table
-    assert any(line.startswith("- roleplay, over 2 fine-tuning seeds: `falqon_adapter`")
+    assert "| roleplay | falqon_adapter | 0: " in table and ", 1: " in table and ", 2: " in table
+    assert any(line.startswith("- roleplay, over 3 fine-tuning seeds: `falqon_adapter`")
                for line in R.verdict(doc).splitlines())
 
 
