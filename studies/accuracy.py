@@ -179,10 +179,10 @@ def _resolve_args(p: argparse.ArgumentParser, args, argv) -> None:
         try:
             lr = float(value)
         except ValueError:
-            lr = None
-        if fam not in FAMILIES or lr is None:
-            p.error(f"--lr takes FAMILY=LR with a family of {', '.join(FAMILIES)} and a number, "
-                    f"got {item!r}")
+            lr = math.nan
+        if fam not in FAMILIES or not (math.isfinite(lr) and lr > 0):
+            p.error(f"--lr takes FAMILY=LR with a family of {', '.join(FAMILIES)} and a positive "
+                    f"number, got {item!r}")
         args.lr_overrides[fam] = lr
     try:
         args.method_list = resolve_methods([m for m in args.methods.split(",") if m])

@@ -284,7 +284,8 @@ def test_lr_overrides_take_repeated_and_comma_separated_pairs():
     lr = float(torch.empty(()).uniform_(1e-4, 1e-1))
     args = parse_args(["--lr", f"lora={lr},falqon_adapter=0.005", "--lr", "falqon=0.9"])
     assert args.lr_overrides == {"lora": lr, "falqon_adapter": 0.005, "falqon": 0.9}
-    for bad in ("lora", "lora=fast", "nosuchfamily=0.1", "lora=0.1,falqon"):
+    for bad in ("lora", "lora=fast", "nosuchfamily=0.1", "lora=0.1,falqon", "lora=nan",
+                "lora=-0.01", "lora=0"):
         with pytest.raises(SystemExit):
             parse_args(["--lr", bad])
 
