@@ -164,7 +164,6 @@ FALQON_OPTIONS = {"falqon": {"update_mode": "proxy"},
 BASELINE = "bf16_lora"
 
 
-
 # ---- the model ---------------------------------------------------------------------------------
 
 def build_model(shape: str, layers: int, seq: int, device: torch.device, dtype: torch.dtype,

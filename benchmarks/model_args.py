@@ -39,7 +39,8 @@ def model_name(shape: str, layers: int) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Options that pick the model and its training setup (shared with profile_step.py)."""
+    """Options that pick the model and its training setup (model.py, profile_step.py,
+    distributed.py)."""
     p.add_argument("--model", choices=sorted(SHAPES), default="llama-7b")
     p.add_argument("--layers", type=int, help="cut the model to N decoder layers (default: all)")
     p.add_argument("--batch", type=int, default=16)
