@@ -69,13 +69,18 @@ void check_layer_amax_history(const at::Tensor& input,
   check_amax_history("melded_linear", input, h);
 }
 
+bool per_row_scale(const at::Tensor& input, const at::Tensor& input_scale) {
+  return input.dim() >= 1 && input_scale.dim() >= 1 &&
+         input_scale.sizes() == input.sizes().slice(0, input.dim() - 1);
+}
+
 void check_input_quantization(const at::Tensor& input, const std::optional<at::Tensor>& input_fp8,
                               const std::optional<at::Tensor>& input_scale,
                               const std::optional<at::Tensor>& amax_history) {
   if (!input_fp8.has_value() && !input_scale.has_value()) return;
   FALQON_CHECK(input_fp8.has_value() && input_scale.has_value(),
               "falqon.melded_linear: input_fp8 and input_scale go together (x's quantisation as "
-              "falqon.quantize returns it), got only ",
+              "falqon.quantize or falqon.quantize_rows returns it), got only ",
               input_fp8.has_value() ? "input_fp8" : "input_scale");
   FALQON_CHECK(!amax_history.has_value(), "falqon.melded_linear: input_fp8 and input_scale cannot "
               "be combined with amax_history (delayed scaling quantises x itself)");
@@ -86,9 +91,10 @@ void check_input_quantization(const at::Tensor& input, const std::optional<at::T
               "shape ", input.sizes(), ", got ", q.sizes(), " ", q.scalar_type());
   FALQON_CHECK(q.device() == input.device(), "falqon.melded_linear: input_fp8 is on ", q.device(),
               " but the input is on ", input.device());
-  FALQON_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat,
-              "falqon.melded_linear: input_scale must be a single float32 value, got ", s.numel(),
-              " values of ", s.scalar_type());
+  FALQON_CHECK(s.scalar_type() == at::kFloat && (s.numel() == 1 || per_row_scale(input, s)),
+              "falqon.melded_linear: input_scale must be float32, a single value (quantize) or "
+              "one per row of the input, shaped ", input.sizes().slice(0, input.dim() - 1),
+              " (quantize_rows); got shape ", s.sizes(), " ", s.scalar_type());
   FALQON_CHECK(s.device() == input.device(), "falqon.melded_linear: input_scale is on ", s.device(),
               " but the input is on ", input.device());
 }

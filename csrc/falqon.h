@@ -91,6 +91,10 @@ void warn_user(const std::string& message);
 
 // ---- argument checks (the same messages on every backend) -------------------------------------
 void check_quantize_args(const at::Tensor& input, at::ScalarType dtype);
+// Whether a caller's input_scale for melded_linear is quantize_rows' (one per row of x, shaped
+// input.shape[:-1], at least one dimension) rather than quantize's single value.
+bool per_row_scale(const at::Tensor& input, const at::Tensor& input_scale);
+
 // An amax history of delayed scaling: float32, at least one value, on `input`'s device. `op` names
 // the op in the message.
 void check_amax_history(const char* op, const at::Tensor& input, const at::Tensor& amax_history);
@@ -160,6 +164,12 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarT
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_with_amax(const at::Tensor& input,
                                                                   at::ScalarType dtype);
 
+// Row-wise: a scale per row of the last dimension, scale[i] = amax(row i) / fmax (1 where 0), q
+// as quantize's cast at its row's scale. scale (and amax) are shaped input.shape[:-1].
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& input, at::ScalarType dtype);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_with_amax(const at::Tensor& input,
+                                                                       at::ScalarType dtype);
+
 // Delayed scaling: the amax used is max(amax_history) where that is finite and > 0, else (nothing
 // recorded yet, or a NaN or Inf in the history) the input's own amax; scale = amax / fmax (1 where 0);
 // q = fp8(clamp(x / scale, -fmax, fmax)), so values above the recorded amax saturate. Returns
@@ -172,8 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor
 // (row stride N + r16), xa = x A^T (contiguous). With amax_history (2, H), x's scale is the
 // delayed one of row 0 (quantize_delayed). adapter: y = adapter_output(that y, xa, lora_B,
 // scaling), a new contiguous tensor. input_fp8 and input_scale: x's quantisation already made
-// (quantize(input, float8_e4m3fn)), used instead of quantising x; the amax returned is then
-// input_scale * 448.
+// (quantize or quantize_rows of input, float8_e4m3fn; per row where per_row_scale says so: then
+// s_x and the amax returned are shaped input.shape[:-1]), used instead of quantising x; the amax
+// returned is then input_scale * 448.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,

@@ -46,6 +46,9 @@ TORCH_LIBRARY(falqon, m) {
   // Per-tensor FP8 quantisation: returns (q, scale) with scale = amax / fmax as a float32 device
   // scalar (1 when amax == 0) and q = fp8(clamp(input / scale)).
   m.def("quantize(Tensor input, ScalarType dtype) -> (Tensor, Tensor)");
+  // Row-wise FP8 quantisation: (q, scale) with one scale per row of the last dimension, shaped
+  // input.shape[:-1]: scale[i] = amax(row i) / fmax (1 where that is 0), q as quantize's cast.
+  m.def("quantize_rows(Tensor input, ScalarType dtype) -> (Tensor, Tensor)");
   // Delayed scaling: the scale from the amaxes of previous calls, max(amax_history) / fmax (the
   // input's own amax while the history holds nothing > 0); values above it saturate. Returns
   // (q, scale, the input's own amax as a float32 device scalar) so that the caller can record it.
@@ -118,6 +121,7 @@ TORCH_LIBRARY(falqon, m) {
 
 TORCH_LIBRARY_IMPL(falqon, CPU, m) {
   m.impl("quantize", &falqon::ref::quantize);
+  m.impl("quantize_rows", &falqon::ref::quantize_rows);
   m.impl("quantize_delayed", &falqon::ref::quantize_delayed);
   m.impl("melded_linear", &falqon::ref::melded_linear);
   m.impl("melded_linear_grad_input", &falqon::ref::melded_linear_grad_input);

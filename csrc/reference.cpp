@@ -4,6 +4,8 @@
 // nearest even), after a clamp to the format's largest finite value (saturation).
 #include <limits>
 
+#include <c10/util/accumulate.h>
+
 #include "falqon.h"
 
 #include <ATen/core/Generator.h>
@@ -79,6 +81,24 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& input, at::ScalarT
   return {q, scale};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_with_amax(const at::Tensor& input,
+                                                                       at::ScalarType dtype) {
+  check_quantize_args(input, dtype);
+  FALQON_CHECK(input.dim() >= 1, "falqon.quantize_rows: the input needs a last dimension");
+  const std::vector<int64_t> lead = leading_dims(input);
+  const int64_t K = input.size(-1), M = c10::multiply_integers(lead);
+  const at::Tensor x = input.to(at::kFloat).contiguous().reshape({M, K});
+  // amax over each row (NaN propagates); an empty row has amax 0, so scale 1.
+  const at::Tensor amax = K == 0 ? at::zeros({M, 1}, x.options()) : x.abs().amax(1, /*keepdim=*/true);
+  const at::Tensor scale = scale_from_amax(amax, fp8_max(dtype));
+  return {cast_at_scale(x, scale, dtype).view(input.sizes()), scale.view(lead), amax.view(lead)};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& input, at::ScalarType dtype) {
+  auto [q, scale, amax] = quantize_rows_with_amax(input, dtype);
+  return {q, scale};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed(const at::Tensor& input,
                                                                 at::ScalarType dtype,
                                                                 const at::Tensor& amax_history) {
@@ -107,14 +127,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear(
   check_input_quantization(input, input_fp8, input_scale, amax_history);
   const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
   const at::Tensor x = input.reshape({-1, K});
-  // x's quantisation: the caller's (shared by layers that read the same x), or made here.
+  // x's quantisation: the caller's (shared by layers that read the same x; per tensor or per
+  // row), or made here per tensor. sx is (M, 1) or 0-d.
+  const bool per_row = input_fp8.has_value() && per_row_scale(input, *input_scale);
   auto [xq, sx, x_amax] =
       input_fp8.has_value()
-          ? std::make_tuple(input_fp8->reshape({-1, K}), input_scale->reshape({}),
-                            input_scale->reshape({}) * fp8_max(at::kFloat8_e4m3fn))
+          ? std::make_tuple(*input_fp8, *input_scale, *input_scale * fp8_max(at::kFloat8_e4m3fn))
       : amax_history.has_value()
           ? quantize_delayed(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
           : quantize_with_amax(x, at::kFloat8_e4m3fn);
+  xq = xq.reshape({-1, K});
+  sx = per_row ? sx.reshape({-1, 1}) : sx.reshape({});
+  x_amax = per_row ? x_amax.reshape(leading_dims(input)) : x_amax.reshape({});
   // One product against all of W' = [W; A; 0]: columns [0, N) are y, [N, N + r) are x A^T.
   at::Tensor acc = at::mm(xq.to(at::kFloat), weight.to(at::kFloat).t());
   acc.mul_(sx * weight_scale.reshape({}));

@@ -19,7 +19,7 @@ from . import ops
 from ._extension import build_info
 from .modules import MeldedLinear, check_meldable
 from .ops import (meld_init, melded_linear, melded_linear_backward, melded_linear_grad_input,
-                  quantize, quantize_delayed, topk_update_, topk_update_many_)
+                  quantize, quantize_delayed, quantize_rows, topk_update_, topk_update_many_)
 from .config import FalqonConfig, FalqonError
 from .convert import MeldSummary, meld, melded_layers, melded_summary
 from .training import attach
@@ -37,7 +37,7 @@ __all__ = [
     "fusion_report", "meld", "meld_from_config", "meld_init", "meld_pretrained",
     "melded_layers", "merge", "melded_linear", "melded_linear_backward", "melded_linear_grad_input",
     "melded_summary", "ops",
-    "quantize", "quantize_delayed", "save_pretrained", "topk_update_",
+    "quantize", "quantize_delayed", "quantize_rows", "save_pretrained", "topk_update_",
     "topk_update_many_",
 ]
 

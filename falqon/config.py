@@ -104,7 +104,8 @@ class FalqonConfig:
     transposed_copy  keep a transposed FP8 copy of each weight for the input gradient (more memory,
                      no per-step transpose; in the adapter mode it includes A's rows).
     amax_history_len 0 (default): current scaling, the paper's method (each activation and
-                     gradient quantised with its own amax, two passes over it). H > 0: delayed
+                     gradient quantised with its own amax, two passes over it; in the adapter
+                     mode on Hopper x per row, in one pass). H > 0: delayed
                      scaling, the scale from the largest amax of the last H calls (a (2, H)
                      buffer per layer, saved with the checkpoint): one pass over each tensor
                      instead of two, values above the recorded amax saturate. Transformer Engine

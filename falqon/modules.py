@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from . import ops, trained_a
 from .adapter_init import meld_weight
 from .config import TRAINED_A_DIVISOR, UPDATE_MODES, default_adapter_gain
-from .shared_quant import use_shared
+from .shared_quant import quantize_input, use_shared
 from .validation import (check_adapter_gain, check_adapter_init, check_int, check_layer_options,
                          check_lora_dtype)
 
@@ -72,7 +72,9 @@ class MeldedLinear(nn.Module):
       bias          the original bias, frozen, or None.
 
     amax_history_len: 0 (default) is current scaling, the paper's method: x and g are each
-    quantised with their own amax (two passes over the tensor). H > 0 is delayed scaling
+    quantised with their own amax (per tensor, two passes over it; in the adapter mode on Hopper
+    and the CPU x per row, one pass: falqon.ops.quantize_rows, row_scales_supported). H > 0 is
+    delayed scaling
     (Transformer Engine's): x and g are quantised with max(amax of the last H calls) / fmax,
     values above it saturate, in one pass that also reduces the tensor's own amax; in training
     mode the forward records x's amax into row 0 and the backward g's into row 1 (only when it
@@ -220,19 +222,23 @@ class MeldedLinear(nn.Module):
             self.sync_adapter_A()  # lora_A changed and no falqon.attach hook does it (eager)
         history = self.amax_history
         shared = use_shared(self, key)
-        if shared is not None or (history is None and torch.compiler.is_compiling()):
+        adapter = self.update_mode == "adapter"
+        # The adapter mode with current scaling quantises x per row (per token) where the GEMM
+        # takes row scales at no cost (Hopper, and the CPU reference): one pass over x, not two.
+        rows = adapter and history is None and ops.row_scales_supported(x.device)
+        if shared is not None or rows or (history is None and torch.compiler.is_compiling()):
             # current scaling: x's quantisation made once for its readers (q/k/v, gate/up), by
             # the cache in eager and by the compiled graph's common-subexpression elimination
             # under torch.compile, where the layers that read x each emit the same quantize
-            q, scale = shared.quantized(key, x) if shared is not None else \
-                torch.ops.falqon.quantize.default(x.detach(), torch.float8_e4m3fn)
+            q, scale = shared.quantized(key, x, rows) if shared is not None else \
+                quantize_input(x, rows)
             y = ops.melded_linear_call(
                 x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t,
-                self.scaling, self.grad_dtype, None, self.update_mode == "adapter", q, scale)[0]
+                self.scaling, self.grad_dtype, None, adapter, q, scale)[0]
             return self._with_trained_A(y, x)
         y, _, x_amax = ops.melded_linear_call(
             x, self.weight, self.weight_scale, self.lora_B, bias, self.weight_t, self.scaling,
-            self.grad_dtype, history, self.update_mode == "adapter")
+            self.grad_dtype, history, adapter)
         if history is not None and self.training:
             ops.record_amax_(history[0], x_amax.detach())
         return self._with_trained_A(y, x)

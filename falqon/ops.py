@@ -7,11 +7,14 @@ under torch.compile(fullgraph=True) and inside CUDA graphs.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch import Tensor
 
 from ._extension import load as _load
-from .validation import input_quantization_problem, scaling_ok
+from .validation import input_quantization_problem, per_row_scale, scaling_ok
 
 _load()
 
@@ -24,7 +27,8 @@ _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ROW_ALIGN = 16
 
 __all__ = [
-    "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "quantize_delayed",
+    "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "quantize_rows",
+    "quantize_delayed", "row_scales_supported",
     "record_amax_", "melded_linear", "melded_linear_grad_input", "melded_linear_backward",
     "meld_init", "topk_update_", "topk_update_many_",
 ]
@@ -40,6 +44,35 @@ def quantize(input: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
     device scalar and q = fp8(clamp(input * (1 / scale), -fmax, fmax)), the reciprocal rounded
     once to float32 (capped at its largest value)."""
     return torch.ops.falqon.quantize.default(input, dtype)
+
+
+def quantize_rows(input: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+    """Row-wise FP8 quantisation: (q, scale) with one float32 scale per row of the last dimension
+    (scale shaped input.shape[:-1]), scale[i] = amax(row i) / fmax (1 where that is 0), and q as
+    `quantize` casts, each row at its own scale. An outlier then costs precision only in its own
+    row (token). On CUDA one pass over the input. MeldedLinear's quantisation of x in the adapter
+    mode where `row_scales_supported`."""
+    return torch.ops.falqon.quantize_rows.default(input, dtype)
+
+
+def row_scales_supported(device: torch.device | str) -> bool:
+    """Whether melded_linear runs a per-row quantisation of x without extra passes on `device`:
+    the CPU (the reference), GPUs the op emulates (compute capability below 8.9, or
+    FALQON_FORCE_EMULATION=1), and Hopper (9.0), where cuBLASLt's FP8 GEMMs take outer-vector
+    scales. Elsewhere (Ada 8.9, Blackwell 10.x and 12.x) cuBLASLt has no such GEMM and the op
+    would scale its output in two more passes, so MeldedLinear quantises x per tensor there."""
+    device = torch.device(device)
+    return True if device.type != "cuda" else _cuda_row_scales(
+        device.index if device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result  # a property of the device: a constant in compiled graphs
+@functools.cache
+def _cuda_row_scales(index: int) -> bool:
+    if os.environ.get("FALQON_FORCE_EMULATION", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    capability = torch.cuda.get_device_capability(index)
+    return capability < (8, 9) or capability == (9, 0)
 
 
 def quantize_delayed(input: Tensor, dtype: torch.dtype, amax_history: Tensor
@@ -81,11 +114,14 @@ def melded_linear(input: Tensor, weight: Tensor, weight_scale: Tensor, lora_B: T
     reads row 1 and records the gradient's amax into it (`record_amax_`). Recording x's amax
     into row 0 is the caller's: this wrapper drops it, MeldedLinear records it.
 
-    input_fp8, input_scale: x's quantisation as `quantize(input)` returns it, made once for
-    several layers that read the same x (q/k/v, gate/up); the op then uses it instead of
-    quantising x, with bit-identical results, and returns input_scale * 448 as x's amax (its
-    third output). Both or neither, and not with amax_history. The gradients are unchanged: dx
-    still flows to `input`."""
+    input_fp8, input_scale: x's quantisation as `quantize(input)` or `quantize_rows(input)`
+    returns it (input_scale one value, or one per row shaped input.shape[:-1]), made by the
+    caller; the op uses it instead of quantising x itself (per tensor), and returns input_scale *
+    448 as x's amax (its third output), one per row for a per-row scale. Both or neither, and not
+    with amax_history. For several layers that read the same x (q/k/v, gate/up), one
+    quantisation; the results are bit-identical to the op given the same quantisation layer by
+    layer. A per-row quantisation goes through cuBLASLt's outer-vector scaling (Hopper; see
+    `row_scales_supported`). The gradients are unchanged: dx still flows to `input`."""
     y, _, _ = torch.ops.falqon.melded_linear.default(input, weight, weight_scale, lora_B, bias,
                                                      weight_t, scaling, grad_dtype, amax_history,
                                                      adapter, input_fp8, input_scale)
@@ -248,6 +284,13 @@ def _quantize_fake(input, dtype):
     return q, input.new_empty((), dtype=torch.float32)
 
 
+@torch.library.register_fake("falqon::quantize_rows")
+def _quantize_rows_fake(input, dtype):
+    q, _ = _quantize_fake(input, dtype)
+    _require(input.dim() >= 1, "falqon.quantize_rows: the input needs a last dimension")
+    return q, input.new_empty(input.shape[:-1], dtype=torch.float32)
+
+
 @torch.library.register_fake("falqon::quantize_delayed")
 def _quantize_delayed_fake(input, dtype, amax_history):
     q, scale = _quantize_fake(input, dtype)
@@ -275,7 +318,9 @@ def _melded_linear_fake(input, weight, weight_scale, lora_B, bias=None, weight_t
     problem = input_quantization_problem(input, input_fp8, input_scale, amax_history)
     _require(problem is None, problem or "")
     lead = input.shape[:-1]
-    amax = input.new_empty((), dtype=torch.float32)
+    # x's amax as the op returns it: one per row where the caller's quantisation is per row.
+    per_row = input_scale is not None and per_row_scale(input, input_scale)
+    amax = input.new_empty(lead if per_row else (), dtype=torch.float32)
     if adapter:  # y is a new contiguous tensor (the adapter's GEMM writes it)
         return input.new_empty((*lead, out_features)), input.new_empty((*lead, rank)), amax
     # y is a view of the whole (..., N + r16) product, as the real kernels return it.

@@ -74,17 +74,24 @@ def check_layer_options(who: str, rank, alpha, topk, amax_history_len) -> float 
     return check_alpha(who, alpha, rank)
 
 
+def per_row_scale(input, input_scale) -> bool:
+    """Whether a caller's input_scale is quantize_rows' (one per row of x: shaped input.shape[:-1],
+    at least one dimension) rather than quantize's single value (csrc/checks.cpp per_row_scale)."""
+    return input.dim() >= 1 and input_scale.dim() >= 1 and input_scale.shape == input.shape[:-1]
+
+
 def input_quantization_problem(input, input_fp8, input_scale, amax_history) -> str | None:
     """melded_linear's caller-supplied quantisation of x (csrc/checks.cpp
     check_input_quantization, the same messages): why it is refused, or None. input_fp8 a
-    float8_e4m3fn tensor of the input's shape and device, input_scale one float32 value on that
-    device, both or neither, and neither with amax_history (delayed scaling quantises x itself)."""
+    float8_e4m3fn tensor of the input's shape and device, input_scale float32 on that device, one
+    value (quantize) or one per row of x (quantize_rows), both or neither, and neither with
+    amax_history (delayed scaling quantises x itself)."""
     if input_fp8 is None and input_scale is None:
         return None
     op = "falqon.melded_linear"
     if input_fp8 is None or input_scale is None:
         return (f"{op}: input_fp8 and input_scale go together (x's quantisation as "
-                f"falqon.quantize returns it), got only "
+                f"falqon.quantize or falqon.quantize_rows returns it), got only "
                 f"{'input_fp8' if input_scale is None else 'input_scale'}")
     if amax_history is not None:
         return (f"{op}: input_fp8 and input_scale cannot be combined with amax_history (delayed "
@@ -94,9 +101,11 @@ def input_quantization_problem(input, input_fp8, input_scale, amax_history) -> s
                 f"{list(input.shape)}, got {list(input_fp8.shape)} {input_fp8.dtype}")
     if input_fp8.device != input.device:
         return f"{op}: input_fp8 is on {input_fp8.device} but the input is on {input.device}"
-    if input_scale.numel() != 1 or input_scale.dtype != torch.float32:
-        return (f"{op}: input_scale must be a single float32 value, got {input_scale.numel()} "
-                f"values of {input_scale.dtype}")
+    if input_scale.dtype != torch.float32 or not (input_scale.numel() == 1 or
+                                                  per_row_scale(input, input_scale)):
+        return (f"{op}: input_scale must be float32, a single value (quantize) or one per row of "
+                f"the input, shaped {list(input.shape[:-1])} (quantize_rows); got shape "
+                f"{list(input_scale.shape)} {input_scale.dtype}")
     if input_scale.device != input.device:
         return f"{op}: input_scale is on {input_scale.device} but the input is on {input.device}"
     return None
@@ -104,4 +113,4 @@ def input_quantization_problem(input, input_fp8, input_scale, amax_history) -> s
 
 __all__ = ["ADAPTER_INITS", "FLOAT32_MAX", "LORA_DTYPES", "check_adapter_gain",
            "check_adapter_init", "check_alpha", "check_int", "check_layer_options",
-           "check_lora_dtype", "input_quantization_problem", "scaling_ok"]
+           "check_lora_dtype", "input_quantization_problem", "per_row_scale", "scaling_ok"]

@@ -218,7 +218,8 @@ def scaled_mm_floor(a_q: torch.Tensor, s_a: torch.Tensor, b_q_t: torch.Tensor, s
                     fast_accum: bool) -> torch.Tensor | None:
     """(a_q @ b_q_t) * (s_a s_b) in fp32 through torch._scaled_mm on the GPU: the GPU's own FP8
     GEMM of the operands the op uses, whose error against the CPU reference is the accumulation
-    floor of gemm_tolerance. b_q_t is (K, cols) column-major. Returned on the CPU; None where it
+    floor of gemm_tolerance. b_q_t is (K, cols) column-major; s_a one value or a column of row
+    scales (M, 1). Returned on the CPU; None where it
     cannot run (a dry run on the CPU, or operands _scaled_mm rejects)."""
     if DRY_RUN or not torch.cuda.is_available() or a_q.shape[0] == 0:
         return None
@@ -226,6 +227,8 @@ def scaled_mm_floor(a_q: torch.Tensor, s_a: torch.Tensor, b_q_t: torch.Tensor, s
     # Zero rows up to a multiple of 16 (some FP8 GEMM paths want it); they change no other row.
     a = torch.nn.functional.pad(a_q.view(torch.uint8), (0, 0, 0, -M % 16)).view(a_q.dtype).cuda()
     b = b_q_t.cuda()
+    if s_a.dim() == 2:  # row scales (M, 1): padded with the rows
+        s_a = torch.nn.functional.pad(s_a, (0, 0, 0, -M % 16), value=1.0)
     s_a, s_b = s_a.cuda(), s_b.cuda()
     one = torch.ones((), device="cuda")
     try:

@@ -96,8 +96,13 @@ def test_each_exported_layer_matches_on_identical_input(exported, length):
         h.remove()
     for name in names:
         layer = model.get_submodule(name)
+        # y = x W^T + b with x quantised as in training and as the export declares it: per row
+        # (per token) in the adapter mode, per tensor in the proxy mode.
+        quantize = torch.ops.falqon.quantize_rows if mode == "adapter" else torch.ops.falqon.quantize
+        q, s = quantize(inputs[name], torch.float8_e4m3fn)
         w_only = torch.ops.falqon.melded_linear(inputs[name], layer.weight, layer.weight_scale,
-                                                layer.lora_B, layer.bias)[0]  # y = x W^T + b
+                                                layer.lora_B, layer.bias, None, 1.0, None, None,
+                                                False, q, s)[0]
         # Per token: float32 rounding, except where the two quantisers round one input element
         # to different FP8 neighbours (x * (1/s) here, x / s in compressed-tensors: ~1 element
         # in 10^6 lies within that ulp of an FP8 rounding boundary).

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import falqon
-from falqon import ops
+from falqon import ops, shared_quant
 from falqon_testing import fp8_bytes, rel_err
 
 
@@ -187,9 +187,10 @@ def test_delayed_scaling_records_x_and_g_amaxes():
 
 
 def test_delayed_scaling_uses_the_recorded_amax():
-    # The first call (empty history) is current scaling; the next ones use the history's max.
-    lin, layer = make(k=64, n=48, rank=8, bias=False, amax_history_len=4)
-    _, current = make(k=64, n=48, rank=8, bias=False)
+    # The first call (empty history) is current per-tensor scaling; the next ones use the
+    # history's max. (Proxy mode: the adapter mode's current scaling quantises x per row.)
+    lin, layer = make(k=64, n=48, rank=8, bias=False, amax_history_len=4, update_mode="proxy")
+    _, current = make(k=64, n=48, rank=8, bias=False, update_mode="proxy")
     current.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "amax_history"})
     x1 = torch.randn(5, 64) * 10
     assert torch.equal(layer(x1), current(x1))
@@ -281,10 +282,14 @@ def test_eager_autograd_boundary_matches_the_registered_formula(update_mode, his
     for via_op, twin in zip((False, True), twins):
         xi = x.clone().requires_grad_(True)
         if via_op:
+            # x's quantisation as the module makes it: per row in the adapter mode with current
+            # scaling (on the CPU), else the op's own
+            rows = update_mode == "adapter" and not history
+            given = shared_quant.quantize_input(xi, rows=True) if rows else ()
             y = torch.ops.falqon.melded_linear.default(
                 xi, twin.weight, twin.weight_scale, twin.lora_B, twin.bias.to(xi.dtype),
                 twin.weight_t, twin.scaling, twin.grad_dtype, twin.amax_history,
-                update_mode == "adapter")[0]
+                update_mode == "adapter", *given)[0]
         else:
             y = twin(xi)
             assert "_MeldedLinearFunction" in type(y.grad_fn).__name__

@@ -35,16 +35,20 @@ def switch(monkeypatch, value: str) -> None:
     shared_quant.enabled.cache_clear()
 
 
+QUANTIZE_OPS = (torch.ops.falqon.quantize.default, torch.ops.falqon.quantize_rows.default)
+
+
 class Calls(TorchDispatchMode):
-    """Counts torch.ops.falqon.quantize calls and records melded_linear calls: the input_fp8 each
-    got (held, so that no two are the same object by a reused address), None without."""
+    """Counts torch.ops.falqon.quantize and quantize_rows calls and records melded_linear calls:
+    the input_fp8 each got (held, so that no two are the same object by a reused address), None
+    without."""
 
     def __init__(self):
         super().__init__()
         self.quantize, self.melded = 0, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.falqon.quantize.default:
+        if func in QUANTIZE_OPS:
             self.quantize += 1
         elif func is OP:
             self.melded.append(args[10] if len(args) > 10 else None)
@@ -65,6 +69,7 @@ def melded_layer(n=64, k=48, rank=8, bias=False, update_mode="adapter"):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
 def test_op_with_the_quantisation_given_is_bit_identical(adapter, bias, act_dtype):
+    """The quantisation the op makes itself (per tensor), given, changes nothing."""
     layer = melded_layer(bias=bias, update_mode="adapter" if adapter else "proxy")
     x0 = torch.randn(2, 3, 48).to(act_dtype)
     probe = torch.randn(2, 3, 64)
@@ -82,7 +87,27 @@ def test_op_with_the_quantisation_given_is_bit_identical(adapter, bias, act_dtyp
     for a, b in ((y0, y1), (xa0, xa1), (dx0, dx1), (dB0, dB1)):
         assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
     assert torch.equal(amax1, s * 448), "x's amax is then input_scale * 448"
-    assert amax0.item() <= amax1.item() * (1 + 2 ** -20)
+    assert amax0.shape == amax1.shape == s.shape
+    assert torch.all(amax0 <= amax1 * (1 + 2 ** -20))
+
+
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("adapter", [False, True])
+def test_op_takes_either_kind_of_quantisation(adapter, rows):
+    """A per-tensor or a per-row quantisation given to either mode is used as given: the product
+    is the reference formula's at those scales, and x's amax has the given scale's shape."""
+    layer = melded_layer(update_mode="adapter" if adapter else "proxy")
+    x = torch.randn(2, 3, 48)
+    quantize = torch.ops.falqon.quantize_rows if rows else torch.ops.falqon.quantize
+    q, s = quantize(x, E4M3)
+    y, xa, amax = OP(x, layer.weight, layer.weight_scale, layer.lora_B, None, None, 0.5, None,
+                     None, adapter, q, s)
+    assert amax.shape == s.shape and torch.equal(amax, s * 448)
+    sx = s if s.dim() == 0 else s.unsqueeze(-1)
+    product = (q.double() * sx.double()) @ (layer.weight.double() * layer.weight_scale.double()).t()
+    torch.testing.assert_close(xa.double(), product[..., 64:64 + 8], rtol=1e-5, atol=1e-5)
+    if not adapter:
+        torch.testing.assert_close(y.double(), product[..., :64], rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck_with_the_quantisation_given():
@@ -90,10 +115,11 @@ def test_opcheck_with_the_quantisation_given():
         layer = melded_layer(bias=True, update_mode="adapter" if adapter else "proxy")
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(4, 48, dtype=dtype, requires_grad=True)
-            q, s = torch.ops.falqon.quantize(x.detach(), E4M3)
-            B = layer.lora_B.detach().clone().requires_grad_()
-            opcheck(OP, (x, layer.weight, layer.weight_scale, B, layer.bias, None, 0.5, None,
-                         None, adapter, q, s))
+            for quantize in (torch.ops.falqon.quantize, torch.ops.falqon.quantize_rows):
+                q, s = quantize(x.detach(), E4M3)
+                B = layer.lora_B.detach().clone().requires_grad_()
+                opcheck(OP, (x, layer.weight, layer.weight_scale, B, layer.bias, None, 0.5, None,
+                             None, adapter, q, s))
 
 
 def test_op_rejects_a_bad_quantisation_on_every_backend():
@@ -108,9 +134,10 @@ def test_op_rejects_a_bad_quantisation_on_every_backend():
         ((None, False, q.reshape(6, 48), s), r"input_fp8 must be a float8_e4m3fn tensor of the "
                                              r"input's shape \[2, 3, 48\], got \[6, 48\]"),
         ((None, False, x.to(torch.float8_e5m2), s), "input_fp8 must be a float8_e4m3fn tensor"),
-        ((None, False, q, s.double()), "input_scale must be a single float32 value, got 1 "
-                                       "values of"),
-        ((None, False, q, torch.ones(2)), "input_scale must be a single float32 value, got 2"),
+        ((None, False, q, s.double()), r"input_scale must be float32, a single value \(quantize\) "
+                                       r"or one per row of the input, shaped \[2, 3\]"),
+        ((None, False, q, torch.ones(2)), r"input_scale must be float32, .* got shape \[2\]"),
+        ((None, False, q, torch.ones(3, 2)), r"got shape \[3, 2\]"),
     ]
     for device in ("cpu", "meta"):  # the CPU kernel, and the fake kernel (torch.compile's)
         to = (lambda t: t if t is None else t.to(device))
@@ -170,7 +197,8 @@ def test_llama_quantises_qkv_and_gate_up_input_once_with_identical_results(monke
     assert len({first[0], first[3], first[4], first[6]}) == 4
     switch(monkeypatch, "0")
     alone = step(model, ids)
-    assert alone[3].quantize == 0 and all(q is None for q in alone[3].melded)
+    # Unshared, each projection quantises its own input (per row: the adapter mode on the CPU).
+    assert alone[3].quantize == 7 * layers * runs and all(q is not None for q in alone[3].melded)
     assert_same(shared, alone)
 
 
@@ -181,7 +209,7 @@ def test_autocast_keys_the_cache_on_the_original_input(monkeypatch):
     assert shared[3].quantize == 4 * model.config.num_hidden_layers
     switch(monkeypatch, "0")
     alone = step(model, ids, autocast=True)
-    assert alone[3].quantize == 0
+    assert alone[3].quantize == 7 * model.config.num_hidden_layers  # each projection its own
     assert_same(shared, alone)
 
 
@@ -248,10 +276,12 @@ def test_the_cache_is_skipped_where_it_cannot_hold(monkeypatch):
         model.a._shared_quant.clear()
         return calls.quantize
 
+    # Shared: one quantisation for both layers; skipped: each layer its own (the adapter mode
+    # quantises x per row in the layer, so each call shows).
     assert quantize_calls() == 1
     with torch.inference_mode():  # inference tensors have no version counter
         x = torch.randn(5, 48)
-        assert quantize_calls() == 0
+        assert quantize_calls() == 2
     x = torch.randn(5, 48)
     with monkeypatch.context() as m:
         m.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -260,7 +290,7 @@ def test_the_cache_is_skipped_where_it_cannot_hold(monkeypatch):
         assert quantize_calls() == 2 and model.a._shared_quant._entry is None
     assert quantize_calls() == 1
     switch(monkeypatch, "off")
-    assert quantize_calls() == 0
+    assert quantize_calls() == 2
     switch(monkeypatch, "maybe")
     with pytest.raises(FalqonError, match="FALQON_SHARED_QUANT must be 1 or 0, got 'maybe'"):
         model.a(x)
@@ -308,7 +338,7 @@ def test_sharing_is_off_unless_the_switch_is_on(monkeypatch):
     model = melded_llama()
     ids = torch.randint(0, 256, (2, 12))
     alone = step(model, ids)
-    assert alone[3].quantize == 0 and all(q is None for q in alone[3].melded)
+    assert alone[3].quantize == 7 * model.config.num_hidden_layers  # each projection its own
     switch(monkeypatch, "1")
     shared = step(model, ids)
     assert shared[3].quantize == 4 * model.config.num_hidden_layers

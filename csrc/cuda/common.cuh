@@ -70,6 +70,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_fp8(const at::Te
                                                                     at::ScalarType dtype,
                                                                     const at::Tensor& amax_history);
 
+// ---- quantize_rows.cu -------------------------------------------------------------------------
+
+// Row-wise quantisation on the FP8 path (ref::quantize_rows_with_amax's numerics): (q, scale, amax)
+// with a scale and an amax per row of the last dimension (shaped input.shape[:-1]). One pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_fp8(const at::Tensor& input,
+                                                                 at::ScalarType dtype);
+
 // record_amax_ in one launch (arguments already checked).
 void record_amax_fp8(at::Tensor& amax_history, const at::Tensor& amax);
 
@@ -115,7 +122,9 @@ at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tenso
 // [+ bias over the m columns], both operands row-major FP8 with a contiguous k. This is the
 // cuBLASLt "TN" FP8 GEMM: D[m x n] (column-major) = A^T B with A = a and B = b as stored.
 // bias: length m, of out's dtype (bf16/fp16 output only). a_scale, b_scale: float32 device
-// scalars. fast_accum: CUBLASLT_MATMUL_DESC_FAST_ACCUM.
+// scalars, or contiguous vectors of m and n values (outer-vector scaling: out[j][i] takes
+// a_scale[i] * b_scale[j]; where cuBLASLt has no such kernel, the scales or the bias are applied
+// after the GEMM). fast_accum: CUBLASLT_MATMUL_DESC_FAST_ACCUM.
 void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                     const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                     const at::Tensor& out, bool fast_accum);

@@ -1,5 +1,6 @@
-// FP8 GEMMs through cuBLASLt: per-tensor scales as device pointers (no host synchronisation),
-// the bias fused in the epilogue, descriptors and the chosen algorithm cached per problem.
+// FP8 GEMMs through cuBLASLt: per-tensor or outer-vector scales (one per row of each operand:
+// cuBLASLt's OUTER_VEC_32F, Hopper) as device pointers (no host synchronisation), the bias fused
+// in the epilogue, descriptors and the chosen algorithm cached per problem.
 //
 // cuBLASLt is column-major and its FP8 kernels want the "TN" form on Ada and Hopper: A
 // transposed, B not, both with a contiguous k. Our row-major operands a (m x k) and b (n x k)
@@ -53,7 +54,7 @@ struct GemmKey {
   int device;
   int64_t m, n, k, ldo;
   cudaDataType_t a_type, b_type, d_type;
-  bool bias, fast_accum;
+  bool bias, fast_accum, outer_vec;
   int align_a, align_b, align_d, align_bias;
 
   bool operator==(const GemmKey& o) const { return std::memcmp(this, &o, sizeof(GemmKey)) == 0; }
@@ -77,6 +78,7 @@ struct GemmPlan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
   size_t workspace = 0;
+  bool found = false;
 
   GemmPlan() = default;
   GemmPlan(const GemmPlan&) = delete;
@@ -139,6 +141,11 @@ std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle,
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, cublasOperation_t{CUBLAS_OP_T});
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, cublasOperation_t{CUBLAS_OP_N});
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, int8_t{key.fast_accum ? int8_t{1} : int8_t{0}});
+  if (key.outer_vec) {
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    set_desc(plan->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, mode);
+    set_desc(plan->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, mode);
+  }
   // The pointers are set again on every call; the heuristic reads them only for their alignment.
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale);
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale);
@@ -151,11 +158,14 @@ std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle,
   FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->b, key.b_type, key.k, key.n, key.k));
   FALQON_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->d, key.d_type, key.m, key.n, key.ldo));
 
-  const bool found = find_algorithm(handle, *plan, plan->d,
-                                    {key.align_a, key.align_b, key.align_d, key.align_d}, device);
-  FALQON_CHECK(found, "falqon: cuBLASLt has no FP8 GEMM algorithm for m=", key.m, " n=", key.n,
-              " k=", key.k, " (", key.bias ? "with" : "without", " bias, alignments A ", key.align_a,
-              " B ", key.align_b, " D ", key.align_d, ")");
+  plan->found = find_algorithm(handle, *plan, plan->d,
+                               {key.align_a, key.align_b, key.align_d, key.align_d}, device);
+  // Per-tensor scales: cuBLASLt has FP8 kernels for every problem scaled_gemm_tn accepts. Outer-
+  // vector ones may lack an epilogue or output type (the caller falls back); say so if not even
+  // the plain form exists.
+  FALQON_CHECK(plan->found || key.outer_vec, "falqon: cuBLASLt has no FP8 GEMM algorithm for m=",
+              key.m, " n=", key.n, " k=", key.k, " (", key.bias ? "with" : "without",
+              " bias, alignments A ", key.align_a, " B ", key.align_b, " D ", key.align_d, ")");
   return plan;
 }
 
@@ -174,7 +184,6 @@ struct LtKey {
 
 struct LtPlan : GemmPlan {
   cublasLtMatrixLayout_t c = nullptr;
-  bool found = false;
   ~LtPlan() {
     if (c) cublasLtMatrixLayoutDestroy(c);
   }
@@ -301,9 +310,13 @@ void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Te
               out.sizes(), " with strides ", out.strides());
   FALQON_CHECK(k % 16 == 0 && out.stride(0) % 16 == 0,
               "falqon: FP8 GEMMs need k and the output's leading dimension to be multiples of 16");
-  FALQON_CHECK(a_scale.numel() == 1 && b_scale.numel() == 1 && a_scale.scalar_type() == at::kFloat &&
-                  b_scale.scalar_type() == at::kFloat,
-              "falqon: the GEMM scales must be single float32 values");
+  // Per-tensor (one value each) or outer-vector (m values for a's rows, n for b's) scales.
+  const bool outer_vec = a_scale.numel() != 1 || b_scale.numel() != 1;
+  FALQON_CHECK(a_scale.scalar_type() == at::kFloat && b_scale.scalar_type() == at::kFloat &&
+                  (!outer_vec || (a_scale.numel() == m && b_scale.numel() == n &&
+                                  a_scale.is_contiguous() && b_scale.is_contiguous())),
+              "falqon: the GEMM scales must be float32, a single value each or contiguous vectors "
+              "of ", m, " and ", n, " values; got ", a_scale.numel(), " and ", b_scale.numel());
   FALQON_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->numel() == m && bias->is_contiguous() &&
                                     bias->scalar_type() == out.scalar_type() &&
                                     out.scalar_type() != at::kFloat),
@@ -328,6 +341,7 @@ void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Te
   key.d_type = cuda_dtype(out.scalar_type());
   key.bias = bias.has_value();
   key.fast_accum = fast_accum;
+  key.outer_vec = outer_vec;
   key.align_a = pointer_alignment(a.const_data_ptr());
   key.align_b = pointer_alignment(b.const_data_ptr());
   key.align_d = pointer_alignment(out.data_ptr());
@@ -345,6 +359,18 @@ void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Te
     it = plans.emplace(key, make_plan(key, handle, a_scale_ptr, b_scale_ptr, bias_ptr, device)).first;
   }
   GemmPlan& plan = *it->second;
+  if (!plan.found) {  // outer-vector scales only (make_plan refuses the rest)
+    if (bias.has_value()) {  // without the fused bias, then the bias as torch's add
+      scaled_gemm_tn(a, a_scale, b, b_scale, std::nullopt, out, fast_accum);
+      out.add_(*bias);
+      return;
+    }
+    // No outer-vector kernel for this output: unit scales, then the scales by rows and columns.
+    const at::Tensor one = at::ones({}, a_scale.options());
+    scaled_gemm_tn(a, one, b, one, std::nullopt, out, fast_accum);
+    out.mul_(b_scale.view({n, 1})).mul_(a_scale.view({1, m}));
+    return;
+  }
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale_ptr);
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale_ptr);
   if (key.bias) set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr);

@@ -38,28 +38,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& amax_history, bool adapter, double scaling,
     const std::optional<at::Tensor>& input_fp8, const std::optional<at::Tensor>& input_scale) {
-  const int64_t N = lora_B.size(0), r = lora_B.size(1), rows = weight.size(0), K = weight.size(1);
+  const int64_t N = lora_B.size(0), r = lora_B.size(1), weight_rows = weight.size(0),
+                K = weight.size(1);
   const at::Tensor x = input.reshape({-1, K});
-  // x's quantisation: the caller's (one quantisation shared by the layers that read x), or made
-  // here. The amax of x is then s_x * 448, without a pass over x.
+  // x's quantisation: the caller's (per tensor, or per row: quantize_rows, which MeldedLinear
+  // makes in the adapter mode on Hopper), or made here per tensor. A caller's: the amax of x is
+  // then s_x * 448, without a pass over x.
+  const bool per_row = input_fp8.has_value() && per_row_scale(input, *input_scale);
+  const std::vector<int64_t> scale_shape = per_row ? std::vector<int64_t>{x.size(0)}
+                                                : std::vector<int64_t>{};
   const auto [xq, sx, x_amax] =
       input_fp8.has_value()
           ? std::make_tuple(input_fp8->reshape({-1, K}).contiguous(),
-                            input_scale->reshape({}).contiguous(),
-                            input_scale->reshape({}) * fp8_max(at::kFloat8_e4m3fn))
+                            input_scale->reshape(scale_shape).contiguous(),
+                            input_scale->reshape(scale_shape) * fp8_max(at::kFloat8_e4m3fn))
       : amax_history.has_value()
           ? quantize_delayed_fp8(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
           : quantize_fp8(x, at::kFloat8_e4m3fn);
-  at::Tensor product = at::empty({x.size(0), rows}, input.options());
+  // Row scales of x go with outer-vector scaling of the GEMM, which takes a vector on both sides:
+  // W''s one scale repeated over its rows.
+  const at::Tensor w_scale =
+      per_row ? weight_scale.reshape({1}).expand({weight_rows}).contiguous() : weight_scale;
+  const std::vector<int64_t> amax_shape =
+      per_row ? std::vector<int64_t>(input.sizes().begin(), input.sizes().end() - 1) : scale_shape;
+  at::Tensor product = at::empty({x.size(0), weight_rows}, input.options());
   const bool fp32_out = input.scalar_type() == at::kFloat;
   std::optional<at::Tensor> fused_bias;
   if (bias.has_value() && !fp32_out) {
     // The epilogue adds the bias in fp32 before the cast, like the reference, but takes it in the
     // output dtype (a bias of another dtype is rounded to it first) and over all N + r16 rows of
     // D: zeros for the adapter's columns.
-    fused_bias = at::constant_pad_nd(bias->to(input.scalar_type()), {0, rows - N}, 0);
+    fused_bias = at::constant_pad_nd(bias->to(input.scalar_type()), {0, weight_rows - N}, 0);
   }
-  scaled_gemm_tn(weight, weight_scale, xq, sx, fused_bias, product, fast_accum_forward());
+  scaled_gemm_tn(weight, w_scale, xq, sx, fused_bias, product, fast_accum_forward());
   if (bias.has_value() && fp32_out) {
     // cuBLASLt's FP8 kernels take no bias with an fp32 output. Adding it to the fp32 product is
     // the reference's order exactly (scaled product rounded to fp32, then + bias).
@@ -69,10 +80,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     const at::Tensor xa = product.narrow(1, N, r).contiguous();
     return {adapter_output_fp8(product.narrow(1, 0, N), xa, lora_B, scaling)
                 .view(leading_dims_and(input, N)),
-            xa.view(leading_dims_and(input, r)), x_amax};
+            xa.view(leading_dims_and(input, r)), x_amax.view(amax_shape)};
   }
-  product = product.view(leading_dims_and(input, rows));
-  return {product.narrow(-1, 0, N), product.narrow(-1, N, r).contiguous(), x_amax};
+  product = product.view(leading_dims_and(input, weight_rows));
+  return {product.narrow(-1, 0, N), product.narrow(-1, N, r).contiguous(), x_amax.view(amax_shape)};
 }
 
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(

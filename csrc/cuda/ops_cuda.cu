@@ -88,6 +88,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& input, at::Scal
   return {q, scale};
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_rows_op(const at::Tensor& input, at::ScalarType dtype) {
+  check_quantize_args(input, dtype);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (use_emulation(input.device())) return ref::quantize_rows(input, dtype);
+  auto [q, scale, amax] = quantize_rows_fp8(input, dtype);
+  return {q, scale};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_delayed_op(const at::Tensor& input,
                                                                    at::ScalarType dtype,
                                                                    const at::Tensor& amax_history) {
@@ -223,6 +231,7 @@ at::Tensor scaled_gemm_op(const at::Tensor& a, const at::Tensor& a_scale, const 
 
 TORCH_LIBRARY_IMPL(falqon, CUDA, m) {
   m.impl("quantize", &falqon::cuda::quantize_op);
+  m.impl("quantize_rows", &falqon::cuda::quantize_rows_op);
   m.impl("quantize_delayed", &falqon::cuda::quantize_delayed_op);
   m.impl("melded_linear", &falqon::cuda::melded_linear_op);
   m.impl("melded_linear_grad_input", &falqon::cuda::melded_linear_grad_input_op);
