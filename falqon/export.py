@@ -19,9 +19,10 @@ load directly, in one of three formats:
               checkpoint with no quantization_config that any stack loads.
 
 The compressed-tensors config declares one quantisation group: weights FP8 per tensor, symmetric,
-static; input activations FP8, dynamic, per tensor (what the training forward did), per token, or
-none (`activations`). Layers that were not melded (lm_head, skipped layers) are listed in
-`ignore` and written in the model's dtype. The proxy mode's B is never exported: it is not part
+static; input activations FP8, dynamic, per token or per tensor, or none (`activations`; by
+default what the training forward does on Hopper: per token in the adapter mode with current
+scaling, which quantises x per row there, per tensor otherwise). Layers that were not melded
+(lm_head, skipped layers) are listed in `ignore` and written in the model's dtype. The proxy mode's B is never exported: it is not part
 of the forward (every update it carried is in W_q), so "fp8+lora" is refused there.
 """
 
@@ -48,6 +49,7 @@ ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ACTIVATION_STRATEGIES = ("tensor", "token", None)
+AUTO = "auto"  # export's default activations: the training forward's quantisation of x
 FORMATS = ("fp8+lora", "fp8", "bf16")
 DEFAULT_FORMAT = {"adapter": "fp8+lora", "proxy": "fp8"}
 
@@ -55,8 +57,8 @@ DEFAULT_FORMAT = {"adapter": "fp8+lora", "proxy": "fp8"}
 def quantization_config(ignore: list[str], activations: str | None = "tensor") -> dict:
     """The compressed-tensors quantization_config of a FALQON FP8 export."""
     if activations not in ACTIVATION_STRATEGIES:
-        raise ValueError(f"falqon.export: activations must be one of {ACTIVATION_STRATEGIES}, got "
-                         f"{activations!r}")
+        raise ValueError(f"falqon.export: activations must be one of "
+                         f"{(AUTO,) + ACTIVATION_STRATEGIES}, got {activations!r}")
     weights = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
                "dynamic": False}
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None,
@@ -118,8 +120,16 @@ def resolve_format(update_mode: str, format: str | None) -> str:
     return format
 
 
+def trained_activations(layers, mode: str) -> str:
+    """How the training forward quantised the melded layers' inputs, as a compressed-tensors
+    strategy: per row ("token") in the adapter mode with current scaling, else per tensor."""
+    current = all(layer.amax_history is None for _, layer in layers)
+    return "token" if mode == "adapter" and current else "tensor"
+
+
 def _checked(model: nn.Module, path, format: str | None, activations) -> tuple:
-    """(melded layers, update mode, format, directory) after checking every input."""
+    """(melded layers, update mode, format, directory, activations) after checking every input;
+    activations AUTO resolved."""
     layers = melded_layers(model)
     if not layers:
         raise FalqonError("falqon.export: the model has no MeldedLinear layers (call falqon.meld)")
@@ -128,11 +138,13 @@ def _checked(model: nn.Module, path, format: str | None, activations) -> tuple:
         raise FalqonError("falqon.export needs a transformers model (one with a .config)")
     mode = update_mode_of(model, layers)
     format = resolve_format(mode, format)
+    if activations == AUTO:
+        activations = trained_activations(layers, mode)
     quantization_config([], activations)  # checks `activations`
     directory = pathlib.Path(path)
     if directory.exists() and not directory.is_dir():
         raise FalqonError(f"export path {directory} exists and is not a directory")
-    return layers, mode, format, directory
+    return layers, mode, format, directory, activations
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
@@ -232,17 +244,18 @@ def _merged_weights(layers, format: str, dtype: torch.dtype) -> tuple[dict, Merg
     return weights, report
 
 
-def export(model: nn.Module, path, tokenizer=None, activations: str | None = "tensor",
+def export(model: nn.Module, path, tokenizer=None, activations: str | None = AUTO,
            format: str | None = None, verbose: bool = True) -> MergeReport | None:
     """Write `model` (melded, a transformers PreTrainedModel) to the directory `path` in `format`
     ("fp8+lora", "fp8" or "bf16"; None: "fp8+lora" in the adapter mode, "fp8" in the proxy
     mode; see the module's doc): config.json, model.safetensors, generation_config.json,
     falqon_export.json, the tokenizer if one is given and, for "fp8+lora", the PEFT adapter in
     path/adapter. `activations` ("tensor", "token" or None) is the FP8 formats' input activation
-    quantisation. The model is not modified. Returns the MergeReport of the formats that merge
+    quantisation; "auto" (the default) is the training forward's: "token" in the adapter mode
+    with current scaling (x quantised per row), "tensor" otherwise. The model is not modified. Returns the MergeReport of the formats that merge
     the adapter into the weights in the adapter mode ("fp8", "bf16"; printed with verbose=True
     for "fp8"), else None."""
-    layers, mode, format, directory = _checked(model, path, format, activations)
+    layers, mode, format, directory, activations = _checked(model, path, format, activations)
     update_guard.check_before_write(model, "falqon.export")
     melded_names = {n for n, _ in layers}
     weights = report = None

@@ -60,6 +60,28 @@ def test_export_loads_in_transformers_and_matches(tmp_path, arch, activations, t
     assert rel_err(out, ref) < tol
 
 
+@pytest.mark.parametrize("mode, history, declared", [
+    ("adapter", 0, "token"),    # x quantised per row in training: per-token activations
+    ("adapter", 4, "tensor"),   # delayed scaling quantises x per tensor
+    ("proxy", 0, "tensor"),
+])
+def test_export_declares_the_trained_activation_quantisation_by_default(tmp_path, mode, history,
+                                                                        declared):
+    model = tiny_causal_lm("llama")
+    falqon.meld(model, FalqonConfig(rank=4, update_mode=mode, amax_history_len=history),
+                progress=False, verbose=False)
+    falqon.export(model.eval(), tmp_path, verbose=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    assert group["input_activations"]["strategy"] == declared
+    info = json.loads((tmp_path / "falqon_export.json").read_text())
+    assert info["activations"] == declared
+    falqon.export(model, tmp_path / "chosen", activations="tensor", verbose=False)
+    chosen = json.loads((tmp_path / "chosen" / "config.json").read_text())
+    assert chosen["quantization_config"]["config_groups"]["group_0"]["input_activations"][
+        "strategy"] == "tensor"
+
+
 @pytest.mark.parametrize("mode", ["proxy", "adapter"])
 def test_export_holds_the_trained_fp8_bytes_and_a_valid_config(tmp_path, mode):
     """The proxy mode's default "fp8" and the adapter mode's default "fp8+lora" both write the

@@ -236,9 +236,10 @@ def _export_parser(sub):
     e.add_argument("--base-model", metavar="PATH",
                    help="the base model directory (default: the run's, else the local "
                         "directory the melded model was loaded from)")
-    e.add_argument("--activations", choices=("tensor", "token", "none"), default="tensor",
-                   help="FP8 dynamic activation quantisation per tensor (as in training), per "
-                        "token, or none (weight-only)")
+    e.add_argument("--activations", choices=("auto", "tensor", "token", "none"), default="auto",
+                   help="FP8 dynamic activation quantisation: as in training (auto: per token "
+                        "for adapter-mode runs, per tensor for proxy-mode or delayed-scaling "
+                        "ones), per tensor, per token, or none (weight-only)")
     e.add_argument("--format", choices=EXPORT_FORMATS, default=None,
                    help="fp8+lora, fp8 or bf16 (default: fp8+lora for adapter-mode runs, fp8 for "
                         "proxy-mode runs)")
