@@ -62,9 +62,10 @@ TORCH_LIBRARY(falqon, m) {
   // adapter=True: y = that + scaling * xa B^T, contiguous (B rounded to the activation dtype,
   // fp32 sums, one rounding); weight_t, if given, is the transpose of every row of W'.
   // input_fp8 and input_scale (both or neither; not with amax_history): x's quantisation as
-  // quantize(input, float8_e4m3fn) returns it, computed once by the caller for several layers
-  // that read the same x (q/k/v, gate/up). The op then skips its own quantisation and returns
-  // input_scale * 448 as the amax of x; the results are bit-identical to the op quantising x.
+  // quantize or quantize_rows(input, float8_e4m3fn) returns it, computed by the caller (once for
+  // several layers that read the same x: q/k/v, gate/up; per row in MeldedLinear's adapter mode
+  // on Hopper). The op then skips its own (per-tensor) quantisation and returns input_scale * 448
+  // as the amax of x, one per row for a per-row scale (the GEMM then takes outer-vector scales).
   m.def(
       "melded_linear(Tensor input, Tensor weight, Tensor weight_scale, Tensor lora_B, "
       "Tensor? bias=None, Tensor? weight_t=None, float scaling=1.0, ScalarType? grad_dtype=None, "
