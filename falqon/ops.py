@@ -28,7 +28,7 @@ ROW_ALIGN = 16
 
 __all__ = [
     "E4M3", "E5M2", "FP8_MAX", "ROW_ALIGN", "padded_rank", "quantize", "quantize_rows",
-    "quantize_delayed", "row_scales_supported",
+    "quantize_delayed", "ROW_SCALES_ENV", "row_scales_supported",
     "record_amax_", "melded_linear", "melded_linear_grad_input", "melded_linear_backward",
     "meld_init", "topk_update_", "topk_update_many_",
 ]
@@ -55,24 +55,44 @@ def quantize_rows(input: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Ten
     return torch.ops.falqon.quantize_rows.default(input, dtype)
 
 
+ROW_SCALES_ENV = "FALQON_ROW_SCALES"
+
+
 def row_scales_supported(device: torch.device | str) -> bool:
-    """Whether melded_linear runs a per-row quantisation of x without extra passes on `device`:
-    the CPU (the reference), GPUs the op emulates (compute capability below 8.9, or
+    """Whether MeldedLinear quantises x per row (the adapter mode with current scaling) on
+    `device`: where melded_linear runs a per-row quantisation without extra passes, i.e. the CPU
+    (the reference), GPUs the op emulates (compute capability below 8.9, or
     FALQON_FORCE_EMULATION=1), and Hopper (9.0), where cuBLASLt's FP8 GEMMs take outer-vector
     scales. Elsewhere (Ada 8.9, Blackwell 10.x and 12.x) cuBLASLt has no such GEMM and the op
-    would scale its output in two more passes, so MeldedLinear quantises x per tensor there."""
+    would scale its output in two more passes, so x is quantised per tensor there.
+    FALQON_ROW_SCALES=0 (read once per process) makes it per tensor everywhere, the adapter
+    mode's quantisation before run 84 of benchmarks/NOTES.md (for A/B runs)."""
     device = torch.device(device)
-    return True if device.type != "cuda" else _cuda_row_scales(
-        device.index if device.index is not None else torch.cuda.current_device())
+    if device.type != "cuda":
+        return _row_scales(-1)
+    return _row_scales(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @torch.compiler.assume_constant_result  # a property of the device: a constant in compiled graphs
 @functools.cache
-def _cuda_row_scales(index: int) -> bool:
-    if os.environ.get("FALQON_FORCE_EMULATION", "").strip().lower() in ("1", "true", "yes", "on"):
+def _row_scales(cuda_index: int) -> bool:
+    """row_scales_supported for CUDA device cuda_index, or the CPU (-1)."""
+    if not _env_switch(ROW_SCALES_ENV, True):
+        return False
+    if cuda_index < 0 or _env_switch("FALQON_FORCE_EMULATION", False):
         return True
-    capability = torch.cuda.get_device_capability(index)
+    capability = torch.cuda.get_device_capability(cuda_index)
     return capability < (8, 9) or capability == (9, 0)
+
+
+def _env_switch(name: str, default: bool) -> bool:
+    """1/true/yes/on or 0/false/no/off (the extension's env_flag); `default` when unset."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return raw in ("1", "true", "yes", "on")
+    raise ValueError(f"environment variable {name} must be 1 or 0, got {raw!r}")
 
 
 def quantize_delayed(input: Tensor, dtype: torch.dtype, amax_history: Tensor

@@ -301,3 +301,27 @@ def test_eager_autograd_boundary_matches_the_registered_formula(update_mode, his
         assert torch.equal(twins[0].amax_history[1], twins[1].amax_history[1])
     with torch.no_grad():  # no graph to build: the op itself
         assert layer(x).grad_fn is None
+
+
+def test_adapter_mode_quantises_x_per_row_unless_switched_off(monkeypatch):
+    # The adapter mode with current scaling: x per row where ops.row_scales_supported (the CPU),
+    # per tensor (the op's own quantisation) with FALQON_ROW_SCALES=0.
+    _, layer = make(k=64, n=48, rank=8, update_mode="adapter")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    x[0] *= 100  # an outlier row: per-tensor scaling rounds the other rows coarser
+    args = (x, layer.weight, layer.weight_scale, layer.lora_B, layer.bias, None, layer.scaling,
+            None, None, True)
+    per_row = torch.ops.falqon.melded_linear(*args, *ops.quantize_rows(x))[0]
+    per_tensor = torch.ops.falqon.melded_linear(*args)[0]
+    assert not torch.equal(per_row, per_tensor)
+    try:
+        monkeypatch.delenv(ops.ROW_SCALES_ENV, raising=False)
+        ops._row_scales.cache_clear()
+        assert torch.equal(layer(x), per_row)
+        monkeypatch.setenv(ops.ROW_SCALES_ENV, "0")
+        ops._row_scales.cache_clear()
+        assert torch.equal(layer(x), per_tensor)
+    finally:
+        ops._row_scales.cache_clear()

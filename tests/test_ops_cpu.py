@@ -195,17 +195,25 @@ def test_row_scales_are_supported_where_the_fp8_gemm_takes_them(monkeypatch, cap
                                                                 supported):
     # Hopper (cuBLASLt's outer-vector scales) and the GPUs the op emulates (below 8.9); not Ada or
     # Blackwell, where the op would scale its output in extra passes.
-    assert ops.row_scales_supported("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.delenv("FALQON_FORCE_EMULATION", raising=False)
-    ops._cuda_row_scales.cache_clear()
+    monkeypatch.delenv(ops.ROW_SCALES_ENV, raising=False)
+    ops._row_scales.cache_clear()
     try:
+        assert ops.row_scales_supported("cpu")
         assert ops.row_scales_supported("cuda:0") is supported
         monkeypatch.setenv("FALQON_FORCE_EMULATION", "1")
-        ops._cuda_row_scales.cache_clear()
+        ops._row_scales.cache_clear()
         assert ops.row_scales_supported("cuda:0")
+        monkeypatch.setenv(ops.ROW_SCALES_ENV, "0")  # the A/B switch: per tensor everywhere
+        ops._row_scales.cache_clear()
+        assert not ops.row_scales_supported("cpu") and not ops.row_scales_supported("cuda:0")
+        monkeypatch.setenv(ops.ROW_SCALES_ENV, "maybe")
+        ops._row_scales.cache_clear()
+        with pytest.raises(ValueError, match="FALQON_ROW_SCALES must be 1 or 0, got 'maybe'"):
+            ops.row_scales_supported("cpu")
     finally:
-        ops._cuda_row_scales.cache_clear()
+        ops._row_scales.cache_clear()
 
 
 def test_quantize_rejects_bad_dtypes():
