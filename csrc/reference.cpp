@@ -89,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_with_amax(const at:
   const int64_t K = input.size(-1), M = c10::multiply_integers(lead);
   const at::Tensor x = input.to(at::kFloat).contiguous().reshape({M, K});
   // amax over each row (NaN propagates); an empty row has amax 0, so scale 1.
-  const at::Tensor amax = K == 0 ? at::zeros({M, 1}, x.options()) : x.abs().amax(1, /*keepdim=*/true);
+  const at::Tensor amax =
+      K == 0 ? at::zeros({M, 1}, x.options()) : x.abs().amax(1, /*keepdim=*/true);
   const at::Tensor scale = scale_from_amax(amax, fp8_max(dtype));
   return {cast_at_scale(x, scale, dtype).view(input.sizes()), scale.view(lead), amax.view(lead)};
 }

@@ -22,8 +22,9 @@ The compressed-tensors config declares one quantisation group: weights FP8 per t
 static; input activations FP8, dynamic, per token or per tensor, or none (`activations`; by
 default what the training forward does on Hopper: per token in the adapter mode with current
 scaling, which quantises x per row there, per tensor otherwise). Layers that were not melded
-(lm_head, skipped layers) are listed in `ignore` and written in the model's dtype. The proxy mode's B is never exported: it is not part
-of the forward (every update it carried is in W_q), so "fp8+lora" is refused there.
+(lm_head, skipped layers) are listed in `ignore` and written in the model's dtype. The proxy
+mode's B is never exported: it is not part of the forward (every update it carried is in W_q),
+so "fp8+lora" is refused there.
 """
 
 from __future__ import annotations
@@ -252,9 +253,9 @@ def export(model: nn.Module, path, tokenizer=None, activations: str | None = AUT
     falqon_export.json, the tokenizer if one is given and, for "fp8+lora", the PEFT adapter in
     path/adapter. `activations` ("tensor", "token" or None) is the FP8 formats' input activation
     quantisation; "auto" (the default) is the training forward's: "token" in the adapter mode
-    with current scaling (x quantised per row), "tensor" otherwise. The model is not modified. Returns the MergeReport of the formats that merge
-    the adapter into the weights in the adapter mode ("fp8", "bf16"; printed with verbose=True
-    for "fp8"), else None."""
+    with current scaling (x quantised per row), "tensor" otherwise. The model is not modified.
+    Returns the MergeReport of the formats that merge the adapter into the weights in the
+    adapter mode ("fp8", "bf16"; printed with verbose=True for "fp8"), else None."""
     layers, mode, format, directory, activations = _checked(model, path, format, activations)
     update_guard.check_before_write(model, "falqon.export")
     melded_names = {n for n, _ in layers}

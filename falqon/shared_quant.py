@@ -7,10 +7,10 @@ falqon.ops.row_scales_supported, one pass over x; per tensor otherwise, one pass
 one for the cast), so that x would be quantised three and two times. Instead, the melded layers
 of one model share an InputQuantCache (falqon.meld, from_pretrained, meld_pretrained and
 meld_from_config set it up): a layer with current scaling asks it for x's quantisation, which it
-makes with torch.ops.falqon.quantize_rows or quantize the first time and hands out again while the same tensor
-object comes back unchanged (same _version, same dtype and kind to quantise), and passes it to
-torch.ops.falqon.melded_linear (input_fp8, input_scale). The results are bit-identical to each layer quantising x;
-the backward is unchanged (nothing more is saved for it).
+makes with torch.ops.falqon.quantize_rows or quantize the first time and hands out again while
+the same tensor object comes back unchanged (same _version, same dtype and kind to quantise),
+and passes it to torch.ops.falqon.melded_linear (input_fp8, input_scale). The results are
+bit-identical to each layer quantising x; the backward is unchanged (nothing more is saved).
 
 The cache holds one entry: a weak reference to the input (it never keeps x alive), its version and
 the FP8 tensor and scale. It is skipped, and the op quantises x as before, under CUDA graph

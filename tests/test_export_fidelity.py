@@ -98,8 +98,9 @@ def test_each_exported_layer_matches_on_identical_input(exported, length):
         layer = model.get_submodule(name)
         # y = x W^T + b with x quantised as in training and as the export declares it: per row
         # (per token) in the adapter mode, per tensor in the proxy mode.
-        quantize = torch.ops.falqon.quantize_rows if mode == "adapter" else torch.ops.falqon.quantize
-        q, s = quantize(inputs[name], torch.float8_e4m3fn)
+        ops = torch.ops.falqon
+        q, s = (ops.quantize_rows if mode == "adapter" else ops.quantize)(inputs[name],
+                                                                          torch.float8_e4m3fn)
         w_only = torch.ops.falqon.melded_linear(inputs[name], layer.weight, layer.weight_scale,
                                                 layer.lora_B, layer.bias, None, 1.0, None, None,
                                                 False, q, s)[0]

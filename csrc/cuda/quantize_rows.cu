@@ -70,7 +70,9 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   for (int64_t v = threadIdx.x + int64_t{kHeld} * threads; v < packs; v += threads) {
     m = max_abs_bits(m, unpack(xv[v]));
   }
-  for (int64_t j = packs * 8 + threadIdx.x; j < K; j += threads) m = max(m, abs_bits(to_float(x[j])));
+  for (int64_t j = packs * 8 + threadIdx.x; j < K; j += threads) {
+    m = max(m, abs_bits(to_float(x[j])));
+  }
 
   const float amax = __uint_as_float(block_max(m));
   const float scale = scale_from_amax(amax, Fp8Format<kE4M3>::kMax);
