@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -18,6 +19,21 @@ from .validation import (ADAPTER_INITS, check_adapter_gain, check_adapter_init, 
 class FalqonError(ValueError):
     """A problem with the user's input (a file, a model, an option): `falqon` CLI prints its
     message as one line."""
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable as the extension's env_flag reads it: 1/true/yes/on or
+    0/false/no/off (any case, spaces around), `default` when unset or empty; a FalqonError
+    otherwise."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise FalqonError(f"environment variable {name} must be 1 or 0, got {raw!r}")
 
 
 GRAD_DTYPES = {"e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
@@ -261,4 +277,4 @@ def _matches(spec, name: str) -> bool:
 
 __all__ = ["ADAPTER_GAIN", "ADAPTER_INITS", "FalqonConfig", "FalqonError", "GRAD_DTYPES",
            "SVD_METHODS", "TRAINED_A_DIVISOR", "TRAINED_A_GAIN", "UPDATE_MODES",
-           "default_adapter_gain"]
+           "default_adapter_gain", "env_switch"]

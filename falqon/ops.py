@@ -8,12 +8,12 @@ under torch.compile(fullgraph=True) and inside CUDA graphs.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
 
 from ._extension import load as _load
+from .config import env_switch
 from .validation import input_quantization_problem, per_row_scale, scaling_ok
 
 _load()
@@ -77,22 +77,12 @@ def row_scales_supported(device: torch.device | str) -> bool:
 @functools.cache
 def _row_scales(cuda_index: int) -> bool:
     """row_scales_supported for CUDA device cuda_index, or the CPU (-1)."""
-    if not _env_switch(ROW_SCALES_ENV, True):
+    if not env_switch(ROW_SCALES_ENV, True):
         return False
-    if cuda_index < 0 or _env_switch("FALQON_FORCE_EMULATION", False):
+    if cuda_index < 0 or env_switch("FALQON_FORCE_EMULATION", False):
         return True
     capability = torch.cuda.get_device_capability(cuda_index)
     return capability < (8, 9) or capability == (9, 0)
-
-
-def _env_switch(name: str, default: bool) -> bool:
-    """1/true/yes/on or 0/false/no/off (the extension's env_flag); `default` when unset."""
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return raw in ("1", "true", "yes", "on")
-    raise ValueError(f"environment variable {name} must be 1 or 0, got {raw!r}")
 
 
 def quantize_delayed(input: Tensor, dtype: torch.dtype, amax_history: Tensor

@@ -30,13 +30,12 @@ in run 59); profiled (run 58), its quantise kernels take 8.7 ms less a step and 
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 
 import torch
 from torch import Tensor, nn
 
-from .config import FalqonError
+from .config import env_switch
 
 ENV = "FALQON_SHARED_QUANT"
 _E4M3 = torch.float8_e4m3fn
@@ -47,13 +46,7 @@ def enabled() -> bool:
     """FALQON_SHARED_QUANT: 1/true/yes/on share; unset, empty, 0/false/no/off do not. Off by
     default: the A/B runs on the GPU disagree (benchmarks/NOTES.md, runs 54 and 59). Read once per
     process (enabled.cache_clear() re-reads it)."""
-    raw = os.environ.get(ENV, "")
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    raise FalqonError(f"environment variable {ENV} must be 1 or 0, got {raw!r}")
+    return env_switch(ENV, False)
 
 
 class InputQuantCache:
