@@ -62,6 +62,21 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
+    """Put a finished directory in place of `final` by rename. Whatever stood there is renamed
+    aside first and removed last, so a kill at any moment leaves `final` whole (old or new) or,
+    between the two renames, the old one beside it as `<final>.old`."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> int:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
@@ -438,15 +453,7 @@ def save_training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
     state = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta,
              "files": {TRAINING_FILE: size}}
     atomic_write_text(tmp / TRAINER_STATE_FILE, json.dumps(state, indent=1))
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
 
 
 def read_trainer_state(path) -> dict:

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from ..checkpoint import replace_dir  # noqa: F401  (R.replace_dir: the CLI's directory swaps)
 from ..config import FalqonError
 
 RUN_FILE = "run.json"
@@ -153,19 +154,6 @@ def final_is_complete(out: pathlib.Path) -> bool:
     return True
 
 
-def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
-    """Put a finished directory in place of `final` by rename. Whatever stood there is renamed
-    aside first and removed last, so a kill at any moment leaves `final` whole (old or new) or,
-    between the two renames, the old one beside it as `<final>.old`."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old)
 
 
 def fresh_partial(path: pathlib.Path) -> pathlib.Path:
