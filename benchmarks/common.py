@@ -9,6 +9,7 @@ queues the call while the GPU sleeps.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -84,6 +85,27 @@ def run_metadata(device: str, script: str | None = None, argv: list[str] | None 
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + shlex.join([shown] + argv),
     }
+
+
+def probe_args(doc: str, argv, reps: int, warmup: int = 5) -> argparse.Namespace:
+    """The command line the probes (benchmarks/route_probe, benchmarks/cutlass_probe) share:
+    --M, --reps, --warmup and --out."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--M", type=int, default=8192)
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--out", type=pathlib.Path)
+    return p.parse_args(argv)
+
+
+def finish_probe(stem: str, script: str, argv, out, headers: list[str], rows: list[list[object]],
+                 records: list[dict]) -> None:
+    """A probe's end: prints its table and writes its records with the run's metadata to `out`,
+    by default results/<stem>_<gpu>.json."""
+    print(format_table(headers, rows))
+    out = out or RESULTS_DIR / f"{stem}_{device_tag('cuda')}.json"
+    write_json(out, run_metadata("cuda", script, sys.argv[1:] if argv is None else argv), records)
+    print(f"wrote {os.path.relpath(out)}")
 
 
 def write_json(path: str | os.PathLike, meta: dict, records: list[dict], **extra) -> None:

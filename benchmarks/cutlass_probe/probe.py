@@ -12,9 +12,6 @@ benchmarks/results/cutlass_probe_<gpu>.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import pathlib
 import statistics
 import sys
@@ -88,25 +85,16 @@ def measure(mod, M: int, K: int, N: int, reps: int, warmup: int) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--M", type=int, default=8192)
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--out", type=pathlib.Path)
-    args = p.parse_args(argv)
+    args = common.probe_args(__doc__, argv, reps=50, warmup=10)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("cutlass probe: needs a Hopper GPU (sm_90a kernels)")
     mod = build()
     records = [r for K, N in SHAPES for r in measure(mod, args.M, K, N, args.reps, args.warmup)]
     rows = [[f"{r['K']}->{r['N']}", r["kernel"], r.get("ms"), r.get("tflops"),
              r.get("max_rel_diff"), r.get("skipped")] for r in records]
-    print(common.format_table(["K->N", "kernel", "ms", "TFLOP/s", "max rel diff", "skipped"],
-                              rows))
-    out = args.out or (HERE.parent / "results" /
-                       f"cutlass_probe_{common.device_tag('cuda')}.json")
-    meta = common.run_metadata("cuda", __file__, sys.argv[1:] if argv is None else argv)
-    out.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
-    print(f"wrote {os.path.relpath(out)}")
+    common.finish_probe("cutlass_probe", __file__, argv, args.out,
+                        ["K->N", "kernel", "ms", "TFLOP/s", "max rel diff", "skipped"], rows,
+                        records)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ benchmarks/results/route_probe_<gpu>.json.
 
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
 import statistics
 import sys
@@ -140,24 +138,17 @@ def l2(ext, M: int, reps: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--M", type=int, default=8192)
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--out", type=pathlib.Path)
-    args = p.parse_args(argv)
+    args = common.probe_args(__doc__, argv, reps=30)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("route probe: needs a Hopper GPU (sm_90a kernels, outer-vector scales)")
     ext = build()
-    timer = common.Timer("cuda", warmup=5, reps=args.reps)
+    timer = common.Timer("cuda", warmup=args.warmup, reps=args.reps)
     records = (gemm_scales(ext, timer, args.M) + route_gemms(timer, args.M)
                + quantize(ext, timer, args.M) + l2(ext, args.M, args.reps))
     rows = [[r["section"], r["case"], r["variant"], r.get("us"), r.get("tflops"),
              r.get("skipped")] for r in records]
-    print(common.format_table(["section", "case", "variant", "us", "TFLOP/s", "skipped"], rows))
-    out = args.out or common.RESULTS_DIR / f"route_probe_{common.device_tag('cuda')}.json"
-    common.write_json(out, common.run_metadata("cuda", __file__, sys.argv[1:] if argv is None
-                                               else argv), records)
-    print(f"wrote {os.path.relpath(out)}")
+    common.finish_probe("route_probe", __file__, argv, args.out,
+                        ["section", "case", "variant", "us", "TFLOP/s", "skipped"], rows, records)
     return 0
 
 

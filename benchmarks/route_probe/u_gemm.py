@@ -16,8 +16,6 @@ medians). Prints a table; writes benchmarks/results/u_gemm_probe_<gpu>.json.
 
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
 import sys
 
@@ -72,22 +70,15 @@ def measure(timer, M: int, N: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--M", type=int, default=8192)
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--out", type=pathlib.Path)
-    args = p.parse_args(argv)
+    args = common.probe_args(__doc__, argv, reps=30)
     if not torch.cuda.is_available():
         sys.exit("u_gemm probe: needs a CUDA GPU")
-    timer = common.Timer("cuda", warmup=5, reps=args.reps)
+    timer = common.Timer("cuda", warmup=args.warmup, reps=args.reps)
     records = [r for N in WIDTHS for r in measure(timer, args.M, N)]
     rows = [[r["N"], r["variant"], r.get("us"), r.get("tb_per_s_of_g"), r.get("skipped")]
             for r in records]
-    print(common.format_table(["N", "variant", "us", "TB/s of g", "skipped"], rows))
-    out = args.out or common.RESULTS_DIR / f"u_gemm_probe_{common.device_tag('cuda')}.json"
-    common.write_json(out, common.run_metadata("cuda", __file__, sys.argv[1:] if argv is None
-                                               else argv), records)
-    print(f"wrote {os.path.relpath(out)}")
+    common.finish_probe("u_gemm_probe", __file__, argv, args.out,
+                        ["N", "variant", "us", "TB/s of g", "skipped"], rows, records)
     return 0
 
 
