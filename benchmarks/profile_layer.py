@@ -12,9 +12,10 @@ adapter mode), with _delayed<H> / _wt after the GPU's name for those options.
 
 The adapter mode's own work shows in three groups: "16-bit GEMMs (adapter)" (every GEMM that is
 not an FP8 one: the forward's y = y_base + scaling xa B^T and the backward's u = scaling g B,
-cuBLASLt bf16/fp16 kernels), "adapter operand: u amax" (adapter_partials_kernel) and "adapter
-operand: cast" (adapter_cast_kernel, which casts [g | u] with current scaling, u alone with
-delayed scaling). B is drawn non-zero there (normal, std 0.01), as a trained adapter's.
+cuBLASLt bf16/fp16 kernels), "adapter operand: u amax" (adapter_partials_kernel, delayed scaling
+only: current scaling takes u's amax in the fused pass) and "adapter operand: cast"
+(adapter_cast_kernel, which casts [g | u] with current scaling, u alone with delayed scaling). B
+is drawn non-zero there (normal, std 0.01), as a trained adapter's.
 """
 
 from __future__ import annotations

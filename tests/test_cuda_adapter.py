@@ -150,6 +150,28 @@ def test_adapter_backward_matches_cpu(c, history_kind):
     assert torch.equal(dB_d, dB_proxy), "dB"
 
 
+@pytest.mark.parametrize("history_kind", ["none", "empty"])
+@pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)
+def test_adapter_backward_amax_is_u_where_u_dominates(K, N, history_kind):
+    # A large B (still on the exact grid): u = scaling g B outgrows g, so the operand's scale is
+    # u's amax, which current scaling folds into the fused pass's partials (no kernel of its own)
+    # and delayed scaling with an empty history takes from adapter_partials.
+    r = RANKS.get(N, 64)
+    w, s, g, _ = _exact_operands(K, N, r, (1024,), torch.bfloat16)
+    B = adapter_B(N, r, scale=16.0)
+    scaling = 0.5
+    G = adapter_operand(g.reshape(-1, N), B, scaling, w.shape[0])
+    assert G[:, N:].abs().max() > 4 * G[:, :N].abs().max(), "setup: u dominates the operand"
+    history = None if history_kind == "none" else torch.zeros(4)
+    xa = random_activations((1024, r), torch.bfloat16)
+    dx_d, _, amax_d = ops.melded_linear_backward(
+        to_dev(g), to_dev(xa), to_dev(w), to_dev(s), None, scaling, None, to_dev(history),
+        torch.float32, to_dev(B))
+    amax_c = _check_dx(dx_d, g, w, s, B, scaling, E5M2, torch.bfloat16, history,
+                       f"dx {K}to{N} {history_kind}")
+    assert amax_d.item() == amax_c.item() == G.abs().max().item()
+
+
 @pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)
 def test_adapter_transposed_copy_gives_the_same_dx(K, N):
     r = 64

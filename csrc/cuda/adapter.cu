@@ -3,9 +3,10 @@
 // W' = [W; A; 0] gives dx = g W + scaling (g B) A.
 //
 // g is the large part (M x N, 16-bit) and is read by the fused backward pass anyway; u is small
-// (M x r fp32, 2 MB at M = 8192, r = 64). So u only adds its partial maxima to g's (current
-// scaling: before the cast pass, which then casts both at the one scale; delayed scaling: the
-// history's amax, or u's own while the history is empty) and its own cast of r16 columns a row.
+// (M x r fp32, 2 MB at M = 8192, r = 64). So u only adds its amax to g's (current scaling: the
+// fused backward pass reads u's share beside its tile of g, before the cast pass, which then
+// casts both at the one scale; delayed scaling: adapter_partials gives the history's amax, or
+// u's own while the history is empty) and its own cast of r16 columns a row.
 #include "common.cuh"
 
 namespace falqon {
@@ -16,18 +17,16 @@ namespace {
 constexpr int kAdapterThreads = 256;
 constexpr int kRowUnroll = 4;  // rows of g in flight per thread
 
-// partials[b] for b < gridDim.x: the history's amax where it holds one (history != nullptr),
-// else this block's maximum of |u| over its grid-stride share.
+// partials[b] for b < gridDim.x: the history's amax where it holds one, else this block's
+// maximum of |u| over its grid-stride share.
 __global__ void __launch_bounds__(kAdapterThreads)
     adapter_partials_kernel(const float* __restrict__ u, int64_t count,
                             const float* __restrict__ history, int64_t history_len,
                             uint32_t* __restrict__ partials) {
-  if (history != nullptr) {
-    const float recorded = history_amax(history, history_len);  // the same in every thread
-    if (recorded > 0.f) {
-      if (threadIdx.x == 0) partials[blockIdx.x] = __float_as_uint(recorded);
-      return;
-    }
+  const float recorded = history_amax(history, history_len);  // the same in every thread
+  if (recorded > 0.f) {
+    if (threadIdx.x == 0) partials[blockIdx.x] = __float_as_uint(recorded);
+    return;
   }
   uint32_t m = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
@@ -102,17 +101,14 @@ __global__ void __launch_bounds__(kAdapterThreads)
 }  // namespace
 
 void adapter_partials(const at::Tensor& u, const at::Tensor& partials, int64_t offset,
-                      const std::optional<at::Tensor>& amax_history) {
+                      const at::Tensor& amax_history) {
   FALQON_CHECK(u.is_contiguous() && u.scalar_type() == at::kFloat &&
                   partials.numel() >= offset + kAdapterPartials,
               "falqon: adapter_partials takes a contiguous fp32 u and room for its partials");
-  const at::Tensor history =
-      amax_history.has_value() ? amax_history->contiguous() : at::Tensor();
+  const at::Tensor history = amax_history.contiguous();
   adapter_partials_kernel<<<static_cast<int>(kAdapterPartials), kAdapterThreads, 0,
                             at::cuda::getCurrentCUDAStream()>>>(
-      u.const_data_ptr<float>(), u.numel(),
-      amax_history.has_value() ? history.const_data_ptr<float>() : nullptr,
-      amax_history.has_value() ? history.numel() : 0,
+      u.const_data_ptr<float>(), u.numel(), history.const_data_ptr<float>(), history.numel(),
       reinterpret_cast<uint32_t*>(partials.data_ptr()) + offset);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -123,9 +123,10 @@ struct GradTile {
 // rows [by * rows_per_split, +rows_per_split), streamed through `stages` (2 or 3) shared-memory
 // buffers with cp.async, so that up to stages - 1 tiles are in flight while one is used; it
 // writes its fp32 product to ws[by][n][0, 16 JF) (row stride ld_ws). mode: kAmaxMode writes
-// max |g| of its tile to partials[by * gridDim.x + bx]; kCastMode casts g into q at the scale of
-// max(partials) (row stride ld_q) and atomically maxes g's amax into amax_out; kProductOnly does
-// neither.
+// max |g| of its tile to partials[by * gridDim.x + bx], maxed with that of its grid-stride share
+// of u's u_count values where u is given (the adapter mode's u = scaling g B, which joins g's
+// amax: no kernel of its own); kCastMode casts g into q at the scale of max(partials) (row
+// stride ld_q) and atomically maxes g's amax into amax_out; kProductOnly does neither.
 template <typename T, int JF, bool kE4M3>
 __global__ void __launch_bounds__(kGradThreads, 2)
     grad_quantize_product_kernel(const T* __restrict__ g, int64_t M, int64_t N,
@@ -134,7 +135,7 @@ __global__ void __launch_bounds__(kGradThreads, 2)
                                  uint32_t* __restrict__ partials, int num_partials,
                                  uint8_t* __restrict__ q, int64_t ld_q, float* __restrict__ scale_out,
                                  uint32_t* __restrict__ amax_out, float* __restrict__ ws,
-                                 int64_t ld_ws) {
+                                 int64_t ld_ws, const float* __restrict__ u, int64_t u_count) {
   using W = typename HalfTypes<T>::type;
   using P = Pack<T, 8>;
   using Tile = GradTile<JF>;
@@ -268,7 +269,15 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     }
   }
   if (mode != kProductOnly) {
-    const uint32_t m_abs = block_max(pair_abs_bits(m_pair));
+    uint32_t m_u = 0;
+    if (mode == kAmaxMode && u != nullptr) {
+      const int64_t stride = int64_t{gridDim.x} * gridDim.y * blockDim.x;
+      for (int64_t i = (int64_t{blockIdx.y} * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+           i < u_count; i += stride) {
+        m_u = max(m_u, abs_bits(u[i]));
+      }
+    }
+    const uint32_t m_abs = block_max(max(pair_abs_bits(m_pair), m_u));
     if (threadIdx.x == 0) {
       if (mode == kAmaxMode) {
         partials[blockIdx.y * gridDim.x + blockIdx.x] = m_abs;
@@ -339,7 +348,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
   const bool adapter = lora_B.has_value();
   const int64_t ld_q = adapter ? weight.size(0) : N;
   const at::Tensor u = adapter ? adapter_u(g, *lora_B, scaling) : at::Tensor();
-  const int64_t extra = adapter ? kAdapterPartials : 0;
+  // Delayed scaling: u's partials (the history's amax, or u's own) go after g's, kAdapterPartials
+  // slots; current scaling: the fused pass folds u's amax into its own partials.
+  const bool delayed = amax_history.has_value();
+  const int64_t extra = adapter && delayed ? kAdapterPartials : 0;
   at::Tensor gq = at::empty({M, ld_q}, opts.dtype(grad_dtype));
   at::Tensor scale = at::empty({}, opts.dtype(at::kFloat));
   at::Tensor amax = at::empty({}, opts.dtype(at::kFloat));
@@ -354,16 +366,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
       int64_t{kPassColumns} * (passes - 1) + 16 * fragments_for(r - int64_t{kPassColumns} * (passes - 1));
   at::Tensor ws = at::empty({splits, N, ld_ws}, opts.dtype(at::kFloat));
 
-  const bool delayed = amax_history.has_value();
-  // Current scaling: the first pass writes one amax partial per block; delayed scaling: the
-  // partials come from the history (delayed_amax_kernel, which also zeroes `amax`).
-  // The adapter mode's u adds its partials after g's (kAdapterPartials slots, read by every cast).
+  // Current scaling: the first pass writes one amax partial per block (with u's amax in the
+  // adapter mode); delayed scaling: the partials come from the history (delayed_amax_kernel,
+  // which also zeroes `amax`), u's after g's (read by every cast).
   at::Tensor partials = delayed ? delayed_partials(g, *amax_history, amax, extra)
-                                : at::empty({int64_t{n_tiles} * splits + extra}, opts.dtype(at::kInt));
-  if (adapter) {
-    adapter_partials(u, partials, partials.numel() - extra,
-                     delayed ? amax_history : std::optional<at::Tensor>());
-  }
+                                : at::empty({int64_t{n_tiles} * splits}, opts.dtype(at::kInt));
+  if (adapter && delayed) adapter_partials(u, partials, partials.numel() - extra, *amax_history);
+  const float* u_for_amax = adapter && !delayed ? u.const_data_ptr<float>() : nullptr;
   auto* partial_bits = reinterpret_cast<uint32_t*>(partials.data_ptr());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(n_tiles, splits);
@@ -392,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
                 gp, M, N, xp_pass, r, cols, vec_xa, rows_per_split, mode, stages, partial_bits,
                 static_cast<int>(partials.numel()), static_cast<uint8_t*>(gq.data_ptr()), ld_q,
                 scale.data_ptr<float>(), reinterpret_cast<uint32_t*>(amax.data_ptr()),
-                ws.data_ptr<float>() + col0, ld_ws);
+                ws.data_ptr<float>() + col0, ld_ws, u_for_amax, u_for_amax ? u.numel() : 0);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       auto with_format = [&](auto jf) {

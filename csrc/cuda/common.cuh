@@ -101,11 +101,12 @@ at::Tensor delayed_partials(const at::Tensor& x, const at::Tensor& amax_history,
 
 // Slots of the partial maxima that adapter_partials writes.
 constexpr int64_t kAdapterPartials = 32;
-// Writes kAdapterPartials partial maxima of |u| into partials[offset, offset + kAdapterPartials)
-// (int32 bits, as amax_partials), or with amax_history (delayed scaling) the history's amax where
-// it holds one, u's own where it does not (delayed_partials' rule).
+// Delayed scaling's partials of u: kAdapterPartials values into partials[offset, offset +
+// kAdapterPartials) (int32 bits, as amax_partials), the history's amax where it holds one, else
+// partial maxima of |u| (delayed_partials' rule). With current scaling the fused backward pass
+// folds u's amax into its own partials instead.
 void adapter_partials(const at::Tensor& u, const at::Tensor& partials, int64_t offset,
-                      const std::optional<at::Tensor>& amax_history);
+                      const at::Tensor& amax_history);
 // Casts the operand at the scale of max(partials): with g (current scaling) g into columns
 // [0, N) of q and u (plus zero padding) into [N, ld_q), writing scale and amax = max(partials);
 // without g (delayed scaling, g already cast by the fused backward pass) u and its padding only,
