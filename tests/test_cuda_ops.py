@@ -54,16 +54,20 @@ def wide_range(shape, dtype):
     return x.clamp(-6e4, 6e4).to(dtype)
 
 
-def check_quantize(x_dev, x_cpu, dtype, what):
-    q_d, s_d = falqon.quantize(x_dev, dtype)
-    q_c, s_c = falqon.quantize(x_cpu, dtype)
+def check_quantize(x_dev, x_cpu, dtype, what, rows=False):
+    """falqon.quantize (rows: quantize_rows, a scale per row) on the device against the CPU: the
+    FP8 values bitwise and the scales equal."""
+    op = falqon.quantize_rows if rows else falqon.quantize
+    q_d, s_d = op(x_dev, dtype)
+    q_c, s_c = op(x_cpu, dtype)
     assert q_d.device == x_dev.device and s_d.device == x_dev.device, what
     assert q_d.dtype == dtype and q_d.shape == x_dev.shape and q_d.is_contiguous(), what
-    assert s_d.dtype == torch.float32 and s_d.shape == (), what
+    assert s_d.dtype == torch.float32 and s_d.shape == (x_dev.shape[:-1] if rows else ()), what
     assert_fp8_equal(q_d, q_c, what)
     # amax is exact and amax / fmax one correctly rounded division on both: the same float32.
     s_d = s_d.cpu()
-    assert torch.equal(s_d, s_c) or (s_d.isnan() and s_c.isnan()), (what, s_d.item(), s_c.item())
+    same = (s_d == s_c) | (s_d.isnan() & s_c.isnan())
+    assert bool(same.all()), (what, s_d[~same][:4], s_c[~same][:4])
     return q_d, s_d
 
 

@@ -13,10 +13,10 @@ import torch
 import falqon
 from falqon import ops
 from falqon_testing import opcheck
-from cuda_testing import (E4M3, assert_fp8_equal, assert_gemm_close, gpu, random_activations,
+from cuda_testing import (E4M3, assert_gemm_close, gpu, random_activations,
                           scaled_mm_floor, short, subset_rows, to_dev)
 from test_cuda_ops import (ACT, FP8, LINEAR_CASES, VIEWS, _case_id, _emulation_subset, _operands,
-                           wide_range)
+                           check_quantize, wide_range)
 
 pytestmark = [pytest.mark.gpu, gpu]
 
@@ -30,19 +30,6 @@ ROW_SHAPES = [(1, 7), (3, 5, 13), (4097, 3), (64, 4096), (8192, 4096), (33, 1100
               (2, 20000), (3, 40000)]
 
 
-def check_quantize_rows(x_dev, x_cpu, dtype, what):
-    q_d, s_d = falqon.quantize_rows(x_dev, dtype)
-    q_c, s_c = falqon.quantize_rows(x_cpu, dtype)
-    assert q_d.device == s_d.device == x_dev.device, what
-    assert q_d.dtype == dtype and q_d.shape == x_dev.shape and q_d.is_contiguous(), what
-    assert s_d.dtype == torch.float32 and s_d.shape == x_dev.shape[:-1], what
-    assert_fp8_equal(q_d, q_c, what)
-    s_d = s_d.cpu()
-    same = (s_d == s_c) | (s_d.isnan() & s_c.isnan())
-    assert bool(same.all()), (what, s_d[~same][:4], s_c[~same][:4])
-    return q_d, s_d
-
-
 @pytest.mark.parametrize("shape", _emulation_subset(ROW_SHAPES, lambda s: math.prod(s) < 1e6),
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("out", FP8, ids=short)
@@ -52,7 +39,7 @@ def test_quantize_rows_matches_cpu(shape, out, inp):
     x = wide_range(shape, inp)
     x = (x.float() * torch.logspace(-2, 2, x.numel() // shape[-1]).reshape(*shape[:-1], 1))
     x = x.clamp(-6e4, 6e4).to(inp)
-    check_quantize_rows(to_dev(x), x, out, f"quantize_rows {shape} {inp} -> {out}")
+    check_quantize(to_dev(x), x, out, f"quantize_rows {shape} {inp} -> {out}", rows=True)
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=str)
@@ -60,7 +47,7 @@ def test_quantize_rows_matches_cpu(shape, out, inp):
 def test_quantize_rows_views_match_cpu(view, inp):
     base = wide_range((1000, 336), inp)
     fn = VIEWS[view]
-    check_quantize_rows(fn(to_dev(base)), fn(base), E4M3, f"quantize_rows {view} {inp}")
+    check_quantize(fn(to_dev(base)), fn(base), E4M3, f"quantize_rows {view} {inp}", rows=True)
 
 
 @pytest.mark.parametrize("out", FP8, ids=short)
@@ -71,7 +58,7 @@ def test_quantize_rows_special_values_match_cpu(out):
     x[2, 1234] = float("nan")        # NaN scale in its row only
     x[3, 17] = float("inf")
     x[4, -1] = -10 * x[4].abs().max()
-    q, s = check_quantize_rows(to_dev(x), x, out, f"quantize_rows specials -> {out}")
+    q, s = check_quantize(to_dev(x), x, out, f"quantize_rows specials -> {out}", rows=True)
     assert s[0].item() == s[1].item() == 1.0 and not q[:2].cpu().view(torch.uint8).any()
     assert s[2].isnan() and not s[[0, 1, 3, 4, 5]].isnan().any()
     assert q.cpu()[4, -1].float().item() == -ops.FP8_MAX[out]
