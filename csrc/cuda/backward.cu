@@ -7,7 +7,8 @@
 //   - reduces its amax (current scaling: one partial per block, for the cast pass that follows),
 //     or casts it at the delayed scale and reduces its amax (delayed scaling, the only pass);
 //   - multiplies it by the matching (64 x r) rows of xa on the tensor cores (mma.m16n8k16 fed by
-//     ldmatrix, bf16/fp16 in, fp32 accumulation), each warp owning 16 of the tile's 128 outputs.
+//     ldmatrix, bf16/fp16 in, fp32 accumulation), each warp owning 32 of the tile's 128 outputs
+//     for half of its rows (or, at rank > 64, half of the rank columns).
 // Tiles stream through shared memory with cp.async, two or three buffers deep. The grid splits M
 // so that ~2 blocks per SM stream g; each split writes its fp32 partial of dB
 // to a workspace, and grad_b_reduce_kernel sums the splits in a fixed order (deterministic, no
@@ -58,6 +59,16 @@ __device__ __forceinline__ typename HalfTypes<T>::pair pack_abs_max(typename Hal
   const Pair* p = reinterpret_cast<const Pair*>(&v);
 #pragma unroll
   for (int k = 0; k < 4; ++k) m = __hmax2_nan(m, __habs2(p[k]));
+  return m;
+}
+
+// max(m, |v|) for the 8 values of an mma fragment (four registers of two 16-bit values).
+template <typename T>
+__device__ __forceinline__ typename HalfTypes<T>::pair fragment_abs_max(
+    typename HalfTypes<T>::pair m, const uint32_t (&frag)[4]) {
+  using Pair = typename HalfTypes<T>::pair;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) m = __hmax2_nan(m, __habs2(*reinterpret_cast<const Pair*>(&frag[k])));
   return m;
 }
 
@@ -195,19 +206,34 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     }
   };
 
-  // The warp's products: outputs n0 + 16 warp + [0, 16) (rows of the mma) times rank columns
-  // 8 f + [0, 8) in acc[f] (mma.m16n8k16's accumulator layout).
-  float acc[2 * JF][4];
+  // The warp's products: outputs n0 + 32 (warp % 4) + [0, 32) (rows of the mma, two 16-output
+  // halves h) times kWarpFragments 16-column fragments of xa, in acc[h][f] (mma.m16n8k16's
+  // accumulator layout). Warps 0-3 and 4-7 split the tile's rows (kSplitRows: 32 rows each, the
+  // two partial products summed once at the end) or, at 8 fragments, the rank columns (the
+  // accumulators would not fit in registers). Against 16 outputs and every rank column a warp,
+  // a tile of xa is read from shared memory by 4 warps instead of 8: the pass was bound by those
+  // fragment loads, not by g's bandwidth (runs 78, 90).
+  constexpr bool kSplitRows = JF <= 4;
+  constexpr int kWarpFragments = kSplitRows ? JF : JF / 2;
+  constexpr int kWarpKSteps = kSplitRows ? kTileM / 32 : kTileM / 16;
+  const int warp_out = warp & 3, warp_half = warp >> 2;
+  const int k_first = kSplitRows ? warp_half * kWarpKSteps : 0;
+  const int f_first = kSplitRows ? 0 : warp_half * kWarpFragments;
+  float acc[2][2 * kWarpFragments][4];
 #pragma unroll
-  for (int f = 0; f < 2 * JF; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.f;
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int f = 0; f < 2 * kWarpFragments; ++f)
+      acc[h][f][0] = acc[h][f][1] = acc[h][f][2] = acc[h][f][3] = 0.f;
   // ldmatrix row addresses (lane l: row l % 8 of matrix l / 8). A = the tile of g transposed,
   // 16 outputs x 16 rows of g: matrices (g rows 0-7 | 8-15) x (outputs 0-7 | 8-15) in the order
   // a0..a3 of the mma. B = 16 rows of xa x 16 rank columns: (rows 0-7, cols 0-7), (rows 8-15,
   // cols 0-7) for the first 8 columns, then the same for columns 8-15.
   const int lane = static_cast<int>(threadIdx.x & 31), matrix = lane >> 3, matrix_row = lane & 7;
   const int a_offset =
-      ((matrix >> 1) * 8 + matrix_row) * Tile::kLdG + warp * 16 + (matrix & 1) * 8;
-  const int b_offset = ((matrix & 1) * 8 + matrix_row) * Tile::kLdX + (matrix >> 1) * 8;
+      ((matrix >> 1) * 8 + matrix_row) * Tile::kLdG + warp_out * 32 + (matrix & 1) * 8;
+  const int b_offset =
+      ((matrix & 1) * 8 + matrix_row) * Tile::kLdX + (matrix >> 1) * 8 + f_first * 16;
 
   using Pair = typename HalfTypes<T>::pair;
   Pair m_pair;
@@ -227,14 +253,14 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     cp_async_commit();
     const W* gb = gs + (t % stages) * Tile::kGElems;
     const W* xb = xs + (t % stages) * Tile::kXElems;
-    if (mode != kProductOnly) {
+    if (mode == kCastMode) {
       const int64_t m0 = m_begin + t * kTileM;
       uint8_t* q_tile = q + thread_offset + t * kTileM * ld_q;
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const P v = *reinterpret_cast<const P*>(gb + vec_row(i) * Tile::kLdG + col);
         m_pair = pack_abs_max<T>(m_pair, v);  // (zeros outside g)
-        if (mode == kCastMode && in_range(m0, i)) {
+        if (in_range(m0, i)) {
           float x[8];
           pack_to_floats(v, x);
           *reinterpret_cast<uint2*>(q_tile + i * kRowStep * ld_q) = cast8_to_fp8<kE4M3>(x, d);
@@ -243,29 +269,71 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     }
     // dB[n][j] += sum_m g[m][n] xa[m][j]: A = the tile of g transposed (column-major in gs).
 #pragma unroll
-    for (int k = 0; k < kTileM / 16; ++k) {
-      uint32_t a[4];
-      ldmatrix_x4_trans(a, gb + k * 16 * Tile::kLdG + a_offset);
+    for (int k = k_first; k < k_first + kWarpKSteps; ++k) {
+      uint32_t a[2][4];
 #pragma unroll
-      for (int j = 0; j < JF; ++j) {
+      for (int h = 0; h < 2; ++h) {
+        ldmatrix_x4_trans(a[h], gb + k * 16 * Tile::kLdG + a_offset + h * 16);
+        // The amax from the fragments: every element of the tile is in exactly one warp's (or,
+        // with the rank split, two warps') A fragments, zeros outside g.
+        if (mode == kAmaxMode) m_pair = fragment_abs_max<T>(m_pair, a[h]);
+      }
+#pragma unroll
+      for (int j = 0; j < kWarpFragments; ++j) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, xb + k * 16 * Tile::kLdX + j * 16 + b_offset);
-        mma_16816<W>(acc[2 * j], a, b[0], b[1]);
-        mma_16816<W>(acc[2 * j + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          mma_16816<W>(acc[h][2 * j], a[h], b[0], b[1]);
+          mma_16816<W>(acc[h][2 * j + 1], a[h], b[2], b[3]);
+        }
       }
     }
   }
   cp_async_wait<0>();
 
-  const int64_t n_warp = n0 + warp * 16;
-  if (n_warp < N) {  // N is a multiple of 16: a warp's 16 outputs are all in or all out
-    // Lane l holds outputs l / 4 and l / 4 + 8, columns 8 f + 2 (l % 4) + {0, 1}.
-    float* out = ws + (static_cast<int64_t>(blockIdx.y) * N + n_warp + lane / 4) * ld_ws +
-                 2 * (lane % 4);
+  if constexpr (kSplitRows) {
+    // Warps 4-7 hand their partial products to warps 0-3 through the (now idle) tile buffers,
+    // one float per lane and register, in a fixed order (deterministic).
+    __syncthreads();
+    constexpr int kHandoffFloats = 2 * 2 * kWarpFragments * 4 * 32;  // a warp's accumulators
+    static_assert(4 * kHandoffFloats * 4 <= 2 * Tile::kStageBytes, "fits in two tile buffers");
+    float* handoff = reinterpret_cast<float*>(grad_smem) + warp_out * kHandoffFloats + lane;
+    auto slot = [](int h, int f, int e) { return ((h * 2 * kWarpFragments + f) * 4 + e) * 32; };
+    if (warp_half == 1) {
 #pragma unroll
-    for (int f = 0; f < 2 * JF; ++f) {
-      *reinterpret_cast<float2*>(out + 8 * f) = make_float2(acc[f][0], acc[f][1]);
-      *reinterpret_cast<float2*>(out + 8 * ld_ws + 8 * f) = make_float2(acc[f][2], acc[f][3]);
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int f = 0; f < 2 * kWarpFragments; ++f)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) handoff[slot(h, f, e)] = acc[h][f][e];
+    }
+    __syncthreads();
+    if (warp_half == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int f = 0; f < 2 * kWarpFragments; ++f)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc[h][f][e] = __fadd_rn(acc[h][f][e], handoff[slot(h, f, e)]);
+    }
+  }
+  if (!kSplitRows || warp_half == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n_warp = n0 + warp_out * 32 + h * 16;
+      if (n_warp < N) {  // N is a multiple of 16: 16 outputs are all in or all out
+        // Lane l holds outputs l / 4 and l / 4 + 8, columns 8 f + 2 (l % 4) + {0, 1}.
+        float* out = ws + (static_cast<int64_t>(blockIdx.y) * N + n_warp + lane / 4) * ld_ws +
+                     16 * f_first + 2 * (lane % 4);
+#pragma unroll
+        for (int f = 0; f < 2 * kWarpFragments; ++f) {
+          *reinterpret_cast<float2*>(out + 8 * f) = make_float2(acc[h][f][0], acc[h][f][1]);
+          *reinterpret_cast<float2*>(out + 8 * ld_ws + 8 * f) =
+              make_float2(acc[h][f][2], acc[h][f][3]);
+        }
+      }
     }
   }
   if (mode != kProductOnly) {
