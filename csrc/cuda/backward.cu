@@ -310,27 +310,18 @@ __global__ void __launch_bounds__(kGradThreads, 2)
     // Warps 4-7 hand their partial products to warps 0-3 through the (now idle) tile buffers,
     // one float per lane and register, in a fixed order (deterministic).
     __syncthreads();
-    constexpr int kHandoffFloats = 2 * 2 * kWarpFragments * 4 * 32;  // a warp's accumulators
-    static_assert(4 * kHandoffFloats * 4 <= 2 * Tile::kStageBytes, "fits in two tile buffers");
-    float* handoff = reinterpret_cast<float*>(grad_smem) + warp_out * kHandoffFloats + lane;
-    auto slot = [](int h, int f, int e) { return ((h * 2 * kWarpFragments + f) * 4 + e) * 32; };
+    constexpr int kAccFloats = 2 * 2 * kWarpFragments * 4;  // a thread's accumulators
+    static_assert(4 * 32 * kAccFloats * 4 <= 2 * Tile::kStageBytes, "fits in two tile buffers");
+    float* handoff = reinterpret_cast<float*>(grad_smem) + warp_out * 32 * kAccFloats + lane;
+    float* flat = &acc[0][0][0];
     if (warp_half == 1) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int f = 0; f < 2 * kWarpFragments; ++f)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) handoff[slot(h, f, e)] = acc[h][f][e];
+      for (int i = 0; i < kAccFloats; ++i) handoff[32 * i] = flat[i];
     }
     __syncthreads();
     if (warp_half == 0) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int f = 0; f < 2 * kWarpFragments; ++f)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            acc[h][f][e] = __fadd_rn(acc[h][f][e], handoff[slot(h, f, e)]);
+      for (int i = 0; i < kAccFloats; ++i) flat[i] = __fadd_rn(flat[i], handoff[32 * i]);
     }
   }
   if (!kSplitRows || warp_half == 0) {
