@@ -249,3 +249,10 @@ def fp8_codes_sorted(dtype: torch.dtype) -> torch.Tensor:
     """Every finite non-negative value of an FP8 format, ascending, as float32."""
     codes = torch.arange(0, 0x80, dtype=torch.uint8).view(dtype).float()
     return codes[torch.isfinite(codes)].sort().values
+
+
+def emulation_subset(cases, small):
+    """The emulated re-run (test_cuda_ops.test_emulated_path_matches_cpu) keeps only the small
+    cases: it proves the fallback path, and the large ones would only repeat the CPU reference's
+    cost."""
+    return [c for c in cases if small(c)] if EMULATED else cases

@@ -2,8 +2,7 @@
 
 Inputs are drawn on the CPU, copied to the GPU, and the CPU op runs on the CPU copies. What must
 match how: quantize bitwise; the GEMMs within the bounds cuda_testing.gemm_tolerance derives;
-topk_update_ bitwise up to rare one-step FP8 flips; meld_init's weight rows bitwise and its
-adapter up to fp32 differences of the SVD. Skipped without a CUDA GPU with FP8 (see
+topk_update_ and meld_init in test_cuda_topk_update.py and test_cuda_meld_init.py. Skipped without a CUDA GPU with FP8 (see
 cuda_testing for the CPU dry run of these tests' code).
 """
 
@@ -22,23 +21,16 @@ import torch
 
 import falqon
 from falqon import ops
-from falqon_testing import opcheck, rel_err
+from falqon_testing import opcheck
 from cuda_testing import (
     DEVICE, E4M3, E5M2, EMULATED, FAST_ACCUM_DGRAD, LLAMA_7B, LLAMA_13B, UNIT_ROUNDOFF,
-    assert_fp8_equal,
-    assert_fp8_nearly_equal, assert_gemm_close, cuda_only, fp8_codes_sorted, gpu, melded_weight,
-    random_activations, scaled_mm_floor, short, subset_rows, to_dev)
+    assert_fp8_equal, assert_gemm_close, cuda_only, emulation_subset, fp8_codes_sorted, gpu,
+    melded_weight, random_activations, scaled_mm_floor, short, subset_rows, to_dev)
 
 pytestmark = [pytest.mark.gpu, gpu]
 
 FP8 = (E4M3, E5M2)
 ACT = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _emulation_subset(cases, small):
-    """The emulated re-run (test_emulated_path_matches_cpu) keeps only the small cases: it proves
-    the fallback path, and the large ones would only repeat the CPU reference's cost."""
-    return [c for c in cases if small(c)] if EMULATED else cases
 
 
 # ---- quantize ---------------------------------------------------------------------------------
@@ -71,7 +63,7 @@ def check_quantize(x_dev, x_cpu, dtype, what, rows=False):
     return q_d, s_d
 
 
-@pytest.mark.parametrize("shape", _emulation_subset(QUANT_SHAPES, lambda s: math.prod(s) < 1e6),
+@pytest.mark.parametrize("shape", emulation_subset(QUANT_SHAPES, lambda s: math.prod(s) < 1e6),
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("out", FP8, ids=short)
 @pytest.mark.parametrize("inp", ACT, ids=short)
@@ -172,7 +164,7 @@ def check_quantize_delayed(x_dev, x_cpu, dtype, history, what):
 
 
 @pytest.mark.parametrize("kind", ["empty", "below", "above", "nan"])
-@pytest.mark.parametrize("shape", _emulation_subset(QUANT_SHAPES, lambda s: math.prod(s) < 1e6),
+@pytest.mark.parametrize("shape", emulation_subset(QUANT_SHAPES, lambda s: math.prod(s) < 1e6),
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("out", FP8, ids=short)
 @pytest.mark.parametrize("inp", ACT, ids=short)
@@ -313,7 +305,7 @@ def _linear_cases():
               LinearCase((64, 32, (2, 3, 5), 8, True, False, torch.bfloat16, E4M3)),
               LinearCase((64, 32, (0,), 8, True, True, torch.float32, None)),
               LinearCase((4096, 4096, (2, 0, 3), 16, False, False, torch.bfloat16, None))]
-    return _emulation_subset(cases, lambda c: c.M <= 127)
+    return emulation_subset(cases, lambda c: c.M <= 127)
 
 
 LINEAR_CASES = _linear_cases()
@@ -432,7 +424,7 @@ def _backward_cases():
               for kind in ("empty", "below", "above")]
     cases += [(4096, 11008, (127,), 200, False, torch.float16, E4M3, torch.float32, "above"),
               (11008, 4096, (2, 100), 64, False, torch.float32, None, torch.float32, "below")]
-    return _emulation_subset(cases, lambda c: math.prod(c[2]) <= 127)
+    return emulation_subset(cases, lambda c: math.prod(c[2]) <= 127)
 
 
 def _backward_id(c):
@@ -480,7 +472,7 @@ def test_melded_linear_backward_matches_grad_input_and_dB(c):
         assert ref.abs().max() > 0 and dB.abs().max() > 0, "setup: a non-trivial dB"
 
 
-DELAYED_LINEAR_CASES = _emulation_subset(
+DELAYED_LINEAR_CASES = emulation_subset(
     [LinearCase((4096, 4096, (8192,), 64, True, False, torch.bfloat16, None)),
      LinearCase((4096, 11008, (4, 512), 16, False, True, torch.bfloat16, E4M3)),
      LinearCase((11008, 4096, (127,), 64, True, True, torch.float32, None)),
@@ -542,7 +534,7 @@ def test_melded_linear_with_a_history_matches_cpu(c, kind):
                       f"dx {_case_id(c)} {kind}")
 
 
-MODULE_CASES = _emulation_subset(
+MODULE_CASES = emulation_subset(
     [(4096, 4096, (4, 512), 64, True, False, torch.bfloat16),
      (4096, 11008, (2, 100), 16, False, True, torch.bfloat16),
      (512, 256, (3, 7), 8, True, True, torch.float32)], lambda c: math.prod(c[2]) <= 1024)
@@ -625,206 +617,6 @@ def test_delayed_module_training_steps_match_cpu(K, N, lead, r, bias, wt, dtype)
                                 history[1])
         assert_gemm_close(x_d.grad.reshape(-1, K).cpu(), x_c.grad.reshape(-1, K), dx_floor,
                           f"dx {what} step {step}")
-
-
-# ---- topk_update_ -----------------------------------------------------------------------------
-
-def _separate_top_k(B: torch.Tensor, k: int) -> torch.Tensor:
-    """Scale down the rows whose score (L1 norm) lies just under the k-th largest, so that the top
-    k are unambiguous: the CPU and the GPU sum |B| in different orders (fp32 errors of
-    ~r 2^-24 relative), and a near tie at the boundary could then pick different rows."""
-    scores = B.double().abs().sum(1)
-    if 0 < k < len(scores):
-        kth = scores.topk(k).values[-1]
-        close = (scores < kth) & (scores > kth * (1 - 1e-3))
-        B[close] *= 0.99   # 0.99 kth even after a bf16 rounding (2^-9) is < (1 - 1e-3) kth
-    return B
-
-
-TOPK_CASES = _emulation_subset([
-    # K, N, r, k, B dtype, scaling, keep_residual, weight_t
-    (4096, 4096, 64, 10, torch.float32, 1.0, False, False),
-    (4096, 11008, 64, 64, torch.float32, 2.0, True, True),
-    (11008, 4096, 16, 10, torch.bfloat16, 1.0, False, True),
-    (5120, 13824, 8, 300, torch.float32, 0.5, True, False),
-    (256, 128, 8, 200, torch.float32, 1.0, False, True),       # k > N: every row
-    (64, 32, 16, 0, torch.float32, 1.0, False, True),          # k = 0: only the reset
-    (64, 32, 16, 0, torch.float32, 1.0, True, False),
-], lambda c: c[0] * c[1] <= 4096 * 4096)
-
-
-def _topk_operands(K, N, r, B_dtype):
-    w, s = melded_weight(K, N, r)
-    w = w.clone()
-    # Rows of B are scored by their L1 norm; magnitudes such that scaling * B[T] A_q moves a good
-    # part of the selected FP8 weights by a step or more (A_q is ~1/4 of W_q in the scaled domain).
-    B = (torch.randn(N, r) * 0.05 * 8 / math.sqrt(r)).to(B_dtype)
-    return w, s, B
-
-
-def _run_topk(w, B, w_t, k, scaling, keep):
-    w_d, B_d, wt_d = to_dev(w).clone(), to_dev(B).clone(), to_dev(w_t)
-    wt_d = None if wt_d is None else wt_d.clone()
-    falqon.topk_update_(w_d, B_d, wt_d, k, scaling, keep)
-    w_c, B_c, wt_c = w.clone(), B.clone(), None if w_t is None else w_t.clone()
-    falqon.topk_update_(w_c, B_c, wt_c, k, scaling, keep)
-    return (w_d, B_d, wt_d), (w_c, B_c, wt_c)
-
-
-def _changed_rows(before: torch.Tensor, after: torch.Tensor) -> set:
-    diff = before.cpu().view(torch.uint8) != after.cpu().view(torch.uint8)
-    return set(diff.any(1).nonzero().flatten().tolist())
-
-
-@pytest.mark.parametrize("K,N,r,k,B_dtype,scaling,keep,wt", TOPK_CASES,
-                         ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v))
-def test_topk_update_matches_cpu(K, N, r, k, B_dtype, scaling, keep, wt):
-    w, s, B = _topk_operands(K, N, r, B_dtype)
-    B = _separate_top_k(B, k)
-    w_t = w[:N].t().contiguous() if wt else None
-    (w_d, B_d, wt_d), (w_c, B_c, _) = _run_topk(w, B, w_t, k, scaling, keep)
-
-    kk = min(k, N)
-    T = set(B.double().abs().sum(1).topk(kk).indices.tolist()) if kk else set()
-    # Only the selected rows of W may change, on either device; A and the padding never do.
-    assert _changed_rows(w, w_c) <= T and _changed_rows(w, w_d) <= T
-    assert torch.equal(w_d[N:].cpu().view(torch.uint8), w[N:].view(torch.uint8))
-    if kk:
-        rows = sorted(T)
-        # The update must be worth testing: it moves a fair part of the selected weights.
-        moved = (w_c[rows].view(torch.uint8) != w[rows].view(torch.uint8)).float().mean().item()
-        assert moved > 0.05, f"the update moved only {moved:.1%} of the selected weights"
-        # Equal, except where v = W + scaling (B A_q) lands within fp32 noise of a rounding
-        # midpoint and the two sum orders round it to neighbouring FP8 values: rare.
-        assert_fp8_nearly_equal(w_d[rows], w_c[rows], max_fraction=1e-3, what="updated rows")
-    # B reset per the policy: all rows (drop) or only the applied ones (keep_residual).
-    B_dc = B_d.cpu()
-    if keep:
-        untouched = [i for i in range(N) if i not in T]
-        assert torch.equal(B_dc[untouched], B[untouched])
-        assert not B_dc[sorted(T)].any()
-    else:
-        assert not B_dc.any()
-    assert torch.equal(B_dc, B_c)
-    if wt:  # the transposed copy follows the weight, bit for bit
-        assert torch.equal(wt_d.cpu().view(torch.uint8),
-                           w_d[:N].cpu().t().contiguous().view(torch.uint8))
-
-
-def test_topk_update_nan_and_saturation_match_cpu():
-    K, N, r, k = 1024, 512, 16, 8
-    w, s, B = _topk_operands(K, N, r, torch.float32)
-    B[3, 5] = float("nan")   # a NaN score ranks first; its row must stay as it was
-    B[7] *= 1e4              # this row's update saturates at +-448
-    B = _separate_top_k(B, k)
-    w_t = w[:N].t().contiguous()
-    (w_d, B_d, wt_d), (w_c, B_c, _) = _run_topk(w, B, w_t, k, 1.0, False)
-    assert torch.equal(w_d[3].cpu().view(torch.uint8), w[3].view(torch.uint8))
-    assert torch.equal(w_c[3].view(torch.uint8), w[3].view(torch.uint8))
-    sat = w_c[7].float().abs() == 448
-    assert sat.float().mean() > 0.5, "the large row was meant to saturate"
-    assert_fp8_equal(w_d[7], w_c[7], "saturated row")
-    assert_fp8_nearly_equal(w_d, w_c, max_fraction=1e-4, what="weight")
-    assert not B_d.cpu().any()
-    assert torch.equal(wt_d.cpu().view(torch.uint8), w_d[:N].cpu().t().contiguous().view(torch.uint8))
-
-
-# ---- meld_init ----------------------------------------------------------------------------------
-
-def planted_weight(N: int, K: int, r: int):
-    """A float32 weight whose FP8 quantisation is known exactly and whose quantisation error is a
-    planted rank-r matrix with well separated singular values, so that A = sqrt(S) V^T is well
-    conditioned (its rows, not only their span, are determined) and known.
-
-    W = s0 q + E: q random E4M3 values of magnitude 16..416 plus one 448 (the amax, in row 0),
-    s0 = 2^-10 (a power of two: s0 q is exact); E = U diag(S) V^T with U's row 0 zero (the amax
-    element stays exact) and |E| <= 0.4 s0, under half an FP8 step of every |q| >= 16, so that
-    fp8(W / s0) = q. Singular values 1 - i/(2r) (times a constant): gaps of 1/(2r) relative."""
-    s0 = 2.0 ** -10
-    grid = fp8_codes_sorted(E4M3)
-    grid = grid[(grid >= 16) & (grid <= 416)]
-    q = grid[torch.randint(len(grid), (N, K))] * (torch.randint(0, 2, (N, K)) * 2 - 1)
-    q[0, 0] = 448.0
-    U = torch.cat([torch.zeros(1, r), torch.linalg.qr(torch.randn(N - 1, r, dtype=torch.float64)).Q])
-    V = torch.linalg.qr(torch.randn(K, r, dtype=torch.float64)).Q
-    S = 1 - torch.arange(r, dtype=torch.float64) / (2 * r)
-    E = (U * S) @ V.T
-    c = 0.4 * s0 / E.abs().max()
-    W = (q.double() * s0 + E * c).float()
-    A = (S * c).sqrt()[:, None] * V.T
-    pivot = A.gather(1, A.abs().argmax(1, keepdim=True))
-    A = A * torch.where(pivot < 0, -1.0, 1.0)   # the reference's sign convention
-    return W, q.to(E4M3), s0, A
-
-
-def _adapter(w, s, N, r):
-    return w[N:N + r].cpu().double() * s.cpu().double()
-
-
-MELD_PLANTED = _emulation_subset(
-    [(256, 512, 8, "exact"), (512, 256, 16, "randomized"), (1024, 1024, 64, "exact"),
-     (4096, 4096, 64, "randomized"), (11008, 4096, 64, "randomized")],
-    lambda c: c[0] * c[1] <= 1024 * 1024)
-
-
-@pytest.mark.parametrize("N,K,r,svd", MELD_PLANTED, ids=str)
-def test_meld_init_planted_matches_cpu_and_truth(N, K, r, svd):
-    W, q, s0, A_true = planted_weight(N, K, r)
-    w_d, s_d = falqon.meld_init(to_dev(W), r, svd=svd, seed=7)
-    w_c, s_c = falqon.meld_init(W, r, svd=svd, seed=7)
-    r16 = ops.padded_rank(r)
-    assert w_d.shape == (N + r16, K) and w_d.dtype == E4M3 and w_d.is_contiguous()
-    assert s_d.shape == () and s_d.dtype == torch.float32
-    assert s_d.item() == s_c.item() == s0
-    # The weight rows are the plain quantisation of W, bit for bit, on both devices.
-    assert_fp8_equal(w_c[:N], q, "CPU weight rows")
-    assert_fp8_equal(w_d[:N], q, "GPU weight rows")
-    assert not w_d[N + r:].cpu().view(torch.uint8).any(), "padding rows must be zero"
-    a_d, a_c = _adapter(w_d, s_d, N, r), _adapter(w_c, s_c, N, r)
-    # Against the truth: FP8 keeps 4 significant bits (relative error <= 2^-4 an element).
-    for name, a in (("GPU", a_d), ("CPU", a_c)):
-        row_err = (a - A_true).norm(dim=1) / A_true.norm(dim=1)
-        assert row_err.max() < 2.0 ** -3, f"{name} adapter rows vs the planted A: {row_err.max():.3g}"
-    # GPU against CPU: the same fp32 A up to the SVDs' rounding (~1e-5 relative here), so the FP8
-    # rows agree but for rare one-step flips; the Gram matrices A^T A agree closely.
-    assert_fp8_nearly_equal(w_d[N:N + r], w_c[N:N + r], max_fraction=1e-2, what="adapter rows")
-    assert rel_err(a_d.T @ a_d, a_c.T @ a_c) < 2.0 ** -6
-
-
-MELD_RANDOM = _emulation_subset(
-    [(512, 1024, 16, "exact", torch.float32), (4096, 4096, 64, "randomized", torch.bfloat16),
-     (13824, 5120, 64, "randomized", torch.bfloat16), (1024, 512, 8, "randomized", torch.float16)],
-    lambda c: c[0] * c[1] <= 1024 * 1024)
-
-
-@pytest.mark.parametrize("N,K,r,svd,dtype", MELD_RANDOM,
-                         ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v))
-def test_meld_init_random_weight_matches_cpu(N, K, r, svd, dtype):
-    W = (torch.randn(N, K) * 0.02).to(dtype)
-    w_d, s_d = falqon.meld_init(to_dev(W), r, svd=svd, seed=3)
-    w_c, s_c = falqon.meld_init(W, r, svd=svd, seed=3)
-    q, s = falqon.quantize(W, E4M3)
-    a_c = _adapter(w_c, s_c, N, r)
-    # A (from the quantisation error) is far smaller than W, so [W; A; 0] has W's scale and its
-    # weight rows are W's plain quantisation.
-    assert a_c.abs().max() < W.abs().max().double()
-    assert s_d.item() == s_c.item() == s.item()
-    assert_fp8_equal(w_c[:N], q, "CPU weight rows")
-    assert_fp8_equal(w_d[:N], q, "GPU weight rows")
-    assert not w_d[N + r:].cpu().view(torch.uint8).any()
-    # The quantisation error of a random W has a flat spectrum: singular vectors of nearly equal
-    # singular values may rotate among themselves between two SVD implementations, so compare
-    # what is invariant to that: how much of the error's energy the adapter's span captures
-    # (equal within 1%; the FP8 rounding of A alone moves it by less than that).
-    E = W.double() - q.double() * s.double()
-    a_d = _adapter(w_d, s_d, N, r)
-
-    def captured(a):
-        basis = torch.linalg.qr(a.T).Q
-        return (E @ basis).pow(2).sum().item()
-
-    assert abs(captured(a_d) - captured(a_c)) <= 1e-2 * captured(a_c)
-    assert captured(a_c) > 0
 
 
 # ---- opcheck --------------------------------------------------------------------------------------
@@ -953,6 +745,10 @@ print("WARNINGS" + json.dumps(calls))
 """
 
 
+# The ops' other test files that the emulated re-run covers with this one.
+EMULATED_ALSO = ("test_cuda_topk_update.py", "test_cuda_meld_init.py")
+
+
 def _run_emulated(args, timeout):
     env = dict(os.environ, FALQON_FORCE_EMULATION="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
@@ -974,8 +770,11 @@ def test_emulated_path_warns_once():
 @cuda_only
 @pytest.mark.skipif(EMULATED, reason="this is the emulated run itself")
 def test_emulated_path_matches_cpu():
-    # This file's own tests (the small cases), re-run with the emulated CUDA path.
-    r = _run_emulated(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+    # This file's own tests and its two siblings' (the small cases), re-run with the emulated
+    # CUDA path.
+    here = os.path.dirname(__file__)
+    files = [__file__] + [os.path.join(here, f) for f in EMULATED_ALSO]
+    r = _run_emulated(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
                        "-k", "not opcheck and not emulated"], timeout=900)
     tail = (r.stdout[-6000:] + r.stderr[-2000:])
     assert r.returncode == 0, tail

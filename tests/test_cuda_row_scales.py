@@ -15,7 +15,7 @@ from falqon import ops
 from falqon_testing import opcheck
 from cuda_testing import (E4M3, assert_gemm_close, gpu, random_activations,
                           scaled_mm_floor, short, subset_rows, to_dev)
-from test_cuda_ops import (ACT, FP8, LINEAR_CASES, VIEWS, _case_id, _emulation_subset, _operands,
+from test_cuda_ops import (ACT, FP8, LINEAR_CASES, VIEWS, _case_id, emulation_subset, _operands,
                            check_quantize, wide_range)
 
 pytestmark = [pytest.mark.gpu, gpu]
@@ -30,7 +30,7 @@ ROW_SHAPES = [(1, 7), (3, 5, 13), (4097, 3), (64, 4096), (8192, 4096), (33, 1100
               (2, 20000), (3, 40000)]
 
 
-@pytest.mark.parametrize("shape", _emulation_subset(ROW_SHAPES, lambda s: math.prod(s) < 1e6),
+@pytest.mark.parametrize("shape", emulation_subset(ROW_SHAPES, lambda s: math.prod(s) < 1e6),
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("out", FP8, ids=short)
 @pytest.mark.parametrize("inp", ACT, ids=short)
