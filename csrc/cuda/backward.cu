@@ -178,10 +178,10 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   const int64_t thread_offset = (m_begin + row0) * ld_q + n0 + col;
   auto vec_row = [&](int i) { return row0 + kRowStep * i; };
   auto in_range = [&](int64_t m0, int i) { return col_ok && m0 + vec_row(i) < m_end; };
-  // Starts the copies of tile t into buffer t % stages; zeros outside g and xa (they add nothing
-  // to the product or the amax).
   const T* g_thread = g + (m_begin + row0) * N + n0 + col;
   const int64_t row_stride = int64_t{kRowStep} * N, tile_stride = int64_t{kTileM} * N;
+  // Starts the copies of tile t into buffer t % stages; zeros outside g and xa (they add nothing
+  // to the product or the amax).
   auto issue = [&](int64_t t) {
     const int64_t m0 = m_begin + t * kTileM;
     W* gb = gs + (t % stages) * Tile::kGElems;
@@ -225,8 +225,9 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   // accumulator layout). Warps 0-3 and 4-7 split the tile's rows (kSplitRows: 32 rows each, the
   // two partial products summed once at the end) or, at 8 fragments, the rank columns (the
   // accumulators would not fit in registers). Against 16 outputs and every rank column a warp,
-  // a tile of xa is read from shared memory by 4 warps instead of 8: the pass was bound by those
-  // fragment loads, not by g's bandwidth (runs 78, 90).
+  // a tile of xa is read from shared memory by 4 warps instead of 8 (40% less shared-memory
+  // traffic). That gained only 1.4 / 5.0 us at N = 4096 / 11008 (run 94): the pass is bound by
+  // the latency of its few warps, not by shared memory or g's bandwidth.
   constexpr bool kSplitRows = JF <= 4;
   constexpr int kWarpFragments = kSplitRows ? JF : JF / 2;
   constexpr int kWarpKSteps = kSplitRows ? kTileM / 32 : kTileM / 16;
