@@ -46,6 +46,7 @@ cuda_only = pytest.mark.skipif(not has_fp8_cuda(),
 
 E4M3, E5M2 = ops.E4M3, ops.E5M2
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8 = (E4M3, E5M2)
 # Unit roundoff (half an ulp, relative) of each output format: 8, 11 and 24 significant bits.
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 
@@ -256,3 +257,56 @@ def emulation_subset(cases, small):
     cases: it proves the fallback path, and the large ones would only repeat the CPU reference's
     cost."""
     return [c for c in cases if small(c)] if EMULATED else cases
+
+
+# ---- inputs and checks of the quantisation tests ------------------------------------------------
+# (test_cuda_quantize.py, test_cuda_row_scales.py; delayed_history also test_cuda_ops.py's)
+
+def wide_range(shape, dtype):
+    """Normal values times a log-normal factor: magnitudes over ~12 binades, so that the FP8
+    results cover subnormals and every exponent of the format. Kept finite in the input dtype
+    (a rare |x| > 65504 would be Inf in fp16, which has a test of its own)."""
+    x = torch.randn(shape) * torch.exp(2 * torch.randn(shape))
+    return x.clamp(-6e4, 6e4).to(dtype)
+
+
+def check_quantize(x_dev, x_cpu, dtype, what, rows=False):
+    """falqon.quantize (rows: quantize_rows, a scale per row) on the device against the CPU: the
+    FP8 values bitwise and the scales equal."""
+    op = falqon.quantize_rows if rows else falqon.quantize
+    q_d, s_d = op(x_dev, dtype)
+    q_c, s_c = op(x_cpu, dtype)
+    assert q_d.device == x_dev.device and s_d.device == x_dev.device, what
+    assert q_d.dtype == dtype and q_d.shape == x_dev.shape and q_d.is_contiguous(), what
+    assert s_d.dtype == torch.float32 and s_d.shape == (x_dev.shape[:-1] if rows else ()), what
+    assert_fp8_equal(q_d, q_c, what)
+    # amax is exact and amax / fmax one correctly rounded division on both: the same float32.
+    s_d = s_d.cpu()
+    same = (s_d == s_c) | (s_d.isnan() & s_c.isnan())
+    assert bool(same.all()), (what, s_d[~same][:4], s_c[~same][:4])
+    return q_d, s_d
+
+
+# Non-contiguous inputs and storage offsets that are not a multiple of the vector width.
+VIEWS = {
+    "transposed": lambda t: t.t(),
+    "strided_cols": lambda t: t[:, ::3],
+    "offset_1": lambda t: t.flatten()[1:],
+    "offset_3_odd_len": lambda t: t.flatten()[3:-2],
+}
+
+
+def delayed_history(kind: str, amax: float, H: int = 16) -> torch.Tensor:
+    """An amax history (float32, H values, fresh random) relative to the input's amax."""
+    h = torch.rand(H) * 0.5 + 0.25
+    if kind == "empty":               # nothing recorded: the kernel takes the two-pass path
+        return torch.zeros(H)
+    if kind == "below":               # the input exceeds the history: its top saturates
+        h[H // 2:] = 0                # a partly filled history
+        return h * amax
+    if kind == "above":
+        return (h + 1.5) * amax
+    if kind == "nan":                 # max(history) is NaN: the input's own amax, as the CPU
+        h[H - 1] = float("nan")
+        return h * amax
+    raise ValueError(kind)

@@ -1,7 +1,7 @@
 """Row-wise quantisation on the GPU against the CPU reference: torch.ops.falqon.quantize_rows
 (bitwise) and melded_linear given a per-row quantisation of x (cuBLASLt's outer-vector scales),
-which MeldedLinear's adapter mode uses on Hopper. The helpers and cases are test_cuda_ops.py's;
-see its docstring for how the comparisons are made."""
+which MeldedLinear's adapter mode uses on Hopper. The helpers are cuda_testing's, the GEMM cases
+test_cuda_ops.py's; see its docstring for how the comparisons are made."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 import falqon
 from falqon import ops
 from falqon_testing import opcheck
-from cuda_testing import (E4M3, assert_gemm_close, gpu, random_activations,
-                          scaled_mm_floor, short, subset_rows, to_dev)
-from test_cuda_ops import (ACT, FP8, LINEAR_CASES, VIEWS, _case_id, emulation_subset, _operands,
-                           check_quantize, wide_range)
+from cuda_testing import (ACT_DTYPES as ACT, E4M3, FP8, VIEWS, assert_gemm_close, check_quantize,
+                          emulation_subset, gpu, random_activations, scaled_mm_floor, short,
+                          subset_rows, to_dev, wide_range)
+from test_cuda_ops import LINEAR_CASES, _case_id, _operands
 
 pytestmark = [pytest.mark.gpu, gpu]
 

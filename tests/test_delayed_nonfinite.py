@@ -1,7 +1,7 @@
 """Delayed scaling treats every non-finite amax alike: a NaN or Inf amax is never recorded
 (record_amax_ leaves the history as it was), and a history holding a NaN or +Inf has nothing usable
 (the input's own amax is used), so one bad tensor cannot poison the next H calls' scales. The CUDA
-kernels' version is tests/test_cuda_ops.py::test_record_amax_skips_non_finite_like_cpu."""
+kernels' version is tests/test_cuda_quantize.py::test_record_amax_skips_non_finite_like_cpu."""
 
 import copy
 
