@@ -32,6 +32,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "launch.cuh"
 
 using namespace cute;
 
@@ -147,6 +148,18 @@ struct AdapterMainloop : Base {
     cute::prefetch_tma_descriptor(params.tma_load_b16.get_tma_descriptor());
   }
 
+  // The pipeline's stages as FP8 k-tiles (sA, sB) and, over the same bytes, as the adapter's
+  // 16-bit k-tiles (sA16, sB16) of element type E16.
+  template <class E16>
+  CUTLASS_DEVICE static auto stage_views(TensorStorage& shared_tensors) {
+    auto* a = shared_tensors.smem_A.data();
+    auto* b = shared_tensors.smem_B.data();
+    return cute::make_tuple(
+        make_tensor(make_smem_ptr(a), SmemLayoutA{}), make_tensor(make_smem_ptr(b), SmemLayoutB{}),
+        make_tensor(make_smem_ptr(reinterpret_cast<E16*>(a)), SmemLayoutA16{}),
+        make_tensor(make_smem_ptr(reinterpret_cast<E16*>(b)), SmemLayoutB16{}));
+  }
+
   // The stock (gA_mkl, gB_nkl) over the problem's K_total (coordinates only: k-tiles past the FP8
   // ones are never loaded through them), then xa' and B tiled (BLK, 64, m or n, t, 1).
   template <class ProblemShape_MNKL>
@@ -171,12 +184,7 @@ struct AdapterMainloop : Base {
                            int thread_idx, uint32_t block_rank_in_cluster,
                            TensorStorage& shared_tensors) {
     if (!cute::elect_one_sync()) return;
-    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
-    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
-    Tensor sA16 = make_tensor(
-        make_smem_ptr(reinterpret_cast<uint16_t*>(shared_tensors.smem_A.data())), SmemLayoutA16{});
-    Tensor sB16 = make_tensor(
-        make_smem_ptr(reinterpret_cast<uint16_t*>(shared_tensors.smem_B.data())), SmemLayoutB16{});
+    auto [sA, sB, sA16, sB16] = stage_views<uint16_t>(shared_tensors);  // TMA: bits, not values
 
     constexpr uint32_t cluster_shape_x = get<0>(ClusterShape{});
     uint2 cluster_local_block_id = {block_rank_in_cluster % cluster_shape_x,
@@ -242,12 +250,7 @@ struct AdapterMainloop : Base {
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read,
                           FrgTensorC& accum, int k_tile_count, int thread_idx,
                           TensorStorage& shared_tensors, Params const& params) {
-    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
-    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
-    Tensor sA16 = make_tensor(
-        make_smem_ptr(reinterpret_cast<Element16*>(shared_tensors.smem_A.data())), SmemLayoutA16{});
-    Tensor sB16 = make_tensor(
-        make_smem_ptr(reinterpret_cast<Element16*>(shared_tensors.smem_B.data())), SmemLayoutB16{});
+    auto [sA, sB, sA16, sB16] = stage_views<Element16>(shared_tensors);
 
     Layout warp_group_thread_layout =
         make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
@@ -382,15 +385,7 @@ struct AdapterGemm {
     args.scheduler.raster_order = raster == 1   ? Raster::AlongM
                                   : raster == 2 ? Raster::AlongN
                                                 : Raster::Heuristic;
-    Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
-                "adapter gemm: this configuration cannot run the problem");
-    torch::Tensor workspace = torch::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                           xq.options().dtype(torch::kUInt8));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
-                "adapter gemm: initialize failed");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "adapter gemm: launch failed");
+    launch<Gemm>(args, xq.options(), "adapter gemm");
     return y;
   }
 };

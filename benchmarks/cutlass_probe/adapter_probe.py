@@ -1,12 +1,12 @@
-"""The adapter mode's forward as one CUTLASS GEMM (adapter_gemm.cuh: the FP8 K loop over x_q and W_q,
-then the adapter's k-tiles xa' B^T in bf16 into the same accumulators, each row scaled by
-s_x s_w in the epilogue) against today's forward (MeldedLinear in the adapter mode: x quantised per
-row, cuBLASLt's FP8 GEMM over W' = [W; A], then a cuBLASLt GEMM that adds scaling xa B^T while it
-copies y out of the strided product). The new route needs xa before its GEMM: here a cuBLASLt FP8
-GEMM x_q A_q^T scaled by `scaling` alone (torch._scaled_mm), so that xa' is in the accumulators'
-units. Issue 12's epilogue route (benchmarks/NOTES.md). Needs the `nvidia-cutlass` wheel (its
-headers) and nvcc; builds adapter_gemm_a.cu / _b.cu / _bind.cpp (the kernels in adapter_gemm.cuh)
-with torch.utils.cpp_extension.load. Runs 98-101 of benchmarks/NOTES.md: the route loses.
+"""The adapter mode's forward as one CUTLASS GEMM (adapter_gemm.cuh: the FP8 K loop over x_q and
+W_q, then the adapter's k-tiles xa' B^T in bf16 into the same accumulators, each row scaled by s_x s_w
+in the epilogue) against today's forward (MeldedLinear in the adapter mode: x quantised per row,
+cuBLASLt's FP8 GEMM over W' = [W; A], then a cuBLASLt GEMM that adds scaling xa B^T while it copies
+y out of the strided product). The new route needs xa before its GEMM: here a cuBLASLt FP8 GEMM x_q
+A_q^T scaled by `scaling` alone (torch._scaled_mm), so that xa' is in the accumulators' units.
+Issue 12's epilogue route (benchmarks/NOTES.md). Needs the `nvidia-cutlass` wheel (its headers) and
+nvcc; builds adapter_gemm_a.cu / _b.cu / _bind.cpp (the kernels in adapter_gemm.cuh) with
+torch.utils.cpp_extension.load. Runs 98-101 of benchmarks/NOTES.md: the route loses.
 
     python benchmarks/cutlass_probe/adapter_probe.py          # M = 8192, r = 64, the 7B shapes
     python benchmarks/cutlass_probe/adapter_probe.py --sweep  # also 48 tile orders a shape
@@ -15,9 +15,9 @@ Each shape: today's forward and its parts; the adapter kernels against CUTLASS's
 the same tiles (probe.py's fp8_gemm.cu) and cuBLASLt's GEMM over W, alternately; with --sweep the
 persistent scheduler's tile orders, the best rechecked against cuBLASLt and the whole new forward.
 
-Prints a table (median us a call of 20 calls queued between two CUDA events; each output's
-largest difference from a float64 reference of the same FP8 operands, relative to the reference's largest magnitude) and
-writes benchmarks/results/adapter_probe_<gpu>.json.
+Prints a table (median us a call of 20 calls queued between two CUDA events; each output's largest
+difference from a float64 reference of the same FP8 operands, relative to the reference's largest
+magnitude) and writes benchmarks/results/adapter_probe_<gpu>.json.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def new_forward(kernel, order, layer, x, scaling, b16):
 
 
 def reference(layer, x):
-    """float64 y of the same FP8 operands: s_x s_w x_q W_q^T + scaling xa B^T, xa = s_x s_w x_q A_q^T."""
+    """float64 y of the same FP8 operands: s_x s_w x_q W_q^T + scaling xa B^T with
+    xa = s_x s_w x_q A_q^T."""
     import falqon
 
     N = layer.out_features
@@ -133,7 +134,8 @@ class Case:
                                    scale_b=self.scaling, out_dtype=torch.bfloat16,
                                    use_fast_accum=True)
         self.alpha = self.s.reshape(-1) * layer.weight_scale
-        self.b16 = nn.functional.pad(layer.lora_B.detach().to(torch.bfloat16), (0, r16 - layer.rank))
+        self.b16 = nn.functional.pad(layer.lora_B.detach().to(torch.bfloat16),
+                                     (0, r16 - layer.rank))
         s_w = layer.weight_scale.reshape(1, 1).expand(1, layer.weight.shape[0]).contiguous()
         rows_scale = self.s.reshape(-1, 1)
         self.parts = {
@@ -209,7 +211,10 @@ def sweep_orders(case: Case, mod, reps: int, warmup: int) -> list[dict]:
                      "us": gpu_us(case.parts[W_ONLY], reps, warmup)})
         rows.append({"route": f"  recheck: {name} raster {order[0]} swizzle {order[1]}",
                      "us": gpu_us(case.adapter(kernel, order), reps, warmup)})
-    forward = lambda: new_forward(kernel, order, case.layer, case.x, case.scaling, case.b16)  # noqa: E731
+
+    def forward():
+        return new_forward(kernel, order, case.layer, case.x, case.scaling, case.b16)
+
     rows.append({"route": f"new: {name} raster {order[0]} swizzle {order[1]} "
                           "(with xa GEMM, quantize_rows)",
                  "us": gpu_us(forward, reps, warmup), "max_rel_diff": case.diff(forward())})

@@ -16,6 +16,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "launch.cuh"
 
 using namespace cute;
 
@@ -76,15 +77,7 @@ struct Fp8Gemm {
                                   {{}, d, stride_d, d, stride_d}};
     args.epilogue.thread.alpha_ptr = scale.data_ptr<float>();
     args.epilogue.thread.beta = 0.f;
-    Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
-                "cutlass probe: this configuration cannot run the problem");
-    torch::Tensor workspace = torch::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                           x.options().dtype(torch::kUInt8));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
-                "cutlass probe: initialize failed");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "cutlass probe: launch failed");
+    launch<Gemm>(args, x.options(), "cutlass probe");
     return y;
   }
 };
