@@ -254,7 +254,8 @@ struct AdapterMainloop : Base {
 
     Layout warp_group_thread_layout =
         make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
-    const int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    const int warp_group_idx =
+        __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
     TiledMma tiled_mma;
     TiledMma16 tiled_mma16;
     auto thread_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));

@@ -1,12 +1,14 @@
-// Two of adapter_gemm.cuh's kernel configurations (one translation unit each pair, so that
-// ninja compiles them in parallel).
+// Two of adapter_gemm.cuh's kernel configurations (a translation unit a pair, so that ninja
+// compiles them in parallel).
 #include "adapter_gemm.cuh"
+#include "adapter_gemm_api.h"
 
-torch::Tensor adapter_256x128_c2x1(const torch::Tensor& xq, const torch::Tensor& wq, const torch::Tensor& xa, const torch::Tensor& b16, const torch::Tensor& alpha, int64_t swizzle, int64_t raster) {
-  return AdapterGemm<Shape<_256, _128, _128>, Shape<_2, _1, _1>>::run(xq, wq, xa, b16, alpha, swizzle, raster);
+torch::Tensor adapter_256x128_c2x1(FALQON_ADAPTER_GEMM_ARGS) {
+  using Gemm = AdapterGemm<Shape<_256, _128, _128>, Shape<_2, _1, _1>>;
+  return Gemm::run(xq, wq, xa, b16, alpha, swizzle, raster);
 }
 
-torch::Tensor adapter_256x128_c1x2(const torch::Tensor& xq, const torch::Tensor& wq, const torch::Tensor& xa, const torch::Tensor& b16, const torch::Tensor& alpha, int64_t swizzle, int64_t raster) {
-  return AdapterGemm<Shape<_256, _128, _128>, Shape<_1, _2, _1>>::run(xq, wq, xa, b16, alpha, swizzle, raster);
+torch::Tensor adapter_256x128_c1x2(FALQON_ADAPTER_GEMM_ARGS) {
+  using Gemm = AdapterGemm<Shape<_256, _128, _128>, Shape<_1, _2, _1>>;
+  return Gemm::run(xq, wq, xa, b16, alpha, swizzle, raster);
 }
-

@@ -21,8 +21,9 @@ struct Problem {
   Problem(int64_t M, int64_t N, int64_t r, int max_algos) {
     CHECK_LT(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t op_n = CUBLAS_OP_N;
-    CHECK_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_n, sizeof(op_n)));
-    CHECK_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    for (const auto attr : {CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB}) {
+      CHECK_LT(cublasLtMatmulDescSetAttribute(desc, attr, &op_n, sizeof(op_n)));
+    }
     CHECK_LT(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, r, N, r));  // B^T, column-major r x N
     CHECK_LT(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, N, M, N));  // g^T, column-major N x M
     CHECK_LT(cublasLtMatrixLayoutCreate(&d, CUDA_R_32F, r, M, r));   // u^T, column-major r x M
