@@ -24,7 +24,7 @@ from falqon import FalqonConfig, MeldedLinear
 from falqon.config import ADAPTER_GAIN
 from falqon.modules import ADAPTER_ROW_NORM
 from falqon_testing import adapter_operand, fp8_bytes, opcheck, rel_err
-from test_ops_cpu import (E4M3, E5M2, UNIT_ROUNDOFF, product_bound, quantize_delayed_formula,
+from cpu_formulas import (E4M3, E5M2, UNIT_ROUNDOFF, product_bound, quantize_delayed_formula,
                           quantize_formula, random_weight)
 
 

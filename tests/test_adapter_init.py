@@ -17,7 +17,7 @@ from falqon.adapter_init import adapter_factor, layer_seed, meld_weight, scale_a
 from falqon.checkpoint import CONFIG_FILE
 from falqon.modules import ADAPTER_ROW_NORM
 from falqon_testing import fp8_bytes
-from test_ops_cpu import E4M3, random_weight
+from cpu_formulas import E4M3, random_weight
 
 INITS = ("error_svd", "random", "weight_svd")
 NEW_INITS = ("random", "weight_svd")

@@ -9,7 +9,7 @@ import torch
 
 from falqon import ops
 from falqon_testing import fp8_bytes
-from test_ops_cpu import E4M3, E5M2, FMAX, quantize_formula
+from cpu_formulas import E4M3, E5M2, FMAX, quantize_formula
 
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])

@@ -9,7 +9,7 @@ import torch
 
 from falqon import ops
 from falqon_testing import fp8_bytes
-from test_ops_cpu import E4M3, melded
+from cpu_formulas import E4M3, melded
 
 
 def _update_setup(n=64, k=48, rank=8, transposed=False):
