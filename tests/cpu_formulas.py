@@ -1,8 +1,8 @@
 """The CPU tests' formulas and inputs, in float64 or in the ops' own fp32 arithmetic: FP8
-quantisation as DESIGN.md defines it (per tensor, per row, delayed), the bound of an fp32-accumulated
-product of FP8 operands (test_ops_cpu.py's docstring derives it), LLaMA-like weights and melded
-layers, and amax histories. Shared by test_ops_cpu.py, test_quantize_cpu.py and the other CPU
-tests of the ops."""
+quantisation as DESIGN.md defines it (per tensor, per row, delayed), the bound of an
+fp32-accumulated product of FP8 operands (test_ops_cpu.py's docstring derives it), LLaMA-like
+weights and melded layers, and amax histories. Shared by test_ops_cpu.py, test_quantize_cpu.py
+and the other CPU tests of the ops."""
 
 import torch
 
