@@ -151,6 +151,24 @@ class Timer:
         return statistics.median(self(fn))
 
 
+def batched_gpu_us(run: Callable[[int], object], rounds: int, warmup: int,
+                   batch: int = 20) -> float:
+    """The probes' GPU time of one call: `run(n)` queues n calls back to back; after `run(warmup)`,
+    the median over `rounds` of the us a call of `run(batch)` between two CUDA events. The GPU's
+    time, not the host's, as long as the host queues a call faster than the GPU runs it (no L2
+    flush: the calls follow each other as a step's would)."""
+    run(warmup)
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(batch)
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / batch)
+    return statistics.median(times)
+
+
 def free_memory() -> None:
     """Frees what the last method held, including the memory pools of the CUDA graphs that
     torch.compile's CUDA-graph modes recorded: they outlive the model (run 74: 6.5 GiB still

@@ -1,12 +1,13 @@
 """The adapter mode's forward as one CUTLASS GEMM (adapter_gemm.cuh: the FP8 K loop over x_q and
-W_q, then the adapter's k-tiles xa' B^T in bf16 into the same accumulators, each row scaled by s_x s_w
-in the epilogue) against today's forward (MeldedLinear in the adapter mode: x quantised per row,
-cuBLASLt's FP8 GEMM over W' = [W; A], then a cuBLASLt GEMM that adds scaling xa B^T while it copies
-y out of the strided product). The new route needs xa before its GEMM: here a cuBLASLt FP8 GEMM x_q
-A_q^T scaled by `scaling` alone (torch._scaled_mm), so that xa' is in the accumulators' units.
-Issue 12's epilogue route (benchmarks/NOTES.md). Needs the `nvidia-cutlass` wheel (its headers) and
-nvcc; builds adapter_gemm_a.cu / _b.cu / _bind.cpp (the kernels in adapter_gemm.cuh) with
-torch.utils.cpp_extension.load. Runs 98-101 of benchmarks/NOTES.md: the route loses.
+W_q, then the adapter's k-tiles xa' B^T in bf16 into the same accumulators, each row scaled by
+s_x s_w in the epilogue) against today's forward (MeldedLinear in the adapter mode: x quantised
+per row, cuBLASLt's FP8 GEMM over W' = [W; A], then a cuBLASLt GEMM that adds scaling xa B^T
+while it copies y out of the strided product). The new route needs xa before its GEMM: here a
+cuBLASLt FP8 GEMM x_q A_q^T scaled by `scaling` alone (torch._scaled_mm), so that xa' is in the
+accumulators' units. Issue 12's epilogue route (benchmarks/NOTES.md). Needs the `nvidia-cutlass`
+wheel (its headers) and nvcc; builds adapter_gemm_a.cu / _b.cu / _bind.cpp (the kernels in
+adapter_gemm.cuh) with torch.utils.cpp_extension.load. Runs 98-101 of benchmarks/NOTES.md: the
+route loses.
 
     python benchmarks/cutlass_probe/adapter_probe.py          # M = 8192, r = 64, the 7B shapes
     python benchmarks/cutlass_probe/adapter_probe.py --sweep  # also 48 tile orders a shape
@@ -23,7 +24,6 @@ magnitude) and writes benchmarks/results/adapter_probe_<gpu>.json.
 from __future__ import annotations
 
 import pathlib
-import statistics
 import sys
 
 import torch
@@ -32,7 +32,10 @@ from torch import nn
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import common  # noqa: E402
+import probe  # noqa: E402
 from probe import SHAPES  # noqa: E402
+
+import falqon  # noqa: E402
 
 KERNELS = ("adapter_256x128_c2x1", "adapter_256x128_c1x2", "adapter_128x256_c1x2",
            "adapter_128x256_c2x1")
@@ -44,41 +47,18 @@ B_STD = 0.01  # layer.py's ADAPTER_B_STD: B like a trained adapter's
 
 
 def gpu_us(fn, reps: int, warmup: int, batch: int = 20) -> float:
-    """Median us per call of `batch` calls queued back to back between two CUDA events: the GPU's
-    time, not the host's, as long as the host queues a call faster than the GPU runs it."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, reps // batch) + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(batch):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / batch)
-    return statistics.median(times)
+    """Median us a call of `fn`, `batch` calls queued between two CUDA events (common's)."""
+    return common.batched_gpu_us(lambda n: [fn() for _ in range(n)], max(1, reps // batch) + 2,
+                                 warmup, batch)
 
 
 def build():
-    import cutlass_library
-    from torch.utils.cpp_extension import load
-
-    source = pathlib.Path(cutlass_library.__file__).resolve().parent / "source"
-    site = pathlib.Path(torch.__file__).resolve().parents[1]
-    sources = [str(HERE / name) for name in
-               ("adapter_gemm_a.cu", "adapter_gemm_b.cu", "adapter_gemm_bind.cpp")]
-    return load("falqon_adapter_gemm_probe", sources,
-                extra_include_paths=[str(source / "include"), str(source / "tools/util/include"),
-                                     str(site / "nvidia/cu13/include")],
-                extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-DNDEBUG",
-                                   "-gencode=arch=compute_90a,code=sm_90a"],
-                verbose=False)
+    return probe.load_cutlass("falqon_adapter_gemm_probe", [
+        str(HERE / name) for name in ("adapter_gemm_a.cu", "adapter_gemm_b.cu",
+                                      "adapter_gemm_bind.cpp")])
 
 
 def melded_layer(K: int, N: int):
-    import falqon
-
     lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
     layer = falqon.MeldedLinear.from_linear(lin, rank=RANK, update_mode="adapter")
     with torch.no_grad():
@@ -86,25 +66,26 @@ def melded_layer(K: int, N: int):
     return layer
 
 
-def new_forward(kernel, order, layer, x, scaling, b16):
-    """quantize_rows, xa' = scaling x_q A_q^T (cuBLASLt), alpha = s_x s_w, the adapter GEMM
-    (`scaling` a device scalar and B's bf16 copy made once, as a step would make them)."""
-    import falqon
+def xa_prime(q, layer, scaling):
+    """xa' = scaling x_q A_q^T through cuBLASLt (torch._scaled_mm): the raw FP8 sum times
+    `scaling` (a device scalar), in the adapter GEMM's accumulator units."""
+    one = torch.ones((), device=q.device)
+    return torch._scaled_mm(q, layer.weight[layer.out_features:].t(), scale_a=one,
+                            scale_b=scaling, out_dtype=torch.bfloat16, use_fast_accum=True)
 
-    N = layer.out_features
+
+def new_forward(kernel, order, layer, x, scaling, b16):
+    """quantize_rows, xa' (xa_prime), alpha = s_x s_w, the adapter GEMM (`scaling` a device
+    scalar and B's bf16 copy made once, as a step would make them)."""
     q, s = falqon.ops.quantize_rows(x)
-    one = torch.ones((), device=x.device)
-    xa = torch._scaled_mm(q, layer.weight[N:].t(), scale_a=one, scale_b=scaling,
-                          out_dtype=torch.bfloat16, use_fast_accum=True)
     alpha = s.reshape(-1) * layer.weight_scale
-    return kernel(q, layer.weight[:N], xa, b16, alpha, *order)
+    return kernel(q, layer.weight[:layer.out_features], xa_prime(q, layer, scaling), b16, alpha,
+                  *order)
 
 
 def reference(layer, x):
     """float64 y of the same FP8 operands: s_x s_w x_q W_q^T + scaling xa B^T with
     xa = s_x s_w x_q A_q^T."""
-    import falqon
-
     N = layer.out_features
     q, s = falqon.ops.quantize_rows(x)
     scale = s.double().reshape(-1, 1) * layer.weight_scale.double()
@@ -118,8 +99,6 @@ class Case:
     """One shape's melded layer, input and the operands of both forwards, made once."""
 
     def __init__(self, M: int, K: int, N: int):
-        import falqon
-
         torch.manual_seed(0)
         self.layer = layer = melded_layer(K, N)
         self.N = N
@@ -129,10 +108,8 @@ class Case:
         self.w = layer.weight[:N]
         r16 = layer.weight.shape[0] - N
         self.scaling = torch.tensor(layer.scaling, device="cuda", dtype=torch.float32)
+        self.xa = xa_prime(self.q, layer, self.scaling)
         one = torch.ones((), device="cuda")
-        self.xa = torch._scaled_mm(self.q, layer.weight[N:].t(), scale_a=one,
-                                   scale_b=self.scaling, out_dtype=torch.bfloat16,
-                                   use_fast_accum=True)
         self.alpha = self.s.reshape(-1) * layer.weight_scale
         self.b16 = nn.functional.pad(layer.lora_B.detach().to(torch.bfloat16),
                                      (0, r16 - layer.rank))
@@ -240,8 +217,6 @@ def main(argv=None):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("adapter probe: needs a Hopper GPU (sm_90a kernels)")
     mod = build()
-    import probe
-
     stock = probe.build()
     records = [r for K, N in SHAPES
                for r in measure(mod, stock, args.M, K, N, args.reps, args.warmup, sweep)]

@@ -26,18 +26,24 @@ KERNELS = ("coop_128x256_c1x2", "coop_256x128_c2x1", "pingpong_64x256_c1x2")
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
-def build():
+def load_cutlass(name: str, sources: list[str]):
+    """torch.utils.cpp_extension.load of CUDA sources against CUTLASS's headers (the
+    `nvidia-cutlass` wheel's), for sm_90a."""
     import cutlass_library
     from torch.utils.cpp_extension import load
 
     source = pathlib.Path(cutlass_library.__file__).resolve().parent / "source"
     site = pathlib.Path(torch.__file__).resolve().parents[1]
-    return load("falqon_cutlass_probe", [str(HERE / "fp8_gemm.cu")],
+    return load(name, sources,
                 extra_include_paths=[str(source / "include"), str(source / "tools/util/include"),
                                      str(site / "nvidia/cu13/include")],
                 extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-DNDEBUG",
                                    "-gencode=arch=compute_90a,code=sm_90a"],
                 verbose=False)
+
+
+def build():
+    return load_cutlass("falqon_cutlass_probe", [str(HERE / "fp8_gemm.cu")])
 
 
 def median_ms(fn, reps: int, warmup: int) -> float:

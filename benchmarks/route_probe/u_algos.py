@@ -14,7 +14,6 @@ benchmarks/results/u_algos_<gpu>.json.
 from __future__ import annotations
 
 import pathlib
-import statistics
 import sys
 
 import torch
@@ -47,20 +46,6 @@ def build():
                 extra_cflags=["-O2"], extra_ldflags=ldflags, with_cuda=True, verbose=False)
 
 
-def gpu_us(fn, reps: int, warmup: int) -> float:
-    """Median us a call, BATCH calls queued back to back between two events."""
-    fn(warmup)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(BATCH)
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / BATCH)
-    return statistics.median(times)
-
-
 def measure(mod, M: int, N: int, reps: int, warmup: int) -> list[dict]:
     torch.manual_seed(0)
     g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
@@ -70,7 +55,8 @@ def measure(mod, M: int, N: int, reps: int, warmup: int) -> list[dict]:
     first = u.clone()
     rows = []
     for index, tile, splitk, stages, ws in mod.algos(M, N, RANK, 16):
-        us = gpu_us(lambda calls: mod.run(g, B, u, SCALING, index, calls), reps, warmup)
+        us = common.batched_gpu_us(lambda calls: mod.run(g, B, u, SCALING, index, calls),
+                                   reps, warmup, BATCH)
         mod.run(g, B, u, SCALING, index, 1)
         rows.append({"M": M, "N": N, "r": RANK, "algo": index, "tile_id": tile, "splitk": splitk,
                      "stages_id": stages, "workspace": ws, "us": us,
