@@ -87,14 +87,17 @@ def run_metadata(device: str, script: str | None = None, argv: list[str] | None 
     }
 
 
-def probe_args(doc: str, argv, reps: int, warmup: int = 5) -> argparse.Namespace:
+def probe_args(doc: str, argv, reps: int, warmup: int = 5,
+               extra: list[tuple[str, dict]] = ()) -> argparse.Namespace:
     """The command line the probes (benchmarks/route_probe, benchmarks/cutlass_probe) share:
-    --M, --reps, --warmup and --out."""
+    --M, --reps, --warmup and --out, and a probe's own options (flag, add_argument's keywords)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--M", type=int, default=8192)
     p.add_argument("--reps", type=int, default=reps)
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--out", type=pathlib.Path)
+    for flag, kwargs in extra:
+        p.add_argument(flag, **kwargs)
     return p.parse_args(argv)
 
 
