@@ -18,6 +18,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <mutex>
+#include <set>
 #include <type_traits>
 
 #include "common.cuh"
@@ -375,6 +377,19 @@ __global__ void __launch_bounds__(256)
   out[i] = static_cast<O>(__fmul_rn(sum, scaling));
 }
 
+// cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, bytes) once per kernel, size and device
+// (the attribute is a context's, i.e. a device's), not on every launch: a driver call that costs
+// host time per layer (run 109).
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int bytes, int device) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.emplace(reinterpret_cast<const void*>(kernel), bytes, device).second) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
+
 // Fragments of 16 columns for a pass over `columns` columns of xa: 1, 2, 4 or 8.
 int fragments_for(int64_t columns) {
   int f = 1;
@@ -387,7 +402,7 @@ int fragments_for(int64_t columns) {
 // The adapter mode's u = scaling * g B (M x r, fp32): cuBLASLt reads g once, B rounded to g's
 // dtype (the reference's numerics: fp32 products and sums, scaled once).
 at::Tensor adapter_u(const at::Tensor& g, const at::Tensor& lora_B, double scaling) {
-  const at::Tensor b = lora_B.to(g.scalar_type()).contiguous();  // (N, r) = (k x m)
+  const at::Tensor b = in_dtype(lora_B, g.scalar_type());  // (N, r) = (k x m)
   at::Tensor u = at::empty({g.size(0), lora_B.size(1)}, g.options().dtype(at::kFloat));
   if (!matmul_16bit(b, /*a_is_k_by_m=*/true, g, std::nullopt, u, static_cast<float>(scaling))) {
     u = at::mm(g.to(at::kFloat), b.to(at::kFloat)).mul_(static_cast<float>(scaling));
@@ -469,8 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
             at::cuda::getDeviceProperties(g.device().index())->sharedMemPerBlockOptin);
         const int stages = 3 * GradTile<JF>::kStageBytes <= per_block ? 3 : 2;
         const int smem = stages * GradTile<JF>::kStageBytes;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            smem));
+        allow_dynamic_smem(kernel, smem, g.device().index());
         kernel<<<grid, kGradThreads, smem, stream>>>(
                 gp, M, N, xp_pass, r, cols, vec_xa, rows_per_split, mode, stages, partial_bits,
                 static_cast<int>(partials.numel()), static_cast<uint8_t*>(gq.data_ptr()), ld_q,

@@ -141,6 +141,22 @@ bool matmul_16bit(const at::Tensor& a, bool a_is_k_by_m, const at::Tensor& b,
 bool fast_accum_forward();
 bool fast_accum_dgrad();
 
+// ---- operands.cu ------------------------------------------------------------------------------
+
+// A given quantisation's scales for the forward GEMM, in one launch: (W''s scale, repeated over its
+// weight_rows rows where per_row (outer-vector scaling), else weight_scale itself; x's amax =
+// input_scale * 448, shaped scale_shape).
+std::tuple<at::Tensor, at::Tensor> given_scales(const at::Tensor& weight_scale, int64_t weight_rows,
+                                                bool per_row, const at::Tensor& input_scale,
+                                                const std::vector<int64_t>& scale_shape);
+// From the forward's (M, N + r16) product, in one launch: (xa = columns [N, N + r), contiguous;
+// lora_B in the product's dtype, contiguous, where given, else undefined).
+std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& product, int64_t N,
+                                                    int64_t r,
+                                                    const std::optional<at::Tensor>& lora_B);
+// t contiguous in `dtype` (an activation dtype) as Tensor.to rounds it: t itself where it is.
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype);
+
 // ---- transpose.cu -----------------------------------------------------------------------------
 
 // The (cols, rows) contiguous transpose of a contiguous 2-D FP8 (1-byte) matrix whose sizes are

@@ -169,6 +169,16 @@ std::unique_ptr<GemmPlan> make_plan(const GemmKey& key, cublasLtHandle_t handle,
   return plan;
 }
 
+// cuBLASLt's workspace for a plan: torch's own for the current stream where it is large enough
+// (as torch's cuBLASLt calls take it; no allocation per call), else one from the caching
+// allocator, kept alive by `owner` (so that CUDA-graph capture and stream semantics hold).
+void* lt_workspace(size_t bytes, const at::Tensor& like, at::Tensor& owner) {
+  if (bytes == 0) return nullptr;
+  if (at::cuda::getCUDABlasLtWorkspaceSize() >= bytes) return at::cuda::getCUDABlasLtWorkspace();
+  owner = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  return owner.data_ptr();
+}
+
 // ---- 16-bit GEMMs of the adapter mode (bf16/fp16 operands, fp32 accumulation) ---------------
 
 // Everything a plan of lt_matmul depends on (zero-initialised, then filled: hashed as bytes).
@@ -270,14 +280,13 @@ bool matmul_16bit(const at::Tensor& a, bool a_k_major, const at::Tensor& b,
   if (it == plans.end()) it = plans.emplace(key, make_lt_plan(key, handle, device)).first;
   LtPlan& plan = *it->second;
   if (!plan.found) return false;
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(plan.workspace)}, out.options().dtype(at::kByte));
+  at::Tensor owner;
+  void* workspace = lt_workspace(plan.workspace, out, owner);
   const float beta = c.has_value() ? 1.f : 0.f;
   const void* c_ptr = c.has_value() ? c->const_data_ptr() : out.data_ptr();
   FALQON_CUBLASLT_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, a.const_data_ptr(), plan.a,
                                        b.const_data_ptr(), plan.b, &beta, c_ptr, plan.c,
-                                       out.data_ptr(), plan.d, &plan.algo,
-                                       plan.workspace ? workspace.data_ptr() : nullptr,
+                                       out.data_ptr(), plan.d, &plan.algo, workspace,
                                        plan.workspace, at::cuda::getCurrentCUDAStream()));
   return true;
 }
@@ -375,14 +384,12 @@ void scaled_gemm_tn(const at::Tensor& a, const at::Tensor& a_scale, const at::Te
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale_ptr);
   if (key.bias) set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr);
 
-  // From torch's caching allocator, so that CUDA-graph capture and stream semantics hold.
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(plan.workspace)}, out.options().dtype(at::kByte));
+  at::Tensor owner;
+  void* workspace = lt_workspace(plan.workspace, out, owner);
   const float alpha = 1.f, beta = 0.f;
   FALQON_CUBLASLT_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, a.const_data_ptr(), plan.a,
                                        b.const_data_ptr(), plan.b, &beta, out.data_ptr(), plan.d,
-                                       out.data_ptr(), plan.d, &plan.algo,
-                                       plan.workspace ? workspace.data_ptr() : nullptr,
+                                       out.data_ptr(), plan.d, &plan.algo, workspace,
                                        plan.workspace, at::cuda::getCurrentCUDAStream()));
 }
 

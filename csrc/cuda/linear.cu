@@ -18,11 +18,10 @@ std::vector<int64_t> leading_dims_and(const at::Tensor& t, int64_t last) {
 // The adapter mode's y = y_base + scaling * xa B^T (ref::adapter_output's numerics) as a new
 // contiguous (M, N) tensor: one cuBLASLt GEMM that reads the strided y_base as its C and writes
 // y, so the adapter costs one read and one write of y (and y leaves the op contiguous).
-at::Tensor adapter_output_fp8(const at::Tensor& y_base, const at::Tensor& xa,
+// b: lora_B in y_base's dtype (N, r).
+at::Tensor adapter_output_fp8(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b,
                               const at::Tensor& lora_B, double scaling) {
-  const at::ScalarType dtype = y_base.scalar_type();
-  if (dtype != at::kFloat) {
-    const at::Tensor b = lora_B.to(dtype).contiguous();  // (N, r)
+  if (y_base.scalar_type() != at::kFloat) {
     at::Tensor y = at::empty(y_base.sizes(), y_base.options());
     if (matmul_16bit(b, /*a_is_k_by_m=*/false, xa, y_base, y, static_cast<float>(scaling))) {
       return y;
@@ -47,18 +46,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
   const bool per_row = input_fp8.has_value() && per_row_scale(input, *input_scale);
   const std::vector<int64_t> scale_shape = per_row ? std::vector<int64_t>{x.size(0)}
                                                 : std::vector<int64_t>{};
-  const auto [xq, sx, x_amax] =
-      input_fp8.has_value()
-          ? std::make_tuple(input_fp8->reshape({-1, K}).contiguous(),
-                            input_scale->reshape(scale_shape).contiguous(),
-                            input_scale->reshape(scale_shape) * fp8_max(at::kFloat8_e4m3fn))
-      : amax_history.has_value()
-          ? quantize_delayed_fp8(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
-          : quantize_fp8(x, at::kFloat8_e4m3fn);
   // Row scales of x go with outer-vector scaling of the GEMM, which takes a vector on both sides:
-  // W''s one scale repeated over its rows.
-  const at::Tensor w_scale =
-      per_row ? weight_scale.reshape({1}).expand({weight_rows}).contiguous() : weight_scale;
+  // W''s one scale repeated over its rows (made in one launch with x's amax).
+  at::Tensor xq, sx, x_amax, w_scale = weight_scale;
+  if (input_fp8.has_value()) {
+    xq = input_fp8->reshape({-1, K}).contiguous();
+    sx = input_scale->reshape(scale_shape).contiguous();
+    std::tie(w_scale, x_amax) = given_scales(weight_scale, weight_rows, per_row, sx, scale_shape);
+  } else {
+    std::tie(xq, sx, x_amax) =
+        amax_history.has_value()
+            ? quantize_delayed_fp8(x, at::kFloat8_e4m3fn, amax_history->select(0, 0))
+            : quantize_fp8(x, at::kFloat8_e4m3fn);
+  }
   const std::vector<int64_t> amax_shape =
       per_row ? std::vector<int64_t>(input.sizes().begin(), input.sizes().end() - 1) : scale_shape;
   at::Tensor product = at::empty({x.size(0), weight_rows}, input.options());
@@ -76,14 +76,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     // the reference's order exactly (scaled product rounded to fp32, then + bias).
     product.narrow(1, 0, N).add_(bias->to(at::kFloat));
   }
+  const auto [xa, b] =
+      product_operands(product, N, r, adapter ? std::optional<at::Tensor>(lora_B) : std::nullopt);
   if (adapter) {
-    const at::Tensor xa = product.narrow(1, N, r).contiguous();
-    return {adapter_output_fp8(product.narrow(1, 0, N), xa, lora_B, scaling)
+    return {adapter_output_fp8(product.narrow(1, 0, N), xa, b, lora_B, scaling)
                 .view(leading_dims_and(input, N)),
             xa.view(leading_dims_and(input, r)), x_amax.view(amax_shape)};
   }
   product = product.view(leading_dims_and(input, weight_rows));
-  return {product.narrow(-1, 0, N), product.narrow(-1, N, r).contiguous(), x_amax.view(amax_shape)};
+  return {product.narrow(-1, 0, N), xa.view(leading_dims_and(input, r)), x_amax.view(amax_shape)};
 }
 
 std::tuple<at::Tensor, at::Tensor> melded_linear_grad_input_fp8(

@@ -250,10 +250,13 @@ TORCH_LIBRARY(falqon_bench, m) {
   // One FP8 GEMM: b a^T * a_scale * b_scale, a (m, k) and b (n, k) row-major FP8.
   m.def("scaled_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType out_dtype, "
         "bool fast_accum) -> Tensor");
+  // t contiguous in an activation dtype, as the adapter's B reaches its GEMMs (operands.cu).
+  m.def("in_dtype(Tensor t, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(falqon_bench, CUDA, m) {
   m.impl("quantize", &falqon::cuda::quantize_impl);
   m.impl("transpose_fp8", &falqon::cuda::transpose_fp8);
   m.impl("scaled_gemm", &falqon::cuda::scaled_gemm_op);
+  m.impl("in_dtype", &falqon::cuda::in_dtype);
 }

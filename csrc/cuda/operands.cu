@@ -1,0 +1,148 @@
+// The small operands around the melded layer's GEMMs, made by one kernel launch each instead of
+// a chain of ATen ops: the scale vectors of the forward's outer-vector GEMM with x's amax, and
+// xa's contiguous copy with the adapter's B in the activation dtype.
+//
+// Each ATen op costs a dispatch, an allocation and a launch on the host: run 109 profiled the
+// adapter mode's fwd+bwd at M = 256 at ~230 us of host time in the five such ops (x's amax, W''s
+// scale vector, xa's copy, B's two conversions), which at small M sets the step time (run 108).
+// The values are those of the ATen ops they replace, bit for bit: one fp32 multiplication for the
+// amax, a copy for the scale and xa, round-to-nearest-even conversions for B (as Tensor.to).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+
+namespace falqon {
+namespace cuda {
+
+namespace {
+
+constexpr int kOperandThreads = 256;
+constexpr int kOperandMaxBlocks = 1024;
+
+int blocks_for(int64_t count) {
+  return static_cast<int>(std::clamp<int64_t>((count + kOperandThreads - 1) / kOperandThreads, 1, kOperandMaxBlocks));
+}
+
+// w_vec[i] = *w_scale for i < rows (rows = 0: none); x_amax[i] = x_scale[i] * fp8_max for i < m.
+__global__ void __launch_bounds__(kOperandThreads)
+    given_scales_kernel(const float* __restrict__ w_scale, float* __restrict__ w_vec, int64_t rows,
+                        const float* __restrict__ x_scale, float* __restrict__ x_amax, int64_t m,
+                        float fp8_max) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (rows > 0) {
+    const float s = *w_scale;
+    for (int64_t i = first; i < rows; i += stride) w_vec[i] = s;
+  }
+  for (int64_t i = first; i < m; i += stride) x_amax[i] = __fmul_rn(x_scale[i], fp8_max);
+}
+
+template <typename O, typename I>
+__device__ __forceinline__ O to_element(I v) {
+  if constexpr (std::is_same_v<O, I>) {
+    return v;
+  } else {
+    return static_cast<O>(static_cast<float>(v));  // c10's conversions round to nearest even
+  }
+}
+
+// xa[i][j] = product[i][n0 + j] (i < m, j < r), then b[k] = O(lora_B[k]) for k < b_count.
+template <typename T, typename B>
+__global__ void __launch_bounds__(kOperandThreads)
+    adapter_operands_kernel(const T* __restrict__ product, int64_t ld, int64_t n0, int64_t m, int r,
+                            T* __restrict__ xa, const B* __restrict__ lora_B, int64_t b_count,
+                            T* __restrict__ b) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  const int64_t xa_count = m * r;
+  for (int64_t i = first; i < xa_count; i += stride) {
+    const int64_t row = i / r;
+    xa[i] = product[row * ld + n0 + (i - row * r)];
+  }
+  for (int64_t k = first; k < b_count; k += stride) b[k] = to_element<T>(lora_B[k]);
+}
+
+template <typename F>
+void with_activation_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kFloat: f(float{}); break;
+    default: FALQON_CHECK(false, "falqon: expected a float32, float16 or bfloat16 tensor, got ", t);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> given_scales(const at::Tensor& weight_scale, int64_t weight_rows,
+                                                bool per_row, const at::Tensor& input_scale,
+                                                const std::vector<int64_t>& scale_shape) {
+  const at::Tensor x_scale = input_scale.reshape(scale_shape).contiguous();
+  const at::Tensor w_scale = weight_scale.contiguous();
+  FALQON_CHECK(x_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat &&
+                  w_scale.numel() == 1,
+              "falqon: the GEMM's given scales must be float32, the weight's one value");
+  at::Tensor x_amax = at::empty_like(x_scale);
+  at::Tensor w_vec = per_row ? at::empty({weight_rows}, w_scale.options()) : w_scale;
+  const int64_t rows = per_row ? weight_rows : 0, m = x_scale.numel();
+  given_scales_kernel<<<blocks_for(std::max(rows, m)), kOperandThreads, 0,
+                        at::cuda::getCurrentCUDAStream()>>>(
+      w_scale.const_data_ptr<float>(), per_row ? w_vec.data_ptr<float>() : nullptr, rows,
+      x_scale.const_data_ptr<float>(), x_amax.data_ptr<float>(), m,
+      static_cast<float>(fp8_max(at::kFloat8_e4m3fn)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {w_vec, x_amax};
+}
+
+std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& product, int64_t N,
+                                                    int64_t r,
+                                                    const std::optional<at::Tensor>& lora_B) {
+  FALQON_CHECK(product.dim() == 2 && product.stride(1) == 1 && product.size(1) >= N + r &&
+                  (!lora_B.has_value() || (lora_B->dim() == 2 && lora_B->size(1) == r)),
+              "falqon: product_operands takes the forward's (M, N + r16) product and B (N, r)");
+  const int64_t M = product.size(0);
+  at::Tensor xa = at::empty({M, r}, product.options());
+  // (Without B: its loop runs over nothing; a float pointer stands in for its type.)
+  const at::Tensor b_in = lora_B.has_value() ? lora_B->contiguous() : xa.new_empty({0}, at::kFloat);
+  at::Tensor b = lora_B.has_value() ? at::empty(lora_B->sizes(), product.options()) : at::Tensor();
+  const int64_t b_count = lora_B.has_value() ? b.numel() : 0;
+  const int64_t count = std::max(M * r, b_count);
+  if (count == 0) return {xa, b};
+  with_activation_type(product.scalar_type(), [&](auto t_tag) {
+    using T = decltype(t_tag);
+    with_activation_type(b_in.scalar_type(), [&](auto b_tag) {
+      using Bt = decltype(b_tag);
+      adapter_operands_kernel<T, Bt><<<blocks_for(count), kOperandThreads, 0,
+                                       at::cuda::getCurrentCUDAStream()>>>(
+          product.const_data_ptr<T>(), product.stride(0), N, M, static_cast<int>(r),
+          xa.data_ptr<T>(), b_in.const_data_ptr<Bt>(), b_count,
+          b_count ? b.data_ptr<T>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {xa, b};
+}
+
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  with_activation_type(dtype, [&](auto o_tag) {
+    using O = decltype(o_tag);
+    with_activation_type(src.scalar_type(), [&](auto i_tag) {
+      using I = decltype(i_tag);
+      // adapter_operands_kernel's second loop alone (no xa rows).
+      adapter_operands_kernel<O, I><<<blocks_for(out.numel()), kOperandThreads, 0,
+                                      at::cuda::getCurrentCUDAStream()>>>(
+          nullptr, 0, 0, 0, 1, nullptr, src.const_data_ptr<I>(), out.numel(), out.data_ptr<O>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace falqon
