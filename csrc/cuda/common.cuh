@@ -145,10 +145,9 @@ bool fast_accum_dgrad();
 
 // A given quantisation's scales for the forward GEMM, in one launch: (W''s scale, repeated over its
 // weight_rows rows where per_row (outer-vector scaling), else weight_scale itself; x's amax =
-// input_scale * 448, shaped scale_shape).
+// x_scale * 448, shaped as x_scale, which is contiguous float32).
 std::tuple<at::Tensor, at::Tensor> given_scales(const at::Tensor& weight_scale, int64_t weight_rows,
-                                                bool per_row, const at::Tensor& input_scale,
-                                                const std::vector<int64_t>& scale_shape);
+                                                bool per_row, const at::Tensor& x_scale);
 // From the forward's (M, N + r16) product, in one launch: (xa = columns [N, N + r), contiguous;
 // lora_B in the product's dtype, contiguous, where given, else undefined).
 std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& product, int64_t N,

@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
   if (input_fp8.has_value()) {
     xq = input_fp8->reshape({-1, K}).contiguous();
     sx = input_scale->reshape(scale_shape).contiguous();
-    std::tie(w_scale, x_amax) = given_scales(weight_scale, weight_rows, per_row, sx, scale_shape);
+    std::tie(w_scale, x_amax) = given_scales(weight_scale, weight_rows, per_row, sx);
   } else {
     std::tie(xq, sx, x_amax) =
         amax_history.has_value()

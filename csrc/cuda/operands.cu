@@ -76,12 +76,10 @@ void with_activation_type(at::ScalarType t, F&& f) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> given_scales(const at::Tensor& weight_scale, int64_t weight_rows,
-                                                bool per_row, const at::Tensor& input_scale,
-                                                const std::vector<int64_t>& scale_shape) {
-  const at::Tensor x_scale = input_scale.reshape(scale_shape).contiguous();
+                                                bool per_row, const at::Tensor& x_scale) {
   const at::Tensor w_scale = weight_scale.contiguous();
-  FALQON_CHECK(x_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat &&
-                  w_scale.numel() == 1,
+  FALQON_CHECK(x_scale.is_contiguous() && x_scale.scalar_type() == at::kFloat &&
+                  w_scale.scalar_type() == at::kFloat && w_scale.numel() == 1,
               "falqon: the GEMM's given scales must be float32, the weight's one value");
   at::Tensor x_amax = at::empty_like(x_scale);
   at::Tensor w_vec = per_row ? at::empty({weight_rows}, w_scale.options()) : w_scale;
@@ -103,20 +101,20 @@ std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& product, i
               "falqon: product_operands takes the forward's (M, N + r16) product and B (N, r)");
   const int64_t M = product.size(0);
   at::Tensor xa = at::empty({M, r}, product.options());
-  // (Without B: its loop runs over nothing; a float pointer stands in for its type.)
-  const at::Tensor b_in = lora_B.has_value() ? lora_B->contiguous() : xa.new_empty({0}, at::kFloat);
+  const at::Tensor b_in = lora_B.has_value() ? lora_B->contiguous() : at::Tensor();
   at::Tensor b = lora_B.has_value() ? at::empty(lora_B->sizes(), product.options()) : at::Tensor();
   const int64_t b_count = lora_B.has_value() ? b.numel() : 0;
   const int64_t count = std::max(M * r, b_count);
   if (count == 0) return {xa, b};
   with_activation_type(product.scalar_type(), [&](auto t_tag) {
     using T = decltype(t_tag);
-    with_activation_type(b_in.scalar_type(), [&](auto b_tag) {
+    // Without B its loop runs over nothing (float stands in for its type).
+    with_activation_type(b_count ? b_in.scalar_type() : at::kFloat, [&](auto b_tag) {
       using Bt = decltype(b_tag);
       adapter_operands_kernel<T, Bt><<<blocks_for(count), kOperandThreads, 0,
                                        at::cuda::getCurrentCUDAStream()>>>(
           product.const_data_ptr<T>(), product.stride(0), N, M, static_cast<int>(r),
-          xa.data_ptr<T>(), b_in.const_data_ptr<Bt>(), b_count,
+          xa.data_ptr<T>(), b_count ? b_in.const_data_ptr<Bt>() : nullptr, b_count,
           b_count ? b.data_ptr<T>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
