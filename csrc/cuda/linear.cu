@@ -18,7 +18,7 @@ std::vector<int64_t> leading_dims_and(const at::Tensor& t, int64_t last) {
 // The adapter mode's y = y_base + scaling * xa B^T (ref::adapter_output's numerics) as a new
 // contiguous (M, N) tensor: one cuBLASLt GEMM that reads the strided y_base as its C and writes
 // y, so the adapter costs one read and one write of y (and y leaves the op contiguous).
-// b: lora_B in y_base's dtype (N, r).
+// b: lora_B in y_base's dtype (N, r), for 16-bit activations (undefined for fp32 ones).
 at::Tensor adapter_output_fp8(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b,
                               const at::Tensor& lora_B, double scaling) {
   if (y_base.scalar_type() != at::kFloat) {
@@ -76,8 +76,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_fp8(
     // the reference's order exactly (scaled product rounded to fp32, then + bias).
     product.narrow(1, 0, N).add_(bias->to(at::kFloat));
   }
+  // B in the activation dtype only where the adapter's 16-bit GEMM takes it (fp32 activations
+  // go through the reference's formula with lora_B itself).
+  const bool b_16bit = adapter && !fp32_out;
   const auto [xa, b] =
-      product_operands(product, N, r, adapter ? std::optional<at::Tensor>(lora_B) : std::nullopt);
+      product_operands(product, N, r, b_16bit ? std::optional<at::Tensor>(lora_B) : std::nullopt);
   if (adapter) {
     return {adapter_output_fp8(product.narrow(1, 0, N), xa, b, lora_B, scaling)
                 .view(leading_dims_and(input, N)),

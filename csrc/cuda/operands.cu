@@ -21,7 +21,8 @@ constexpr int kOperandThreads = 256;
 constexpr int kOperandMaxBlocks = 1024;
 
 int blocks_for(int64_t count) {
-  return static_cast<int>(std::clamp<int64_t>((count + kOperandThreads - 1) / kOperandThreads, 1, kOperandMaxBlocks));
+  const int64_t blocks = (count + kOperandThreads - 1) / kOperandThreads;
+  return static_cast<int>(std::clamp<int64_t>(blocks, 1, kOperandMaxBlocks));
 }
 
 // w_vec[i] = *w_scale for i < rows (rows = 0: none); x_amax[i] = x_scale[i] * fp8_max for i < m.
@@ -63,16 +64,6 @@ __global__ void __launch_bounds__(kOperandThreads)
   for (int64_t k = first; k < b_count; k += stride) b[k] = to_element<T>(lora_B[k]);
 }
 
-template <typename F>
-void with_activation_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kFloat: f(float{}); break;
-    default: FALQON_CHECK(false, "falqon: expected a float32, float16 or bfloat16 tensor, got ", t);
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> given_scales(const at::Tensor& weight_scale, int64_t weight_rows,
@@ -106,11 +97,12 @@ std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& product, i
   const int64_t b_count = lora_B.has_value() ? b.numel() : 0;
   const int64_t count = std::max(M * r, b_count);
   if (count == 0) return {xa, b};
-  with_activation_type(product.scalar_type(), [&](auto t_tag) {
-    using T = decltype(t_tag);
+  FALQON_DISPATCH_ACTIVATION(product.scalar_type(), "falqon_product_operands", [&] {
+    using T = scalar_t;
     // Without B its loop runs over nothing (float stands in for its type).
-    with_activation_type(b_count ? b_in.scalar_type() : at::kFloat, [&](auto b_tag) {
-      using Bt = decltype(b_tag);
+    FALQON_DISPATCH_ACTIVATION(b_count ? b_in.scalar_type() : at::kFloat, "falqon_product_operands",
+                               [&] {
+      using Bt = scalar_t;
       adapter_operands_kernel<T, Bt><<<blocks_for(count), kOperandThreads, 0,
                                        at::cuda::getCurrentCUDAStream()>>>(
           product.const_data_ptr<T>(), product.stride(0), N, M, static_cast<int>(r),
@@ -128,10 +120,10 @@ at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
   const at::Tensor src = t.contiguous();
   at::Tensor out = at::empty(src.sizes(), src.options().dtype(dtype));
   if (out.numel() == 0) return out;
-  with_activation_type(dtype, [&](auto o_tag) {
-    using O = decltype(o_tag);
-    with_activation_type(src.scalar_type(), [&](auto i_tag) {
-      using I = decltype(i_tag);
+  FALQON_DISPATCH_ACTIVATION(dtype, "falqon_in_dtype", [&] {
+    using O = scalar_t;
+    FALQON_DISPATCH_ACTIVATION(src.scalar_type(), "falqon_in_dtype", [&] {
+      using I = scalar_t;
       // adapter_operands_kernel's second loop alone (no xa rows).
       adapter_operands_kernel<O, I><<<blocks_for(out.numel()), kOperandThreads, 0,
                                       at::cuda::getCurrentCUDAStream()>>>(
