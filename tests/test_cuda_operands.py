@@ -3,9 +3,11 @@ each instead of ATen ops: they must be the ATen ops' values bit for bit, since t
 numerics (and the CPU reference's) were defined with those.
 
 - B in the activation dtype (torch.ops.falqon_bench.in_dtype) against Tensor.to, over values that
-  exercise the rounding: ties, subnormals of the target, overflow to Inf, NaN, signed zeros;
+  exercise the rounding: ties, subnormals of the target, overflow to Inf, NaN, signed zeros; at
+  every alignment of the source and length mod 4 (the kernel's vector and element paths);
 - xa's contiguous copy: in the proxy mode y is a view of the forward's product, whose columns
-  after y's are xa's, so the op's xa must equal them bitwise;
+  after y's are xa's, so the op's xa must equal them bitwise (ranks that are multiples of 8 take
+  the kernel's 8-element vectors, rank 5 its element path);
 - x's amax for a given quantisation (input_scale * 448) and the forward's GEMM with W''s scale
   repeated over its rows: test_cuda_row_scales.py and test_cuda_shared_quant.py check those.
 """
@@ -44,6 +46,20 @@ def test_in_dtype_is_tensor_to_bitwise(src, dst):
     assert out.is_contiguous() and out.dtype == dst and out.shape == t.shape
     assert torch.equal(out.view(torch.uint8 if dst != torch.float32 else torch.int32).cpu(),
                        ref.view(torch.uint8 if dst != torch.float32 else torch.int32).cpu())
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("src", ACT, ids=str)
+def test_in_dtype_any_alignment_and_length(src, offset):
+    # The kernel converts 4-element vectors where both bases are aligned for them and the tail
+    # (length % 4) one element at a time: a source starting 1-3 elements into its storage takes
+    # the element path, the lengths 4k + 0..3 every tail.
+    base = awkward_values(4 * 1031 + offset, src)
+    for length in (4 * 1027, 4 * 1027 + 1, 4 * 1027 + 2, 4 * 1027 + 3):
+        t = base[offset:offset + length]
+        out = torch.ops.falqon_bench.in_dtype(t, torch.bfloat16)
+        ref = t.to(torch.bfloat16)
+        assert torch.equal(out.view(torch.uint8).cpu(), ref.view(torch.uint8).cpu())
 
 
 @pytest.mark.parametrize("rank", [16, 64, 5])
