@@ -310,7 +310,13 @@ struct AdapterMainloop : Base {
   }
 };
 
-template <class TileShape, class ClusterShape>
+// KernelSchedule / EpilogueSchedule: CUTLASS's cooperative pair (two consumer warp groups share a
+// tile), or the ping-pong pair (KernelTmaWarpSpecializedPingpongFP8FastAccum with
+// TmaWarpSpecialized: each consumer warp group owns a tile, the two alternate their mainloop and
+// epilogue), the schedule of cuBLASLt's 128x128 kernel with row scales (run 113's profile).
+template <class TileShape, class ClusterShape,
+          class KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+          class EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative>
 struct AdapterGemm {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
@@ -318,8 +324,6 @@ struct AdapterGemm {
   using LayoutA = cutlass::layout::RowMajor;     // x_q: M x K
   using LayoutB = cutlass::layout::ColumnMajor;  // W_q^T: K x N column-major = W_q: N x K
   using LayoutD = cutlass::layout::RowMajor;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
   // D = alpha[m] * acc: a per-row alpha (a vector over M), no bias, no C.
   using Fusion = cutlass::epilogue::fusion::PerRowLinCombPerRowBiasEltAct<

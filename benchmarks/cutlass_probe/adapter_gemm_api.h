@@ -1,5 +1,5 @@
 // The adapter GEMM probe's entry points, one a kernel configuration (tile, cluster): defined in
-// adapter_gemm_a.cu / adapter_gemm_b.cu, bound in adapter_gemm_bind.cpp.
+// adapter_gemm_a.cu / _b.cu (cooperative) and _c.cu (ping-pong), bound in adapter_gemm_bind.cpp.
 #pragma once
 #include <torch/extension.h>
 
@@ -12,3 +12,5 @@ torch::Tensor adapter_256x128_c2x1(FALQON_ADAPTER_GEMM_ARGS);
 torch::Tensor adapter_256x128_c1x2(FALQON_ADAPTER_GEMM_ARGS);
 torch::Tensor adapter_128x256_c1x2(FALQON_ADAPTER_GEMM_ARGS);
 torch::Tensor adapter_128x256_c2x1(FALQON_ADAPTER_GEMM_ARGS);
+torch::Tensor adapter_pp128x128_c1x2(FALQON_ADAPTER_GEMM_ARGS);
+torch::Tensor adapter_pp128x128_c2x1(FALQON_ADAPTER_GEMM_ARGS);

@@ -8,4 +8,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_256x128_c1x2", &adapter_256x128_c1x2, doc);
   m.def("adapter_128x256_c1x2", &adapter_128x256_c1x2, doc);
   m.def("adapter_128x256_c2x1", &adapter_128x256_c2x1, doc);
+  m.def("adapter_pp128x128_c1x2", &adapter_pp128x128_c1x2, doc);
+  m.def("adapter_pp128x128_c2x1", &adapter_pp128x128_c2x1, doc);
 }

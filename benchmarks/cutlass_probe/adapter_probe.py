@@ -38,7 +38,7 @@ from probe import SHAPES  # noqa: E402
 import falqon  # noqa: E402
 
 KERNELS = ("adapter_256x128_c2x1", "adapter_256x128_c1x2", "adapter_128x256_c1x2",
-           "adapter_128x256_c2x1")
+           "adapter_128x256_c2x1", "adapter_pp128x128_c1x2", "adapter_pp128x128_c2x1")
 # The persistent scheduler's tile order, a run-time choice: raster (0 CUTLASS's heuristic, 1 along
 # M, 2 along N) and swizzle (tiles grouped for L2 reuse).
 ORDERS = [(raster, swizzle) for raster in (0, 1, 2) for swizzle in (1, 2, 4, 8)]
@@ -55,7 +55,7 @@ def gpu_us(fn, reps: int, warmup: int, batch: int = 20) -> float:
 def build():
     return probe.load_cutlass("falqon_adapter_gemm_probe", [
         str(HERE / name) for name in ("adapter_gemm_a.cu", "adapter_gemm_b.cu",
-                                      "adapter_gemm_bind.cpp")])
+                                      "adapter_gemm_c.cu", "adapter_gemm_bind.cpp")])
 
 
 def melded_layer(K: int, N: int):
@@ -159,7 +159,13 @@ def compare_with_stock(case: Case, mod, stock, reps: int, warmup: int) -> list[d
                ("stock coop_256x128_c2x1", lambda: stock.coop_256x128_c2x1(case.q, case.w, scale)),
                ("adapter_256x128_c2x1", case.adapter(mod.adapter_256x128_c2x1, (0, 1))),
                ("stock coop_128x256_c1x2", lambda: stock.coop_128x256_c1x2(case.q, case.w, scale)),
-               ("adapter_128x256_c1x2", case.adapter(mod.adapter_128x256_c1x2, (0, 1))))
+               ("adapter_128x256_c1x2", case.adapter(mod.adapter_128x256_c1x2, (0, 1))),
+               ("stock pingpong_128x128_c1x2",
+                lambda: stock.pingpong_128x128_c1x2(case.q, case.w, scale)),
+               ("adapter_pp128x128_c1x2", case.adapter(mod.adapter_pp128x128_c1x2, (0, 1))),
+               ("stock pingpong_128x128_c2x1",
+                lambda: stock.pingpong_128x128_c2x1(case.q, case.w, scale)),
+               ("adapter_pp128x128_c2x1", case.adapter(mod.adapter_pp128x128_c2x1, (0, 1))))
     return [{"route": f"  compare {round_}: {label}", "us": gpu_us(fn, reps, warmup)}
             for round_ in range(3) for label, fn in kernels]
 

@@ -90,6 +90,10 @@ using PingpongEpi = cutlass::epilogue::TmaWarpSpecialized;
 using Coop128x256 = Fp8Gemm<Shape<_128, _256, _128>, Shape<_1, _2, _1>, Coop, CoopEpi>;
 using Coop256x128 = Fp8Gemm<Shape<_256, _128, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>;
 using Pingpong64x256 = Fp8Gemm<Shape<_64, _256, _128>, Shape<_1, _2, _1>, Pingpong, PingpongEpi>;
+// cuBLASLt's choice for the forward with row scales (nvjet ..._128x128_128x6_1x2_..._ovscale).
+using Pingpong128x128 = Fp8Gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, Pingpong, PingpongEpi>;
+using Pingpong128x128c2x1 =
+    Fp8Gemm<Shape<_128, _128, _128>, Shape<_2, _1, _1>, Pingpong, PingpongEpi>;
 
 }  // namespace
 
@@ -97,4 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("coop_128x256_c1x2", &Coop128x256::run, "cooperative, 128x256x128 tile, 1x2 cluster");
   m.def("coop_256x128_c2x1", &Coop256x128::run, "cooperative, 256x128x128 tile, 2x1 cluster");
   m.def("pingpong_64x256_c1x2", &Pingpong64x256::run, "ping-pong, 64x256x128 tile, 1x2 cluster");
+  m.def("pingpong_128x128_c1x2", &Pingpong128x128::run, "ping-pong, 128x128x128 tile, 1x2 cluster");
+  m.def("pingpong_128x128_c2x1", &Pingpong128x128c2x1::run,
+        "ping-pong, 128x128x128 tile, 2x1 cluster");
 }

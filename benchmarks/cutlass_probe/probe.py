@@ -22,7 +22,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import common  # noqa: E402
 
-KERNELS = ("coop_128x256_c1x2", "coop_256x128_c2x1", "pingpong_64x256_c1x2")
+KERNELS = ("coop_128x256_c1x2", "coop_256x128_c2x1", "pingpong_64x256_c1x2",
+           "pingpong_128x128_c1x2", "pingpong_128x128_c2x1")
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
