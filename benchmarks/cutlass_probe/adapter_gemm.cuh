@@ -287,25 +287,28 @@ struct AdapterMainloop : Base {
     tiled_mma16.accumulate_ = GMMA::ScaleOut::One;
     warpgroup_fence_operand(accum);
 
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (--k_tile_count; k_tile_count > 0; --k_tile_count) {
+    // Each later k-tile: wait for its stage, issue its wgmma (FP8, or the adapter's bf16), keep one
+    // k-tile in flight (the stock mainloop's K_PIPE_MMAS = 1), release the stage before it. Two
+    // loops rather than one with a branch on the k-tile's kind: with the branch, ptxas reported
+    // warpgroup.arrive injected around the wgmma (C7519) for the ping-pong kernels (run 115).
+    auto k_tile = [&](auto& mma, auto const& frag_a, auto const& frag_b) {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       const int read_stage = smem_pipe_read.index();
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
-      if (k_tile_count > adapter_tiles) {
-        cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
-      } else {
-        cute::gemm(tiled_mma16, tCrA16(_, _, _, read_stage), tCrB16(_, _, _, read_stage), accum);
-      }
+      cute::gemm(mma, frag_a(_, _, _, read_stage), frag_b(_, _, _, read_stage), accum);
       warpgroup_commit_batch();
-      warpgroup_wait<1>();  // one k-tile in flight, as the stock mainloop (K_PIPE_MMAS = 1)
+      warpgroup_wait<1>();
       warpgroup_fence_operand(accum);
       pipeline.consumer_release(smem_pipe_release);
       ++smem_pipe_read;
       ++smem_pipe_release;
-    }
+    };
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = params.fp8_k_tiles - 1; t > 0; --t) k_tile(tiled_mma, tCrA, tCrB);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = adapter_tiles; t > 0; --t) k_tile(tiled_mma16, tCrA16, tCrB16);
     warpgroup_fence_operand(accum);
   }
 };
@@ -314,9 +317,13 @@ struct AdapterMainloop : Base {
 // tile), or the ping-pong pair (KernelTmaWarpSpecializedPingpongFP8FastAccum with
 // TmaWarpSpecialized: each consumer warp group owns a tile, the two alternate their mainloop and
 // epilogue), the schedule of cuBLASLt's 128x128 kernel with row scales (run 113's profile).
+// kAdapterTiles = false: CUTLASS's stock mainloop under the same row-scale epilogue (xa' and B
+// unread, y = alpha[m] x_q W_q^T), which separates what the adapter's k-tiles cost from what the
+// epilogue costs.
 template <class TileShape, class ClusterShape,
           class KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
-          class EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative>
+          class EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative,
+          bool kAdapterTiles = true>
 struct AdapterGemm {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
@@ -338,7 +345,8 @@ struct AdapterGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
-  using Mainloop = AdapterMainloop<StockMainloop>;
+  using Mainloop =
+      std::conditional_t<kAdapterTiles, AdapterMainloop<StockMainloop>, StockMainloop>;
   using Kernel =
       cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -359,7 +367,7 @@ struct AdapterGemm {
     TORCH_CHECK(wq.size(1) == K && xa.size(0) == M && b16.size(0) == N && b16.size(1) == r16 &&
                     alpha.numel() == M,
                 "adapter gemm: shapes x_q (M, K), W_q (N, K), xa' (M, r16), B (N, r16), alpha (M)");
-    const int k_total = 128 * ((K + 127) / 128 + (r16 + 63) / 64);
+    const int k_total = kAdapterTiles ? 128 * ((K + 127) / 128 + (r16 + 63) / 64) : K;
     torch::Tensor y = torch::empty({M, N}, xq.options().dtype(torch::kBFloat16));
     using StrideA = typename Gemm::GemmKernel::StrideA;
     using StrideB = typename Gemm::GemmKernel::StrideB;
@@ -369,11 +377,13 @@ struct AdapterGemm {
         cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(M, K, 1)),
         reinterpret_cast<const ElementB*>(wq.data_ptr()),
         cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, K, 1)),
-        4,
-        K,
-        reinterpret_cast<const cutlass::bfloat16_t*>(xa.data_ptr()),
-        reinterpret_cast<const cutlass::bfloat16_t*>(b16.data_ptr()),
-        r16};
+        4};
+    if constexpr (kAdapterTiles) {
+      mainloop.k_fp8 = K;
+      mainloop.ptr_xa = reinterpret_cast<const cutlass::bfloat16_t*>(xa.data_ptr());
+      mainloop.ptr_b16 = reinterpret_cast<const cutlass::bfloat16_t*>(b16.data_ptr());
+      mainloop.r16 = r16;
+    }
     auto* d = reinterpret_cast<ElementD*>(y.data_ptr());
     const auto stride_d = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(M, N, 1));
     typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,

@@ -14,3 +14,5 @@ torch::Tensor adapter_128x256_c1x2(FALQON_ADAPTER_GEMM_ARGS);
 torch::Tensor adapter_128x256_c2x1(FALQON_ADAPTER_GEMM_ARGS);
 torch::Tensor adapter_pp128x128_c1x2(FALQON_ADAPTER_GEMM_ARGS);
 torch::Tensor adapter_pp128x128_c2x1(FALQON_ADAPTER_GEMM_ARGS);
+// Without the adapter's k-tiles: y = alpha[m] x_q W_q^T (xa' and B unread).
+torch::Tensor rowscale_pp128x128_c1x2(FALQON_ADAPTER_GEMM_ARGS);

@@ -10,4 +10,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_128x256_c2x1", &adapter_128x256_c2x1, doc);
   m.def("adapter_pp128x128_c1x2", &adapter_pp128x128_c1x2, doc);
   m.def("adapter_pp128x128_c2x1", &adapter_pp128x128_c2x1, doc);
+  m.def("rowscale_pp128x128_c1x2", &rowscale_pp128x128_c1x2,
+        "y = alpha[m] x_q W_q^T: adapter_pp128x128_c1x2 without the adapter's k-tiles");
 }
