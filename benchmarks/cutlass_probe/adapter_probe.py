@@ -5,9 +5,9 @@ per row, cuBLASLt's FP8 GEMM over W' = [W; A], then a cuBLASLt GEMM that adds sc
 while it copies y out of the strided product). The new route needs xa before its GEMM: here a
 cuBLASLt FP8 GEMM x_q A_q^T scaled by `scaling` alone (torch._scaled_mm), so that xa' is in the
 accumulators' units. Issue 12's epilogue route (benchmarks/NOTES.md). Needs the `nvidia-cutlass`
-wheel (its headers) and nvcc; builds adapter_gemm_a.cu / _b.cu / _bind.cpp (the kernels in
-adapter_gemm.cuh) with torch.utils.cpp_extension.load. Runs 98-101 of benchmarks/NOTES.md: the
-route loses.
+wheel (its headers) and nvcc; builds adapter_gemm_a.cu / _b.cu / _c.cu / _bind.cpp (the kernels in
+adapter_gemm.cuh: cooperative and ping-pong schedules) with torch.utils.cpp_extension.load. Runs
+98-103 and 115-116 of benchmarks/NOTES.md: the route pays only at 4096 -> 11008, and little.
 
     python benchmarks/cutlass_probe/adapter_probe.py          # M = 8192, r = 64, the 7B shapes
     python benchmarks/cutlass_probe/adapter_probe.py --sweep  # also 48 tile orders a shape
