@@ -48,16 +48,6 @@ __device__ __forceinline__ O to_element(I v) {
   }
 }
 
-// `count` elements of E as n-element vectors, for one 16-byte (or 8-byte) load or store.
-template <typename E, int n>
-struct alignas(sizeof(E) * n) Pack {
-  E v[n];
-};
-
-bool aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 // xa[i][j] = product[i][n0 + j] (i < m, j < r), then b[k] = O(lora_B[k]) for k < b_count.
 // vec_xa: r, ld and n0 multiples of 8 and both bases 16-byte aligned, so that each row is copied as
 // r / 8 vectors of 8 elements; vec_b: both bases aligned for 4-element vectors, the last
@@ -104,7 +94,8 @@ int operand_blocks(int64_t m, int r, bool vec_xa, int64_t b_count, bool vec_b) {
 
 template <typename T, typename B>
 bool b_vectors_aligned(const B* lora_B, const T* b) {
-  return aligned(lora_B, sizeof(Pack<B, 4>)) && aligned(b, sizeof(Pack<T, 4>));
+  return pointer_alignment(lora_B) >= static_cast<int>(sizeof(Pack<B, 4>)) &&
+         pointer_alignment(b) >= static_cast<int>(sizeof(Pack<T, 4>));
 }
 
 }  // namespace
@@ -149,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& product, i
       const Bt* b_src = b_count ? b_in.const_data_ptr<Bt>() : nullptr;
       T* b_dst = b_count ? b.data_ptr<T>() : nullptr;
       const bool vec_xa = r % 8 == 0 && product.stride(0) % 8 == 0 && N % 8 == 0 &&
-                          aligned(src, 16) && aligned(xa.data_ptr(), 16);
+                          pointer_alignment(src) >= 16 && pointer_alignment(xa.data_ptr()) >= 16;
       const bool vec_b = b_count > 0 && b_vectors_aligned(b_src, b_dst);
       adapter_operands_kernel<T, Bt>
           <<<operand_blocks(M, static_cast<int>(r), vec_xa, b_count, vec_b), kOperandThreads, 0,
