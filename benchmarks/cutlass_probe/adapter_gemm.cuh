@@ -17,7 +17,7 @@
 // Measured (benchmarks/NOTES.md, H200): correct, but no faster than today's forward. Runs 98-103:
 // CUTLASS's stock cooperative kernels run 2-16% behind cuBLASLt's at the LLaMA-7B shapes under
 // sustained load. Runs 115-116: the stock ping-pong 128x128 kernel runs at cuBLASLt's speed; the
-// adapter kernels had lost 7-40% to their stock ones because ptxas serialised their wgmma (C7519,
+// adapter kernels had lost 2-40% to their stock ones because ptxas serialised their wgmma (C7519,
 // the branch between the FP8 and bf16 k-tiles in one loop), and lose 1-11% with the two loops
 // below. With x_q A_q^T from cuBLASLt before it (~40 us) the route still only pays at
 // 4096 -> 11008 (-18 us a forward).
