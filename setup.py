@@ -128,12 +128,15 @@ def _extension():
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             # Resource report (registers, spills) in the build log; see benchmarks/NOTES.md.
             "-Xptxas=-v" if os.environ.get("FALQON_PTXAS_VERBOSE") else "-Xptxas=-O3"]
+    defines = ["-DFALQON_WITH_CUDA"]
+    if "9.0a" in archs.replace(" ", ";").split(";"):
+        defines.append("-DFALQON_SM90A")  # the Hopper kernels (TMA, wgmma) may be launched
     return CUDAExtension(
         "falqon._C",
         sources + cuda_sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + inc,
         library_dirs=libdirs,
-        extra_compile_args={"cxx": cxx + ["-DFALQON_WITH_CUDA"], "nvcc": nvcc + ["-DFALQON_WITH_CUDA"]},
+        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
         # Wheels: libcublasLt of torch's nvidia-cublas wheel sits beside site-packages/falqon.
         extra_link_args=[lt_flag, "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib",
                          "-Wl,-rpath,$ORIGIN/../nvidia/cublas/lib"],

@@ -1,7 +1,9 @@
 """The adapter mode's CUDA path against the CPU reference and float64 formulas: the forward's
 adapter GEMM (y = y_base + scaling xa B^T into a contiguous y), the backward's operand
-G = [g | scaling g B | 0] (u from a cuBLASLt GEMM, its partials joining g's, one cast) and the dgrad
-over every row of W', in both scalings, at the LLaMA-7B shapes.
+G = [g | scaling g B | 0] (u from a cuBLASLt GEMM, its partials joining g's, one cast; or, on
+Hopper with enough rows, u and the partials from one row pass over g, adapter_u.cu, and the cast in
+the fused pass, grad_pass_hopper.cu) and the dgrad over every row of W', in both scalings, at the
+LLaMA-7B shapes.
 
 Why these comparisons hold:
 - Forward: the device's y_base and xa are the proxy forward's (the same FP8 GEMM, deterministic),
@@ -83,6 +85,13 @@ def _exact_operands(K, N, r, lead, dtype):
     return w, s, g, B
 
 
+def _exact_xa(lead, r, dtype):
+    """xa on the exact grid too (integers in [-8, 8] times 2^-4): every fp32 partial sum of dB =
+    scaling g^T xa is then exact, so dB is the same bit for bit whatever kernel sums it in
+    whatever order (the mma.sync pass, the wgmma pass of grad_pass_hopper.cu)."""
+    return grid_values((*lead, r), -8, 8, 2.0 ** -4, amax_row=False).to(dtype)
+
+
 def _adapter_dgrad_floor(G_q, sG, w, s, dtype):
     """dx of the GPU's own FP8 GEMM over every row of W' (the operand the op uses), or None."""
     floor = scaled_mm_floor(G_q, sG, w.t().contiguous().t(), s, fast_accum=FAST_ACCUM_DGRAD)
@@ -131,7 +140,7 @@ def test_adapter_backward_matches_cpu(c, history_kind):
     history = {"none": None, "empty": torch.zeros(5),
                "below": torch.tensor([own / 2, 0.0, own / 4, 0.0, 0.0]),
                "above": torch.tensor([0.0, own * 3, own, 0.0, own])}[history_kind]
-    xa = random_activations((*lead, r), dtype)
+    xa = _exact_xa(lead, r, dtype)
     dx_d, dB_d, amax_d = ops.melded_linear_backward(
         to_dev(g), to_dev(xa), to_dev(w), to_dev(s), None, scaling, gdt, to_dev(history),
         torch.float32, to_dev(B))
@@ -143,7 +152,7 @@ def test_adapter_backward_matches_cpu(c, history_kind):
         to_dev(g), to_dev(w), to_dev(s), None, gdt, to_dev(history), to_dev(B), scaling)
     assert torch.equal(amax_only.cpu(), amax_d.cpu())
     _check_dx(dx_only, g, w, s, B, scaling, gdt_eff, dtype, history, f"dx (grad_input) {what}")
-    # dB is the proxy mode's formula: the same op without B gives it bit for bit.
+    # dB is the proxy mode's formula: the same op without B gives it bit for bit (exact sums).
     _, dB_proxy, _ = ops.melded_linear_backward(
         to_dev(g), to_dev(xa), to_dev(w), to_dev(s), None, scaling, gdt, to_dev(history),
         torch.float32)
@@ -170,6 +179,81 @@ def test_adapter_backward_amax_is_u_where_u_dominates(K, N, history_kind):
     amax_c = _check_dx(dx_d, g, w, s, B, scaling, E5M2, torch.bfloat16, history,
                        f"dx {K}to{N} {history_kind}")
     assert amax_d.item() == amax_c.item() == G.abs().max().item()
+
+
+def _row_pass_runs():
+    """Whether adapter_u.cu's row pass can run here: an sm_90a build on a compute capability 9.0
+    GPU (elsewhere FALQON_ADAPTER_U=rows falls back to cuBLASLt's u GEMM)."""
+    return (not DRY_RUN and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() == (9, 0)
+            and "9.0a" in falqon.build_info()["cuda_archs"])
+
+
+def _backward_by(choice, monkeypatch, *args, mma_pass=False):
+    """The backward with FALQON_ADAPTER_U=choice and, with mma_pass, the fused pass on mma.sync
+    (backward.cu) instead of TMA and wgmma (grad_pass_hopper.cu)."""
+    monkeypatch.setenv("FALQON_ADAPTER_U", choice)
+    if mma_pass:
+        monkeypatch.setenv("FALQON_GRAD_PASS_MMA", "1")
+    else:
+        monkeypatch.delenv("FALQON_GRAD_PASS_MMA", raising=False)
+    return ops.melded_linear_backward(*args)
+
+
+# The row pass takes 16-bit g and ranks up to 64 that are multiples of 8; N = 528 ends in a part
+# of a 64-column tile and of a 256-column stage (three of its four boxes wholly past N).
+U_PASS_CASES = [c for c in BACKWARD_CASES if c[4] != torch.float32 and c[3] % 8 == 0]
+U_PASS_CASES.append((256, 528, (1000,), 16, torch.bfloat16, None))
+
+
+@pytest.mark.skipif(not _row_pass_runs(), reason="the row pass over g needs an sm_90a build on Hopper")
+@pytest.mark.parametrize("bdt", [torch.float32, torch.bfloat16], ids=short)
+@pytest.mark.parametrize("c", U_PASS_CASES, ids=_case_id)
+def test_adapter_u_row_pass_matches_the_gemm_path(c, bdt, monkeypatch):
+    # Current scaling through adapter_u.cu's row pass (u and the operand's partial maxima from one
+    # read of g, then g and u cast in the fused pass, on wgmma or on mma.sync) against cuBLASLt's
+    # u GEMM, the fused pass's amax and the joint cast. On the exact grid u and dB are exact in
+    # fp32 whatever the order of their sums, so the operand, its scale and amax, dx and dB are the
+    # same bit for bit; the CPU check of dx holds for the row pass as for the other.
+    K, N, lead, r, dtype, gdt = c
+    w, s, g, B = _exact_operands(K, N, r, lead, dtype)
+    xa = _exact_xa(lead, r, dtype)
+    args = (to_dev(g), to_dev(xa), to_dev(w), to_dev(s), None, 0.5, gdt, None, bdt, to_dev(B))
+    rows = _backward_by("rows", monkeypatch, *args)
+    rows_mma = _backward_by("rows", monkeypatch, *args, mma_pass=True)
+    gemm = _backward_by("gemm", monkeypatch, *args)
+    for other, what in ((rows_mma, "mma.sync pass"), (gemm, "u GEMM")):
+        for name, a, b in zip(("dx", "dB", "amax"), rows, other):
+            assert torch.equal(a, b), f"{name} {_case_id(c)} against the {what}"
+    amax_c = _check_dx(rows[0], g, w, s, B, 0.5, gdt or E5M2, dtype, None, f"dx {_case_id(c)} rows")
+    assert rows[2].item() == amax_c.item()
+
+
+@pytest.mark.skipif(not _row_pass_runs(), reason="the row pass over g needs an sm_90a build on Hopper")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=short)
+@pytest.mark.parametrize("M", [64, 1000, 8192])
+def test_adapter_u_row_pass_with_random_values(M, dtype, monkeypatch):
+    # Ordinary values, M with a partial last block of 64 rows (1000) and the default choice at
+    # M = 8192: u's and dB's sums differ from the other path's only in their order (fp32), so the
+    # operand's scale and a few of its FP8 roundings may differ; dx agrees within one rounding of
+    # the gradient format, dB within fp32 summation error (and both with float64), and u
+    # dominating the operand (a large B) moves the amax in both.
+    K, N, r = 4096, 4096, 64
+    w, s = melded_weight(K, N, r)
+    g = random_activations((M, N), dtype)
+    xa = random_activations((M, r), dtype)
+    for B_std in (0.02, 2.0):
+        B = torch.randn(N, r) * B_std
+        args = (to_dev(g), to_dev(xa), to_dev(w), to_dev(s), None, 0.5, None, None, torch.float32,
+                to_dev(B))
+        rows = _backward_by("rows" if M < 8192 else "auto", monkeypatch, *args)
+        gemm = _backward_by("gemm", monkeypatch, *args)
+        dB_ref = 0.5 * g.reshape(-1, N).double().t() @ xa.reshape(-1, r).double()
+        assert rel_err(rows[1].cpu(), dB_ref) < 1e-5 and rel_err(gemm[1].cpu(), dB_ref) < 1e-5, "dB"
+        assert abs(rows[2].item() - gemm[2].item()) <= 1e-5 * gemm[2].item(), "amax"
+        assert rel_err(rows[0].cpu(), gemm[0].cpu()) < 2e-3, "dx"
+        G = adapter_operand(g.reshape(-1, N), B, 0.5, w.shape[0])
+        assert rows[2].item() == pytest.approx(G.abs().max().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)

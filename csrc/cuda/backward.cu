@@ -18,11 +18,10 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <mutex>
-#include <set>
 #include <type_traits>
 
 #include "common.cuh"
+#include "grad_pass.cuh"
 
 namespace falqon {
 namespace cuda {
@@ -38,32 +37,6 @@ constexpr int kPassColumns = kMaxFragments * 16;
 
 enum GradMode : int { kAmaxMode = 0, kCastMode = 1, kProductOnly = 2 };
 
-// The CUDA types of a 16-bit activation dtype: one element (for the mma) and two (packed max).
-template <typename T>
-struct HalfTypes;
-template <>
-struct HalfTypes<at::BFloat16> {
-  using type = __nv_bfloat16;
-  using pair = __nv_bfloat162;
-};
-template <>
-struct HalfTypes<at::Half> {
-  using type = __half;
-  using pair = __half2;
-};
-
-// max(m, |v|) for the 8 values of a vector, two per instruction, NaN-propagating (so that a NaN
-// in g reaches the amax, as abs_bits orders it in the reference).
-template <typename T>
-__device__ __forceinline__ typename HalfTypes<T>::pair pack_abs_max(typename HalfTypes<T>::pair m,
-                                                                    const Pack<T, 8>& v) {
-  using Pair = typename HalfTypes<T>::pair;
-  const Pair* p = reinterpret_cast<const Pair*>(&v);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) m = __hmax2_nan(m, __habs2(p[k]));
-  return m;
-}
-
 // max(m, |v|) for the 8 values of an mma fragment (four registers of two 16-bit values).
 template <typename T>
 __device__ __forceinline__ typename HalfTypes<T>::pair fragment_abs_max(
@@ -72,12 +45,6 @@ __device__ __forceinline__ typename HalfTypes<T>::pair fragment_abs_max(
 #pragma unroll
   for (int k = 0; k < 4; ++k) m = __hmax2_nan(m, __habs2(*reinterpret_cast<const Pair*>(&frag[k])));
   return m;
-}
-
-// The max of a pair's two magnitudes as abs_bits orders them (NaN above Inf).
-template <typename Pair>
-__device__ __forceinline__ uint32_t pair_abs_bits(Pair m) {
-  return max(abs_bits(__low2float(m)), abs_bits(__high2float(m)));
 }
 
 // 16 bytes global -> shared without passing through registers (sm_80+); src_bytes = 0 fills
@@ -139,7 +106,9 @@ struct GradTile {
 // max |g| of its tile to partials[by * gridDim.x + bx], maxed with that of its grid-stride share
 // of u's u_count values where u is given (the adapter mode's u = scaling g B, which joins g's
 // amax: no kernel of its own); kCastMode casts g into q at the scale of max(partials) (row
-// stride ld_q) and atomically maxes g's amax into amax_out; kProductOnly does neither.
+// stride ld_q) and atomically maxes g's amax into amax_out, and where u is given (a rank that is
+// a multiple of 8) casts u into q's columns [N, ld_q) too, its amax joining g's; kProductOnly
+// does neither.
 template <typename T, int JF, bool kE4M3>
 __global__ void __launch_bounds__(kGradThreads, 2)
     grad_quantize_product_kernel(const T* __restrict__ g, int64_t M, int64_t N,
@@ -346,12 +315,14 @@ __global__ void __launch_bounds__(kGradThreads, 2)
   }
   if (mode != kProductOnly) {
     uint32_t m_u = 0;
+    const int64_t stride = int64_t{gridDim.x} * gridDim.y * blockDim.x;
+    const int64_t first = (int64_t{blockIdx.y} * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
     if (mode == kAmaxMode && u != nullptr) {
-      const int64_t stride = int64_t{gridDim.x} * gridDim.y * blockDim.x;
-      for (int64_t i = (int64_t{blockIdx.y} * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-           i < u_count; i += stride) {
-        m_u = max(m_u, abs_bits(u[i]));
-      }
+      for (int64_t i = first; i < u_count; i += stride) m_u = max(m_u, abs_bits(u[i]));
+    } else if (mode == kCastMode && u != nullptr) {
+      // u's columns of the operand at the same scale (the host passes u only for ranks that are
+      // multiples of 8).
+      m_u = cast_u_columns<kE4M3>(u, M, u_count / M, N, q, ld_q, d, first, stride);
     }
     const uint32_t m_abs = block_max(max(pair_abs_bits(m_pair), m_u));
     if (threadIdx.x == 0) {
@@ -375,19 +346,6 @@ __global__ void __launch_bounds__(256)
   float sum = 0.f;
   for (int s = 0; s < splits; ++s) sum = __fadd_rn(sum, ws[(s * N + n) * ld_ws + j]);
   out[i] = static_cast<O>(__fmul_rn(sum, scaling));
-}
-
-// cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, bytes) once per kernel, size and device
-// (the attribute is a context's, i.e. a device's), not on every launch: a driver call that costs
-// host time per layer (run 109).
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int bytes, int device) {
-  static std::mutex mutex;
-  static std::set<std::tuple<const void*, int, int>> done;
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (done.emplace(reinterpret_cast<const void*>(kernel), bytes, device).second) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  }
 }
 
 // Fragments of 16 columns for a pass over `columns` columns of xa: 1, 2, 4 or 8.
@@ -436,14 +394,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
   // so that its amax joins g's before any cast.
   const bool adapter = lora_B.has_value();
   const int64_t ld_q = adapter ? weight.size(0) : N;
-  const at::Tensor u = adapter ? adapter_u(g, *lora_B, scaling) : at::Tensor();
-  // Delayed scaling: u's partials (the history's amax, or u's own) go after g's, kAdapterPartials
-  // slots; current scaling: the fused pass folds u's amax into its own partials.
   const bool delayed = amax_history.has_value();
-  const int64_t extra = adapter && delayed ? kAdapterPartials : 0;
-  at::Tensor gq = at::empty({M, ld_q}, opts.dtype(grad_dtype));
+  // Current scaling on Hopper: one pass over row blocks of g forms u and the operand's partial
+  // maxima (adapter_u.cu), so the fused pass below casts g at the final scale (cast mode) and g
+  // is read twice; elsewhere cuBLASLt's u GEMM, then the fused pass's amax, then the cast.
+  const bool u_rows = adapter && !delayed && adapter_u_rows_applies(g, r);
   at::Tensor scale = at::empty({}, opts.dtype(at::kFloat));
   at::Tensor amax = at::empty({}, opts.dtype(at::kFloat));
+  at::Tensor u_partials = u_rows ? at::empty({adapter_u_rows_blocks(M)}, opts.dtype(at::kInt))
+                                 : at::Tensor();
+  const at::Tensor u = !adapter ? at::Tensor()
+                       : u_rows ? adapter_u_rows(g, *lora_B, scaling, u_partials, amax)
+                                : adapter_u(g, *lora_B, scaling);
+  // Delayed scaling: u's partials (the history's amax, or u's own) go after g's, kAdapterPartials
+  // slots; current scaling: the fused pass folds u's amax into its own partials (or, with u_rows,
+  // takes the row pass's as they are).
+  const int64_t extra = adapter && delayed ? kAdapterPartials : 0;
+  at::Tensor gq = at::empty({M, ld_q}, opts.dtype(grad_dtype));
 
   const int n_tiles = static_cast<int>((N + kTileN - 1) / kTileN);
   const int64_t m_tiles = (M + kTileM - 1) / kTileM;
@@ -453,15 +420,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
   const int passes = static_cast<int>((r + kPassColumns - 1) / kPassColumns);
   const int64_t ld_ws =
       int64_t{kPassColumns} * (passes - 1) + 16 * fragments_for(r - int64_t{kPassColumns} * (passes - 1));
-  at::Tensor ws = at::empty({splits, N, ld_ws}, opts.dtype(at::kFloat));
+  // Then the fused pass on TMA and wgmma too (grad_pass_hopper.cu), with its own splits and
+  // workspace; elsewhere grad_quantize_product_kernel below.
+  const bool hopper_pass = u_rows && grad_cast_product_applies(g, x);
+  at::Tensor ws = hopper_pass ? at::Tensor() : at::empty({splits, N, ld_ws}, opts.dtype(at::kFloat));
 
   // Current scaling: the first pass writes one amax partial per block (with u's amax in the
   // adapter mode); delayed scaling: the partials come from the history (delayed_amax_kernel,
   // which also zeroes `amax`), u's after g's (read by every cast).
-  at::Tensor partials = delayed ? delayed_partials(g, *amax_history, amax, extra)
+  at::Tensor partials = delayed  ? delayed_partials(g, *amax_history, amax, extra)
+                       : u_rows ? u_partials
                                 : at::empty({int64_t{n_tiles} * splits}, opts.dtype(at::kInt));
   if (adapter && delayed) adapter_partials(u, partials, partials.numel() - extra, *amax_history);
-  const float* u_for_amax = adapter && !delayed ? u.const_data_ptr<float>() : nullptr;
+  // u for the fused pass: its amax (current scaling without u_rows) or its cast (u_rows: the scale
+  // is known when the pass starts).
+  const float* u_for_pass = adapter && !delayed ? u.const_data_ptr<float>() : nullptr;
   auto* partial_bits = reinterpret_cast<uint32_t*>(partials.data_ptr());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(n_tiles, splits);
@@ -472,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
     for (int pass = 0; pass < passes; ++pass) {
       const int64_t col0 = int64_t{pass} * kPassColumns;
       const int cols = static_cast<int>(std::min<int64_t>(kPassColumns, r - col0));
-      const int mode = pass > 0 ? kProductOnly : (delayed ? kCastMode : kAmaxMode);
+      const int mode = pass > 0 ? kProductOnly : (delayed || u_rows ? kCastMode : kAmaxMode);
       const T* xp_pass = xp + col0;
       const bool vec_xa = r % 8 == 0 && pointer_alignment(xp_pass) >= 16;
       auto launch = [&](auto jf, auto e4m3) {
@@ -489,7 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
                 gp, M, N, xp_pass, r, cols, vec_xa, rows_per_split, mode, stages, partial_bits,
                 static_cast<int>(partials.numel()), static_cast<uint8_t*>(gq.data_ptr()), ld_q,
                 scale.data_ptr<float>(), reinterpret_cast<uint32_t*>(amax.data_ptr()),
-                ws.data_ptr<float>() + col0, ld_ws, u_for_amax, u_for_amax ? u.numel() : 0);
+                ws.data_ptr<float>() + col0, ld_ws, pass == 0 ? u_for_pass : nullptr,
+                pass == 0 && u_for_pass ? u.numel() : 0);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       auto with_format = [&](auto jf) {
@@ -507,7 +481,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
       }
     }
   };
-  if (dtype == at::kHalf) {
+  if (hopper_pass) {
+    ws = grad_cast_product_hopper(g, x, partials, gq, scale, amax, u);
+  } else if (dtype == at::kHalf) {
     launch_all(TypeTag<at::Half>{});
   } else {
     launch_all(TypeTag<at::BFloat16>{});
@@ -520,15 +496,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
   const int reduce_grid = static_cast<int>((outputs + 255) / 256);
   FALQON_DISPATCH_ACTIVATION(grad_B_dtype, "falqon_grad_b_reduce", [&] {
     grad_b_reduce_kernel<scalar_t><<<reduce_grid, 256, 0, stream>>>(
-        ws.const_data_ptr<float>(), splits, N, ld_ws, static_cast<int>(r),
+        ws.const_data_ptr<float>(), static_cast<int>(ws.size(0)), N, ws.size(2), static_cast<int>(r),
         static_cast<float>(scaling), dB.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (adapter) {
-    // Current scaling: g and u cast at the one scale of all partials; delayed: g was cast by the
-    // fused pass, u now (its amax maxed into g's for the history).
-    adapter_cast(delayed ? std::optional<at::Tensor>() : std::optional<at::Tensor>(g), u, N,
-                 partials, gq, scale, amax);
+    // Current scaling: g and u cast at the one scale of all partials; delayed scaling: g was cast
+    // by the fused pass, u now (its amax maxed into g's). With u_rows the fused pass cast both.
+    if (!u_rows) {
+      adapter_cast(delayed ? std::optional<at::Tensor>() : std::optional<at::Tensor>(g), u, N,
+                   partials, gq, scale, amax);
+    }
   } else if (!delayed) {
     cast_with_partials(g, partials, gq, scale, amax);
   }

@@ -114,6 +114,34 @@ void adapter_partials(const at::Tensor& u, const at::Tensor& partials, int64_t o
 void adapter_cast(const std::optional<at::Tensor>& g, const at::Tensor& u, int64_t N,
                   const at::Tensor& partials, const at::Tensor& q, const at::Tensor& scale,
                   const at::Tensor& amax);
+// ---- adapter_u.cu: u and the operand's partial maxima in one pass over row blocks of g (Hopper)
+
+// True where adapter_u_rows can run on g (M x N, 16-bit, contiguous) for rank r and should: an
+// sm_90a build on a compute capability 9.0 GPU, r <= 64 and a multiple of 8, N a multiple of 8,
+// and enough rows to fill the GPU (FALQON_ADAPTER_U=rows / gemm overrides that choice).
+bool adapter_u_rows_applies(const at::Tensor& g, int64_t r);
+// The partial maxima adapter_u_rows writes: one per 64 rows of g.
+int64_t adapter_u_rows_blocks(int64_t M);
+// u = scaling * g B (M x r, fp32, B rounded to g's dtype), partials[b] = max(|g|, |u|) over rows
+// [64 b, 64 b + 64) as abs_bits (int32), amax zeroed for the casts' atomic maxima.
+at::Tensor adapter_u_rows(const at::Tensor& g, const at::Tensor& lora_B, double scaling,
+                          const at::Tensor& partials, const at::Tensor& amax);
+
+// ---- grad_pass_hopper.cu: the fused pass's cast mode on TMA and wgmma (Hopper) ---------------
+
+// True where grad_cast_product_hopper can run: an sm_90a build on a compute capability 9.0 GPU,
+// g (M x N) and xa (M x r) contiguous and 16-byte aligned in the same 16-bit dtype, r <= 64 and
+// a multiple of 8, N a multiple of 8 (FALQON_GRAD_PASS_MMA=1 declines, for comparisons).
+bool grad_cast_product_applies(const at::Tensor& g, const at::Tensor& xa);
+// One pass over g: casts it into columns [0, N) of q (M x ld_q FP8) at the scale of max(partials)
+// (written to scale; g's amax atomically maxed into amax, as float bits), casts u (M x r fp32)
+// into columns [N, ld_q) where given (its amax joining g's), and returns the workspace (splits,
+// N, 64) of dB's fp32 partial products g^T xa for grad_b_reduce_kernel.
+at::Tensor grad_cast_product_hopper(const at::Tensor& g, const at::Tensor& xa,
+                                    const at::Tensor& partials, const at::Tensor& q,
+                                    const at::Tensor& scale, const at::Tensor& amax,
+                                    const std::optional<at::Tensor>& u);
+
 // E = x - s0 * fp8_e4m3(x / s0) in fp32, s0 from the partials of x (the FP8 quantisation error).
 at::Tensor quantization_error_with_partials(const at::Tensor& x, const at::Tensor& partials);
 
