@@ -141,6 +141,8 @@ __global__ void __launch_bounds__(kUThreads, 1)
     hopper::fence_barrier_init();
   }
   __syncthreads();
+  pdl_wait();  // launch_dependent: g and B^T may be the previous kernels' outputs
+  pdl_launch_dependents();
 
   if (threadIdx.x >= kUConsumers) {  // the producer warp: one thread issues the copies
     if (threadIdx.x == kUConsumers) {
@@ -178,6 +180,8 @@ template <typename O, typename I>
 __global__ void __launch_bounds__(kTransposeTile * 8)
     adapter_b_t_kernel(const I* __restrict__ in, int64_t rows, int64_t cols,
                              O* __restrict__ out) {
+  pdl_wait();  // launch_dependent (one wave: the next kernel may be scheduled now)
+  pdl_launch_dependents();
   __shared__ float tile[kTransposeTile][kTransposeTile + 1];
   const int64_t r0 = int64_t{blockIdx.y} * kTransposeTile, c0 = int64_t{blockIdx.x} * kTransposeTile;
   for (int i = threadIdx.y; i < kTransposeTile; i += blockDim.y) {
@@ -202,10 +206,9 @@ at::Tensor transposed_in_dtype(const at::Tensor& lora_B, at::ScalarType dtype) {
   FALQON_DISPATCH_ACTIVATION(dtype, "falqon_adapter_b_t", [&] {
     using O = scalar_t;
     FALQON_DISPATCH_ACTIVATION(src.scalar_type(), "falqon_adapter_b_t", [&] {
-      adapter_b_t_kernel<O, scalar_t>
-          <<<grid, dim3(kTransposeTile, 8), 0, at::cuda::getCurrentCUDAStream()>>>(
-              src.const_data_ptr<scalar_t>(), rows, cols, out.data_ptr<O>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(adapter_b_t_kernel<O, scalar_t>, grid, dim3(kTransposeTile, 8), 0,
+                       at::cuda::getCurrentCUDAStream(), src.device(),
+                       src.const_data_ptr<scalar_t>(), rows, cols, out.data_ptr<O>());
     });
   });
   return out;
@@ -279,11 +282,10 @@ at::Tensor adapter_u_rows(const at::Tensor& g, const at::Tensor& lora_B, double 
     using T = typename decltype(type_tag)::type;
     auto kernel = adapter_u_rows_kernel<T>;
     allow_dynamic_smem(kernel, kUSmemBytes, g.device().index());
-    kernel<<<static_cast<unsigned>(blocks), kUThreads, kUSmemBytes,
-             at::cuda::getCurrentCUDAStream()>>>(
-        g_map, bt_map, M, N, static_cast<int>(r), static_cast<float>(scaling), u.data_ptr<float>(),
-        reinterpret_cast<uint32_t*>(partials.data_ptr()), amax.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kUThreads), kUSmemBytes,
+                     at::cuda::getCurrentCUDAStream(), g.device(), g_map, bt_map, M, N,
+                     static_cast<int>(r), static_cast<float>(scaling), u.data_ptr<float>(),
+                     reinterpret_cast<uint32_t*>(partials.data_ptr()), amax.data_ptr<float>());
   };
   if (bf16) {
     launch(TypeTag<at::BFloat16>{});

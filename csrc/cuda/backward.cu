@@ -340,6 +340,8 @@ template <typename O>
 __global__ void __launch_bounds__(256)
     grad_b_reduce_kernel(const float* __restrict__ ws, int splits, int64_t N, int64_t ld_ws, int r,
                          float scaling, O* __restrict__ out) {
+  pdl_wait();  // launch_dependent: ws is the previous kernel's output
+  pdl_launch_dependents();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N * r) return;
   const int64_t n = i / r, j = i % r;
@@ -495,10 +497,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> melded_linear_backward_fp8(
   const int64_t outputs = N * r;
   const int reduce_grid = static_cast<int>((outputs + 255) / 256);
   FALQON_DISPATCH_ACTIVATION(grad_B_dtype, "falqon_grad_b_reduce", [&] {
-    grad_b_reduce_kernel<scalar_t><<<reduce_grid, 256, 0, stream>>>(
-        ws.const_data_ptr<float>(), static_cast<int>(ws.size(0)), N, ws.size(2), static_cast<int>(r),
-        static_cast<float>(scaling), dB.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(grad_b_reduce_kernel<scalar_t>, dim3(reduce_grid), dim3(256), 0, stream,
+                     g.device(), ws.const_data_ptr<float>(), static_cast<int>(ws.size(0)), N,
+                     ws.size(2), static_cast<int>(r), static_cast<float>(scaling),
+                     dB.data_ptr<scalar_t>());
   });
   if (adapter) {
     // Current scaling: g and u cast at the one scale of all partials; delayed scaling: g was cast

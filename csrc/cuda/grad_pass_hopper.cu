@@ -62,6 +62,8 @@ __global__ void __launch_bounds__(kFThreads, kFBlocksPerSm)
     }
     hopper::fence_barrier_init();
   }
+  pdl_wait();  // launch_dependent: the partials (and g, xa, u) come from the kernels before
+  pdl_launch_dependents();
   // The scale of every partial (all threads: amax_from_partials syncs the block, which also
   // publishes the barriers' initialisation).
   const float scale =
@@ -199,13 +201,14 @@ at::Tensor grad_cast_product_hopper(const at::Tensor& g, const at::Tensor& xa,
     using T = typename decltype(type_tag)::type;
     auto kernel = grad_cast_product_kernel<T, decltype(e4m3)::value>;
     allow_dynamic_smem(kernel, kFSmemBytes, g.device().index());
-    kernel<<<grid, kFThreads, kFSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
-        g_map, xa_map, M, N, rows_per_split,
-        reinterpret_cast<const uint32_t*>(partials.const_data_ptr()),
-        static_cast<int>(partials.numel()), static_cast<uint8_t*>(q.data_ptr()), q.size(1),
-        scale.data_ptr<float>(), reinterpret_cast<uint32_t*>(amax.data_ptr()), ws.data_ptr<float>(),
-        u.has_value() ? u->const_data_ptr<float>() : nullptr, u.has_value() ? u->size(1) : 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(kernel, grid, dim3(kFThreads), kFSmemBytes, at::cuda::getCurrentCUDAStream(),
+                     g.device(), g_map, xa_map, M, N, rows_per_split,
+                     reinterpret_cast<const uint32_t*>(partials.const_data_ptr()),
+                     static_cast<int>(partials.numel()), static_cast<uint8_t*>(q.data_ptr()),
+                     q.size(1), scale.data_ptr<float>(),
+                     reinterpret_cast<uint32_t*>(amax.data_ptr()), ws.data_ptr<float>(),
+                     u.has_value() ? u->const_data_ptr<float>() : nullptr,
+                     u.has_value() ? u->size(1) : int64_t{0});
   };
   auto with_format = [&](auto type_tag) {
     if (fp8_is_e4m3(q.scalar_type())) {

@@ -30,6 +30,8 @@ __global__ void __launch_bounds__(kOperandThreads)
     given_scales_kernel(const float* __restrict__ w_scale, float* __restrict__ w_vec, int64_t rows,
                         const float* __restrict__ x_scale, float* __restrict__ x_amax, int64_t m,
                         float fp8_max) {
+  pdl_wait();  // launch_dependent (one wave: the next kernel may be scheduled now)
+  pdl_launch_dependents();
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (rows > 0) {
@@ -58,6 +60,8 @@ __global__ void __launch_bounds__(kOperandThreads)
     adapter_operands_kernel(const T* __restrict__ product, int64_t ld, int64_t n0, int64_t m, int r,
                             bool vec_xa, T* __restrict__ xa, const B* __restrict__ lora_B,
                             int64_t b_count, bool vec_b, T* __restrict__ b) {
+  pdl_wait();  // launch_dependent (one wave: the next kernel may be scheduled now)
+  pdl_launch_dependents();
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (vec_xa) {
@@ -109,12 +113,11 @@ std::tuple<at::Tensor, at::Tensor> given_scales(const at::Tensor& weight_scale, 
   at::Tensor x_amax = at::empty_like(x_scale);
   at::Tensor w_vec = per_row ? at::empty({weight_rows}, w_scale.options()) : w_scale;
   const int64_t rows = per_row ? weight_rows : 0, m = x_scale.numel();
-  given_scales_kernel<<<blocks_for(std::max(rows, m)), kOperandThreads, 0,
-                        at::cuda::getCurrentCUDAStream()>>>(
-      w_scale.const_data_ptr<float>(), per_row ? w_vec.data_ptr<float>() : nullptr, rows,
-      x_scale.const_data_ptr<float>(), x_amax.data_ptr<float>(), m,
-      static_cast<float>(fp8_max(at::kFloat8_e4m3fn)));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent(given_scales_kernel, dim3(blocks_for(std::max(rows, m))), dim3(kOperandThreads),
+                   0, at::cuda::getCurrentCUDAStream(), x_scale.device(),
+                   w_scale.const_data_ptr<float>(), per_row ? w_vec.data_ptr<float>() : nullptr,
+                   rows, x_scale.const_data_ptr<float>(), x_amax.data_ptr<float>(), m,
+                   static_cast<float>(fp8_max(at::kFloat8_e4m3fn)));
   return {w_vec, x_amax};
 }
 
@@ -142,12 +145,11 @@ std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& product, i
       const bool vec_xa = r % 8 == 0 && product.stride(0) % 8 == 0 && N % 8 == 0 &&
                           pointer_alignment(src) >= 16 && pointer_alignment(xa.data_ptr()) >= 16;
       const bool vec_b = b_count > 0 && b_vectors_aligned(b_src, b_dst);
-      adapter_operands_kernel<T, Bt>
-          <<<operand_blocks(M, static_cast<int>(r), vec_xa, b_count, vec_b), kOperandThreads, 0,
-             at::cuda::getCurrentCUDAStream()>>>(src, product.stride(0), N, M, static_cast<int>(r),
-                                                 vec_xa, xa.data_ptr<T>(), b_src, b_count, vec_b,
-                                                 b_dst);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(adapter_operands_kernel<T, Bt>,
+                       dim3(operand_blocks(M, static_cast<int>(r), vec_xa, b_count, vec_b)),
+                       dim3(kOperandThreads), 0, at::cuda::getCurrentCUDAStream(), product.device(),
+                       src, product.stride(0), N, M, static_cast<int>(r), vec_xa, xa.data_ptr<T>(),
+                       b_src, b_count, vec_b, b_dst);
     });
   });
   return {xa, b};
@@ -167,11 +169,11 @@ at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
       const I* in = src.const_data_ptr<I>();
       O* dst = out.data_ptr<O>();
       const bool vec_b = b_vectors_aligned(in, dst);
-      adapter_operands_kernel<O, I>
-          <<<operand_blocks(0, 1, false, out.numel(), vec_b), kOperandThreads, 0,
-             at::cuda::getCurrentCUDAStream()>>>(nullptr, 0, 0, 0, 1, false, nullptr, in,
-                                                 out.numel(), vec_b, dst);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(adapter_operands_kernel<O, I>,
+                       dim3(operand_blocks(0, 1, false, out.numel(), vec_b)), dim3(kOperandThreads),
+                       0, at::cuda::getCurrentCUDAStream(), src.device(), nullptr, int64_t{0},
+                       int64_t{0}, int64_t{0}, 1, false, static_cast<O*>(nullptr), in, out.numel(),
+                       vec_b, dst);
     });
   });
   return out;

@@ -40,6 +40,11 @@ int sm_count(const at::Device& device) {
   return at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
 }
 
+bool pdl_enabled(const at::Device& device) {
+  static const bool allowed = env_flag("FALQON_PDL", true);
+  return allowed && at::cuda::getDeviceProperties(device.index())->major >= 9;
+}
+
 bool use_emulation(const at::Device& device) {
   static const bool forced = env_flag("FALQON_FORCE_EMULATION", false);
   static std::mutex mutex;

@@ -44,6 +44,7 @@ template <typename T, int kHeld, bool kE4M3>
 __global__ void __launch_bounds__(kMaxRowThreads)
     quantize_rows_kernel(const T* __restrict__ in, int64_t K, uint8_t* __restrict__ q,
                          float* __restrict__ scale_out, float* __restrict__ amax_out) {
+  pdl_wait();  // launch_dependent: x may be the previous kernel's output
   using P = Pack<T, 8>;
   using R = RawPack<T>;
   const int64_t row = blockIdx.x;
@@ -129,11 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_fp8(const at::Tenso
   const int64_t packs_per_thread = (vectors + threads - 1) / threads;
   FALQON_DISPATCH_ACTIVATION(x.scalar_type(), "falqon_quantize_rows", [&] {
     auto launch = [&](auto packs, auto e4m3) {
-      quantize_rows_kernel<scalar_t, decltype(packs)::value, decltype(e4m3)::value>
-          <<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), K, static_cast<uint8_t*>(q.data_ptr()),
-              scale.data_ptr<float>(), amax.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(quantize_rows_kernel<scalar_t, decltype(packs)::value, decltype(e4m3)::value>,
+                       dim3(static_cast<unsigned>(rows)), dim3(threads), 0, stream, x.device(),
+                       x.const_data_ptr<scalar_t>(), K, static_cast<uint8_t*>(q.data_ptr()),
+                       scale.data_ptr<float>(), amax.data_ptr<float>());
     };
     auto with_packs = [&](auto e4m3) {
       if (packs_per_thread <= 1) {

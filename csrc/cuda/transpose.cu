@@ -23,6 +23,7 @@ template <bool kAligned>
 __global__ void __launch_bounds__(kTileThreads)
     transpose_fp8_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst, int64_t rows,
                          int64_t cols) {
+  pdl_wait();  // launch_dependent: W' may be the previous kernel's output
   __shared__ __align__(16) uint8_t tile[kTile * kPitch];
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -77,11 +78,12 @@ at::Tensor transpose_fp8(const at::Tensor& w) {
   auto* dst = static_cast<uint8_t*>(out.data_ptr());
   // Every row start is 16-byte aligned when the base is (cols % 16 == 0); `out` is fresh.
   if (pointer_alignment(src) >= 16) {
-    transpose_fp8_kernel<true><<<grid, kTileThreads, 0, stream>>>(src, dst, rows, cols);
+    launch_dependent(transpose_fp8_kernel<true>, grid, dim3(kTileThreads), 0, stream, w.device(), src,
+                     dst, rows, cols);
   } else {
-    transpose_fp8_kernel<false><<<grid, kTileThreads, 0, stream>>>(src, dst, rows, cols);
+    launch_dependent(transpose_fp8_kernel<false>, grid, dim3(kTileThreads), 0, stream, w.device(),
+                     src, dst, rows, cols);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
