@@ -13,9 +13,11 @@ adapter mode), with _delayed<H> / _wt after the GPU's name for those options.
 The adapter mode's own work shows in three groups: "16-bit GEMMs (adapter)" (every GEMM that is
 not an FP8 one: the forward's y = y_base + scaling xa B^T and the backward's u = scaling g B,
 cuBLASLt bf16/fp16 kernels), "adapter operand: u amax" (adapter_partials_kernel, delayed scaling
-only: current scaling takes u's amax in the fused pass) and "adapter operand: cast"
-(adapter_cast_kernel, which casts [g | u] with current scaling, u alone with delayed scaling). B
-is drawn non-zero there (normal, std 0.01), as a trained adapter's.
+only: current scaling takes u's amax in the fused pass), "adapter operand: cast"
+(adapter_cast_kernel, which casts [g | u] with current scaling, u alone with delayed scaling) and,
+on Hopper with current scaling, "adapter operand: u row pass" (adapter_u_rows_kernel: u and the
+operand's amax in one pass over g, after which the fused pass casts g and u and no
+adapter_cast_kernel runs). B is drawn non-zero there (normal, std 0.01), as a trained adapter's.
 """
 
 from __future__ import annotations
@@ -40,10 +42,14 @@ FP8_GEMM = re.compile(r"nvjet_(sm\d+a?_)?q|e4m3|e5m2|f8f8|_f8_|fp8|qgmma", re.I)
 GEMM_GROUP = "bf16 gemm (dB)"  # the proxy mode's non-FP8 GEMMs (none on its fused path)
 ADAPTER_GEMM_GROUP = "16-bit GEMMs (adapter)"  # the adapter mode's: xa B^T and g B
 GROUPS = [
+    # Hopper, current scaling (csrc/cuda/adapter_u.cu): u = scaling g B with g's amax, one pass
+    # over row blocks of g, and B^T's conversion for it.
+    ("adapter operand: u row pass", re.compile(r"adapter_u_rows|adapter_b_t", re.I)),
     ("adapter operand: u amax", re.compile(r"adapter_partials", re.I)),
     ("adapter operand: cast", re.compile(r"adapter_cast", re.I)),
     # The backward's one read of g: its amax pass (current scaling) or its cast (delayed), with dB.
-    ("g pass + dB (fused)", re.compile(r"grad_quantize_product", re.I)),
+    # On Hopper after the u row pass: the cast of g and u with dB (grad_cast_product_kernel).
+    ("g pass + dB (fused)", re.compile(r"grad_quantize_product|grad_cast_product", re.I)),
     ("dB split reduce", re.compile(r"grad_b_reduce", re.I)),
     ("amax history record", re.compile(r"record_amax", re.I)),
     ("quantize: amax pass", re.compile(r"amax_kernel|amax", re.I)),

@@ -85,7 +85,7 @@ def phases(adapter: bool) -> tuple[str, ...]:
 TRANSPOSE_RE = re.compile(r"transpose", re.I)
 GEMM_RE = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|splitk|wgmma", re.I)
 QUANT_RE = re.compile(r"quant|amax|absmax|scaled_map|float8|fp8|e4m3|e5m2|adapter_partials|"
-                      r"adapter_cast", re.I)
+                      r"adapter_cast|adapter_u_rows|adapter_b_t|grad_cast_product", re.I)
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
             "aten::_scaled_mm", "aten::linear"}
 ATTENTION_RE = re.compile(r"scaled_dot_product|flash|efficient_attention|cudnn_attention|fmha|"

@@ -138,6 +138,12 @@ def test_profile_layer_kernel_groups():
             "quantize: cast pass",
         "void falqon::cuda::(anonymous namespace)::grad_quantize_product_kernel<c10::BFloat16, 4":
             "g pass + dB (fused)",
+        "void falqon::cuda::(anonymous namespace)::grad_cast_product_kernel<c10::BFloat16, false>":
+            "g pass + dB (fused)",
+        "void falqon::cuda::(anonymous namespace)::adapter_u_rows_kernel<c10::BFloat16>(CUtensorMap":
+            "adapter operand: u row pass",
+        "void falqon::cuda::(anonymous namespace)::adapter_b_t_kernel<c10::BFloat16, float>(f":
+            "adapter operand: u row pass",
         "void falqon::cuda::(anonymous namespace)::grad_b_reduce_kernel<float>(float const*":
             "dB split reduce",
         "void falqon::cuda::(anonymous namespace)::transpose_fp8_kernel<true>(unsigned char":

@@ -100,7 +100,11 @@ def test_classify_adapter_mode_kernels():
     assert c(bf16, ["aten::mm"] + both, "backward", True, adapter=True) == "dB"  # fp32 path
     assert c(bf16, both, "backward", True) == "dB"
     for kernel in ("void falqon::cuda::(anonymous namespace)::adapter_partials_kernel(float co",
-                   "void falqon::cuda::(anonymous namespace)::adapter_cast_kernel<c10::BFloat16,"):
+                   "void falqon::cuda::(anonymous namespace)::adapter_cast_kernel<c10::BFloat16,",
+                   # Hopper's row pass over g, B^T's conversion for it, the wgmma cast pass
+                   "void falqon::cuda::(anonymous namespace)::adapter_u_rows_kernel<c10::BFloat",
+                   "void falqon::cuda::(anonymous namespace)::adapter_b_t_kernel<c10::BFloat16,",
+                   "void falqon::cuda::(anonymous namespace)::grad_cast_product_kernel<c10::BFl"):
         assert c(kernel, both, "backward", True, adapter=True) == "quantise"
     # The CPU reference: the forward's adapter product is its addmm, the FP8 product its mm.
     assert c("aten::addmm", ["aten::addmm"] + fwd, "forward", False, adapter=True) == \
