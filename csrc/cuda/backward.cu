@@ -14,6 +14,11 @@
 // to a workspace, and grad_b_reduce_kernel sums the splits in a fixed order (deterministic, no
 // atomics), multiplies by the scaling and rounds once to dB's dtype. Ranks above 128 take
 // further product-only passes over g, 128 columns of xa each.
+//
+// The adapter mode with current scaling on Hopper takes another route where it can
+// (adapter_u_rows_applies): adapter_u.cu's row pass forms u = scaling g B and the operand's
+// partial maxima, then grad_pass_hopper.cu casts g and u at the final scale while it forms dB's
+// partials (this file's kernel in its cast mode does the same job where that one cannot run).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
