@@ -42,6 +42,8 @@ FP8_GEMM = re.compile(r"nvjet_(sm\d+a?_)?q|e4m3|e5m2|f8f8|_f8_|fp8|qgmma", re.I)
 GEMM_GROUP = "bf16 gemm (dB)"  # the proxy mode's non-FP8 GEMMs (none on its fused path)
 ADAPTER_GEMM_GROUP = "16-bit GEMMs (adapter)"  # the adapter mode's: xa B^T and g B
 GROUPS = [
+    # Hopper (csrc/cuda/adapter_y.cu): the forward's y = y_base + scaling xa B^T in one pass over y.
+    ("adapter term: y pass", re.compile(r"adapter_y_kernel", re.I)),
     # Hopper, current scaling (csrc/cuda/adapter_u.cu): u = scaling g B with g's amax, one pass
     # over row blocks of g, and B^T's conversion for it.
     ("adapter operand: u row pass", re.compile(r"adapter_u_rows|adapter_b_t", re.I)),

@@ -11,8 +11,9 @@ group, from the op that launched it (its chain of enclosing ops) and the phase o
   quantise           per-tensor FP8 quantisation (amax, scale, cast) of activations and gradients
   dB                 dB = scaling * g^T xa (the bf16 GEMM and its cast/scale)
   adapter GEMMs      (adapter mode only) the 16-bit GEMMs of B: the forward's y + scaling xa B^T
-                     and the backward's u = scaling g B (on the CPU reference, u's product is
-                     counted in dgrad GEMMs: it runs inside the dgrad op under the same name)
+                     (on Hopper adapter_y.cu's pass over y) and the backward's u = scaling g B
+                     (on the CPU reference, u's product is counted in dgrad GEMMs: it runs
+                     inside the dgrad op under the same name)
   transpose          FP8 weight transposes for the input gradient
   attention          scaled-dot-product attention, forward and backward
   norms/elementwise  RMSNorm, SiLU * up, rotary embedding, residual adds, casts
@@ -83,6 +84,7 @@ def phases(adapter: bool) -> tuple[str, ...]:
 # or *gemm*; falqon's own kernels are transpose_fp8_kernel and amax/scaled_map/fused_quantize,
 # and in the adapter mode adapter_partials/adapter_cast (the dgrad operand [g | scaling g B]).
 TRANSPOSE_RE = re.compile(r"transpose", re.I)
+ADAPTER_Y_RE = re.compile(r"adapter_y_kernel")  # the forward's y + scaling xa B^T on Hopper
 GEMM_RE = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|splitk|wgmma", re.I)
 QUANT_RE = re.compile(r"quant|amax|absmax|scaled_map|float8|fp8|e4m3|e5m2|adapter_partials|"
                       r"adapter_cast|adapter_u_rows|adapter_b_t|grad_cast_product", re.I)
@@ -217,6 +219,8 @@ def classify(kernel: str, chain: list[str], phase: str | None, on_gpu: bool,
     if MELDED_DGRAD in chain or MELDED_FWD in chain:
         if is_transpose:
             return "transpose"
+        if adapter and on_gpu and ADAPTER_Y_RE.search(kernel):
+            return "adapter GEMMs"
         if is_gemm:
             if adapter and _adapter_gemm(kernel, op, on_gpu, MELDED_DGRAD not in chain):
                 return "adapter GEMMs"

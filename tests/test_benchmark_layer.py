@@ -144,6 +144,8 @@ def test_profile_layer_kernel_groups():
             "adapter operand: u row pass",
         "void falqon::cuda::(anonymous namespace)::adapter_b_t_kernel<c10::BFloat16, float>(f":
             "adapter operand: u row pass",
+        "void falqon::cuda::(anonymous namespace)::adapter_y_kernel<c10::BFloat16>(CUtensorMap":
+            "adapter term: y pass",
         "void falqon::cuda::(anonymous namespace)::grad_b_reduce_kernel<float>(float const*":
             "dB split reduce",
         "void falqon::cuda::(anonymous namespace)::transpose_fp8_kernel<true>(unsigned char":

@@ -48,9 +48,29 @@ def adapter_B(N, r, scale=1.0):
     return grid_values((N, r), -8, 8, scale * 2.0 ** -6, amax_row=False)
 
 
+def _assert_adapter_term_close(y, y_base, xa, B, scaling, dtype):
+    """y = y_base + scaling xa B^T against float64 from the same operands (2-D, on the CPU):
+    fp32 sums of r exact products (gamma_r), one fma or a product and a sum (2u), one rounding to
+    dtype."""
+    r = xa.shape[1]
+    yb, xa2, y2 = y_base.double(), xa.double(), y.double()
+    Bt = B.to(dtype).double()
+    ref = yb + scaling * (xa2 @ Bt.t())
+    u = 2.0 ** -24
+    gamma = r * u / (1 - r * u)
+    terms = scaling * (xa2.abs() @ Bt.abs().t())
+    bound = UNIT_ROUNDOFF[dtype] * ref.abs() + (gamma + 2 * u) * terms + 2 * u * ref.abs()
+    err = (y2 - ref).abs()
+    assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("adapter_y", ["auto", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=short)
 @pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)
-def test_adapter_forward_matches_the_proxy_forward_plus_the_adapter(K, N, dtype):
+def test_adapter_forward_matches_the_proxy_forward_plus_the_adapter(K, N, dtype, adapter_y,
+                                                                    monkeypatch):
+    # FALQON_ADAPTER_Y: adapter_y.cu's pass where it runs (Hopper), or cuBLASLt's GEMM.
+    monkeypatch.setenv("FALQON_ADAPTER_Y", adapter_y)
     r = RANKS[N] if N in RANKS else 64
     w, s = melded_weight(K, N, r)
     x = random_activations((4, 1024, K), dtype)
@@ -67,14 +87,7 @@ def test_adapter_forward_matches_the_proxy_forward_plus_the_adapter(K, N, dtype)
     yb = y0.reshape(-1, N)[rows.to(y0.device) if rows is not None else slice(None)].cpu().double()
     xa2 = xa0.reshape(-1, r)[rows.to(y0.device) if rows is not None else slice(None)].cpu().double()
     y2 = y.reshape(-1, N)[rows.to(y.device) if rows is not None else slice(None)].cpu().double()
-    Bt = B.to(dtype).double()
-    ref = yb + scaling * (xa2 @ Bt.t())
-    u = 2.0 ** -24
-    gamma = r * u / (1 - r * u)
-    terms = scaling * (xa2.abs() @ Bt.abs().t())
-    bound = UNIT_ROUNDOFF[dtype] * ref.abs() + (gamma + 2 * u) * terms + 2 * u * ref.abs()
-    err = (y2 - ref).abs()
-    assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3g}"
+    _assert_adapter_term_close(y2, yb, xa2, B, scaling, dtype)
     assert (y2 != yb).any(), "setup: the adapter changes the output"
 
 
@@ -181,9 +194,10 @@ def test_adapter_backward_amax_is_u_where_u_dominates(K, N, history_kind):
     assert amax_d.item() == amax_c.item() == G.abs().max().item()
 
 
-def _row_pass_runs():
-    """Whether adapter_u.cu's row pass can run here: an sm_90a build on a compute capability 9.0
-    GPU (elsewhere FALQON_ADAPTER_U=rows falls back to cuBLASLt's u GEMM)."""
+def _hopper_passes_run():
+    """Whether the Hopper passes (adapter_u.cu's row pass, grad_pass_hopper.cu, adapter_y.cu) can
+    run here: an sm_90a build on a compute capability 9.0 GPU (elsewhere FALQON_ADAPTER_U=rows
+    falls back to cuBLASLt's u GEMM, and the forward's adapter term is cuBLASLt's GEMM)."""
     return (not DRY_RUN and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0)
             and "9.0a" in falqon.build_info()["cuda_archs"])
@@ -206,7 +220,7 @@ U_PASS_CASES = [c for c in BACKWARD_CASES if c[4] != torch.float32 and c[3] % 8 
 U_PASS_CASES.append((256, 528, (1000,), 16, torch.bfloat16, None))
 
 
-@pytest.mark.skipif(not _row_pass_runs(), reason="the row pass over g needs an sm_90a build on Hopper")
+@pytest.mark.skipif(not _hopper_passes_run(), reason="the row pass over g needs an sm_90a build on Hopper")
 @pytest.mark.parametrize("bdt", [torch.float32, torch.bfloat16], ids=short)
 @pytest.mark.parametrize("c", U_PASS_CASES, ids=_case_id)
 def test_adapter_u_row_pass_matches_the_gemm_path(c, bdt, monkeypatch):
@@ -229,7 +243,7 @@ def test_adapter_u_row_pass_matches_the_gemm_path(c, bdt, monkeypatch):
     assert rows[2].item() == amax_c.item()
 
 
-@pytest.mark.skipif(not _row_pass_runs(), reason="the row pass over g needs an sm_90a build on Hopper")
+@pytest.mark.skipif(not _hopper_passes_run(), reason="the row pass over g needs an sm_90a build on Hopper")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=short)
 @pytest.mark.parametrize("M", [64, 1000, 8192])
 def test_adapter_u_row_pass_with_random_values(M, dtype, monkeypatch):
@@ -254,6 +268,60 @@ def test_adapter_u_row_pass_with_random_values(M, dtype, monkeypatch):
         assert rel_err(rows[0].cpu(), gemm[0].cpu()) < 2e-3, "dx"
         G = adapter_operand(g.reshape(-1, N), B, 0.5, w.shape[0])
         assert rows[2].item() == pytest.approx(G.abs().max().item(), rel=1e-5)
+
+
+# adapter_y.cu's tiles are 128 x 128: partial tiles in M (1000, 130) and N (528, 136), a tile
+# wholly past N in its second half (528), r below one 64-wide box (8, 16), and fewer rows than
+# a tile (64).
+Y_CASES = [(8192, 4096, 64), (1000, 528, 16), (130, 136, 8), (256, 11008, 64), (64, 4096, 64)]
+
+
+def _y_operands(M, N, r, dtype, exact):
+    """y_base as the first N columns of a wider product (row stride N + 16, as the forward's),
+    xa and B: on the exact grid (every product, sum, fma and the final sum exact in fp32) or
+    ordinary random values."""
+    if exact:
+        wide = grid_values((M, N + 16), -64, 64, 2.0 ** -6, amax_row=False)
+        xa = grid_values((M, r), -8, 8, 2.0 ** -4, amax_row=False)
+        B = adapter_B(N, r)
+    else:
+        wide = torch.randn(M, N + 16)
+        xa = torch.randn(M, r)
+        B = torch.randn(N, r) * 0.05
+    return wide.to(dtype), xa.to(dtype), B
+
+
+@pytest.mark.skipif(not _hopper_passes_run(), reason="adapter_y.cu's pass needs an sm_90a build on Hopper")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=short)
+@pytest.mark.parametrize("M,N,r", Y_CASES, ids=lambda c: str(c))
+def test_adapter_y_pass_matches_the_gemm(M, N, r, dtype):
+    # adapter_y.cu against cuBLASLt's GEMM with y_base as C: bit for bit on the exact grid (both
+    # round the same exact fp32 value once), and on random values both within the float64 bound.
+    for exact in (True, False):
+        wide, xa, B = _y_operands(M, N, r, dtype, exact)
+        wide_d, xa_d, b_d = to_dev(wide), to_dev(xa), to_dev(B.to(dtype))
+        y_base_d = wide_d[:, :N]
+        by = {impl: torch.ops.falqon_bench.adapter_output(y_base_d, xa_d, b_d, 0.5, impl)
+              for impl in ("kernel", "gemm")}
+        for impl, y in by.items():
+            assert y.shape == (M, N) and y.dtype == dtype and y.is_contiguous(), impl
+        if exact:
+            assert torch.equal(by["kernel"], by["gemm"]), f"exact grid, {M}x{N} r={r}"
+        rows = subset_rows(M)
+        pick = (lambda t: t if rows is None else t[rows])
+        _assert_adapter_term_close(pick(by["kernel"].cpu()), pick(wide[:, :N]), pick(xa), B, 0.5,
+                                   dtype)
+        assert torch.equal(wide_d[:, :N], y_base_d) and torch.equal(wide_d.cpu(), wide), "input kept"
+
+
+@pytest.mark.skipif(not _hopper_passes_run(), reason="adapter_y.cu's pass needs an sm_90a build on Hopper")
+def test_adapter_y_pass_refuses_what_it_cannot_take():
+    wide, xa, B = _y_operands(256, 512, 64, torch.bfloat16, exact=False)
+    y_base = to_dev(wide)[:, :512]
+    for bad_xa, bad_b in ((to_dev(xa[:, :12]), to_dev(B[:, :12].to(torch.bfloat16))),  # r % 8
+                          (to_dev(xa), to_dev(B.to(torch.float16)))):                  # dtypes
+        with pytest.raises(RuntimeError, match="adapter_y cannot take"):
+            torch.ops.falqon_bench.adapter_output(y_base, bad_xa, bad_b, 0.5, "kernel")
 
 
 @pytest.mark.parametrize("K,N", LLAMA_7B, ids=str)

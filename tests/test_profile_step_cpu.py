@@ -92,6 +92,9 @@ def test_classify_adapter_mode_kernels():
     bf16 = "nvjet_sm90_tst_128x64_64x4_1x2_h_bz_coopA_NNT"
     fp8 = "nvjet_sm90_qqtst_128x256_128x4_1x2_h_bz_coopA_TNN"
     assert c(bf16, fwd, "forward", True, adapter=True) == "adapter GEMMs"
+    # Hopper's pass over y (adapter_y.cu) in its place
+    y_pass = "void falqon::cuda::(anonymous namespace)::adapter_y_kernel<c10::BFloat16>(CUtensorMa"
+    assert c(y_pass, fwd, "forward", True, adapter=True) == "adapter GEMMs"
     assert c(fp8, fwd, "forward", True, adapter=True) == "fwd GEMMs"
     assert c(bf16, fwd, "forward", True) == "fwd GEMMs"  # proxy: unchanged
     assert c(bf16, both, "backward", True, adapter=True) == "adapter GEMMs"

@@ -150,6 +150,18 @@ int64_t adapter_u_rows_blocks(int64_t M);
 at::Tensor adapter_u_rows(const at::Tensor& g, const at::Tensor& lora_B, double scaling,
                           const at::Tensor& partials, const at::Tensor& amax);
 
+// ---- adapter_y.cu: the adapter mode's forward term in one pass over y (Hopper) ---------------
+
+// True where adapter_y can run: an sm_90a build on a compute capability 9.0 GPU, y_base (M x N,
+// contiguous rows, any row stride that is a multiple of 8), xa (M x r) and b (N x r) contiguous,
+// all 16-byte aligned in one 16-bit dtype, r <= 64 and a multiple of 8, N a multiple of 8
+// (FALQON_ADAPTER_Y=gemm declines, for comparisons).
+bool adapter_y_applies(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b);
+// y = y_base + scaling * xa b^T as a new contiguous (M, N) tensor: fp32 sums, fma(scaling, sum,
+// y_base), one rounding.
+at::Tensor adapter_y(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b,
+                     double scaling);
+
 // ---- grad_pass_hopper.cu: the fused pass's cast mode on TMA and wgmma (Hopper) ---------------
 
 // True where grad_cast_product_hopper can run: an sm_90a build on a compute capability 9.0 GPU,

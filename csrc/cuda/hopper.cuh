@@ -1,6 +1,6 @@
-// Hopper (sm_90a) building blocks for the passes over the gradient that stream tiles with TMA
-// and multiply them with wgmma: 2-D tensor maps (host), mbarrier waits and arrivals, the TMA load,
-// and the bf16/fp16 wgmma m64n64k16 with both operands K-major in 128-byte-swizzled shared memory.
+// Hopper (sm_90a) building blocks for the passes that stream tiles with TMA and multiply them
+// with wgmma: 2-D tensor maps (host), mbarrier waits and arrivals, the TMA load and store, and
+// the bf16/fp16 wgmma m64n64k16 with both operands K-major in 128-byte-swizzled shared memory.
 //
 // Everything device-side here compiles to real instructions only for sm_90a
 // (__CUDA_ARCH_FEAT_SM90_ALL); the host decides whether a kernel built on it may run with
@@ -106,6 +106,35 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "%3}], [%4];\n" ::"r"(smem_address(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(smem_address(bar))
       : "memory");
+#endif
+}
+
+// The box at (col, row) of `map` from shared memory at `src` (1024-byte aligned) to global
+// memory (TMA clips what lies outside the matrix), in this thread's current bulk group.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, int col, int row, const void* src) {
+#ifdef FALQON_HOPPER_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(col), "r"(row), "r"(smem_address(src))
+      : "memory");
+#endif
+}
+
+// Closes this thread's bulk group of TMA stores, and waits until every group's reads of shared
+// memory are done (the global writes may still be under way): the block may then exit.
+__device__ __forceinline__ void tma_store_commit_and_wait_read() {
+#ifdef FALQON_HOPPER_DEVICE
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+
+// Makes this thread's ordinary shared-memory writes visible to the async proxy (a TMA store or
+// wgmma that reads them after a barrier).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef FALQON_HOPPER_DEVICE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 

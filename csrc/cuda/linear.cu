@@ -16,11 +16,15 @@ std::vector<int64_t> leading_dims_and(const at::Tensor& t, int64_t last) {
 }
 
 // The adapter mode's y = y_base + scaling * xa B^T (ref::adapter_output's numerics) as a new
-// contiguous (M, N) tensor: one cuBLASLt GEMM that reads the strided y_base as its C and writes
-// y, so the adapter costs one read and one write of y (and y leaves the op contiguous).
+// contiguous (M, N) tensor, so the adapter costs one read and one write of y (and y leaves the op
+// contiguous): on Hopper adapter_y's pass (adapter_y.cu), elsewhere one cuBLASLt GEMM that reads
+// the strided y_base as its C and writes y.
 // b: lora_B in y_base's dtype (N, r), for 16-bit activations (undefined for fp32 ones).
 at::Tensor adapter_output_fp8(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b,
                               const at::Tensor& lora_B, double scaling) {
+  if (y_base.scalar_type() != at::kFloat && adapter_y_applies(y_base, xa, b)) {
+    return adapter_y(y_base, xa, b, scaling);
+  }
   if (y_base.scalar_type() != at::kFloat) {
     at::Tensor y = at::empty(y_base.sizes(), y_base.options());
     if (matmul_16bit(b, /*a_is_k_by_m=*/false, xa, y_base, y, static_cast<float>(scaling))) {

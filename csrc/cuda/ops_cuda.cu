@@ -229,6 +229,22 @@ at::Tensor scaled_gemm_op(const at::Tensor& a, const at::Tensor& a_scale, const 
   return out;
 }
 
+// The adapter mode's forward term y_base + scaling * xa b^T with the implementation named:
+// "kernel" (adapter_y.cu, Hopper) or "gemm" (cuBLASLt's GEMM with y_base as C).
+at::Tensor adapter_output_op(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b,
+                             double scaling, const std::string& impl) {
+  FALQON_CHECK(y_base.dim() == 2 && xa.dim() == 2 && b.dim() == 2,
+              "falqon_bench.adapter_output takes 2-D operands");
+  const c10::cuda::CUDAGuard guard(y_base.device());
+  if (impl == "kernel") return adapter_y(y_base, xa, b, scaling);
+  FALQON_CHECK(impl == "gemm", "falqon_bench.adapter_output: impl is \"kernel\" or \"gemm\", got ",
+              impl);
+  at::Tensor y = at::empty(y_base.sizes(), y_base.options().memory_format(at::MemoryFormat::Contiguous));
+  FALQON_CHECK(matmul_16bit(b, /*a_is_k_by_m=*/false, xa, y_base, y, static_cast<float>(scaling)),
+              "falqon_bench.adapter_output: cuBLASLt has no GEMM for these operands");
+  return y;
+}
+
 }  // namespace
 
 }  // namespace cuda
@@ -257,6 +273,8 @@ TORCH_LIBRARY(falqon_bench, m) {
         "bool fast_accum) -> Tensor");
   // t contiguous in an activation dtype, as the adapter's B reaches its GEMMs (operands.cu).
   m.def("in_dtype(Tensor t, ScalarType dtype) -> Tensor");
+  // y_base + scaling * xa b^T (the adapter mode's forward term) by "kernel" or "gemm".
+  m.def("adapter_output(Tensor y_base, Tensor xa, Tensor b, float scaling, str impl) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(falqon_bench, CUDA, m) {
@@ -264,4 +282,5 @@ TORCH_LIBRARY_IMPL(falqon_bench, CUDA, m) {
   m.impl("transpose_fp8", &falqon::cuda::transpose_fp8);
   m.impl("scaled_gemm", &falqon::cuda::scaled_gemm_op);
   m.impl("in_dtype", &falqon::cuda::in_dtype);
+  m.impl("adapter_output", &falqon::cuda::adapter_output_op);
 }
