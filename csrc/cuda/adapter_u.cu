@@ -278,20 +278,13 @@ at::Tensor adapter_u_rows(const at::Tensor& g, const at::Tensor& lora_B, double 
   at::Tensor u = at::empty({M, r}, g.options().dtype(at::kFloat));
   const CUtensorMap g_map = tensor_map_16bit(g.const_data_ptr(), M, N, N, kURows, bf16);
   const CUtensorMap bt_map = tensor_map_16bit(b_t.const_data_ptr(), r, N, N, kURows, bf16);
-  auto launch = [&](auto type_tag) {
+  with_half_type(bf16, [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
-    auto kernel = adapter_u_rows_kernel<T>;
-    allow_dynamic_smem(kernel, kUSmemBytes, g.device().index());
-    launch_dependent(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kUThreads), kUSmemBytes,
-                     at::cuda::getCurrentCUDAStream(), g.device(), g_map, bt_map, M, N,
-                     static_cast<int>(r), static_cast<float>(scaling), u.data_ptr<float>(),
+    launch_with_smem(adapter_u_rows_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kUThreads),
+                     kUSmemBytes, g.device(), g_map, bt_map, M, N, static_cast<int>(r),
+                     static_cast<float>(scaling), u.data_ptr<float>(),
                      reinterpret_cast<uint32_t*>(partials.data_ptr()), amax.data_ptr<float>());
-  };
-  if (bf16) {
-    launch(TypeTag<at::BFloat16>{});
-  } else {
-    launch(TypeTag<at::Half>{});
-  }
+  });
   return u;
 }
 

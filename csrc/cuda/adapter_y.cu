@@ -163,18 +163,11 @@ at::Tensor adapter_y(const at::Tensor& y_base, const at::Tensor& xa, const at::T
   const CUtensorMap y_map = tensor_map_16bit(y.data_ptr(), M, N, N, kYBox, bf16);
   const dim3 grid(static_cast<unsigned>((N + kYCols - 1) / kYCols),
                   static_cast<unsigned>((M + kYRows - 1) / kYRows));
-  auto launch = [&](auto type_tag) {
+  with_half_type(bf16, [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
-    auto kernel = adapter_y_kernel<T>;
-    allow_dynamic_smem(kernel, kYSmemBytes, y.device().index());
-    launch_dependent(kernel, grid, dim3(kYThreads), kYSmemBytes, at::cuda::getCurrentCUDAStream(),
-                     y.device(), base_map, xa_map, b_map, y_map, static_cast<float>(scaling));
-  };
-  if (bf16) {
-    launch(TypeTag<at::BFloat16>{});
-  } else {
-    launch(TypeTag<at::Half>{});
-  }
+    launch_with_smem(adapter_y_kernel<T>, grid, dim3(kYThreads), kYSmemBytes, y.device(), base_map,
+                     xa_map, b_map, y_map, static_cast<float>(scaling));
+  });
   return y;
 }
 

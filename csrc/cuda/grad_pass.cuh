@@ -1,7 +1,7 @@
 // Pieces shared by the passes over a 16-bit gradient (backward.cu, adapter_u.cu,
 // grad_pass_hopper.cu): the CUDA types of an activation dtype, NaN-propagating packed maxima of
-// 16-bit values, the cast of the adapter operand's u columns, and the one-time shared-memory
-// opt-in of a kernel.
+// 16-bit values, the cast of the adapter operand's u columns, the one-time shared-memory opt-in
+// of a kernel and the launchers' dispatch (also adapter_y.cu's).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +10,7 @@
 #include <mutex>
 #include <set>
 #include <tuple>
+#include <utility>
 
 #include "common.cuh"
 
@@ -26,6 +27,27 @@ void allow_dynamic_smem(Kernel kernel, int bytes, int device) {
   const std::lock_guard<std::mutex> lock(mutex);
   if (done.emplace(reinterpret_cast<const void*>(kernel), bytes, device).second) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
+
+// `kernel` with `smem` bytes of dynamic shared memory (opted in once) by launch_dependent on the
+// current stream: the Hopper passes' launch.
+template <typename... Params, typename... Args>
+void launch_with_smem(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
+                      const at::Device& device, Args&&... args) {
+  allow_dynamic_smem(kernel, smem, device.index());
+  launch_dependent(kernel, grid, block, smem, at::cuda::getCurrentCUDAStream(), device,
+                   std::forward<Args>(args)...);
+}
+
+// f(TypeTag<at::BFloat16>{}) where bf16, else f(TypeTag<at::Half>{}): a launcher's dispatch over
+// the two 16-bit activation dtypes.
+template <typename F>
+void with_half_type(bool bf16, F&& f) {
+  if (bf16) {
+    f(TypeTag<at::BFloat16>{});
+  } else {
+    f(TypeTag<at::Half>{});
   }
 }
 

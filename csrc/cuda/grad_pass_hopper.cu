@@ -199,10 +199,8 @@ at::Tensor grad_cast_product_hopper(const at::Tensor& g, const at::Tensor& xa,
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(splits));
   auto launch = [&](auto type_tag, auto e4m3) {
     using T = typename decltype(type_tag)::type;
-    auto kernel = grad_cast_product_kernel<T, decltype(e4m3)::value>;
-    allow_dynamic_smem(kernel, kFSmemBytes, g.device().index());
-    launch_dependent(kernel, grid, dim3(kFThreads), kFSmemBytes, at::cuda::getCurrentCUDAStream(),
-                     g.device(), g_map, xa_map, M, N, rows_per_split,
+    launch_with_smem(grad_cast_product_kernel<T, decltype(e4m3)::value>, grid, dim3(kFThreads),
+                     kFSmemBytes, g.device(), g_map, xa_map, M, N, rows_per_split,
                      reinterpret_cast<const uint32_t*>(partials.const_data_ptr()),
                      static_cast<int>(partials.numel()), static_cast<uint8_t*>(q.data_ptr()),
                      q.size(1), scale.data_ptr<float>(),
@@ -217,11 +215,7 @@ at::Tensor grad_cast_product_hopper(const at::Tensor& g, const at::Tensor& xa,
       launch(type_tag, std::false_type{});
     }
   };
-  if (bf16) {
-    with_format(TypeTag<at::BFloat16>{});
-  } else {
-    with_format(TypeTag<at::Half>{});
-  }
+  with_half_type(bf16, with_format);
   return ws;
 }
 
