@@ -125,8 +125,6 @@ __global__ void __launch_bounds__(kYThreads, 5)
 #endif
 }
 
-int64_t row_stride_of(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
-
 }  // namespace
 
 bool adapter_y_applies(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b) {
@@ -142,7 +140,7 @@ bool adapter_y_applies(const at::Tensor& y_base, const at::Tensor& xa, const at:
   // TMA: 16-byte aligned bases, row strides a multiple of 16 bytes; wgmma's K (r) within one box.
   return M > 0 && N > 0 && r > 0 && r <= kYBox && r % 8 == 0 && N % 8 == 0 && xa.size(0) == M &&
          b.size(0) == N && b.size(1) == r && y_base.stride(1) == 1 &&
-         row_stride_of(y_base) % 8 == 0 && xa.is_contiguous() && b.is_contiguous() &&
+         row_stride(y_base) % 8 == 0 && xa.is_contiguous() && b.is_contiguous() &&
          pointer_alignment(y_base.const_data_ptr()) >= 16 &&
          pointer_alignment(xa.const_data_ptr()) >= 16 &&
          pointer_alignment(b.const_data_ptr()) >= 16 && (M + kYRows - 1) / kYRows <= 65535 &&
@@ -157,7 +155,7 @@ at::Tensor adapter_y(const at::Tensor& y_base, const at::Tensor& xa, const at::T
   at::Tensor y = at::empty({M, N}, y_base.options().memory_format(at::MemoryFormat::Contiguous));
   const bool bf16 = y_base.scalar_type() == at::kBFloat16;
   const CUtensorMap base_map =
-      tensor_map_16bit(y_base.const_data_ptr(), M, N, row_stride_of(y_base), kYBox, bf16);
+      tensor_map_16bit(y_base.const_data_ptr(), M, N, row_stride(y_base), kYBox, bf16);
   const CUtensorMap xa_map = tensor_map_16bit(xa.const_data_ptr(), M, r, r, kYBox, bf16);
   const CUtensorMap b_map = tensor_map_16bit(b.const_data_ptr(), N, r, r, kYBox, bf16);
   const CUtensorMap y_map = tensor_map_16bit(y.data_ptr(), M, N, N, kYBox, bf16);

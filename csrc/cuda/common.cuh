@@ -46,6 +46,12 @@ inline int pointer_alignment(const void* p) {
   return align;
 }
 
+// The leading dimension of a 2-D row-major tensor (its row stride; its columns contiguous): a
+// matrix of one row reports its width, as BLAS and TMA want it, whatever stride it carries.
+inline int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0);
+}
+
 inline bool fp8_is_e4m3(at::ScalarType dtype) {
   FALQON_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2,
               "falqon: expected torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype);

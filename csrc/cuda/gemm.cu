@@ -220,9 +220,6 @@ std::unique_ptr<LtPlan> make_lt_plan(const LtKey& key, cublasLtHandle_t handle,
   return plan;
 }
 
-// The leading dimension of a 2-D row-major tensor (its row stride; its columns contiguous).
-int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
-
 }  // namespace
 
 bool matmul_16bit(const at::Tensor& a, bool a_k_major, const at::Tensor& b,

@@ -22,10 +22,8 @@ std::vector<int64_t> leading_dims_and(const at::Tensor& t, int64_t last) {
 // b: lora_B in y_base's dtype (N, r), for 16-bit activations (undefined for fp32 ones).
 at::Tensor adapter_output_fp8(const at::Tensor& y_base, const at::Tensor& xa, const at::Tensor& b,
                               const at::Tensor& lora_B, double scaling) {
-  if (y_base.scalar_type() != at::kFloat && adapter_y_applies(y_base, xa, b)) {
-    return adapter_y(y_base, xa, b, scaling);
-  }
   if (y_base.scalar_type() != at::kFloat) {
+    if (adapter_y_applies(y_base, xa, b)) return adapter_y(y_base, xa, b, scaling);
     at::Tensor y = at::empty(y_base.sizes(), y_base.options());
     if (matmul_16bit(b, /*a_is_k_by_m=*/false, xa, y_base, y, static_cast<float>(scaling))) {
       return y;
