@@ -204,10 +204,12 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(inputs, tmp_path, capsys, m
 
 def test_kill_and_resume_a_real_process(inputs, tmp_path, capsys):
     """SIGKILL a running `falqon finetune` (its lock refuses a second run meanwhile), resume it:
-    its checkpoint equals an uninterrupted run's, bit for bit."""
+    its checkpoint equals an uninterrupted run's, bit for bit. The process is stopped (SIGSTOP)
+    as soon as a checkpoint shows, so the lock check does not race its training; it may have
+    saved more checkpoints by then, so the run is resumed 4 steps past its last one."""
     out = tmp_path / "killed"
     opts = ["--model-config", inputs["config"], "--data", inputs["data"], *TINY_RUN,
-            "--steps", "400", "--save-every", "2", "--keep-checkpoints", "50"]
+            "--steps", "400", "--save-every", "2", "--keep-checkpoints", "200"]
     proc = subprocess.Popen([sys.executable, "-m", "falqon.cli", "finetune", "--output-dir",
                              str(out), *opts], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -216,15 +218,20 @@ def test_kill_and_resume_a_real_process(inputs, tmp_path, capsys):
         while not (out / "checkpoints" / "step-0000004").is_dir():
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGSTOP)
         assert resume(out) == 2
         one_error_line(capsys, "is in use by another falqon run")
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert resume(out, "--device", "cpu", "--stop-after", "8") == 0
+    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert 4 <= last < 400
+    stop = str(last + 4)
+    assert resume(out, "--device", "cpu", "--stop-after", stop) == 0
     straight = tmp_path / "straight"
-    assert main(["finetune", "--output-dir", str(straight), *opts, "--stop-after", "8"]) == 0
-    same_weights(straight / "checkpoints" / "step-0000008", out / "checkpoints" / "step-0000008")
+    assert main(["finetune", "--output-dir", str(straight), *opts, "--stop-after", stop]) == 0
+    step = f"step-{last + 4:07d}"
+    same_weights(straight / "checkpoints" / step, out / "checkpoints" / step)
 
     def losses(run):
         return [json.loads(line).get("loss") for line in
