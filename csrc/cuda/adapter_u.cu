@@ -93,15 +93,9 @@ __device__ __forceinline__ void consume_rows(unsigned char* smem, uint64_t* full
       m_abs = max(m_abs, max(abs_bits(v0), abs_bits(v1)));
     }
   }
-  __shared__ uint32_t warp_max_bits[kUConsumers / 32];
-  m_abs = warp_max(m_abs);
-  if (lane == 0) warp_max_bits[warp] = m_abs;
-  hopper::named_barrier_sync(1, kUConsumers);  // the producer warp has left: not __syncthreads
+  const uint32_t block_max = hopper::consumers_max<kUConsumers>(m_abs);
   if (threadIdx.x == 0) {
-    uint32_t m = 0;
-#pragma unroll
-    for (int w = 0; w < kUConsumers / 32; ++w) m = max(m, warp_max_bits[w]);
-    partials[blockIdx.x] = m;
+    partials[blockIdx.x] = block_max;
     if (blockIdx.x == 0) *amax_zero = 0.f;
   }
 }

@@ -154,16 +154,8 @@ __global__ void __launch_bounds__(kFThreads, kFBlocksPerSm)
         (int64_t{blockIdx.y} * gridDim.x + blockIdx.x) * kFConsumers + threadIdx.x;
     m_abs = max(m_abs, cast_u_columns<kE4M3>(u, M, ru, N, q, ld_q, d, first, stride));
   }
-  __shared__ uint32_t warp_max_bits[kFConsumers / 32];
-  m_abs = warp_max(m_abs);
-  if (lane == 0) warp_max_bits[threadIdx.x >> 5] = m_abs;
-  hopper::named_barrier_sync(1, kFConsumers);  // the producer warp has left
-  if (threadIdx.x == 0) {
-    uint32_t m = 0;
-#pragma unroll
-    for (int w = 0; w < kFConsumers / 32; ++w) m = max(m, warp_max_bits[w]);
-    atomicMax(amax_out, m);
-  }
+  const uint32_t block_max = hopper::consumers_max<kFConsumers>(m_abs);
+  if (threadIdx.x == 0) atomicMax(amax_out, block_max);
 #else
   __trap();  // not built for sm_90a: grad_cast_product_applies() keeps the host from launching this
 #endif

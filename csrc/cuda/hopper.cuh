@@ -149,6 +149,25 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// The maximum of m (a float's absolute-value bits) over threads [0, kConsumers) of a
+// warp-specialised block once its producer warp has left (so __syncthreads would hang): warp
+// maxima through shared memory, named barrier 1, then thread 0 reduces them. Every consumer
+// thread must call it; the block's maximum is returned to thread 0 (the others get 0).
+template <int kConsumers>
+__device__ __forceinline__ uint32_t consumers_max(uint32_t m) {
+  static_assert(kConsumers % 32 == 0, "consumers are whole warps");
+  __shared__ uint32_t warp_max_bits[kConsumers / 32];
+  m = warp_max(m);
+  if ((threadIdx.x & 31) == 0) warp_max_bits[threadIdx.x >> 5] = m;
+  named_barrier_sync(1, kConsumers);
+  uint32_t block = 0;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < kConsumers / 32; ++w) block = max(block, warp_max_bits[w]);
+  }
+  return block;
+}
+
 // The wgmma descriptor of an operand tile in shared memory written by TMA with the 128-byte
 // swizzle: 64 rows of 64 16-bit elements (128 bytes), 8-row groups 1024 bytes apart (the stride
 // byte offset), the leading byte offset unused for a tile one swizzle atom wide (1 by
