@@ -9,7 +9,9 @@ from the adapter mode on "first_loss", "loss_steps", "lr"} and {"kind": "meld", 
 "method", "tokens_per_s", "scaling", "peak_gib", "peak_ratio", "ranks_identical"}); any record may instead carry {"skipped": reason}, a model record that cannot fit
 the device also {"fits": false, "needs_bytes"}. Where several files hold the same
 measurement on the same device, the newest file's (by its "date") is used. Methods that a file
-lacks (falqon_adapter in files older than the adapter mode, say) are simply not shown.
+lacks (falqon_adapter in files older than the adapter mode, say) are simply not shown. Speed-ups
+stay within one run: each layer table is one file's, over that file's bf16_lora, and a model
+row's speed-up is over its own file's bf16_lora where that file measured one.
 
 Writes benchmarks/results/speedup.png (speed-up over bf16_lora per method: one layer's fwd+bwd per
 shape at one M and r, and the model's training step), and rewrites the Markdown between
@@ -47,9 +49,11 @@ PREFERRED = ("bf16_lora", "falqon", "falqon_wt", "falqon_delayed", "falqon_delay
 
 def load_records(results_dir: pathlib.Path) -> tuple[list[dict], dict]:
     """(records, {device: {"torch": {...}, "date": newest}}) of every results file; each record
-    gets its file's "device", "date" and "file". Measurements repeated across files keep the
-    newest file's."""
+    gets its file's "device", "date" and "file", and a layer or model record its own file's
+    bf16_lora measurement of the same shape or model as "run_base" where that file has one.
+    Measurements repeated across files keep the newest file's."""
     newest: dict[tuple, dict] = {}
+    run_bases: dict[tuple, dict] = {}  # (file, record key) -> that file's BASELINE record
     devices: dict[str, dict] = {}
     for path in sorted(results_dir.glob("*.json")):
         try:
@@ -74,12 +78,19 @@ def load_records(results_dir: pathlib.Path) -> tuple[list[dict], dict]:
                 r["checkpointing"] = (data.get("config") or {}).get("checkpointing",
                                                                     "non_reentrant")
             key = record_key(r)
+            if r.get("method") == BASELINE and ran(r):
+                run_bases[(path.name, key)] = r
             if key in newest and newest[key]["file"] == path.name and ran(r) and \
                     ran(newest[key]):  # measured again in the same run: both are shown
                 r["repeats"] = [*newest[key].get("repeats", [newest[key]["s_per_step"]]),
                                 r["s_per_step"]]
             if key not in newest or newest[key]["date"] <= date:
                 newest[key] = r
+    for r in newest.values():
+        if r["kind"] in ("layer", "model") and r["method"] != BASELINE:
+            base = run_bases.get((r["file"], record_key({**r, "method": BASELINE})))
+            if base is not None:
+                r["run_base"] = base
     return list(newest.values()), devices
 
 
@@ -121,14 +132,22 @@ def pick_layer_config(records, device, M, r) -> tuple[int, int] | None:
     return (M, r) if (M, r) in have else max(have)
 
 
-def layer_rows(records, device, M, r) -> dict[tuple, dict[str, dict]]:
-    """{(K, N): {method: record}} of fwd+bwd layer records."""
-    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+def layer_runs(records, device, M, r) -> list[tuple[str, str, dict[tuple, dict[str, dict]]]]:
+    """The fwd+bwd layer tables on `device` at (M, r), one per results file, newest first:
+    (file, date, {(K, N): {method: record}}). Each row holds the methods that file measured last
+    and that file's own bf16_lora, so that a speed-up never compares two runs. A file left with
+    its bf16_lora alone (a newer one measured everything else) gets no table."""
+    runs: dict[tuple, dict[tuple, dict[str, dict]]] = {}
     for x in records:
         if (x["kind"] == "layer" and x["device"] == device and x["pass"] == "fwd_bwd"
                 and x["M"] == M and x["r"] == r):
-            rows[tuple(x["shape"])][x["method"]] = x
-    return dict(rows)  # in the order the benchmark ran them (7B shapes before 13B ones)
+            row = runs.setdefault((x["date"], x["file"]), {}).setdefault(tuple(x["shape"]), {})
+            row[x["method"]] = x  # in the order the benchmark ran them (7B shapes first)
+            if "run_base" in x:
+                row.setdefault(BASELINE, x["run_base"])
+    tables = [(file, date, rows) for (date, file), rows in sorted(runs.items(), reverse=True)]
+    others = [t for t in tables if any(set(row) - {BASELINE} for row in t[2].values())]
+    return others or tables
 
 
 def model_rows(records, device) -> dict[str, dict[str, dict]]:
@@ -140,6 +159,12 @@ def model_rows(records, device) -> dict[str, dict[str, dict]]:
     return dict(sorted(rows.items()))
 
 
+def model_base(x: dict, table_base: dict | None) -> dict | None:
+    """The bf16_lora step a model record's speed-up is over: its own run's where that run
+    measured one, else the table's (the newest)."""
+    return x.get("run_base") or table_base
+
+
 def speedup(base: dict | None, other: dict | None, field: str) -> float | None:
     """base time / other time, or None where either did not run."""
     if not base or not other or not ran(base) or not ran(other):
@@ -148,10 +173,10 @@ def speedup(base: dict | None, other: dict | None, field: str) -> float | None:
 
 
 def device_panels(records, devices, M, r):
-    """Per device: (device, layer (M, r) or None, layer rows, model rows)."""
+    """Per device: (device, layer (M, r) or None, layer tables (layer_runs), model rows)."""
     for device in sorted(devices):
         cfg = pick_layer_config(records, device, M, r)
-        layers = layer_rows(records, device, *cfg) if cfg else {}
+        layers = layer_runs(records, device, *cfg) if cfg else []
         yield device, cfg, layers, model_rows(records, device)
 
 
@@ -169,15 +194,18 @@ def plot(records, devices, png: pathlib.Path, M: int, r: int) -> bool:
     colours = {m: palette(i % palette.N) for i, m in enumerate(methods)}
     panels = []
     for device, cfg, layers, models in device_panels(records, devices, M, r):
-        groups = []  # (label, {method: speed-up})
-        for (K, N), by_method in layers.items():
-            base = by_method.get(BASELINE)
-            groups.append((f"{K}->{N}\nlayer fwd+bwd",
-                           {m: speedup(base, x, "ms") for m, x in by_method.items()}))
+        shapes: dict[tuple, dict[str, float | None]] = {}  # each over its own run's baseline
+        for _, _, rows in layers:
+            for shape, by_method in rows.items():
+                base = by_method.get(BASELINE)
+                for m, x in by_method.items():
+                    shapes.setdefault(shape, {}).setdefault(m, speedup(base, x, "ms"))
+        groups = [(f"{K}->{N}\nlayer fwd+bwd", g) for (K, N), g in shapes.items()]
         for name, by_method in models.items():
             base = by_method.get(BASELINE)
             groups.append((f"{name}\ntraining step",
-                           {m: speedup(x, base, "tokens_per_s") for m, x in by_method.items()}))
+                           {m: speedup(x, model_base(x, base), "tokens_per_s")
+                            for m, x in by_method.items()}))
         # A model without its baseline (bf16 LoRA does not fit a 70B model) has no bars here.
         groups = [(label, g) for label, g in groups if any(v is not None for v in g.values())]
         if groups:
@@ -258,10 +286,35 @@ def _runs_note(row: dict) -> str | None:
         parts = [f"{', '.join(ms)} from {f} ({d}{f', {c} checkpointing' if kinds else ''})"
                  for (d, f, c), ms in sorted(runs.items(), key=lambda kv: kv[0][:2])]
         notes.append("Rows from more than one run: " + "; ".join(parts) + ".")
+        base = row.get(BASELINE)
+        if any(x.get("run_base") not in (None, base) for x in row.values()):
+            notes.append(f"A row's speed-up is over the {BASELINE} of its own run where that run "
+                         f"measured one (the {BASELINE} row shows the newest).")
     if repeats:
         notes.append("Measured more than once in one run (in the order measured; the table "
                      "shows the last): " + "; ".join(repeats) + ".")
     return " ".join(notes) or None
+
+
+def layer_tables(layers, cfg, methods, skipped: list) -> list[str]:
+    """The Markdown of layer_runs' tables, each naming its results file and date."""
+    out = []
+    for file, date, rows in layers:
+        cols = [m for m in methods if any(m in row for row in rows.values())]
+        out += [f"One layer, forward + backward, M = {cfg[0]} tokens, r = {cfg[1]} ({file}, "
+                f"{date[:10]}): ms (speed-up over {BASELINE} in the same run)", "",
+                "| shape (K -> N) | " + " | ".join(cols) + " |",
+                "| --- |" + " --- |" * len(cols)]
+        for (K, N), row in rows.items():
+            base = row.get(BASELINE)
+            out.append(f"| {K} -> {N} | " + " | ".join(
+                _cell_time(row.get(m), base, "ms", "{:.2f}") for m in cols) + " |")
+            skipped += [(f"layer {K} -> {N}", x) for x in row.values() if not ran(x)]
+        out.append("")
+    if len(layers) > 1:
+        out += ["Each layer table is one run of benchmarks/layer.py (one process); a method "
+                "measured again in a newer run is shown from that run only.", ""]
+    return out
 
 
 def markdown(records, devices, M: int, r: int, image: str | None) -> str:
@@ -278,18 +331,7 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
         info = devices[device]
         out += [f"### {device} (torch {', '.join(sorted(info['torch']))}; {info['date'][:10]})", ""]
         skipped = []
-        if layers:
-            cols = [m for m in methods if any(m in row for row in layers.values())]
-            out += [f"One layer, forward + backward, M = {cfg[0]} tokens, r = {cfg[1]}: ms "
-                    f"(speed-up over {BASELINE})", "",
-                    "| shape (K -> N) | " + " | ".join(cols) + " |",
-                    "| --- |" + " --- |" * len(cols)]
-            for (K, N), row in layers.items():
-                base = row.get(BASELINE)
-                out.append(f"| {K} -> {N} | " + " | ".join(
-                    _cell_time(row.get(m), base, "ms", "{:.2f}") for m in cols) + " |")
-                skipped += [(f"layer {K} -> {N}", x) for x in row.values() if not ran(x)]
-            out.append("")
+        out += layer_tables(layers, cfg, methods, skipped)
         for name, row in models.items():
             tokens = next((x["tokens"] for x in row.values() if ran(x) and "tokens" in x),
                           next((x["tokens"] for x in row.values() if "tokens" in x), None))
@@ -306,7 +348,7 @@ def markdown(records, devices, M: int, r: int, image: str | None) -> str:
                     skipped.append((name, x))
                     continue
                 # tokens/s over the baseline's: the same as its time ratio at the same batch
-                s = speedup(x, base, "tokens_per_s")
+                s = speedup(x, model_base(x, base), "tokens_per_s")
                 peak = "-" if x.get("peak_gib") is None else f"{x['peak_gib']:.1f}"
                 upd = f"{x['update_ms']:.1f}" if x.get("update_ms") is not None else "-"
                 label = m if x.get("tokens") == tokens else f"{m} ({x.get('tokens')} tokens)"

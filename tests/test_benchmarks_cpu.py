@@ -153,6 +153,57 @@ def test_table_with_adapter_methods(tmp_path):
     assert "proxy update ms" in block and "speedup.png" in block
 
 
+def test_speed_ups_stay_within_one_run(tmp_path):
+    """A newer layer run that measured some methods again gets its own table; the older table
+    keeps the methods it measured last, each table's ratios over its own bf16_lora. A model row
+    from an older run is over that run's bf16_lora, and the note says so."""
+    results = tmp_path / "results"
+    results.mkdir()
+    old = {(s, m): _ms() for s in SHAPES for m in ("bf16_lora", "falqon", "falqon_adapter")}
+    new = {(s, m): _ms() for s in SHAPES for m in ("bf16_lora", "falqon_adapter")}
+    _write(results / "layer_old.json", "2026-11-29 23:01 UTC",
+           [_layer(s, m, v) for (s, m), v in old.items()])
+    _write(results / "layer_new.json", "2026-12-01 11:54 UTC",
+           [_layer(s, m, v) for (s, m), v in new.items()])
+
+    def step(method, s):
+        return {"kind": "model", "model": "llama-7b", "tokens": 8192, "method": method,
+                "s_per_step": s, "tokens_per_s": 8192 / s, "peak_gib": 1.0}
+
+    old_steps = {"bf16_lora": _ms(), "falqon": _ms()}
+    new_steps = {"bf16_lora": _ms(), "falqon_adapter": _ms()}
+    _write(results / "model_old.json", "2026-11-29 23:01 UTC",
+           [step(m, v) for m, v in old_steps.items()])
+    _write(results / "model_new.json", "2026-12-01 11:58 UTC",
+           [step(m, v) for m, v in new_steps.items()])
+    readme = tmp_path / "README.md"
+    readme.write_text(plot_results.BEGIN + plot_results.END)
+    plot_results.main(["--results-dir", str(results), "--readme", str(readme)])
+    block = readme.read_text()
+
+    first = block.index("(layer_new.json, 2026-12-01)")
+    second = block.index("(layer_old.json, 2026-11-29)")
+    assert first < second
+    assert block[first:second].count("| shape (K -> N) | bf16_lora | falqon_adapter |") == 1
+    assert block[second:].count("| shape (K -> N) | bf16_lora | falqon |") == 1
+    for s in SHAPES:
+        b, a = new[(s, "bf16_lora")], new[(s, "falqon_adapter")]
+        assert f"| {s[0]} -> {s[1]} | {b:.2f} | {a:.2f} ({b / a:.2f}x) |" in block[first:second]
+        b, f = old[(s, "bf16_lora")], old[(s, "falqon")]
+        assert f"| {s[0]} -> {s[1]} | {b:.2f} | {f:.2f} ({b / f:.2f}x) |" in block[second:]
+    assert f"{old[(SHAPES[0], 'falqon_adapter')]:.2f} (" not in block  # measured again since
+    assert "a method measured again in a newer run is shown from that run only" in block
+
+    rows = {line.split("|")[1].strip(): line for line in block.splitlines()
+            if line.startswith("| bf16_lora | ") or line.startswith("| falqon")}
+    assert rows["bf16_lora"].startswith(f"| bf16_lora | {new_steps['bf16_lora']:.3f} |")
+    ratio = old_steps["bf16_lora"] / old_steps["falqon"]
+    assert f"| {ratio:.2f}x |" in rows["falqon"]
+    ratio = new_steps["bf16_lora"] / new_steps["falqon_adapter"]
+    assert f"| {ratio:.2f}x |" in rows["falqon_adapter"]
+    assert "over the bf16_lora of its own run" in block
+
+
 def test_committed_results_render(tmp_path):
     """The committed results (benchmarks/results/*.json, made before the adapter mode) render:
     every method of every layer and model file gets its row or column."""
