@@ -127,13 +127,7 @@ __global__ void __launch_bounds__(kUThreads, 1)
   const int stages_total = (boxes + kUBoxes - 1) / kUBoxes;
   const int m0 = static_cast<int>(blockIdx.x) * kURows;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kUStages; ++s) {
-      hopper::mbarrier_init(&full[s], 1);
-      hopper::mbarrier_init(&empty[s], kUConsumers);
-    }
-    hopper::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) hopper::init_stage_barriers<kUStages, kUConsumers>(full, empty);
   __syncthreads();
   pdl_wait();  // launch_dependent: g and B^T may be the previous kernels' outputs
   pdl_launch_dependents();
@@ -142,21 +136,17 @@ __global__ void __launch_bounds__(kUThreads, 1)
     if (threadIdx.x == kUConsumers) {
       hopper::prefetch_tensor_map(&g_map);
       hopper::prefetch_tensor_map(&bt_map);
-      for (int t = 0; t < stages_total; ++t) {
-        const int s = t % kUStages;
-        if (t >= kUStages) hopper::mbarrier_wait(&empty[s], ((t / kUStages) - 1) & 1);
-        unsigned char* stage = smem + s * kUStageBytes;
-        // Every box of the stage, also one wholly past N (TMA fills it with zeros and counts its
-        // bytes): the consumer's wgmma then run unconditionally (a branch around them made ptxas
-        // serialise them, C7520).
-        hopper::mbarrier_arrive_expect_tx(&full[s], kUStageBytes);
+      // Every box of the stage, also one wholly past N: the consumer's wgmma then run
+      // unconditionally (a branch around them made ptxas serialise them, C7520).
+      hopper::produce_stages<kUStages, kUStageBytes>(
+          smem, full, empty, stages_total, [&](int t, unsigned char* stage, uint64_t* bar) {
 #pragma unroll
-        for (int b = 0; b < kUBoxes; ++b) {
-          const int col = (t * kUBoxes + b) * kUCols;
-          hopper::tma_load_2d(stage + b * kUBoxBytes, &g_map, col, m0, &full[s]);
-          hopper::tma_load_2d(stage + (kUBoxes + b) * kUBoxBytes, &bt_map, col, 0, &full[s]);
-        }
-      }
+            for (int b = 0; b < kUBoxes; ++b) {
+              const int col = (t * kUBoxes + b) * kUCols;
+              hopper::tma_load_2d(stage + b * kUBoxBytes, &g_map, col, m0, bar);
+              hopper::tma_load_2d(stage + (kUBoxes + b) * kUBoxBytes, &bt_map, col, 0, bar);
+            }
+          });
     }
     return;
   }

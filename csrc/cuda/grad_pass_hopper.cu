@@ -55,13 +55,7 @@ __global__ void __launch_bounds__(kFThreads, kFBlocksPerSm)
   const int64_t m_end = min(M, m_begin + rows_per_split);
   const int tiles = m_end > m_begin ? static_cast<int>((m_end - m_begin + kFRows - 1) / kFRows) : 0;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kFStages; ++s) {
-      hopper::mbarrier_init(&full[s], 1);
-      hopper::mbarrier_init(&empty[s], kFConsumers);
-    }
-    hopper::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) hopper::init_stage_barriers<kFStages, kFConsumers>(full, empty);
   pdl_wait();  // launch_dependent: the partials (and g, xa, u) come from the kernels before
   pdl_launch_dependents();
   // The scale of every partial (all threads: amax_from_partials syncs the block, which also
@@ -75,20 +69,16 @@ __global__ void __launch_bounds__(kFThreads, kFBlocksPerSm)
     if (threadIdx.x == kFConsumers) {
       hopper::prefetch_tensor_map(&g_map);
       hopper::prefetch_tensor_map(&xa_map);
-      for (int t = 0; t < tiles; ++t) {
-        const int s = t % kFStages;
-        if (t >= kFStages) hopper::mbarrier_wait(&empty[s], ((t / kFStages) - 1) & 1);
-        unsigned char* stage = smem + s * kFStageBytes;
-        const int row = static_cast<int>(m_begin) + t * kFRows;
-        // Every box, also one wholly past N (TMA's zeros, its bytes counted all the same).
-        hopper::mbarrier_arrive_expect_tx(&full[s], kFStageBytes);
+      hopper::produce_stages<kFStages, kFStageBytes>(
+          smem, full, empty, tiles, [&](int t, unsigned char* stage, uint64_t* bar) {
+            const int row = static_cast<int>(m_begin) + t * kFRows;
 #pragma unroll
-        for (int b = 0; b < kFBoxes; ++b) {
-          hopper::tma_load_2d(stage + b * kFBoxBytes, &g_map,
-                              static_cast<int>(blockIdx.x) * kFCols + b * kFBox, row, &full[s]);
-        }
-        hopper::tma_load_2d(stage + kFBoxes * kFBoxBytes, &xa_map, 0, row, &full[s]);
-      }
+            for (int b = 0; b < kFBoxes; ++b) {
+              hopper::tma_load_2d(stage + b * kFBoxBytes, &g_map,
+                                  static_cast<int>(blockIdx.x) * kFCols + b * kFBox, row, bar);
+            }
+            hopper::tma_load_2d(stage + kFBoxes * kFBoxBytes, &xa_map, 0, row, bar);
+          });
     }
     return;
   }

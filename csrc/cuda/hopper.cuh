@@ -149,6 +149,33 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// The barriers of a warp-specialised pass's ring of kStages shared-memory slots: full[s] (the
+// producer's one arrival plus TMA's bytes) and empty[s] (all kConsumers threads done with the
+// slot). Thread 0 calls it; the block syncs before any thread uses them.
+template <int kStages, int kConsumers>
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty) {
+  for (int s = 0; s < kStages; ++s) {
+    mbarrier_init(&full[s], 1);
+    mbarrier_init(&empty[s], kConsumers);
+  }
+  fence_barrier_init();
+}
+
+// The producer thread of such a pass: for stages t = 0 ... count - 1 in turn, waits until slot
+// t % kStages is released (from the second round on), announces the slot's kStageBytes on its
+// full barrier and calls issue(t, slot, full barrier) to start the slot's TMA loads. Every load
+// counts its whole box, also one wholly past the tensor (TMA fills it with zeros).
+template <int kStages, int kStageBytes, typename Issue>
+__device__ __forceinline__ void produce_stages(unsigned char* smem, uint64_t* full,
+                                               uint64_t* empty, int count, Issue issue) {
+  for (int t = 0; t < count; ++t) {
+    const int s = t % kStages;
+    if (t >= kStages) mbarrier_wait(&empty[s], ((t / kStages) - 1) & 1);
+    mbarrier_arrive_expect_tx(&full[s], kStageBytes);
+    issue(t, smem + s * kStageBytes, &full[s]);
+  }
+}
+
 // The maximum of m (a float's absolute-value bits) over threads [0, kConsumers) of a
 // warp-specialised block once its producer warp has left (so __syncthreads would hang): warp
 // maxima through shared memory, named barrier 1, then thread 0 reduces them. Every consumer
